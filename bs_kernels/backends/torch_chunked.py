@@ -1,0 +1,112 @@
+"""impl="torch": the one-pass algorithm in plain PyTorch, chunked over rows; runs on any device.
+
+Algorithm, per chunk of rows (a [rows, V] slice of the logits, small enough to stay in the last-level cache):
+  forward   1. (v, H) = topk(z, k)           the beliefs; their largest value is the row max m
+            2. lse = m + log sum exp(z - m)  into a reused workspace (no max pass of its own)
+            3. z_y = z[label]                a gather
+  backward  4. g = -grad_row * exp(z - lse)  written straight into the gradient buffer (no temporary for fp32)
+            5. g[y] += grad_row * (1 - lam);  g[H] += grad_row * belief_weights   two scatter-adds of O(k) per row
+
+Memory: the gradient (1x the logits, unavoidable) plus one workspace of at most CHUNK_ELEMENTS float32 elements;
+nothing of size [N, V] is saved between forward and backward.
+Limits: each PyTorch op is its own pass over the chunk (about four in forward, three in backward), where a fused
+kernel needs one each; chunks sized for the cache keep those extra passes off main memory. This backend is the
+portable baseline; the native and triton backends are the fast ones.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .contract import RawRowStats
+
+NAME = "torch"
+
+# 1 Mi elements = 4 MiB of float32 per chunk: the few passes each op makes over a chunk hit the cache rather than
+# main memory, and per-op overhead stays small (21 rows per chunk at V = 49 152).
+CHUNK_ELEMENTS = 1 << 20
+
+
+def unavailable_reason(device: torch.device) -> str | None:
+    return None
+
+
+def rows_per_chunk(num_rows: int, vocab_size: int) -> int:
+    return max(1, min(num_rows, CHUNK_ELEMENTS // max(vocab_size, 1)))
+
+
+def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def forward(logits: torch.Tensor, labels: torch.Tensor, top_k: int) -> RawRowStats:
+    num_rows, vocab_size = logits.shape
+    compute_dtype = _compute_dtype(logits.dtype)
+    device = logits.device
+    lse = torch.empty(num_rows, dtype=compute_dtype, device=device)
+    label_logits = torch.empty(num_rows, dtype=compute_dtype, device=device)
+    belief_logits = torch.empty(num_rows, top_k, dtype=compute_dtype, device=device)
+    belief_ids = torch.empty(num_rows, top_k, dtype=torch.int64, device=device)
+    safe_labels = labels.clamp(min=0).unsqueeze(-1)
+    step = rows_per_chunk(num_rows, vocab_size)
+    workspace = torch.empty(step, vocab_size, dtype=compute_dtype, device=device)
+    for start in range(0, num_rows, step):
+        rows = slice(start, start + step)
+        z = logits[rows]
+        shifted = workspace[: z.shape[0]]
+        if top_k > 0:
+            values, ids = torch.topk(z, top_k, dim=-1, sorted=False)
+            belief_logits[rows] = values
+            belief_ids[rows] = ids
+            row_max = values.amax(-1, keepdim=True).to(compute_dtype)
+        else:
+            row_max = z.amax(-1, keepdim=True).to(compute_dtype)
+        # A row of -inf only (masked padding) has no maximum to subtract; 0 keeps exp(-inf - 0) = 0 and lse = -inf.
+        row_max = torch.where(torch.isfinite(row_max), row_max, torch.zeros_like(row_max))
+        torch.sub(z, row_max, out=shifted)
+        lse[rows] = shifted.exp_().sum(-1).log_().add_(row_max.squeeze(-1))
+        label_logits[rows] = z.gather(-1, safe_labels[rows]).squeeze(-1).to(compute_dtype)
+    return RawRowStats(lse=lse, label_logits=label_logits, belief_logits=belief_logits, belief_ids=belief_ids)
+
+
+def backward(
+    grad_rows: torch.Tensor,
+    logits: torch.Tensor,
+    labels: torch.Tensor,
+    lse: torch.Tensor,
+    belief_ids: torch.Tensor,
+    belief_weights: torch.Tensor,
+    label_weight: float,
+    inplace: bool,
+) -> torch.Tensor:
+    num_rows, vocab_size = logits.shape
+    compute_dtype = _compute_dtype(logits.dtype)
+    grad = logits if inplace else torch.empty_like(logits, memory_format=torch.contiguous_format)
+    valid = labels >= 0
+    safe_labels = labels.clamp(min=0).unsqueeze(-1)
+    label_coef = (grad_rows * (label_weight * valid.to(grad_rows.dtype))).unsqueeze(-1)
+    belief_coef = grad_rows.unsqueeze(-1) * belief_weights
+    # -grad_row * pi = -sign(grad_row) * exp(z - (lse - log|grad_row|)): the scale rides in the exponent, saving a
+    # multiply pass; grad_row = 0 gives exp(-inf) = 0 exactly.
+    exponent_shift = (lse - grad_rows.abs().log()).unsqueeze(-1)
+    all_nonnegative = bool((grad_rows >= 0).all())
+    negated_sign = grad_rows.sign().neg().unsqueeze(-1)
+    has_beliefs = belief_ids.shape[-1] > 0
+    writes_in_place = grad.dtype == compute_dtype
+    step = rows_per_chunk(num_rows, vocab_size)
+    workspace = None if writes_in_place else torch.empty(step, vocab_size, dtype=compute_dtype, device=logits.device)
+    for start in range(0, num_rows, step):
+        rows = slice(start, start + step)
+        z = logits[rows]
+        g = grad[rows] if writes_in_place else workspace[: z.shape[0]]
+        torch.sub(z, exponent_shift[rows], out=g).exp_()
+        if all_nonnegative:
+            g.neg_()
+        else:
+            g.mul_(negated_sign[rows])
+        g.scatter_add_(-1, safe_labels[rows], label_coef[rows])
+        if has_beliefs:
+            g.scatter_add_(-1, belief_ids[rows], belief_coef[rows])
+        if not writes_in_place:
+            grad[rows].copy_(g)
+    return grad
