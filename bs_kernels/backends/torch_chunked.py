@@ -1,6 +1,6 @@
 """impl="torch": the one-pass algorithm in plain PyTorch, chunked over rows; runs on any device.
 
-Algorithm, per chunk of rows (a [rows, V] slice of the logits, small enough to stay in the last-level cache):
+Algorithm, per chunk of rows (a [rows, V] slice of the logits):
   forward   1. (v, H) = topk(z, k)           the beliefs; their largest value is the row max m
             2. lse = m + log sum exp(z - m)  into a reused workspace (no max pass of its own)
             3. z_y = z[label]                a gather
@@ -10,8 +10,7 @@ Algorithm, per chunk of rows (a [rows, V] slice of the logits, small enough to s
 Memory: the gradient (1x the logits, unavoidable) plus one workspace of at most CHUNK_ELEMENTS float32 elements;
 nothing of size [N, V] is saved between forward and backward.
 Limits: each PyTorch op is its own pass over the chunk (about four in forward, three in backward), where a fused
-kernel needs one each; chunks sized for the cache keep those extra passes off main memory. This backend is the
-portable baseline; the native and triton backends are the fast ones.
+kernel needs one each. This backend is the portable baseline; the native and triton backends are the fast ones.
 """
 
 from __future__ import annotations
@@ -22,9 +21,10 @@ from .contract import RawRowStats
 
 NAME = "torch"
 
-# 1 Mi elements = 4 MiB of float32 per chunk: the few passes each op makes over a chunk hit the cache rather than
-# main memory, and per-op overhead stays small (21 rows per chunk at V = 49 152).
-CHUNK_ELEMENTS = 1 << 20
+# 16 Mi elements = 64 MiB of float32 per chunk (341 rows at V = 49 152). Measured on the 2-core CPU against 0.5, 1
+# and 4 Mi: every PyTorch op ends in a thread barrier, and fewer, larger ops won clearly (1.3x -> 4.6x over the
+# reference, busy machine), more than cache-sized chunks gained from locality. The peak stays near 1.17x the logits.
+CHUNK_ELEMENTS = 1 << 24
 
 
 def unavailable_reason(device: torch.device) -> str | None:
