@@ -1,0 +1,60 @@
+#!/usr/bin/env bash
+# GPU check for impl="triton" (issue 3), on one CUDA GPU, in under 8 minutes:
+#   1. the CUDA tests of tests/test_triton_interpreter.py (tiny shapes plus N = 8192, V = 128256 in bf16 and fp32),
+#   2. benchmarks/gpu_bench.py: reference, compiled_reference, torch, triton, triton_inplace and Liger-Kernel's
+#      cross entropy side by side in one process at N = 8192, V = 128256, bf16, k = 20, lam = 0.2, plus copy
+#      bandwidth, forget_logprobs alone and a Triton block-size sweep,
+#   3. benchmarks/gpu_bench_linear.py: bs_linear_loss vs Liger's fused linear cross entropy (N = 8192, H = 4096).
+# Results: benchmarks/results/<gpu name>/bench.md and bench.json (also copied to $OUT when that is set), and the
+# test log beside them. The machine has no network: when liger_kernel is not importable, the wheel is installed from
+# $WHEELS or benchmarks/wheels/ (pip download --no-deps liger-kernel==0.8.5 -d benchmarks/wheels); with no wheel,
+# the liger row says why it is missing and everything else still runs.
+# Extra arguments go to gpu_bench.py (e.g. --repeat 20, --providers triton,liger, --no-sweep).
+set -uo pipefail
+cd "$(dirname "$0")/.."
+export PYTHONPATH="$PWD:$PWD/python${PYTHONPATH:+:$PYTHONPATH}"
+export PYTHONUNBUFFERED=1
+unset TRITON_INTERPRET
+PYTHON=${PYTHON:-python3}
+
+echo "== device"
+nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm,clocks.mem,temperature.gpu,utilization.gpu \
+  --format=csv || echo "nvidia-smi not available"
+"$PYTHON" -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__, 'cuda', torch.version.cuda)"
+
+if ! "$PYTHON" -c "import liger_kernel" 2>/dev/null; then
+  wheel=$(ls "${WHEELS:-benchmarks/wheels}"/liger_kernel-*.whl 2>/dev/null | head -n 1)
+  if [ -n "$wheel" ]; then
+    echo "== installing $wheel (no network, no dependencies: torch and triton are already there)"
+    "$PYTHON" -m pip install -q --no-index --no-deps --no-compile --target /tmp/bs_kernels_liger "$wheel" \
+      && export PYTHONPATH="$PYTHONPATH:/tmp/bs_kernels_liger"
+  else
+    echo "== Liger-Kernel is not importable and no liger_kernel-*.whl is under ${WHEELS:-benchmarks/wheels}: liger is skipped"
+  fi
+fi
+
+gpu=$("$PYTHON" -c "import re, torch; print(re.sub(r'[^A-Za-z0-9._-]+', '-', torch.cuda.get_device_name()).strip('-'))")
+results="benchmarks/results/$gpu"
+mkdir -p "$results"
+
+echo "== CUDA tests (tests/test_triton_interpreter.py)"
+# Kernel variants compile for seconds each: spread the tests over 4 workers when pytest-xdist is there.
+parallel=""
+"$PYTHON" -c "import xdist" 2>/dev/null && parallel="-n 4"
+timeout 120 "$PYTHON" -m pytest tests/test_triton_interpreter.py -q -rs -p no:cacheprovider -k "not subprocess" $parallel \
+  2>&1 | tee "$results/tests.log"
+tests_status=${PIPESTATUS[0]}
+
+echo "== benchmark"
+timeout 210 "$PYTHON" benchmarks/gpu_bench.py --out "$results" "$@" 2>&1 | tee "$results/bench.log"
+bench_status=${PIPESTATUS[0]}
+
+echo "== fused linear + BS-T (bs_linear_loss vs Liger's fused linear cross entropy)"
+timeout 120 "$PYTHON" benchmarks/gpu_bench_linear.py 2>&1 | tee "$results/bench_linear.log"
+linear_status=${PIPESTATUS[0]}
+
+if [ -n "${OUT:-}" ]; then
+  cp "$results"/bench.md "$results"/bench.json "$results"/tests.log "$results"/bench.log "$results"/bench_linear.log "$OUT"/ 2>/dev/null || true
+fi
+echo "== exit status: tests $tests_status, benchmark $bench_status, linear $linear_status (results in $results)"
+[ "$tests_status" -eq 0 ] && [ "$bench_status" -eq 0 ] && [ "$linear_status" -eq 0 ]

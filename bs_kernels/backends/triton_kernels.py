@@ -1,0 +1,305 @@
+# The Triton kernels of impl="triton" (launchers, validation and block sizes live in triton.py).
+#
+# Forward, one program per row, streaming the vocabulary in blocks of BLOCK_V logits (upcast to float32, or float64
+# for float64 input):
+#   1. online log-sum-exp: m = running max, s = sum exp(z - m); per block one max reduction, one exp per element
+#      and one exp to rescale s. A row that has seen only -inf so far uses 0 as the shift, so -inf - -inf never forms.
+#   2. top-k: every logit becomes one int64 key, (order-preserving integer of the value) << index bits | index.
+#      Comparing keys compares values, ties broken by index, so a sorting network over keys (which, like tl.topk /
+#      tl.sort, moves values only) carries the index along for free. float32 keys: 32 value bits above 32 index
+#      bits (exact; 16-bit input is exact in float32). float64 keys: the order-preserving int64 of the double with
+#      its low 20 bits replaced by the index (two logits closer than about 2^-32 relative may swap rank; the values
+#      written out are re-read from the logits, so they are exact).
+#      The running top (K_PAD = next power of two >= k slots, sorted descending) is merged block by block, and only
+#      keys above the current k-th best can change the top k, so each block takes the cheapest sufficient path:
+#        - no candidate: skip (most late blocks: a block at offset j holds about k * BLOCK_V / j new candidates);
+#          decided first from the block's max alone, then from the keys;
+#        - at most MAX_ROUNDS candidates in each of BUCKETS contiguous buckets: rounds of "every bucket's best
+#          candidate", each through the top-k network on BUCKETS keys instead of BLOCK_V (one round when each
+#          bucket holds at most one candidate, as in most blocks after the first few);
+#        - otherwise the network runs on the whole block (the first block of a row, or ascending data).
+#      The network (_top_keys) is tl.topk's algorithm, bitonic top-k on the [2] * log2(n) hypercube, written here
+#      with a sum-based partner exchange instead of tl.topk's xor_sum: same instructions compiled, but the Triton
+#      interpreter runs xor_sum element by element in Python (minutes per test) and a sum as one numpy call.
+#      Merge: the block's top sorted ascending against the running top sorted descending: their elementwise max
+#      is the K_PAD largest of both, a bitonic sequence, sorted by log2(K_PAD) compare-exchange passes.
+#   3. z_y is one scalar load; the k belief values are re-read from the logits at the selected ids.
+#   Cost: one read of the logits, one exp per logit, O(k) writes per row; the top-k network costs about
+#   (log2(K_PAD)^2 / 2 + log2(n / K_PAD) * (log2(K_PAD) + 1)) compare-exchange passes over n = BLOCK_V (or BUCKETS)
+#   keys, only on blocks with candidates. Limits: k <= 1024 (K_PAD <= BLOCK_V), V < 2^31 for 16/32-bit input and
+#   V <= 2^20 for float64 (index bits); one program per row (a few rows of a huge vocabulary use few SMs); loads are
+#   16 bytes wide only when V and the row stride are multiples of 16 (Triton specialises on that), else 2 bytes.
+#   Compiled for sm_90 (bf16, k = 20, BLOCK_V = 4096, 16 warps, the default): 86 registers with Triton 3.9, 112 with
+#   3.6, no spills (benchmarks/RESULTS.md).
+#
+# Backward, grid (row, column block), two launches:
+#   dense: grad = -exp(z - lse) * grad_row for every logit (one read, one write, one exp per element); rows with
+#          grad_row == 0 (ignored) write zeros without reading the logits.
+#   fixup: one program per row rewrites the <= k + 1 entries that also carry a target term:
+#          grad[y] = grad_row * (1 - lam) + grad_row * (w_y - pi_y), grad[h] = grad_row * (w_h - pi_h) on the beliefs
+#          (w = belief_weights from contract.finish_rows, w_y the label's own belief weight if it is a belief).
+#          Recomputing each value from its logit (gathered by the launcher before the dense launch, so inplace works)
+#          rounds every entry once, as the dense part does; adding a term to an already rounded bf16 value would not.
+#          (Under the interpreter, float32 -> bfloat16 truncates where the GPU rounds to nearest: one ulp apart.)
+#   Cost: one read + one write of the logits plus O(k) per row.
+#
+# Every pointer offset is formed in int64 (N * V passes 2^31 at 16k rows of a 128k vocabulary).
+
+import triton
+import triton.language as tl
+
+try:
+    # Reductions are written as tl.reduce with Triton's own sum / max combine functions rather than tl.sum / tl.max:
+    # compiled, the two are the same code; interpreted, tl.sum is a nested jit call that costs milliseconds each,
+    # while tl.reduce with exactly these combine functions runs as one numpy call (any other combine function runs
+    # element by element in Python). This makes the interpreter tests several times faster.
+    from triton.language.standard import _elementwise_max as _max_combine
+    from triton.language.standard import _sum_combine
+except ImportError:  # a Triton without these private names: same results, slower interpreter
+
+    @triton.jit
+    def _sum_combine(a, b):
+        return a + b
+
+    @triton.jit
+    def _max_combine(a, b):
+        return tl.maximum(a, b)
+
+
+MIN_KEY = tl.constexpr(-(2**63))
+FP64_INDEX_MASK = tl.constexpr(0xFFFFF)
+FP64_VALUE_MASK = tl.constexpr(-(1 << 20))
+# A block whose fullest bucket holds more candidates than this runs the network on all BLOCK_V keys at once; else
+# one bucket round per candidate of the fullest bucket (a round costs about a fifth of the full network at 4096 keys).
+MAX_ROUNDS = tl.constexpr(4)
+
+
+@triton.jit
+def _pack_keys(z, cols, IS_FP64: tl.constexpr):
+    """int64 keys ordered like (z, cols): the value's order-preserving integer above the column index."""
+    if IS_FP64:
+        bits = z.to(tl.int64, bitcast=True)
+        # Negative floats order backwards as integers: flip their magnitude bits.
+        ordered = tl.where(bits >= 0, bits, bits ^ 0x7FFFFFFFFFFFFFFF)
+        return (ordered & FP64_VALUE_MASK) | cols.to(tl.int64)
+    else:
+        bits = z.to(tl.int32, bitcast=True)
+        ordered = tl.where(bits >= 0, bits, bits ^ 0x7FFFFFFF)
+        return (ordered.to(tl.int64) << 32) | cols.to(tl.int64)
+
+
+@triton.jit
+def _bitonic_merge(h, STAGE: tl.constexpr, ORDER: tl.constexpr, N_DIMS: tl.constexpr):
+    """Sort every run of 2^STAGE keys of the hypercube h, each run being bitonic.
+
+    ORDER 0: all runs ascending, 1: all descending, 2: alternating with index bit STAGE (ascending where it is 0).
+    Compare-exchange partners differ in one index bit; the partner of each key is the pair's sum minus the key
+    (int64 arithmetic wraps, so this is exact). tl.sort's xor_sum does the same exchange, but the Triton interpreter
+    runs a custom-combine reduction element by element in Python, and a sum reduction as one numpy call.
+    """
+    # Index bits as 0/1 tensors of shape [1, .., 2, .., 1] (bit 0 is the innermost axis); written inline because
+    # the interpreter pays a few milliseconds per nested jit call.
+    if ORDER == 2:
+        descending_run = tl.reshape(tl.arange(0, 2), [1] * (N_DIMS - 1 - STAGE) + [2] + [1] * STAGE)
+    else:
+        descending_run = ORDER
+    # Pass i compares along index bit STAGE - 1 - i, i.e. hypercube axis N_DIMS - STAGE + i (written out inline:
+    # a name assigned in a jit function is a run-time value, and axes and shapes must be compile-time constants).
+    for i in tl.static_range(STAGE):
+        partner = tl.reduce(h, N_DIMS - STAGE + i, _sum_combine, keep_dims=True) - h
+        # The upper key of a pair keeps the max in an ascending run, the lower one in a descending run.
+        is_upper = tl.reshape(tl.arange(0, 2), [1] * (N_DIMS - STAGE + i) + [2] + [1] * (STAGE - 1 - i))
+        keeps_max = (is_upper ^ descending_run) != 0
+        h = tl.where(keeps_max, tl.maximum(h, partner), tl.minimum(h, partner))
+    return h
+
+
+@triton.jit
+def _top_keys(keys, LOG_N: tl.constexpr, LOG_K: tl.constexpr, DESCENDING: tl.constexpr):
+    """The 2^LOG_K largest of 2^LOG_N int64 keys, sorted (bitonic top-k: sort runs of 2^LOG_K with alternating
+    directions; then, while more than one run is left, keep the elementwise max of each ascending/descending pair
+    of runs (the larger half of the pair, bitonic) and re-sort the halves). About (LOG_K^2 / 2 + 2 LOG_K) passes."""
+    if LOG_K == 0:
+        top = tl.zeros([1], tl.int64) + tl.reduce(keys, 0, _max_combine)
+    else:
+        h = tl.reshape(keys, [2] * LOG_N)
+        for stage in tl.static_range(1, LOG_K + 1):
+            h = _bitonic_merge(h, stage, 2 if stage < LOG_N else DESCENDING, LOG_N)
+        # Step s halves the LOG_N - s + LOG_K + 1 axes left by reducing the axis of index bit LOG_K.
+        for step in tl.static_range(LOG_K + 1, LOG_N + 1):
+            h = tl.reduce(h, LOG_N - step, _max_combine)
+            h = _bitonic_merge(h, LOG_K, 2 if step < LOG_N else DESCENDING, LOG_N - step + LOG_K)
+        top = tl.reshape(h, [1 << LOG_K])
+    return top
+
+
+@triton.jit
+def _merge_top(top_keys, block_top, LOG_K_PAD: tl.constexpr):
+    """The 2^LOG_K_PAD largest of top_keys (sorted descending) and block_top (sorted ascending), sorted descending.
+
+    Their elementwise max holds exactly those keys as a bitonic sequence; log2(K_PAD) compare-exchange passes sort it.
+    """
+    merged = tl.maximum(top_keys, block_top)
+    if LOG_K_PAD > 0:
+        merged = tl.reshape(
+            _bitonic_merge(tl.reshape(merged, [2] * LOG_K_PAD), LOG_K_PAD, 1, LOG_K_PAD), [1 << LOG_K_PAD]
+        )
+    return merged
+
+
+@triton.jit
+def bs_rows_forward_kernel(
+    logits_ptr,  # [N, V] any float dtype, unit stride along V
+    labels_ptr,  # [N] int64, -1 = ignored
+    lse_ptr,  # [N] out, compute dtype
+    label_logits_ptr,  # [N] out, compute dtype
+    belief_logits_ptr,  # [N, K] out, compute dtype, contiguous
+    belief_ids_ptr,  # [N, K] out, int64, contiguous
+    vocab_size,
+    logits_row_stride,
+    K: tl.constexpr,  # number of beliefs, 0 = forget log-probs only
+    LOG_K_PAD: tl.constexpr,  # K_PAD = 2^LOG_K_PAD >= K slots in the running top
+    LOG_BLOCK_V: tl.constexpr,  # BLOCK_V = 2^LOG_BLOCK_V logits per step
+    LOG_BUCKETS: tl.constexpr,  # LOG_K_PAD <= LOG_BUCKETS <= LOG_BLOCK_V
+    IS_FP64: tl.constexpr,
+):
+    K_PAD: tl.constexpr = 1 << LOG_K_PAD
+    BLOCK_V: tl.constexpr = 1 << LOG_BLOCK_V
+    BUCKETS: tl.constexpr = 1 << LOG_BUCKETS
+    row = tl.program_id(0).to(tl.int64)
+    row_ptr = logits_ptr + row * logits_row_stride
+    block_cols = tl.arange(0, BLOCK_V)
+    compute_dtype = tl.float64 if IS_FP64 else tl.float32
+
+    running_max = tl.full([], float("-inf"), compute_dtype)
+    running_sum = tl.zeros([], compute_dtype)
+    slots = tl.arange(0, K_PAD)
+    top_keys = tl.full([K_PAD], MIN_KEY, tl.int64)  # sorted descending; slots >= K are scratch
+    kth_key = tl.full([], MIN_KEY, tl.int64)
+
+    for start in range(0, vocab_size, BLOCK_V):
+        cols = start + block_cols
+        in_row = cols < vocab_size
+        z = tl.load(row_ptr + cols, mask=in_row, other=float("-inf")).to(compute_dtype)
+
+        # 1. online log-sum-exp
+        block_max = tl.reduce(z, 0, _max_combine)
+        new_max = tl.maximum(running_max, block_max)
+        shift = tl.where(new_max == float("-inf"), 0.0, new_max).to(compute_dtype)
+        running_sum = running_sum * tl.exp(running_max - shift) + tl.reduce(tl.exp(z - shift), 0, _sum_combine)
+        running_max = new_max
+
+        # 2. running top-k over packed keys
+        if K > 0:
+            # No key of the block exceeds pack(block max, V - 1): when that bound is not above the k-th best key,
+            # no logit of the block can enter the top k and its keys are never formed (the common case late in a
+            # row, decided from the max that the log-sum-exp needs anyway).
+            if _pack_keys(block_max, vocab_size - 1, IS_FP64) > kth_key:
+                keys = tl.where(in_row, _pack_keys(z, cols, IS_FP64), MIN_KEY)
+                # Row b of this [BUCKETS, BLOCK_V // BUCKETS] view is bucket b (contiguous logits); non-candidates are
+                # MIN_KEY.
+                candidates = tl.reshape(tl.where(keys > kth_key, keys, MIN_KEY), [BUCKETS, BLOCK_V // BUCKETS])
+                per_bucket = tl.reduce((candidates != MIN_KEY).to(tl.int32), 1, _sum_combine)
+                if tl.reduce(per_bucket, 0, _max_combine) > MAX_ROUNDS:
+                    block_top = _top_keys(tl.reshape(candidates, [BLOCK_V]), LOG_BLOCK_V, LOG_K_PAD, 0)
+                    top_keys = _merge_top(top_keys, block_top, LOG_K_PAD)
+                    kth_key = tl.reduce(tl.where(slots == K - 1, top_keys, MIN_KEY), 0, _max_combine)
+                else:
+                    # Each round takes every bucket's best candidate: the top K_PAD of those are merged, and the
+                    # rest of them are below K_PAD merged keys, so below the new k-th best: all can be dropped.
+                    best = tl.reduce(tl.reduce(candidates, 1, _max_combine), 0, _max_combine)
+                    while best != MIN_KEY:
+                        bucket_best = tl.reduce(candidates, 1, _max_combine)
+                        block_top = _top_keys(bucket_best, LOG_BUCKETS, LOG_K_PAD, 0)
+                        top_keys = _merge_top(top_keys, block_top, LOG_K_PAD)
+                        kth_key = tl.reduce(tl.where(slots == K - 1, top_keys, MIN_KEY), 0, _max_combine)
+                        taken = candidates == bucket_best[:, None]
+                        candidates = tl.where(taken | (candidates <= kth_key), MIN_KEY, candidates)
+                        best = tl.reduce(tl.reduce(candidates, 1, _max_combine), 0, _max_combine)
+
+    # A row of only -inf has running_sum = 0: lse = -inf + log(0) = -inf (contract.finish_rows handles it).
+    tl.store(lse_ptr + row, running_max + tl.log(running_sum))
+    label = tl.load(labels_ptr + row)
+    tl.store(label_logits_ptr + row, tl.load(row_ptr + tl.maximum(label, 0)).to(compute_dtype))
+
+    # 3. beliefs: ids from the low key bits, values re-read (exact, whatever the key's value precision)
+    if K > 0:
+        if IS_FP64:
+            belief_ids = top_keys & FP64_INDEX_MASK
+        else:
+            # The low 32 bits; indices are < 2^31, so the int32 truncation is non-negative.
+            belief_ids = top_keys.to(tl.int32).to(tl.int64)
+        is_belief = slots < K
+        belief_logits = tl.load(row_ptr + belief_ids, mask=is_belief, other=0.0).to(compute_dtype)
+        tl.store(belief_ids_ptr + row * K + slots, belief_ids, mask=is_belief)
+        tl.store(belief_logits_ptr + row * K + slots, belief_logits, mask=is_belief)
+
+
+@triton.jit
+def bs_rows_backward_kernel(
+    grad_ptr,  # [N, V] out, the logits' dtype (may be the logits' own storage)
+    logits_ptr,  # [N, V]
+    lse_ptr,  # [N] compute dtype, finite
+    grad_rows_ptr,  # [N] compute dtype, 0 on ignored rows
+    vocab_size,
+    logits_row_stride,
+    grad_row_stride,
+    BLOCK_V: tl.constexpr,
+):
+    """grad[i, :] = -exp(z_i - lse_i) * grad_rows[i]; the target terms are added by the fixup kernel."""
+    row = tl.program_id(0).to(tl.int64)
+    cols = tl.program_id(1).to(tl.int64) * BLOCK_V + tl.arange(0, BLOCK_V)
+    in_row = cols < vocab_size
+    grad_row = tl.load(grad_rows_ptr + row)
+    out_ptrs = grad_ptr + row * grad_row_stride + cols
+    if grad_row == 0:
+        tl.store(out_ptrs, tl.zeros([BLOCK_V], grad_ptr.dtype.element_ty), mask=in_row)
+    else:
+        lse = tl.load(lse_ptr + row)
+        z = tl.load(logits_ptr + row * logits_row_stride + cols, mask=in_row, other=float("-inf")).to(lse.dtype)
+        # exp(-inf - lse) = 0: masked vocabulary entries get a zero gradient, never a NaN.
+        grad = tl.exp(z - lse) * -grad_row
+        tl.store(out_ptrs, grad.to(grad_ptr.dtype.element_ty), mask=in_row)
+
+
+@triton.jit
+def bs_rows_backward_fixup_kernel(
+    grad_ptr,  # [N, V] the dense kernel's output
+    labels_ptr,  # [N] int64, -1 = ignored
+    lse_ptr,  # [N] compute dtype
+    grad_rows_ptr,  # [N] compute dtype
+    label_coefs_ptr,  # [N] compute dtype: grad_row * (1 - lam)
+    label_logits_ptr,  # [N] compute dtype: z_y gathered before the dense launch
+    belief_ids_ptr,  # [N, K] int64, contiguous
+    belief_weights_ptr,  # [N, K] compute dtype, contiguous
+    belief_logits_ptr,  # [N, K] compute dtype, contiguous, gathered before the dense launch
+    grad_row_stride,
+    K,
+    K_PAD: tl.constexpr,
+):
+    """Rewrite the label and belief entries: grad = grad_row * (target weight - pi), each rounded once."""
+    row = tl.program_id(0).to(tl.int64)
+    grad_row = tl.load(grad_rows_ptr + row)
+    label = tl.load(labels_ptr + row)
+    if grad_row != 0:
+        lse = tl.load(lse_ptr + row)
+        out_row_ptr = grad_ptr + row * grad_row_stride
+        slots = tl.arange(0, K_PAD)
+        is_belief = slots < K
+        belief_ids = tl.load(belief_ids_ptr + row * K + slots, mask=is_belief, other=-1)
+        belief_weights = tl.load(belief_weights_ptr + row * K + slots, mask=is_belief, other=0.0)
+        belief_logits = tl.load(belief_logits_ptr + row * K + slots, mask=is_belief, other=float("-inf"))
+        belief_grads = (belief_weights - tl.exp(belief_logits - lse)) * grad_row
+        # The label's entry is written once, below, with its belief weight folded in (two stores to one address
+        # from different threads of a program would race).
+        is_label = belief_ids == label
+        tl.store(
+            out_row_ptr + belief_ids,
+            belief_grads.to(grad_ptr.dtype.element_ty),
+            mask=is_belief & (belief_ids != label),
+        )
+        if label >= 0:
+            label_belief_weight = tl.sum(tl.where(is_belief & is_label, belief_weights, 0.0), 0)
+            label_logit = tl.load(label_logits_ptr + row)
+            label_grad = tl.load(label_coefs_ptr + row) + (label_belief_weight - tl.exp(label_logit - lse)) * grad_row
+            tl.store(out_row_ptr + label, label_grad.to(grad_ptr.dtype.element_ty))

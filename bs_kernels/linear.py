@@ -1,0 +1,511 @@
+"""Fused lm_head + BS-T: the loss from hidden states and the lm_head weight, never holding [N, V] logits.
+
+bs_linear_loss(hidden, weight, labels) == bs_token_loss(hidden @ weight.T + bias, labels) in value, stats and
+gradients (hidden, weight, bias), computed one chunk of rows at a time through the same logits backends
+(backends/contract.py). Per chunk of C valid rows:
+  1. logits = h_c @ W.T (+ b)                                  [C, V] in the input dtype (the one [C, V] buffer)
+  2. raw = backend.forward(logits); rows = finish_rows(raw)    lse, z_y, top-k; row value, q, gradient coefficients
+  3. g = backend.backward(w_c, logits, ..., inplace=True)      dl/dz scaled by the row weights, written over logits
+  4. grad_h[c] = g @ W;   grad_W += g.T @ h_c;   grad_b += sum_c g
+Step 4 is the chain rule through z = h W^T + b: dL/dh = dL/dz W, dL/dW = (dL/dz)^T h, dL/db = 1^T dL/dz.
+
+Two autograd Functions, chosen by the reduction:
+- reduced (every reduction but "none"): the reductions are linear in the per-row values, L = sum_i w_i l_i, and the
+  weights w_i depend on the labels only (obtained below by differentiating loss.py's _reduce, so the two cannot
+  disagree). The gradients are therefore formed during forward (steps 1-4 once: 3 matmuls per chunk, like Liger's
+  fused linear cross-entropy) and backward only multiplies them by the incoming scalar.
+- rows (reduction="none", linear_forget_logprobs): the caller may weight each row arbitrarily, so forward keeps the
+  per-row statistics (lse, belief ids and weights: O(N k)) and backward recomputes step 1 per chunk: 4 matmuls.
+Measured side by side on the 2-core CPU at B=8, T=512, H=576, V=49152 fp32 (benchmarks/RESULTS.md), the recompute
+path takes 23-29% more time than the reduced path (it holds less: no gradient is formed before backward), which
+is why every reduction but "none" takes the reduced path.
+
+Memory bound (beyond the inputs, their gradients and the [M, H] copy of the M valid hidden rows), whatever N is,
+with C = max(1, CHUNK_ELEMENTS // V) rows per chunk:
+  one [C, V] logits chunk in the input dtype (<= CHUNK_ELEMENTS * itemsize: 128 MiB float32, 64 MiB bf16)
+  + the backend's workspace on it (torch backend: one float32 workspace of at most 2^24 elements, 64 MiB)
+  + on CPU with a bf16/fp16 weight, the float32 upcast of the gradient chunk (128 MiB; see _add_weight_grad)
+  + the float32 [V, H] grad_W accumulator for a bf16/fp16 weight with accumulate_in_fp32=True (the default).
+Measured at the shape above (fp32): 314-380 MiB above inputs and gradients, against 4.6 GiB for the eager path.
+Ignored positions are removed before step 1, so they cost neither time nor memory.
+Not done: chunking over the vocabulary too. The row chunk already bounds the temporaries, and merging top-k across
+vocabulary blocks would need a second backend entry point.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from types import ModuleType
+
+import torch
+from torch.autograd.function import once_differentiable
+
+from . import _options as opts
+from .backends import get_backend, resolve_impl
+from .backends.contract import RowOutputs, finish_rows
+from .loss import BSTokenStats, _check_label_shape, _reduce, _row_labels, _unflatten, bs_token_loss
+
+# Elements of one logits chunk: 2^25 = 32 Mi (128 MiB in float32). Big enough that the GEMMs stay efficient (682 rows
+# at V = 49 152, 261 rows at V = 128 256, where each chunk re-reads W), small enough that the temporaries stay a
+# small fraction of what the eager path holds (its [N, V] logits, gradient and loss temporaries).
+CHUNK_ELEMENTS = 1 << 25
+
+
+def rows_per_chunk(num_rows: int, vocab_size: int) -> int:
+    """Rows C per chunk so that a [C, V] logits block has at most CHUNK_ELEMENTS elements (at least one row)."""
+    return max(1, min(num_rows, CHUNK_ELEMENTS // max(vocab_size, 1)))
+
+
+def _accumulation_dtype(dtype: torch.dtype, accumulate_in_fp32: bool) -> torch.dtype:
+    """float32 for bf16/fp16 weights when asked (the default), else the weight's own dtype (float64 stays float64)."""
+    if dtype == torch.float64 or not accumulate_in_fp32:
+        return dtype
+    return torch.float32
+
+
+def _chunk_logits(hidden_chunk: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """[C, H] x [V, H] (+ [V]) -> [C, V] contiguous logits in the input dtype."""
+    if bias is None:
+        return torch.mm(hidden_chunk, weight.t())
+    return torch.addmm(bias, hidden_chunk, weight.t())
+
+
+def _chunk_stats(
+    logits: torch.Tensor, labels: torch.Tensor, backend: ModuleType, top_k: int, lam, temperature, detach_belief
+) -> RowOutputs:
+    raw = backend.forward(logits, labels, top_k)
+    return finish_rows(raw, labels, lam, temperature, detach_belief)
+
+
+# Whether CUDA's mixed-precision GEMM (bf16/fp16 operands, float32 output: torch.addmm(..., out_dtype=)) works in
+# this build; set to False on the first failure, after which the blocked fallback below is used.
+_cuda_mixed_gemm_works = True
+
+
+def _add_weight_grad(accumulator, grad_logits, hidden_chunk, *, first: bool) -> None:
+    """accumulator [V, H] (=, or += when not first) grad_logits[C, V].T @ hidden_chunk[C, H].
+
+    Same dtype: one GEMM straight into the accumulator. A low-precision chunk with a float32 accumulator:
+    - CUDA: one GEMM with bf16/fp16 operands accumulating into the float32 output (cuBLAS, via out_dtype), no
+      rounding of the partial product; if this build lacks it, blocks of the vocabulary whose bf16 partial products
+      are rounded once before the float32 sum (bounded temporaries, like Liger's float32 accumulation mode).
+    - CPU: the chunk is upcast (a [C, V] float32 temporary, within the chunk bound) and multiplied in float32, so the
+      sum over chunks is exact float32 accumulation: CPU BLAS offers no bf16 x bf16 -> float32 GEMM here.
+    """
+    global _cuda_mixed_gemm_works
+    beta = 0.0 if first else 1.0  # beta = 0 ignores the (uninitialised) accumulator, NaNs included
+    if accumulator.dtype == grad_logits.dtype:
+        torch.addmm(accumulator, grad_logits.t(), hidden_chunk, beta=beta, out=accumulator)
+        return
+    if accumulator.device.type == "cuda":
+        if first:  # the mixed GEMM below is used with its default beta = 1 only, so start from zeros
+            accumulator.zero_()
+        if _cuda_mixed_gemm_works:
+            try:
+                torch.addmm(accumulator, grad_logits.t(), hidden_chunk, out_dtype=accumulator.dtype, out=accumulator)
+                return
+            except (RuntimeError, TypeError, NotImplementedError):
+                _cuda_mixed_gemm_works = False
+        block = max(1, CHUNK_ELEMENTS // max(hidden_chunk.shape[1], 1))
+        for start in range(0, accumulator.shape[0], block):
+            columns = slice(start, start + block)
+            accumulator[columns].add_(torch.mm(grad_logits[:, columns].t(), hidden_chunk))
+        return
+    torch.addmm(
+        accumulator,
+        grad_logits.t().to(accumulator.dtype),
+        hidden_chunk.to(accumulator.dtype),
+        beta=beta,
+        out=accumulator,
+    )
+
+
+class _GradAccumulators:
+    """Where step 4 writes: grad_h rows [M, H], grad_W [V, H] and grad_b [V] (float32 for low-precision weights)."""
+
+    def __init__(
+        self, hidden_rows, weight, bias, accumulation_dtype, needs_hidden: bool, needs_weight: bool, needs_bias: bool
+    ) -> None:
+        self.hidden = torch.empty_like(hidden_rows) if needs_hidden else None
+        # grad_W starts unwritten: the first chunk stores its product, later chunks add theirs (no [V, H] memset).
+        self.weight = torch.empty_like(weight, dtype=accumulation_dtype) if needs_weight else None
+        self.weight_written = False
+        self.bias = torch.zeros_like(bias, dtype=accumulation_dtype) if needs_bias else None
+
+    def add_chunk(self, rows: slice, grad_logits, hidden_chunk, weight) -> None:
+        if self.hidden is not None:
+            torch.mm(grad_logits, weight, out=self.hidden[rows])
+        if self.weight is not None:
+            _add_weight_grad(self.weight, grad_logits, hidden_chunk, first=not self.weight_written)
+            self.weight_written = True
+        if self.bias is not None:
+            self.bias.add_(grad_logits.sum(0, dtype=self.bias.dtype))
+
+    def results(self, weight, bias):
+        if self.weight is not None and not self.weight_written:  # no valid row at all: the gradient is zero
+            self.weight.zero_()
+        grad_weight = None if self.weight is None else self.weight.to(weight.dtype)
+        grad_bias = None if self.bias is None else self.bias.to(bias.dtype)
+        return self.hidden, grad_weight, grad_bias
+
+
+class _RowStore:
+    """Per-row outputs of all chunks: row values, token log-probs, belief ids and probs ([M] and [M, k])."""
+
+    def __init__(self, num_rows: int, top_k: int, dtype: torch.dtype, device: torch.device) -> None:
+        self.row_loss = torch.empty(num_rows, dtype=dtype, device=device)
+        self.token_logprobs = torch.empty(num_rows, dtype=dtype, device=device)
+        self.belief_ids = torch.empty(num_rows, top_k, dtype=torch.int64, device=device)
+        self.belief_probs = torch.empty(num_rows, top_k, dtype=dtype, device=device)
+        self.lse = torch.empty(num_rows, dtype=dtype, device=device)
+        self.belief_weights = torch.empty(num_rows, top_k, dtype=dtype, device=device)
+
+    def put(self, rows: slice, chunk: RowOutputs) -> None:
+        self.row_loss[rows] = chunk.row_loss
+        self.token_logprobs[rows] = chunk.token_logprobs
+        self.belief_ids[rows] = chunk.belief_ids
+        self.belief_probs[rows] = chunk.belief_probs
+        self.lse[rows] = chunk.lse
+        self.belief_weights[rows] = chunk.belief_weights
+
+
+class _ReducedLinearFunction(torch.autograd.Function):
+    """L = sum_i row_weights[i] * l_i over the valid rows; gradients formed in forward, scaled in backward."""
+
+    @staticmethod
+    def forward(
+        ctx,
+        hidden_rows: torch.Tensor,  # [M, H] valid rows only
+        weight: torch.Tensor,  # [V, H]
+        bias: torch.Tensor | None,  # [V]
+        labels: torch.Tensor,  # [M] int64, all >= 0
+        row_weights: torch.Tensor,  # [M] dL/dl_i of the reduction (statistics dtype)
+        backend: ModuleType,
+        top_k: int,
+        lam: float,
+        belief_temperature: float,
+        detach_belief: bool,
+        needs_grads: tuple[bool, bool, bool],  # (hidden, weight, bias); decided by the caller (grad mode)
+        accumulation_dtype: torch.dtype,  # of grad_W and grad_b across chunks
+    ):
+        num_rows, vocab_size = hidden_rows.shape[0], weight.shape[0]
+        store = _RowStore(num_rows, top_k, row_weights.dtype, hidden_rows.device)
+        grads = _GradAccumulators(hidden_rows, weight, bias, accumulation_dtype, *needs_grads)
+        step = rows_per_chunk(num_rows, vocab_size)
+        for start in range(0, num_rows, step):
+            rows = slice(start, start + step)
+            hidden_chunk = hidden_rows[rows]
+            logits = _chunk_logits(hidden_chunk, weight, bias)
+            chunk = _chunk_stats(logits, labels[rows], backend, top_k, lam, belief_temperature, detach_belief)
+            store.put(rows, chunk)
+            if any(needs_grads):
+                # dL/dz_i = w_i * dl_i/dz_i: the contract's backward with grad_rows = w, written over the logits.
+                grad_logits = backend.backward(
+                    row_weights[rows].contiguous(),
+                    logits,
+                    labels[rows],
+                    chunk.lse,
+                    chunk.belief_ids,
+                    chunk.belief_weights,
+                    1.0 - lam,
+                    True,
+                )
+                grads.add_chunk(rows, grad_logits, hidden_chunk, weight)
+            del logits
+        loss = torch.dot(row_weights, store.row_loss)
+        grad_hidden, grad_weight, grad_bias = grads.results(weight, bias)
+        ctx.grad_hidden, ctx.grad_weight, ctx.grad_bias = grad_hidden, grad_weight, grad_bias
+        ctx.mark_non_differentiable(store.token_logprobs, store.belief_ids, store.belief_probs)
+        return loss, store.token_logprobs, store.belief_ids, store.belief_probs
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_loss, *unused_grads):
+        # L's gradients were formed in forward for dL/dL = 1; the chain rule only scales them by the incoming scalar.
+        def scaled(grad):
+            if grad is None:
+                return None
+            return grad if bool(grad_loss == 1) else grad * grad_loss.to(grad.dtype)
+
+        grad_hidden, grad_weight, grad_bias = scaled(ctx.grad_hidden), scaled(ctx.grad_weight), scaled(ctx.grad_bias)
+        ctx.grad_hidden = ctx.grad_weight = ctx.grad_bias = None
+        return grad_hidden, grad_weight, grad_bias, None, None, None, None, None, None, None, None, None
+
+
+class _RowsLinearFunction(torch.autograd.Function):
+    """Per-row values l_i (differentiable for any downstream use); backward recomputes each logits chunk."""
+
+    @staticmethod
+    def forward(
+        ctx,
+        hidden_rows: torch.Tensor,  # [M, H] valid rows only
+        weight: torch.Tensor,  # [V, H]
+        bias: torch.Tensor | None,  # [V]
+        labels: torch.Tensor,  # [M] int64, all >= 0
+        backend: ModuleType,
+        top_k: int,
+        lam: float,
+        belief_temperature: float,
+        detach_belief: bool,
+        stats_dtype: torch.dtype,
+        accumulation_dtype: torch.dtype,  # of grad_W and grad_b across chunks
+    ):
+        num_rows, vocab_size = hidden_rows.shape[0], weight.shape[0]
+        store = _RowStore(num_rows, top_k, stats_dtype, hidden_rows.device)
+        step = rows_per_chunk(num_rows, vocab_size)
+        for start in range(0, num_rows, step):
+            rows = slice(start, start + step)
+            logits = _chunk_logits(hidden_rows[rows], weight, bias)
+            store.put(rows, _chunk_stats(logits, labels[rows], backend, top_k, lam, belief_temperature, detach_belief))
+            del logits
+        ctx.save_for_backward(hidden_rows, weight, bias, labels, store.lse, store.belief_ids, store.belief_weights)
+        ctx.backend = backend
+        ctx.label_weight = 1.0 - lam
+        ctx.accumulation_dtype = accumulation_dtype
+        ctx.mark_non_differentiable(store.token_logprobs, store.belief_ids, store.belief_probs)
+        return store.row_loss, store.token_logprobs, store.belief_ids, store.belief_probs
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_row_loss, *unused_grads):
+        hidden_rows, weight, bias, labels, lse, belief_ids, belief_weights = ctx.saved_tensors
+        needs_hidden, needs_weight = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        needs_bias = bias is not None and ctx.needs_input_grad[2]
+        grads = _GradAccumulators(
+            hidden_rows, weight, bias, ctx.accumulation_dtype, needs_hidden, needs_weight, needs_bias
+        )
+        grad_rows = grad_row_loss.to(lse.dtype).contiguous()
+        step = rows_per_chunk(hidden_rows.shape[0], weight.shape[0])
+        # The recomputed chunk must match forward's: no autocast (forward ran with it off, on already-cast inputs).
+        with gathered_parameter(weight), torch.autocast(hidden_rows.device.type, enabled=False):
+            for start in range(0, hidden_rows.shape[0], step):
+                rows = slice(start, start + step)
+                hidden_chunk = hidden_rows[rows]
+                logits = _chunk_logits(hidden_chunk, weight, bias)
+                grad_logits = ctx.backend.backward(
+                    grad_rows[rows], logits, labels[rows], lse[rows], belief_ids[rows], belief_weights[rows],
+                    ctx.label_weight, True,
+                )  # fmt: skip
+                grads.add_chunk(rows, grad_logits, hidden_chunk, weight)
+                del logits, grad_logits
+        grad_hidden, grad_weight, grad_bias = grads.results(weight, bias)
+        return grad_hidden, grad_weight, grad_bias, None, None, None, None, None, None, None, None
+
+
+def gathered_parameter(weight: torch.Tensor):
+    """A context in which a DeepSpeed ZeRO-3 partitioned parameter holds its full value; a no-op for anything else.
+
+    deepspeed is imported only for tensors that carry ZeRO-3's ``ds_id`` marker, so this costs nothing elsewhere.
+    """
+    if not hasattr(weight, "ds_id"):
+        return contextlib.nullcontext()
+    import deepspeed
+
+    return deepspeed.zero.GatheredParameters([weight], modifier_rank=None)
+
+
+def _check_linear_inputs(hidden, weight, bias, labels, shift: bool, ignore_index: int) -> None:
+    opts.check_logits_dtype(hidden, "hidden")
+    opts.check_logits_dtype(weight, "weight")
+    opts.check_labels_dtype(labels)
+    if weight.dim() != 2 or weight.shape[0] == 0:
+        raise ValueError(f"weight must be [V, H] with V >= 1, got shape {tuple(weight.shape)}")
+    if hidden.dim() < 1 or hidden.shape[-1] != weight.shape[1]:
+        raise ValueError(
+            f"hidden's last dimension must equal weight's H = {weight.shape[1]}; got hidden {tuple(hidden.shape)} "
+            f"and weight {tuple(weight.shape)}"
+        )
+    if hidden.dtype != weight.dtype:
+        raise TypeError(f"hidden ({hidden.dtype}) and weight ({weight.dtype}) must have the same dtype")
+    if weight.device != hidden.device:
+        raise ValueError(f"weight is on {weight.device} but hidden is on {hidden.device}")
+    if bias is not None:
+        opts.check_logits_dtype(bias, "bias")
+        if bias.shape != weight.shape[:1]:
+            raise ValueError(f"bias must be [V] = [{weight.shape[0]}], got shape {tuple(bias.shape)}")
+        if bias.dtype != weight.dtype or bias.device != weight.device:
+            raise TypeError(f"bias ({bias.dtype}, {bias.device}) must match weight ({weight.dtype}, {weight.device})")
+    _check_label_shape(hidden, labels, shift=shift, name="hidden")
+    opts.check_label_range(labels, weight.shape[0], ignore_index)
+
+
+def _autocast(hidden, weight, bias):
+    """Under torch.autocast the lm_head GEMM would run in the autocast dtype; do the same (differentiable casts)."""
+    device_type = hidden.device.type
+    if not torch.is_autocast_enabled(device_type):
+        return hidden, weight, bias
+    dtype = torch.get_autocast_dtype(device_type)
+    return hidden.to(dtype), weight.to(dtype), None if bias is None else bias.to(dtype)
+
+
+def _reduction_weights(valid: torch.Tensor, out_shape, shift: bool, reduction: str, dtype) -> torch.Tensor:
+    """w[i] = dL/dl_i for every row (flattened like the inputs), taken from loss.py's own _reduce.
+
+    Every reduction but "none" is linear in the per-row values, so differentiating _reduce once at any point (here
+    zero) gives its exact weights; the fused Function then applies L = sum_i w_i l_i, identical to _reduce.
+    """
+    with torch.enable_grad():
+        probe = torch.zeros(valid.shape, dtype=dtype, device=valid.device, requires_grad=True)
+        reduced = _reduce(_unflatten(probe, out_shape, shift), _unflatten(valid, out_shape, shift), reduction)
+        (weights,) = torch.autograd.grad(reduced, probe)
+    return weights
+
+
+def _scatter_rows(values: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    """[M, ...] values of the valid rows -> [N, ...] with zeros on ignored rows (differentiable)."""
+    full = values.new_zeros((valid.shape[0], *values.shape[1:]))
+    return full.index_put((valid,), values)
+
+
+def _linear_rows(hidden, weight, bias, labels, *, shift, ignore_index, impl, lam, top_k, belief_temperature,
+                 detach_belief, reduction, accumulate_in_fp32):  # fmt: skip
+    """Shared body of bs_linear_loss and linear_forget_logprobs: (loss or per-row values, stats, out_shape)."""
+    _check_linear_inputs(hidden, weight, bias, labels, shift, ignore_index)
+    hidden, weight, bias = _autocast(hidden, weight, bias)
+    rows_labels, out_shape = _row_labels(labels, shift=shift, ignore_index=ignore_index)
+    valid = rows_labels >= 0  # [N]
+    valid_ids = valid.nonzero().squeeze(-1)
+    # The valid rows of hidden, gathered from any strides: a non-contiguous view is read in place, never copied whole.
+    hidden_rows = hidden[torch.unravel_index(valid_ids, hidden.shape[:-1])]  # [M, H]
+    valid_labels = rows_labels.index_select(0, valid_ids)  # [M]
+    backend = get_backend(resolve_impl(impl, hidden.device), hidden.device)
+    stats_dtype = opts.stats_dtype(hidden.dtype)
+    top_k = min(top_k, weight.shape[0])
+    accumulation_dtype = _accumulation_dtype(weight.dtype, accumulate_in_fp32)
+
+    # Inputs are already in the autocast dtype (_autocast); the chunk GEMMs and statistics must not be recast.
+    no_autocast = torch.autocast(hidden.device.type, enabled=False)
+    if reduction == "none":
+        with no_autocast:
+            row_values, token_logprobs, belief_ids, belief_probs = _RowsLinearFunction.apply(
+                hidden_rows, weight, bias, valid_labels, backend, top_k, lam, belief_temperature, detach_belief,
+                stats_dtype, accumulation_dtype,
+            )  # fmt: skip
+        result = _unflatten(_scatter_rows(row_values, valid), out_shape, shift)
+    else:
+        row_weights = _reduction_weights(valid, out_shape, shift, reduction, stats_dtype).index_select(0, valid_ids)
+        grad_mode = torch.is_grad_enabled()
+        needs_grads = (
+            grad_mode and hidden.requires_grad,
+            grad_mode and weight.requires_grad,
+            grad_mode and bias is not None and bias.requires_grad,
+        )
+        with no_autocast:
+            result, token_logprobs, belief_ids, belief_probs = _ReducedLinearFunction.apply(
+                hidden_rows, weight, bias, valid_labels, row_weights.contiguous(), backend, top_k, lam,
+                belief_temperature, detach_belief, needs_grads, accumulation_dtype,
+            )  # fmt: skip
+    stats = BSTokenStats(
+        token_logprobs=_unflatten(_scatter_rows(token_logprobs, valid), out_shape, shift),
+        belief_ids=_unflatten(_scatter_rows(belief_ids, valid), out_shape, shift),
+        belief_probs=_unflatten(_scatter_rows(belief_probs, valid), out_shape, shift),
+    )
+    return result, stats
+
+
+def _materialised_logits(hidden, weight, bias):
+    """The eager path, exactly as an nn.Linear lm_head forms the logits."""
+    return torch.nn.functional.linear(hidden, weight, bias)
+
+
+def bs_linear_loss(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    labels: torch.Tensor,
+    *,
+    bias: torch.Tensor | None = None,
+    lam: float = 0.2,
+    top_k: int = 20,
+    ignore_index: int = -100,
+    shift: bool = True,
+    reduction: str = "sequence_mean",
+    detach_belief: bool = True,
+    belief_temperature: float = 1.0,
+    impl: str = "auto",
+    return_stats: bool = False,
+    accumulate_in_fp32: bool = True,
+):
+    """BS-T loss of ``logits = hidden @ weight.T + bias`` without ever forming the [N, V] logits.
+
+    Same value, stats and reductions as ``bs_token_loss(hidden @ weight.T + bias, labels, ...)``, with gradients for
+    hidden, weight and bias (whichever require grad; a frozen or tied weight works as is).
+
+    Args:
+        hidden: [B, T, H] final hidden states (shift=True), or [..., H] with labels [...] (shift=False); any strides.
+        weight: [V, H] the lm_head (or tied input embedding) weight, same dtype and device as hidden.
+        labels: [B, T] (or [...]) integer ids, ``ignore_index`` where a position does not count. Ignored positions
+            are dropped before the matmul.
+        bias: optional [V] lm_head bias.
+        lam, top_k, ignore_index, shift, reduction, detach_belief, belief_temperature, return_stats: as in
+            :func:`bs_kernels.bs_token_loss`.
+        impl: the logits backend run on each chunk ("auto", "torch", "native", "triton"), or "reference" to form the
+            logits explicitly and call the reference loss (the eager baseline; O(N V) memory).
+        accumulate_in_fp32: for bf16/fp16 weights, sum grad_weight (and grad_bias) over the row chunks in a float32
+            buffer (default: the most accurate, but 4 V H bytes, 2 GiB at V = 128 256, H = 4 096). False adds each
+            chunk's GEMM straight into a gradient of the weight's dtype (one rounding per chunk, like Liger-Kernel's
+            default), which keeps the extra memory to the logits chunk. No effect for float32/float64 weights.
+
+    Memory: one chunk of C = CHUNK_ELEMENTS // V rows of logits at a time (see the module docstring for the bound,
+    independent of N), plus the float32 [V, H] accumulator for bf16/fp16 weights with accumulate_in_fp32.
+    Time: 3 GEMMs per chunk (the gradients are formed in forward) except for reduction="none", which recomputes the
+    logits in backward (4 GEMMs).
+
+    Returns:
+        The reduced loss (float32; float64 for float64 inputs), per position for reduction="none", and a
+        BSTokenStats when ``return_stats``.
+    """
+    opts.BSOptions(lam=lam, top_k=top_k, belief_temperature=belief_temperature, detach_belief=detach_belief)
+    opts.check_ignore_index(ignore_index)
+    opts.check_reduction(reduction)
+    opts.check_impl(impl)
+    if not isinstance(labels, torch.Tensor):
+        raise TypeError(f"labels must be a torch.Tensor, got {type(labels).__name__}")
+    if not shift and reduction == "sequence_mean" and labels.dim() < 2:
+        raise ValueError(
+            'reduction="sequence_mean" needs labels with a sequence dimension [B, T]; with flat labels [N] use '
+            '"token_mean", "sum" or "none"'
+        )
+    if impl == "reference":
+        _check_linear_inputs(hidden, weight, bias, labels, shift, ignore_index)
+        return bs_token_loss(
+            _materialised_logits(hidden, weight, bias), labels, lam=lam, top_k=top_k, ignore_index=ignore_index,
+            shift=shift, reduction=reduction, detach_belief=detach_belief, belief_temperature=belief_temperature,
+            impl="reference", return_stats=return_stats,
+        )  # fmt: skip
+    loss, stats = _linear_rows(
+        hidden, weight, bias, labels, shift=shift, ignore_index=ignore_index, impl=impl, lam=float(lam), top_k=top_k,
+        belief_temperature=float(belief_temperature), detach_belief=detach_belief, reduction=reduction,
+        accumulate_in_fp32=accumulate_in_fp32,
+    )  # fmt: skip
+    return (loss, stats) if return_stats else loss
+
+
+def linear_forget_logprobs(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    labels: torch.Tensor,
+    *,
+    bias: torch.Tensor | None = None,
+    ignore_index: int = -100,
+    shift: bool = True,
+    impl: str = "auto",
+) -> torch.Tensor:
+    """Per-token log p(label) of ``hidden @ weight.T + bias`` without forming the logits; 0 where ignored.
+
+    Shape: that of the (shifted) labels; float32 (float64 for float64 inputs); differentiable w.r.t. hidden, weight
+    and bias (the backward recomputes each logits chunk, so any downstream use of the values works: GA, NPO, ...).
+    """
+    opts.check_ignore_index(ignore_index)
+    opts.check_impl(impl)
+    if impl == "reference":
+        _check_linear_inputs(hidden, weight, bias, labels, shift, ignore_index)
+        from .loss import forget_logprobs
+
+        return forget_logprobs(
+            _materialised_logits(hidden, weight, bias), labels, ignore_index=ignore_index, shift=shift, impl=impl
+        )
+    values, _ = _linear_rows(
+        hidden, weight, bias, labels, shift=shift, ignore_index=ignore_index, impl=impl, lam=0.0, top_k=0,
+        belief_temperature=1.0, detach_belief=True, reduction="none", accumulate_in_fp32=True,
+    )  # fmt: skip
+    return values

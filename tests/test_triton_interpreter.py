@@ -1,0 +1,429 @@
+"""impl="triton": the kernels under the Triton interpreter on the CPU, and at full size on CUDA.
+
+Triton decides whether a kernel is interpreted when the @triton.jit function is created, from TRITON_INTERPRET.
+So in an ordinary CPU run, test_interpreter_subprocess starts one pytest subprocess with TRITON_INTERPRET=1 that
+runs this module's direct tests plus the shared parametrisation (tests/test_bs_token_loss.py) for impl="triton";
+in that subprocess (or on a CUDA machine) the direct tests below run in-process and the subprocess test skips.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+import pathlib
+import re
+import subprocess
+import sys
+
+import pytest
+import torch
+from conftest import TOLERANCES
+
+import bs_kernels
+from bs_kernels import bs_token_loss, forget_logprobs
+from bs_kernels.backends import torch_chunked
+from bs_kernels.backends import triton as triton_backend
+from bs_kernels.backends.contract import finish_rows
+
+INTERPRETING = os.environ.get("TRITON_INTERPRET") == "1"
+ON_CUDA = torch.cuda.is_available() and not INTERPRETING
+DEVICE = torch.device("cuda" if ON_CUDA else "cpu")
+TRITON_REASON = bs_kernels.unavailable_reason("triton", DEVICE)
+TESTS_DIR = pathlib.Path(__file__).resolve().parent
+
+needs_triton = pytest.mark.skipif(
+    TRITON_REASON is not None,
+    reason="runs on CUDA, or on the CPU in the TRITON_INTERPRET=1 subprocess of test_interpreter_subprocess",
+)
+needs_cuda = pytest.mark.skipif(not ON_CUDA, reason="full-size checks need a CUDA GPU")
+
+# Tiny blocks make a row of a few hundred logits span many blocks, so every top-k path runs (full block, buckets,
+# skip) and V is not a multiple of the block.
+SMALL_FORWARD = triton_backend.ForwardConfig(block_v=64, buckets=32, num_warps=4)
+SMALL_BACKWARD = triton_backend.BackwardConfig(block_v=64, num_warps=4)
+
+
+def _logits(rows: int, vocab: int, dtype=torch.float32, seed: int = 0, scale: float = 3.0) -> torch.Tensor:
+    generator = torch.Generator().manual_seed(seed)
+    return (torch.randn(rows, vocab, generator=generator, dtype=torch.float64) * scale).to(dtype).to(DEVICE)
+
+
+def _labels(rows: int, vocab: int, seed: int = 1) -> torch.Tensor:
+    generator = torch.Generator().manual_seed(seed)
+    labels = torch.randint(0, vocab, (rows,), generator=generator)
+    labels[::4] = -1  # every fourth row ignored
+    return labels.to(DEVICE)
+
+
+def _assert_forward_matches(raw, expected, logits, top_k):
+    """lse and z_y against the torch backend; beliefs: the exact top-k as sets (tie-free data), values by id."""
+    tolerance = TOLERANCES[logits.dtype if logits.dtype == torch.float64 else torch.float32]
+    torch.testing.assert_close(raw.lse, expected.lse, **tolerance)
+    torch.testing.assert_close(raw.label_logits, expected.label_logits, atol=0, rtol=0)
+    assert raw.belief_ids.shape == (logits.shape[0], top_k) and raw.belief_ids.dtype == torch.int64
+    torch.testing.assert_close(raw.belief_ids.sort(-1).values, expected.belief_ids.sort(-1).values, atol=0, rtol=0)
+    exact_values = logits.gather(1, raw.belief_ids).to(raw.belief_logits.dtype)
+    torch.testing.assert_close(raw.belief_logits, exact_values, atol=0, rtol=0)
+
+
+@needs_triton
+@pytest.mark.parametrize("top_k", [1, 3, 20, 64])
+@pytest.mark.parametrize("config", [None, SMALL_FORWARD], ids=["default_blocks", "small_blocks"])
+def test_forward_top_k_exact(top_k, config):
+    logits = _logits(12, 300)
+    labels = _labels(12, 300)
+    if config is not None and triton_backend._next_power_of_two(top_k) > config.buckets:
+        config = triton_backend.ForwardConfig(block_v=128, buckets=64, num_warps=4)
+    raw = triton_backend.forward(logits, labels, top_k, config=config)
+    _assert_forward_matches(raw, torch_chunked.forward(logits, labels, top_k), logits, top_k)
+
+
+# 256 logits per block in 32 buckets of 8: the first block of a row (8 candidates per bucket) runs the full network.
+EIGHT_PER_BUCKET = triton_backend.ForwardConfig(block_v=256, buckets=32, num_warps=4)
+
+
+@needs_triton
+@pytest.mark.parametrize("config", [SMALL_FORWARD, EIGHT_PER_BUCKET], ids=["2_per_bucket", "8_per_bucket"])
+@pytest.mark.parametrize("order", ["ascending", "descending", "shuffled"])
+def test_forward_every_merge_path(order, config):
+    """Ascending rows put candidates in every logit of every block (bucket rounds with 2 per bucket, the full network
+    with 8), descending rows none after the first block (skipped from the block max), shuffled rows a few per block
+    (one or two bucket rounds); V = 1000 is a multiple of neither block."""
+    vocab = 1000
+    base = torch.linspace(-5.0, 5.0, vocab, dtype=torch.float64)
+    rows = [base, base.flip(0), base[torch.randperm(vocab, generator=torch.Generator().manual_seed(2))]]
+    logits = torch.stack(rows * 2).to(torch.float32).to(DEVICE)
+    logits = {"ascending": logits[[0, 3]], "descending": logits[[1, 4]], "shuffled": logits[[2, 5]]}[order]
+    labels = torch.tensor([7, -1], device=DEVICE)
+    raw = triton_backend.forward(logits, labels, 20, config=config)
+    _assert_forward_matches(raw, torch_chunked.forward(logits, labels, 20), logits, 20)
+
+
+@needs_triton
+def test_index_field_holds_large_vocabulary():
+    """Ids above 2^16 and 2^17 survive the packed keys (V = 262 144, the largest the contract promises)."""
+    vocab = 262_144
+    logits = -torch.arange(vocab, dtype=torch.float32).repeat(2, 1) / vocab  # descending: later blocks are skipped
+    logits[0, [vocab - 1, 200_000, 70_000]] = torch.tensor([5.0, 4.0, 3.0])
+    logits[1, vocab - 2] = 2.0
+    logits = logits.to(DEVICE)
+    labels = torch.tensor([vocab - 1, 131_073], device=DEVICE)
+    raw = triton_backend.forward(logits, labels, 3)
+    assert raw.belief_ids[0].tolist() == [vocab - 1, 200_000, 70_000]
+    assert raw.belief_ids[1].tolist() == [vocab - 2, 0, 1]
+    _assert_forward_matches(raw, torch_chunked.forward(logits, labels, 3), logits, 3)
+
+
+@needs_triton
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32, torch.float64])
+def test_forward_dtypes(dtype):
+    """Statistics in float32 (float64 for float64); top-k checked by value since 16-bit data has ties."""
+    logits = _logits(9, 300, dtype=dtype)
+    labels = _labels(9, 300)
+    raw = triton_backend.forward(logits, labels, 20, config=SMALL_FORWARD)
+    expected = torch_chunked.forward(logits, labels, 20)
+    assert raw.lse.dtype == expected.lse.dtype
+    tolerance = TOLERANCES[torch.float64 if dtype == torch.float64 else torch.float32]
+    torch.testing.assert_close(raw.lse, expected.lse, **tolerance)
+    torch.testing.assert_close(raw.label_logits, expected.label_logits, atol=0, rtol=0)
+    torch.testing.assert_close(raw.belief_logits.sort(-1).values, expected.belief_logits.sort(-1).values)
+    assert (raw.belief_ids.sort(-1).values.diff(dim=-1) > 0).all()  # k distinct ids per row
+    torch.testing.assert_close(logits.gather(1, raw.belief_ids).to(raw.belief_logits.dtype), raw.belief_logits)
+
+
+@needs_triton
+@pytest.mark.filterwarnings("ignore:divide by zero encountered in log:RuntimeWarning")  # the interpreter's log(0)
+def test_negative_infinite_logits():
+    """Masked entries, a fully masked row and k above the number of finite entries: no NaN, same as torch."""
+    logits = _logits(6, 150)
+    generator = torch.Generator().manual_seed(3)
+    masked = (torch.rand(6, 150, generator=generator) < 0.9).to(DEVICE)
+    labels = torch.tensor([0, 1, 2, -1, 4, 5], device=DEVICE)
+    masked[torch.arange(6, device=DEVICE), labels.clamp(min=0)] = False
+    logits = logits.masked_fill(masked, float("-inf"))
+    logits[3] = float("-inf")  # ignored row with no finite logit
+    raw = triton_backend.forward(logits, labels, 20, config=SMALL_FORWARD)
+    expected = torch_chunked.forward(logits, labels, 20)
+    torch.testing.assert_close(raw.lse, expected.lse)
+    finite = torch.isfinite(raw.belief_logits)
+    assert (finite.sum(-1) == torch.isfinite(logits).sum(-1).clamp(max=20)).all()
+    torch.testing.assert_close(raw.belief_logits.sort(-1).values, expected.belief_logits.sort(-1).values)
+
+    rows = finish_rows(raw, labels, 0.2, 1.0, detach_belief=False)
+    grad_rows = torch.where(labels >= 0, torch.ones_like(rows.lse), torch.zeros_like(rows.lse))
+    args = (grad_rows, logits, labels, rows.lse, rows.belief_ids, rows.belief_weights, 0.8)
+    grad = triton_backend.backward(*args, False, config=SMALL_BACKWARD)
+    assert torch.isfinite(grad).all()
+    torch.testing.assert_close(grad, torch_chunked.backward(*args, False))
+    assert (grad[masked] == 0).all() and (grad[3] == 0).all()
+
+
+def _backward_case(dtype, rows=10, vocab=300, top_k=20, label_in_beliefs=True):
+    logits = _logits(rows, vocab, dtype=dtype)
+    labels = _labels(rows, vocab)
+    if label_in_beliefs:
+        labels[1] = logits[1].argmax()  # the label's entry also carries a belief weight
+    raw = torch_chunked.forward(logits, labels, top_k)
+    rows_out = finish_rows(raw, labels, 0.2, 1.0, detach_belief=False)
+    generator = torch.Generator().manual_seed(4)
+    grad_rows = torch.rand(rows, generator=generator, dtype=rows_out.lse.dtype).to(DEVICE) + 0.5
+    grad_rows = torch.where(labels >= 0, grad_rows, torch.zeros_like(grad_rows))
+    args = (grad_rows, logits, labels, rows_out.lse, rows_out.belief_ids, rows_out.belief_weights, 0.8)
+    return logits, args
+
+
+@needs_triton
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32, torch.float64])
+def test_backward_matches_torch_backend(dtype):
+    """Both compute every entry in float32 (float64) and round once: equal up to one rounding of the output."""
+    logits, args = _backward_case(dtype)
+    grad = triton_backend.backward(*args, False, config=SMALL_BACKWARD)
+    expected = torch_chunked.backward(*args, False)
+    assert grad.dtype == dtype and grad.shape == logits.shape
+    torch.testing.assert_close(grad, expected)
+    assert (grad[args[2] < 0] == 0).all()  # ignored rows
+
+
+@needs_triton
+def test_backward_exact_against_float64():
+    """float32 logits: every entry within float32 rounding of grad_row * (t - pi) built densely in float64."""
+    logits, args = _backward_case(torch.float32)
+    grad_rows, _, labels, lse, belief_ids, belief_weights, label_weight = args
+    valid = (labels >= 0).double()
+    pi = torch.exp(logits.double() - lse.double().unsqueeze(1))
+    target = torch.zeros_like(pi).scatter_add_(1, belief_ids, belief_weights.double())
+    target[torch.arange(len(labels), device=DEVICE), labels.clamp(min=0)] += label_weight * valid
+    expected = grad_rows.double().unsqueeze(1) * (target - pi)
+    grad = triton_backend.backward(*args, False)
+    torch.testing.assert_close(grad.double(), expected, atol=1e-7, rtol=1e-6)
+
+
+@needs_triton
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_backward_inplace_and_row_stride(dtype):
+    """Rows of a wider buffer (row stride 307 != V = 300); inplace writes into that storage, padding untouched."""
+    _, args = _backward_case(dtype)
+    storage = _logits(10, 307, dtype=dtype, seed=5)
+    view = storage[:, :300]
+    view.copy_(args[1])
+    assert view.stride(0) == 307
+    out_of_place = triton_backend.backward(args[0], view, *args[2:], False, config=SMALL_BACKWARD)
+    assert out_of_place.is_contiguous()
+    padding = storage[:, 300:].clone()
+    result = triton_backend.backward(args[0], view, *args[2:], True, config=SMALL_BACKWARD)
+    assert result.data_ptr() == view.data_ptr()
+    torch.testing.assert_close(view, out_of_place, atol=0, rtol=0)
+    torch.testing.assert_close(storage[:, 300:], padding, atol=0, rtol=0)
+
+
+@needs_triton
+def test_forward_row_stride():
+    storage = _logits(8, 333)
+    view = storage[:, 5:305]
+    labels = _labels(8, 300)
+    raw = triton_backend.forward(view, labels, 20, config=SMALL_FORWARD)
+    _assert_forward_matches(raw, torch_chunked.forward(view, labels, 20), view, 20)
+
+
+@needs_triton
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+def test_public_api_matches_torch_impl(dtype):
+    """bs_token_loss / forget_logprobs through autograd, [B, T, V] with shift=True (rows are a strided view)."""
+    logits = _logits(3 * 7, 97, dtype=dtype).reshape(3, 7, 97)
+    labels = _labels(3 * 7, 97).reshape(3, 7)
+    labels = torch.where(labels < 0, torch.full_like(labels, -100), labels)
+    results = {}
+    for impl in ("triton", "torch"):
+        x = logits.detach().clone().requires_grad_(True)
+        loss = bs_token_loss(x, labels, impl=impl, top_k=5, detach_belief=False)
+        token_logprobs = forget_logprobs(x, labels, impl=impl)
+        (loss + token_logprobs.sum()).backward()
+        results[impl] = (loss.detach(), token_logprobs.detach(), x.grad)
+    for actual, expected in zip(results["triton"], results["torch"]):
+        torch.testing.assert_close(actual, expected)
+
+
+@needs_triton
+def test_inplace_backward_through_public_api():
+    logits = _logits(2 * 6, 50).reshape(2, 6, 50)
+    labels = _labels(2 * 6, 50).reshape(2, 6)
+    labels = torch.where(labels < 0, torch.full_like(labels, -100), labels)
+    x = logits.clone().requires_grad_(True)
+    bs_token_loss(x, labels, impl="torch").backward()
+    storage = logits.clone().requires_grad_(True)
+    bs_token_loss(storage * 1.0, labels, impl="triton", inplace_backward=True).backward()
+    torch.testing.assert_close(storage.grad, x.grad)
+
+
+@needs_triton
+def test_invalid_arguments():
+    logits = _logits(4, 30)
+    labels = _labels(4, 30)
+    with pytest.raises(ValueError, match="top_k"):
+        triton_backend.forward(logits, labels, 31)
+    with pytest.raises(ValueError, match="labels"):
+        triton_backend.forward(logits, labels[:3], 5)
+    with pytest.raises(ValueError, match="labels"):
+        triton_backend.forward(logits, labels.to(torch.int32), 5)
+    with pytest.raises(ValueError, match="unit stride"):
+        triton_backend.forward(logits.t().contiguous().t(), labels, 5)
+    with pytest.raises(TypeError, match="dtype"):
+        triton_backend.forward(logits.to(torch.int64), labels, 5)
+    with pytest.raises(ValueError, match="config"):
+        triton_backend.forward(logits, labels, 20, config=triton_backend.ForwardConfig(64, 16, 4))
+    with pytest.raises(ValueError, match="belief_weights"):
+        triton_backend.backward(
+            torch.ones(4, device=DEVICE),
+            logits,
+            labels,
+            torch.zeros(4, device=DEVICE),
+            torch.zeros(4, 3, dtype=torch.int64, device=DEVICE),
+            torch.zeros(4, 2, device=DEVICE),
+            0.8,
+            False,
+        )
+
+
+def test_unavailable_reason_names_the_fix():
+    """On the CPU without the interpreter the backend says how to enable it; auto never picks it for CPU tensors."""
+    if INTERPRETING:
+        assert triton_backend.unavailable_reason(torch.device("cpu")) is None
+    else:
+        reason = triton_backend.unavailable_reason(torch.device("cpu"))
+        assert reason is not None and "TRITON_INTERPRET=1" in reason
+    assert bs_kernels.resolve_impl("auto", torch.device("cpu")) != "triton"
+    if ON_CUDA:
+        assert bs_kernels.resolve_impl("auto", torch.device("cuda")) == "triton"
+
+
+# ---------------------------------------------------------------------------------------------- full size, CUDA
+
+
+@needs_cuda
+def test_full_size_bf16_error_budget():
+    """N = 8192 rows, V = 128 256, bf16, k = 20: values and gradient against a float64 computation, within the error
+    of the torch backend on the same bf16 input (both round the float32 result once) plus the bf16 slack."""
+    rows, vocab = 8192, 128_256
+    generator = torch.Generator(device="cuda").manual_seed(0)
+    logits = (torch.randn(rows, vocab, device="cuda", generator=generator) * 3).to(torch.bfloat16)
+    labels = torch.randint(0, vocab, (rows,), device="cuda", generator=generator)
+    labels[::7] = -100
+
+    def run(impl, x):
+        x = x.detach().clone().requires_grad_(True)
+        loss = bs_token_loss(x, labels, impl=impl, shift=False, reduction="none", top_k=20, lam=0.2)
+        loss.backward(torch.linspace(1.0, 2.0, rows, device="cuda", dtype=loss.dtype))
+        return loss.detach(), x.grad
+
+    exact_loss, exact_grad = run("torch", logits.double())
+    budget = TOLERANCES[torch.bfloat16]["atol"]
+    torch_loss, torch_grad = run("torch", logits)
+    triton_loss, triton_grad = run("triton", logits)
+    assert (triton_loss.double() - exact_loss).abs().max() <= (torch_loss.double() - exact_loss).abs().max() + budget
+    assert (triton_grad.double() - exact_grad).abs().max() <= (torch_grad.double() - exact_grad).abs().max() + budget
+
+
+@needs_cuda
+def test_full_size_top_k_and_lse():
+    """Full size, float32 (tie-free): exact top-20 ids as sets, lse to float32 accuracy; fp16 too by value."""
+    rows, vocab = 8192, 128_256
+    generator = torch.Generator(device="cuda").manual_seed(1)
+    logits = torch.randn(rows, vocab, device="cuda", generator=generator) * 3
+    labels = torch.randint(0, vocab, (rows,), device="cuda", generator=generator)
+    raw = triton_backend.forward(logits, labels, 20)
+    _assert_forward_matches(raw, torch_chunked.forward(logits, labels, 20), logits, 20)
+
+
+# ------------------------------------------------------------------------------------------- compiled for sm_90
+
+
+def _compile_for_hopper(kernel, signature: dict, constants: dict, num_warps: int, aligned: tuple[int, ...]):
+    """Compile without a GPU (Triton ships ptxas): catches what the interpreter accepts but the compiler rejects."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    signature = {**signature, **{name: "constexpr" for name in constants}}
+    # Triton specialises pointers and integers divisible by 16 at launch; V = 128 256 and its row stride are.
+    attrs = {(index,): [["tt.divisibility", 16]] for index in aligned}
+    source = ASTSource(kernel, signature, constants, attrs)
+    return triton.compile(source, target=GPUTarget("cuda", 90, 32), options={"num_warps": num_warps})
+
+
+@pytest.mark.skipif(INTERPRETING, reason="the interpreter's kernels cannot be compiled")
+def test_kernels_compile_for_hopper():
+    """Every kernel compiles for sm_90 at the benchmark's shape, and the 16-bit loads/stores are 16 bytes wide."""
+    triton = pytest.importorskip("triton")
+    if not (pathlib.Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "ptxas").is_file():
+        pytest.skip("this Triton has no bundled ptxas")
+    kernels = importlib.import_module("bs_kernels.backends.triton_kernels")
+    rows = {"lse_ptr": "*fp32", "label_logits_ptr": "*fp32", "belief_logits_ptr": "*fp32", "belief_ids_ptr": "*i64"}
+    forward_signature = {
+        "logits_ptr": "*bf16",
+        "labels_ptr": "*i64",
+        **rows,
+        "vocab_size": "i32",
+        "logits_row_stride": "i32",
+    }
+    forward = _compile_for_hopper(
+        kernels.bs_rows_forward_kernel,
+        forward_signature,
+        dict(K=20, LOG_K_PAD=5, LOG_BLOCK_V=12, LOG_BUCKETS=8, IS_FP64=False),
+        num_warps=16,
+        aligned=(0, 6, 7),
+    )
+    assert "ld.global.v4" in forward.asm["ptx"]
+    forward_fp64 = {**forward_signature, "logits_ptr": "*fp64", **{name: "*fp64" for name in list(rows)[:3]}}
+    _compile_for_hopper(
+        kernels.bs_rows_forward_kernel,
+        forward_fp64,
+        dict(K=1, LOG_K_PAD=0, LOG_BLOCK_V=10, LOG_BUCKETS=6, IS_FP64=True),
+        num_warps=4,
+        aligned=(),
+    )
+    backward = _compile_for_hopper(
+        kernels.bs_rows_backward_kernel,
+        {"grad_ptr": "*bf16", "logits_ptr": "*bf16", "lse_ptr": "*fp32", "grad_rows_ptr": "*fp32"}
+        | {"vocab_size": "i32", "logits_row_stride": "i32", "grad_row_stride": "i32"},
+        dict(BLOCK_V=4096),
+        num_warps=8,
+        aligned=(0, 1, 4, 5, 6),
+    )
+    assert "st.global.v4" in backward.asm["ptx"] and "ld.global.v4" in backward.asm["ptx"]
+    per_row = ("lse_ptr", "grad_rows_ptr", "label_coefs_ptr", "label_logits_ptr")
+    _compile_for_hopper(
+        kernels.bs_rows_backward_fixup_kernel,
+        {"grad_ptr": "*bf16", "labels_ptr": "*i64", **{name: "*fp32" for name in per_row}}
+        | {"belief_ids_ptr": "*i64", "belief_weights_ptr": "*fp32", "belief_logits_ptr": "*fp32"}
+        | {"grad_row_stride": "i32", "K": "i32"},
+        dict(K_PAD=32),
+        num_warps=1,
+        aligned=(),
+    )
+
+
+# ------------------------------------------------------------------------------------ the interpreter subprocess
+
+
+@pytest.mark.skipif(INTERPRETING, reason="already running under the interpreter")
+def test_interpreter_subprocess():
+    """Runs this module's direct tests and the shared parametrisation for impl="triton" with TRITON_INTERPRET=1."""
+    try:
+        import triton  # noqa: F401
+    except ImportError as error:
+        pytest.skip(f"triton is not installed: {error}")
+    targets = [str(TESTS_DIR / "test_triton_interpreter.py")]
+    shared = TESTS_DIR / "test_bs_token_loss.py"
+    if shared.is_file():
+        targets.append(str(shared))
+    env = dict(os.environ, TRITON_INTERPRET="1", CUDA_VISIBLE_DEVICES="")
+    command = [sys.executable, "-m", "pytest", *targets, "-k", "triton", "-q", "-rs", "-p", "no:cacheprovider"]
+    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=900, cwd=TESTS_DIR.parent)
+    tail = (result.stdout + result.stderr)[-6000:]
+    assert result.returncode == 0, tail
+    passed = re.search(r"(\d+) passed", result.stdout)
+    assert passed is not None and int(passed.group(1)) >= 20, tail
+    # Under the interpreter only the CUDA-only tests (and this one) may skip.
+    allowed = ("full-size checks need a CUDA GPU", "already running under the interpreter", "cannot be compiled")
+    skips = [line for line in result.stdout.splitlines() if line.startswith("SKIPPED")]
+    assert all(any(reason in line for reason in allowed) for line in skips), tail
