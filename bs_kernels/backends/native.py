@@ -1,0 +1,244 @@
+"""impl="native": the C++ CPU kernels of bs_kernels/csrc/bs_token_native.cpp, built just in time at first use.
+
+Why just in time: the package's build system has only setuptools (an isolated build must not download a second
+torch), so the extension is compiled with torch.utils.cpp_extension and ninja the first time a CPU backend is
+resolved, into a cache folder keyed by the source, the flags, the torch version and the platform:
+    $BS_KERNELS_CACHE (default $XDG_CACHE_HOME/bs_kernels or ~/.cache/bs_kernels) / native-<key>/
+Later processes load the cached library directly (no compiler, no ninja needed). The source ships inside the
+package (bs_kernels/csrc/, package data), so editable and regular installs build the same file.
+
+A build that fails makes ``unavailable_reason`` return why and how to rebuild; ``impl="auto"`` then resolves to
+``"torch"`` and warns once per process, an explicit ``impl="native"`` raises RuntimeError with the same message.
+Rebuild (verbose) with ``python -m bs_kernels.backends.native``; ``BS_KERNELS_DISABLE_NATIVE=1`` turns it off.
+
+Operators (torch.ops.bs_kernels.*; fake implementations below so opcheck / torch.compile can trace them):
+    native_forward(logits[N, V], labels[N], top_k) -> (lse[N], label_logits[N], belief_logits[N, k], belief_ids[N, k])
+    native_backward(grad_rows, logits, labels, lse, belief_ids, belief_weights, label_weight) -> grad[N, V]
+    native_backward_(same arguments) -> ()  writes the gradient into logits
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import pathlib
+import platform
+import sys
+import threading
+import warnings
+
+import torch
+
+from .contract import RawRowStats
+
+NAME = "native"
+
+SOURCE = pathlib.Path(__file__).resolve().parents[1] / "csrc" / "bs_token_native.cpp"
+EXTENSION_NAME = "bs_kernels_native"
+CACHE_ENV = "BS_KERNELS_CACHE"
+DISABLE_ENV = "BS_KERNELS_DISABLE_NATIVE"
+REBUILD_COMMAND = "python -m bs_kernels.backends.native"
+
+# -O3 and -ffp-contract=fast (fused multiply-adds in the exp polynomial; -std=c++20 turns contraction off by
+# default). No -march: the source compiles AVX-512 / AVX2 variants itself and picks one at run time, so the cache
+# can be shared between machines. -fopenmp makes at::parallel_for use torch's OpenMP thread pool (torch ships
+# libgomp.so.1, which the extension then shares).
+CFLAGS = ("-O3", "-ffp-contract=fast", "-fopenmp", "-Wall", "-Wextra")
+LDFLAGS = ("-fopenmp",)
+
+_lock = threading.Lock()
+_library_path: str | None = None
+_build_error: str | None = None
+_warned = False
+
+
+def cache_root() -> pathlib.Path:
+    """The folder under which each build lives in its own native-<key> subfolder."""
+    explicit = os.environ.get(CACHE_ENV)
+    if explicit:
+        return pathlib.Path(explicit).expanduser()
+    xdg = os.environ.get("XDG_CACHE_HOME")
+    base = pathlib.Path(xdg).expanduser() if xdg else pathlib.Path.home() / ".cache"
+    return base / "bs_kernels"
+
+
+def build_key(source: pathlib.Path, cflags: tuple[str, ...] = CFLAGS) -> str:
+    """Everything the compiled library depends on: source, flags, torch version and ABI, platform."""
+    digest = hashlib.sha256()
+    digest.update(source.read_bytes())
+    for part in (
+        " ".join(cflags),
+        " ".join(LDFLAGS),
+        torch.__version__,
+        str(torch._C._GLIBCXX_USE_CXX11_ABI),
+        sys.platform,
+        platform.machine(),
+    ):
+        digest.update(b"\0" + part.encode())
+    return digest.hexdigest()[:16]
+
+
+def build(
+    source: pathlib.Path | None = None,
+    *,
+    build_directory: pathlib.Path | None = None,
+    extra_cflags: tuple[str, ...] = (),
+    verbose: bool = False,
+) -> str:
+    """Compile ``source`` (default: SOURCE) or reuse its cached build, load it into torch.ops; returns its path.
+
+    Raises whatever the compiler or ninja raised. ``extra_cflags`` (e.g. ``("-Werror",)``) take part in the key.
+    """
+    from torch.utils import cpp_extension  # imported here: it is slow to import and only needed for a build
+
+    source = SOURCE if source is None else source
+    cflags = CFLAGS + tuple(extra_cflags)
+    if build_directory is None:
+        build_directory = cache_root() / f"native-{build_key(source, cflags)}"
+    library = build_directory / f"{EXTENSION_NAME}.so"
+    # A finished build: load it without ninja. While another process holds cpp_extension's "lock" file, go
+    # through load() below, which waits for that build instead of loading a half-written library.
+    if library.is_file() and not (build_directory / "lock").exists():
+        torch.ops.load_library(str(library))
+        return str(library)
+    build_directory.mkdir(parents=True, exist_ok=True)
+    return cpp_extension.load(
+        name=EXTENSION_NAME,
+        sources=[str(source)],
+        extra_cflags=list(cflags),
+        extra_ldflags=list(LDFLAGS),
+        build_directory=str(build_directory),
+        is_python_module=False,
+        verbose=verbose,
+    )
+
+
+def _failure_message(error: BaseException) -> str:
+    text = str(error)
+    # A failed ninja build's message repeats the whole compiler command; the compiler's own "error:" lines say why.
+    compiler_errors = [line.strip() for line in text.splitlines() if "error:" in line or "fatal" in line.lower()]
+    detail = " | ".join(compiler_errors[:3]) if compiler_errors else " ".join(text.split())
+    if len(detail) > 500:
+        detail = detail[:500] + " ..."
+    return (
+        f'impl="native" is unavailable: building the C++ kernel {SOURCE.name} failed ({type(error).__name__}: '
+        f"{detail}). It needs a C++20 compiler and ninja (pip install ninja). Rebuild and see the compiler output "
+        f"with `{REBUILD_COMMAND}` (cache: {cache_root()}, set {CACHE_ENV} to move it); until then "
+        'impl="auto" uses impl="torch" on CPU.'
+    )
+
+
+def _ensure_built() -> str | None:
+    """Build or load the extension once per process; None on success, else the failure message."""
+    global _library_path, _build_error
+    if _library_path is not None or _build_error is not None:  # lock-free once decided (torch.compile traces this)
+        return _build_error
+    with _lock:
+        if _library_path is None and _build_error is None:
+            try:
+                _library_path = build()
+                _register_fakes()
+            except Exception as error:  # a compiler/ninja/loader failure of any kind means "unavailable"
+                _build_error = _failure_message(error)
+        return _build_error
+
+
+def unavailable_reason(device: torch.device) -> str | None:
+    """None when the kernel is built (building it on first call); otherwise why not and how to fix it."""
+    global _warned
+    device = torch.device(device)
+    if device.type != "cpu":
+        return f'impl="native" runs on CPU tensors only, got device {device}; use impl="auto" or "triton" there.'
+    if os.environ.get(DISABLE_ENV, "0") not in ("", "0"):
+        return f'impl="native" is disabled by {DISABLE_ENV}={os.environ[DISABLE_ENV]}; unset it to use the C++ kernel.'
+    reason = _ensure_built()
+    if reason is not None and not _warned:
+        # The one warning for a failed build: "auto" falls back silently after this.
+        _warned = True
+        warnings.warn(reason, RuntimeWarning, stacklevel=2)
+    return reason
+
+
+def isa() -> str:
+    """The instruction set the kernels run with on this CPU ("avx512", "avx2" or "default")."""
+    _require_built()
+    return torch.ops.bs_kernels.native_isa()
+
+
+def _require_built() -> None:
+    reason = _ensure_built()
+    if reason is not None:
+        raise RuntimeError(reason)
+
+
+def forward(logits: torch.Tensor, labels: torch.Tensor, top_k: int) -> RawRowStats:
+    """One pass per row; see bs_kernels/backends/contract.py. logits [N, V], labels [N] int64 (-1 = ignored)."""
+    _require_built()
+    lse, label_logits, belief_logits, belief_ids = torch.ops.bs_kernels.native_forward(logits, labels, top_k)
+    return RawRowStats(lse=lse, label_logits=label_logits, belief_logits=belief_logits, belief_ids=belief_ids)
+
+
+def backward(
+    grad_rows: torch.Tensor,
+    logits: torch.Tensor,
+    labels: torch.Tensor,
+    lse: torch.Tensor,
+    belief_ids: torch.Tensor,
+    belief_weights: torch.Tensor,
+    label_weight: float,
+    inplace: bool,
+) -> torch.Tensor:
+    """grad [N, V] in the logits' dtype (the contract's formula); written into ``logits`` when ``inplace``."""
+    _require_built()
+    arguments = (grad_rows, logits, labels, lse, belief_ids, belief_weights, float(label_weight))
+    if inplace and logits.stride(-1) == 1:
+        torch.ops.bs_kernels.native_backward_(*arguments)
+        return logits
+    return torch.ops.bs_kernels.native_backward(*arguments)
+
+
+def _stats_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _register_fakes() -> None:
+    """Shape/dtype-only implementations for FakeTensor tracing (torch.compile, opcheck); registered once."""
+    if getattr(_register_fakes, "done", False):
+        return
+
+    @torch.library.register_fake("bs_kernels::native_forward")
+    def _forward_fake(logits, labels, top_k):
+        num_rows = logits.shape[0]
+        stats_dtype = _stats_dtype(logits.dtype)
+        return (
+            logits.new_empty((num_rows,), dtype=stats_dtype),
+            logits.new_empty((num_rows,), dtype=stats_dtype),
+            logits.new_empty((num_rows, top_k), dtype=stats_dtype),
+            logits.new_empty((num_rows, top_k), dtype=torch.int64),
+        )
+
+    @torch.library.register_fake("bs_kernels::native_backward")
+    def _backward_fake(grad_rows, logits, labels, lse, belief_ids, belief_weights, label_weight):
+        return logits.new_empty(logits.shape)
+
+    @torch.library.register_fake("bs_kernels::native_backward_")
+    def _backward_inplace_fake(grad_rows, logits, labels, lse, belief_ids, belief_weights, label_weight):
+        return None
+
+    _register_fakes.done = True
+
+
+def _main() -> int:
+    """Rebuild verbosely (python -m bs_kernels.backends.native) and print where the library is and what ISA runs."""
+    print(f"source: {SOURCE}\ncache:  {cache_root()}")
+    try:
+        path = build(verbose=True)
+    except Exception as error:
+        print(_failure_message(error), file=sys.stderr)
+        return 1
+    print(f"built:  {path}\nisa:    {torch.ops.bs_kernels.native_isa()}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(_main())
