@@ -1,0 +1,106 @@
+"""Helpers shared by the CLI subcommands: one-line errors, overwrite protection, atomic output directories.
+
+A subcommand handler raises ``CLIError`` (or ValueError / FileNotFoundError / TypeError for bad input); ``run_handler``
+turns that into one line on stderr and exit status 2, a Ctrl-C into exit status 130. Output directories are written
+under a hidden sibling ``.NAME.partial`` and renamed into place only when complete, so an interrupted run leaves
+either a complete previous/new directory or none.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import pathlib
+import shutil
+import sys
+from collections.abc import Callable, Iterator
+
+PROG = "bs-unlearn"
+EXIT_BAD_INPUT = 2
+EXIT_INTERRUPTED = 130
+
+
+class CLIError(Exception):
+    """Bad input detected by a subcommand; its message is printed as one line."""
+
+
+def error_line(error: BaseException) -> str:
+    message = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+    if isinstance(error, FileNotFoundError) and error.filename and str(error.filename) not in message:
+        message = f"{message}: {error.filename}"
+    return f"{PROG}: error: {message}"
+
+
+def run_handler(handler: Callable[[object], int | None], args) -> int:
+    """Call a subcommand handler; bad input -> one stderr line and status 2, Ctrl-C -> status 130."""
+    try:
+        return int(handler(args) or 0)
+    except (CLIError, ValueError, TypeError, FileNotFoundError, IsADirectoryError, PermissionError) as error:
+        print(error_line(error), file=sys.stderr)
+        return EXIT_BAD_INPUT
+    except KeyboardInterrupt:
+        print(f"{PROG}: interrupted; nothing was saved", file=sys.stderr)
+        return EXIT_INTERRUPTED
+
+
+def is_main_process() -> bool:
+    """True on the process that writes outputs (rank 0 under torchrun / accelerate launch, or a single process)."""
+    return int(os.environ.get("RANK", "0")) == 0
+
+
+def check_readable_file(path: str | os.PathLike, what: str) -> pathlib.Path:
+    """The path if it is a readable file, else FileNotFoundError/ValueError naming ``what``."""
+    path = pathlib.Path(path).expanduser()
+    if not path.exists():
+        raise FileNotFoundError(f"{what} file not found: {path}")
+    if not path.is_file():
+        raise ValueError(f"{what} path is not a file: {path}")
+    if not os.access(path, os.R_OK):
+        raise ValueError(f"{what} file is not readable: {path}")
+    return path
+
+
+def check_output_dir(path: str | os.PathLike, *, overwrite: bool) -> pathlib.Path:
+    """Refuse an output path that exists (unless ``overwrite``) or is a file; nothing is created here."""
+    path = pathlib.Path(path).expanduser()
+    if path.exists() and not path.is_dir():
+        raise ValueError(f"output path exists and is not a directory: {path}")
+    if path.exists() and not overwrite:
+        raise ValueError(f"output directory {path} already exists (pass --overwrite to replace it)")
+    return path
+
+
+def partial_dir_for(path: str | os.PathLike) -> pathlib.Path:
+    path = pathlib.Path(path).expanduser()
+    return path.parent / f".{path.name}.partial"
+
+
+@contextlib.contextmanager
+def atomic_output_dir(path: str | os.PathLike, *, overwrite: bool, main_process: bool = True) -> Iterator[pathlib.Path]:
+    """Yield a staging directory; on normal exit it replaces ``path``; on any exception (Ctrl-C too) it is removed.
+
+    Only the main process creates, renames or deletes; other processes get the same staging path and must not
+    write to it (the Trainer already saves on the main process only).
+    """
+    final = check_output_dir(path, overwrite=overwrite)
+    staging = partial_dir_for(final)
+    if main_process:
+        if staging.exists():
+            shutil.rmtree(staging)
+        staging.mkdir(parents=True)
+    try:
+        yield staging
+    except BaseException:
+        if main_process:
+            shutil.rmtree(staging, ignore_errors=True)
+        raise
+    if main_process:
+        if final.exists():
+            check_output_dir(final, overwrite=overwrite)
+            previous = final.parent / f".{final.name}.previous"
+            shutil.rmtree(previous, ignore_errors=True)
+            os.replace(final, previous)
+            os.replace(staging, final)
+            shutil.rmtree(previous, ignore_errors=True)
+        else:
+            os.replace(staging, final)

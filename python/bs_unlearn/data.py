@@ -1,0 +1,251 @@
+"""TOFU-format QA data: loading, prompt formatting, tokenisation with prompt labels masked, and batching.
+
+A QA file is JSON Lines with at least ``question`` and ``answer`` per line (TOFU adds ``paraphrased_answer`` and
+``perturbed_answer``). Each example becomes ``input_ids`` = prompt + answer tokens and ``labels`` = -100 on the prompt
+(and, after collation, on padding), so every loss counts answer tokens only.
+
+Prompt format: the tokenizer's chat template when it has one (user turn = question, assistant turn = answer, ended
+by the template's end-of-turn token), else ``"Question: {q}\\nAnswer:"`` followed by ``" {a}"`` and the eos token.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pathlib
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+IGNORE_INDEX = -100
+REQUIRED_FIELDS = ("question", "answer")
+
+
+def load_qa_jsonl(path: str | os.PathLike, *, max_examples: int | None = None, seed: int = 0):
+    """Load a QA JSON Lines file as a ``datasets.Dataset`` (offline, local path only).
+
+    Every line must be a JSON object with string ``question`` and ``answer``; a bad line raises ValueError naming the
+    file and line number. ``max_examples`` keeps a seeded random subset of that size (the same subset for the same
+    seed, so fine-tuning and unlearning can share it).
+    """
+    import datasets
+
+    path = pathlib.Path(path).expanduser()
+    if not path.exists():
+        raise FileNotFoundError(f"data file not found: {path}")
+    if not path.is_file():
+        raise ValueError(f"data path is not a file: {path}")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as error:
+        raise ValueError(f"cannot read data file {path}: {error}") from error
+    rows = []
+    for line_number, line in enumerate(text.splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as error:
+            raise ValueError(f"{path} line {line_number}: not valid JSON ({error.msg})") from error
+        if not isinstance(row, dict):
+            raise ValueError(f"{path} line {line_number}: expected a JSON object with question and answer")
+        for field in REQUIRED_FIELDS:
+            if not isinstance(row.get(field), str):
+                raise ValueError(f"{path} line {line_number}: missing string field {field!r}")
+        rows.append(row)
+    if not rows:
+        raise ValueError(f"data file {path} has no examples")
+    if max_examples is not None:
+        if max_examples < 1:
+            raise ValueError(f"max_examples must be >= 1, got {max_examples}")
+        if max_examples < len(rows):
+            keep = np.random.default_rng(seed).permutation(len(rows))[:max_examples]
+            rows = [rows[i] for i in sorted(keep)]
+    # Keep the columns that every row shares in a uniform type (TOFU's optional fields differ between files).
+    columns = {"question": [r["question"] for r in rows], "answer": [r["answer"] for r in rows]}
+    for optional in ("paraphrased_answer",):
+        if all(isinstance(r.get(optional), str) for r in rows):
+            columns[optional] = [r[optional] for r in rows]
+    if all(isinstance(r.get("perturbed_answer"), list) for r in rows):
+        columns["perturbed_answer"] = [[str(x) for x in r["perturbed_answer"]] for r in rows]
+    return datasets.Dataset.from_dict(columns)
+
+
+def end_of_turn_ids(tokenizer) -> list[int]:
+    """Token ids that end an answer: the eos token and, with a chat template, the token that closes an assistant turn.
+
+    The end-of-turn token is read from the template itself (render an assistant turn and take the first token after
+    its content), never from a hard-coded model-specific string.
+    """
+    ids = []
+    if tokenizer.eos_token_id is not None:
+        ids.append(int(tokenizer.eos_token_id))
+    if getattr(tokenizer, "chat_template", None):
+        marker = "\x1fBSU\x1f"
+        rendered = tokenizer.apply_chat_template(
+            [{"role": "user", "content": "q"}, {"role": "assistant", "content": marker}], tokenize=False
+        )
+        suffix = rendered.split(marker, 1)[1] if marker in rendered else ""
+        suffix_ids = tokenizer(suffix, add_special_tokens=False)["input_ids"] if suffix else []
+        if suffix_ids and int(suffix_ids[0]) in set(tokenizer.all_special_ids):
+            ids.append(int(suffix_ids[0]))
+    return sorted(set(ids))
+
+
+def prompt_text(tokenizer, question: str) -> str:
+    """The prompt string for a question (ends where the answer begins)."""
+    if getattr(tokenizer, "chat_template", None):
+        return tokenizer.apply_chat_template(
+            [{"role": "user", "content": question}], tokenize=False, add_generation_prompt=True
+        )
+    return f"Question: {question}\nAnswer:"
+
+
+def _answer_text(tokenizer, question: str, answer: str, prompt: str) -> str:
+    if getattr(tokenizer, "chat_template", None):
+        full = tokenizer.apply_chat_template(
+            [{"role": "user", "content": question}, {"role": "assistant", "content": answer}], tokenize=False
+        )
+        if not full.startswith(prompt):
+            raise ValueError("the tokenizer's chat template renders the prompt differently inside a full conversation")
+        return full[len(prompt) :]
+    return " " + answer + (tokenizer.eos_token or "")
+
+
+def tokenize_prompt(tokenizer, question: str) -> list[int]:
+    """Prompt token ids (with the tokenizer's special prefix tokens, e.g. bos, when it adds them)."""
+    text = prompt_text(tokenizer, question)
+    # A chat template already writes its own special tokens into the text.
+    add_special = not getattr(tokenizer, "chat_template", None)
+    return list(tokenizer(text, add_special_tokens=add_special)["input_ids"])
+
+
+def tokenize_qa(tokenizer, question: str, answer: str, *, max_length: int = 256) -> dict[str, list[int]]:
+    """One example: ``input_ids`` = prompt + answer (cut after the first end-of-turn token), ``labels`` = -100 on
+    the prompt. Truncated to ``max_length`` tokens from the answer's end (the prompt is kept whole)."""
+    prompt_ids = tokenize_prompt(tokenizer, question)
+    answer_text = _answer_text(tokenizer, question, answer, prompt_text(tokenizer, question))
+    answer_ids = list(tokenizer(answer_text, add_special_tokens=False)["input_ids"])
+    stops = set(end_of_turn_ids(tokenizer))
+    for position, token in enumerate(answer_ids):
+        if token in stops:  # drop what the template writes after the end of the turn (e.g. a newline)
+            answer_ids = answer_ids[: position + 1]
+            break
+    answer_ids = answer_ids[: max(max_length - len(prompt_ids), 0)]
+    if not answer_ids:
+        raise ValueError(
+            f"max_length={max_length} leaves no room for the answer after a {len(prompt_ids)}-token prompt"
+        )
+    return {"input_ids": prompt_ids + answer_ids, "labels": [IGNORE_INDEX] * len(prompt_ids) + answer_ids}
+
+
+def tokenize_dataset(dataset, tokenizer, *, max_length: int = 256) -> list[dict[str, list[int]]]:
+    """Tokenise every row of a QA dataset (a list, small enough to keep in memory for unlearning-sized sets)."""
+    return [tokenize_qa(tokenizer, q, a, max_length=max_length) for q, a in zip(dataset["question"], dataset["answer"])]
+
+
+def pad_examples(examples: Sequence[dict], pad_token_id: int, *, side: str = "right") -> dict[str, torch.Tensor]:
+    """Pad examples with ``input_ids``/``labels`` lists into ``input_ids``, ``attention_mask``, ``labels`` [B, T].
+
+    Padding gets label -100 and attention 0 whatever the pad id is (the pad token may equal eos, which is a real
+    label at the end of an answer).
+    """
+    if not examples:
+        raise ValueError("cannot pad an empty list of examples")
+    if side not in ("right", "left"):
+        raise ValueError(f"side must be 'right' or 'left', got {side!r}")
+    length = max(len(e["input_ids"]) for e in examples)
+    input_ids = torch.full((len(examples), length), pad_token_id, dtype=torch.long)
+    labels = torch.full((len(examples), length), IGNORE_INDEX, dtype=torch.long)
+    attention_mask = torch.zeros((len(examples), length), dtype=torch.long)
+    for row, example in enumerate(examples):
+        n = len(example["input_ids"])
+        span = slice(0, n) if side == "right" else slice(length - n, length)
+        input_ids[row, span] = torch.tensor(example["input_ids"], dtype=torch.long)
+        attention_mask[row, span] = 1
+        if "labels" in example:
+            labels[row, span] = torch.tensor(example["labels"], dtype=torch.long)
+    return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
+
+
+class QADataset(torch.utils.data.Dataset):
+    """Tokenised QA examples for fine-tuning (plain batches)."""
+
+    def __init__(self, examples: list[dict[str, list[int]]]) -> None:
+        if not examples:
+            raise ValueError("the data set is empty")
+        self.examples = examples
+
+    def __len__(self) -> int:
+        return len(self.examples)
+
+    def __getitem__(self, index: int) -> dict:
+        return self.examples[index]
+
+
+class ForgetRetainDataset(torch.utils.data.Dataset):
+    """Indexed by the forget set; item i is ``{"forget": forget[i], "retain": a random retain example}``, plus
+    ``"beliefs"`` (the BS-S belief sequences sampled for forget prompt i) once beliefs are attached.
+
+    The retain partner of forget example i in epoch e is drawn from a generator seeded by (seed, e, i), so every
+    process of a distributed run pairs identically and each epoch sees a fresh pairing (``set_epoch``).
+    """
+
+    def __init__(self, forget: list[dict], retain: list[dict] | None, *, seed: int = 0) -> None:
+        if not forget:
+            raise ValueError("the forget set is empty")
+        if retain is not None and not retain:
+            raise ValueError("the retain set is empty")
+        self.forget = forget
+        self.retain = retain
+        self.seed = seed
+        self.epoch = 0
+        self.beliefs: list[list[dict]] | None = None
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = int(epoch)
+
+    def set_beliefs(self, beliefs: list[list[dict]]) -> None:
+        if len(beliefs) != len(self.forget):
+            raise ValueError(f"got beliefs for {len(beliefs)} prompts, the forget set has {len(self.forget)}")
+        self.beliefs = beliefs
+
+    def __len__(self) -> int:
+        return len(self.forget)
+
+    def __getitem__(self, index: int) -> dict:
+        item = {"forget": self.forget[index]}
+        if self.retain is not None:
+            rng = np.random.default_rng([self.seed, self.epoch, index])
+            item["retain"] = self.retain[int(rng.integers(len(self.retain)))]
+        if self.beliefs is not None:
+            item["beliefs"] = self.beliefs[index]
+        return item
+
+
+@dataclass
+class ForgetRetainCollator:
+    """Collates ForgetRetainDataset items into ``{"forget": batch, "retain": batch[, "beliefs": batch]}``, each a
+    right-padded ``{"input_ids", "attention_mask", "labels"}`` ([B, T]; beliefs [B * N, T'])."""
+
+    pad_token_id: int
+
+    def __call__(self, items: list[dict]) -> dict[str, dict[str, torch.Tensor]]:
+        batch = {"forget": pad_examples([item["forget"] for item in items], self.pad_token_id)}
+        if "retain" in items[0]:
+            batch["retain"] = pad_examples([item["retain"] for item in items], self.pad_token_id)
+        if "beliefs" in items[0]:
+            batch["beliefs"] = pad_examples([b for item in items for b in item["beliefs"]], self.pad_token_id)
+        return batch
+
+
+@dataclass
+class QACollator:
+    """Collates QADataset items into one right-padded ``{"input_ids", "attention_mask", "labels"}`` batch."""
+
+    pad_token_id: int
+
+    def __call__(self, items: list[dict]) -> dict[str, torch.Tensor]:
+        return pad_examples(items, self.pad_token_id)

@@ -1,0 +1,1 @@
+"""Example configs (open-unlearning trainer YAML, accelerate DeepSpeed / FSDP), shipped as package data."""

