@@ -1,0 +1,143 @@
+"""``bs-unlearn eval``: TOFU metrics of a model, as a JSON file and a table on the terminal.
+
+    bs-unlearn eval --model out/unlearned --forget forget01.jsonl --retain retain_perturbed.jsonl \\
+        --real-authors real_authors_perturbed.jsonl --world-facts world_facts_perturbed.jsonl --output metrics.json
+    bs-unlearn eval --model out/unlearned --tofu-dir ../shared/data/tofu --split forget01 --output metrics.json
+    # forget quality: evaluate a retain-only model the same way first, then
+    bs-unlearn eval ... --retain-model-metrics retain_only_metrics.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import pathlib
+
+from ._common import check_readable_file, is_main_process
+
+TOFU_SPLITS = ("forget01", "forget05", "forget10")
+
+
+def _records(path: pathlib.Path, max_examples: int | None, seed: int) -> list[dict]:
+    from ..data import load_qa_jsonl
+
+    return [dict(row) for row in load_qa_jsonl(path, max_examples=max_examples, seed=seed)]
+
+
+def eval_sets_from_args(args: argparse.Namespace) -> list:
+    """The (name, path, role) triples the arguments ask for, loaded as metrics.EvalSet."""
+    from ..metrics import EvalSet
+
+    wanted: list[tuple[str, pathlib.Path, str]] = []
+    if args.tofu_dir is not None:
+        tofu = pathlib.Path(args.tofu_dir).expanduser()
+        if not tofu.is_dir():
+            raise FileNotFoundError(f"--tofu-dir is not a directory: {tofu}")
+        wanted += [
+            (args.split, tofu / f"{args.split}.jsonl", "forget"),
+            ("retain", tofu / "retain_perturbed.jsonl", "retain"),
+            ("real_authors", tofu / "real_authors_perturbed.jsonl", "options"),
+            ("world_facts", tofu / "world_facts_perturbed.jsonl", "options"),
+        ]
+    for name, role in (
+        ("forget", "forget"),
+        ("retain", "retain"),
+        ("real_authors", "options"),
+        ("world_facts", "options"),
+    ):
+        path = getattr(args, name)
+        if path is None:
+            continue
+        # An explicit file replaces the --tofu-dir set it stands for (any forget split, else the same name).
+        wanted = [w for w in wanted if (w[2] != "forget" if role == "forget" else w[0] != name)]
+        wanted.append((name, pathlib.Path(path), role))
+    for spec in args.set or []:
+        name, equals, rest = spec.partition("=")
+        path, _, role = rest.rpartition(":") if rest.endswith((":forget", ":retain", ":options")) else (rest, "", "")
+        if not equals or not name or not path:
+            raise ValueError(f"--set must look like NAME=PATH[:forget|retain|options], got {spec!r}")
+        wanted.append((name, pathlib.Path(path), role or "retain"))
+    if not wanted:
+        raise ValueError(
+            "nothing to evaluate: give --forget/--retain/--real-authors/--world-facts, --set or --tofu-dir"
+        )
+    sets = []
+    for name, path, role in wanted:
+        check_readable_file(path, name)
+        sets.append(EvalSet(name, _records(path, args.max_examples, args.seed), role))
+    return sets
+
+
+def handle(args: argparse.Namespace) -> int:
+    from ..metrics import evaluate, format_table
+    from ..models import load_model_and_tokenizer
+
+    output = pathlib.Path(args.output).expanduser()
+    if output.exists() and not args.overwrite:
+        raise ValueError(f"output file {output} already exists (pass --overwrite to replace it)")
+    if output.exists() and output.is_dir():
+        raise ValueError(f"output path is a directory: {output}")
+    retain_metrics = None
+    if args.retain_model_metrics is not None:
+        path = check_readable_file(args.retain_model_metrics, "retain-model metrics")
+        try:
+            retain_metrics = json.loads(path.read_text())
+        except json.JSONDecodeError as error:
+            raise ValueError(f"--retain-model-metrics {path} is not JSON: {error}") from error
+    sets = eval_sets_from_args(args)
+    model, tokenizer = load_model_and_tokenizer(args.model)
+    results = evaluate(
+        model,
+        tokenizer,
+        sets,
+        retain_model_metrics=retain_metrics,
+        batch_size=args.batch_size,
+        max_new_tokens=args.max_new_tokens,
+        generate=not args.no_generate,
+        impl=args.impl,
+        progress=(lambda message: print(f"[eval] {message}", flush=True)) if not args.quiet else None,
+    )
+    results["model"] = args.model
+    if is_main_process():
+        output.parent.mkdir(parents=True, exist_ok=True)
+        partial = output.with_name(output.name + ".partial")
+        partial.write_text(json.dumps(results, indent=1, ensure_ascii=False) + "\n")
+        os.replace(partial, output)
+        print(format_table(results))
+        print(f"wrote {output}")
+    return 0
+
+
+def register(subparsers) -> None:
+    parser = subparsers.add_parser(
+        "eval",
+        help="TOFU metrics: probability, paraphrase, ROUGE-L, truth ratio, model utility, forget quality",
+        description=(
+            "Evaluate a model on TOFU-format QA sets: answer probability (exp of the mean per-token log-prob), "
+            "paraphrased-answer probability, ROUGE-L recall of greedy answers, truth ratio on perturbed answers, "
+            "model utility over the non-forget sets, and forget quality (KS test) against a retain-only model's "
+            "metrics JSON."
+        ),
+    )
+    parser.add_argument("--model", default="default", help="HF model directory, .gguf file, or 'default' (SmolLM2)")
+    parser.add_argument("--output", required=True, help="JSON file to write the metrics to")
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing output file")
+    parser.add_argument("--forget", default=None, help="forget set (role forget)")
+    parser.add_argument("--retain", default=None, help="retain set, ideally with perturbed answers (role retain)")
+    parser.add_argument("--real-authors", default=None, help="TOFU real_authors_perturbed.jsonl (role options)")
+    parser.add_argument("--world-facts", default=None, help="TOFU world_facts_perturbed.jsonl (role options)")
+    parser.add_argument("--set", action="append", help="extra set NAME=PATH[:forget|retain|options] (repeatable)")
+    parser.add_argument("--tofu-dir", default=None, help="TOFU folder: evaluate --split and the three utility sets")
+    parser.add_argument("--split", default="forget01", choices=TOFU_SPLITS, help="forget split with --tofu-dir")
+    parser.add_argument(
+        "--retain-model-metrics", default=None, help="eval JSON of a retain-only model (forget quality)"
+    )
+    parser.add_argument("--max-examples", type=int, default=None, help="seeded random subset of each set")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--max-new-tokens", type=int, default=64, help="greedy answer length for ROUGE-L")
+    parser.add_argument("--no-generate", action="store_true", help="skip generation (no ROUGE-L)")
+    parser.add_argument("--impl", default="auto", help="bs_kernels backend for the log-probs")
+    parser.add_argument("--quiet", action="store_true", help="no progress lines")
+    parser.set_defaults(handler=handle)

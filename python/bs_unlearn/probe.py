@@ -1,0 +1,270 @@
+"""The squeezing probe (shared/SPEC.md, "The squeezing probe").
+
+Before unlearning, ``collect_belief_band`` asks the initial model for its high-likelihood answers to each forget
+question other than the target (beam search with ``no_repeat_ngram_size`` so the beams do not fill with repetitions,
+optionally plus temperature samples), deduplicated: the "belief band". During unlearning ``SqueezeProbe`` (a
+``transformers.TrainerCallback``) records every ``every`` optimizer steps, as mean per-token log-probs averaged over
+sequences:
+
+- ``target_lp``: the forget answers (what GA pushes down);
+- ``belief_lp``: the belief band (where GA's freed probability mass goes if the model squeezes);
+- ``paraphrase_lp``: the paraphrased forget answers, when the data has them;
+- ``retain_lp``: retain answers (the early warning of collapse);
+- ``target_p_label`` / ``target_alt_mass``: the token-level view (shared/FINDINGS.md): p(label) at each forget
+  answer position and the mass on the ``top_k`` most likely other tokens, averaged over positions. GA's squeeze shows
+  as p(label) falling while alt mass rises by about as much.
+
+It writes the records to JSON and, through ``plotting.plot_probe_runs``, a PNG.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pathlib
+import time
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+from transformers import TrainerCallback
+
+from .data import tokenize_qa
+from .metrics import generate_answers, rouge_tokens, score_encodings
+
+
+def _normalised(text: str) -> str:
+    return " ".join(rouge_tokens(text))
+
+
+@torch.no_grad()
+def collect_belief_band(
+    model: torch.nn.Module,
+    tokenizer,
+    records: Sequence[dict],
+    *,
+    num_beams: int = 4,
+    num_samples: int = 0,
+    max_new_tokens: int = 32,
+    no_repeat_ngram_size: int = 3,
+    temperature: float = 1.0,
+    batch_size: int = 8,
+    seed: int = 0,
+) -> list[dict]:
+    """The initial model's high-likelihood answers other than the target, per forget record.
+
+    Args:
+        records: TOFU records (question, answer).
+        num_beams: beam width; all beams are returned (0 disables beam search).
+        num_samples: additional temperature samples per question.
+        no_repeat_ngram_size: passed to beam search so the band is not made of repetitions (0 disables it).
+    Returns: one dict per record: {"question", "target", "beliefs": [distinct answers != target, beams first]}.
+    """
+    if num_beams < 0 or num_samples < 0 or num_beams + num_samples == 0:
+        raise ValueError(f"need num_beams > 0 or num_samples > 0, got num_beams={num_beams}, num_samples={num_samples}")
+    questions = [r["question"] for r in records]
+    candidates: list[list[str]] = [[] for _ in records]
+    if num_beams:
+        beams = generate_answers(
+            model,
+            tokenizer,
+            questions,
+            max_new_tokens=max_new_tokens,
+            batch_size=batch_size,
+            num_return_sequences=num_beams,
+            num_beams=num_beams,
+            no_repeat_ngram_size=no_repeat_ngram_size or None,
+            early_stopping=True,
+        )
+        for found, texts in zip(candidates, beams):
+            found.extend(texts)
+    if num_samples:
+        generator_state = torch.random.get_rng_state()
+        torch.manual_seed(seed)
+        try:
+            samples = generate_answers(
+                model,
+                tokenizer,
+                questions,
+                max_new_tokens=max_new_tokens,
+                batch_size=batch_size,
+                num_return_sequences=num_samples,
+                do_sample=True,
+                temperature=temperature,
+                top_k=0,
+            )
+        finally:
+            torch.random.set_rng_state(generator_state)
+        for found, texts in zip(candidates, samples):
+            found.extend(texts)
+    band = []
+    for record, found in zip(records, candidates):
+        seen = {_normalised(record["answer"])}
+        beliefs = []
+        for text in found:
+            key = _normalised(text)
+            if key and key not in seen:
+                seen.add(key)
+                beliefs.append(text)
+        band.append({"question": record["question"], "target": record["answer"], "beliefs": beliefs})
+    return band
+
+
+class SqueezeProbe(TrainerCallback):
+    """Trainer callback recording the squeezing probe's quantities every ``every`` steps (and at the start/end).
+
+    Args:
+        tokenizer: the model's tokenizer (prompt format of ``data.tokenize_qa``).
+        forget_records: TOFU records being unlearned (question, answer, optional paraphrased_answer).
+        belief_band: output of :func:`collect_belief_band` for the same records (computed on the initial model).
+        retain_records: optional TOFU records whose answers should stay likely.
+        every: record every this many optimizer steps.
+        top_k: the number of rival tokens in the token-level alt mass.
+        output_json / output_png: written at the end of training (and by :meth:`save`).
+        label / model_name / data_name: shown in the JSON and the plot's legend and title.
+    """
+
+    def __init__(
+        self,
+        tokenizer,
+        forget_records: Sequence[dict],
+        belief_band: Sequence[dict],
+        *,
+        retain_records: Sequence[dict] | None = None,
+        every: int = 5,
+        top_k: int = 20,
+        batch_size: int = 16,
+        output_json: str | os.PathLike | None = None,
+        output_png: str | os.PathLike | None = None,
+        label: str = "",
+        model_name: str = "",
+        data_name: str = "",
+        impl: str = "auto",
+    ) -> None:
+        if every < 1:
+            raise ValueError(f"every must be >= 1, got {every}")
+        if top_k < 1:
+            raise ValueError(f"top_k must be >= 1, got {top_k}")
+        if not forget_records:
+            raise ValueError("forget_records is empty")
+        if len(belief_band) != len(forget_records):
+            raise ValueError(
+                f"belief_band has {len(belief_band)} entries for {len(forget_records)} forget records (collect it on "
+                "the same records)"
+            )
+        self.tokenizer = tokenizer
+        self.every = every
+        self.top_k = top_k
+        self.batch_size = batch_size
+        self.impl = impl
+        self.output_json = pathlib.Path(output_json) if output_json else None
+        self.output_png = pathlib.Path(output_png) if output_png else None
+        self.label, self.model_name, self.data_name = label, model_name, data_name
+        self.belief_band = [dict(entry) for entry in belief_band]
+        self.targets = [tokenize_qa(tokenizer, r["question"], r["answer"]) for r in forget_records]
+        self.beliefs = [
+            tokenize_qa(tokenizer, entry["question"], text) for entry in belief_band for text in entry["beliefs"]
+        ]
+        self.paraphrases = [
+            tokenize_qa(tokenizer, r["question"], r["paraphrased_answer"])
+            for r in forget_records
+            if isinstance(r.get("paraphrased_answer"), str)
+        ]
+        self.retain = [tokenize_qa(tokenizer, r["question"], r["answer"]) for r in (retain_records or [])]
+        self.records: list[dict] = []
+        self._started = time.perf_counter()
+
+    def measure(self, model: torch.nn.Module, step: int) -> dict:
+        """Score every probe set with ``model`` now and append the record for ``step``."""
+        started = time.perf_counter()
+        target = score_encodings(
+            model, self.tokenizer, self.targets, batch_size=self.batch_size, token_view_top_k=self.top_k, impl=self.impl
+        )
+        record = {
+            "step": int(step),
+            "target_lp": float(target.mean_logprob.mean()),
+            "target_p_label": float(target.p_label.mean()),
+            "target_alt_mass": float(target.alt_mass.mean()),
+        }
+        for name, encodings in (
+            ("belief_lp", self.beliefs),
+            ("paraphrase_lp", self.paraphrases),
+            ("retain_lp", self.retain),
+        ):
+            if encodings:
+                scores = score_encodings(model, self.tokenizer, encodings, batch_size=self.batch_size, impl=self.impl)
+                record[name] = float(np.mean(scores.mean_logprob))
+        record["probe_seconds"] = round(time.perf_counter() - started, 3)
+        record["elapsed_seconds"] = round(time.perf_counter() - self._started, 3)
+        self.records.append(record)
+        return record
+
+    # -- TrainerCallback hooks ---------------------------------------------------------------------------------
+    def on_train_begin(self, args, state, control, model=None, **kwargs):
+        self._started = time.perf_counter()
+        if model is not None and not any(r["step"] == state.global_step for r in self.records):
+            self.measure(model, state.global_step)
+
+    def on_step_end(self, args, state, control, model=None, **kwargs):
+        if model is not None and state.global_step % self.every == 0:
+            self.measure(model, state.global_step)
+
+    def on_train_end(self, args, state, control, model=None, **kwargs):
+        if model is not None and not any(r["step"] == state.global_step for r in self.records):
+            self.measure(model, state.global_step)
+        if state.is_world_process_zero:
+            self.save()
+
+    # -- output ------------------------------------------------------------------------------------------------
+    def to_dict(self) -> dict:
+        return {
+            "label": self.label,
+            "model": self.model_name,
+            "data": self.data_name,
+            "every": self.every,
+            "top_k": self.top_k,
+            "counts": {
+                "targets": len(self.targets),
+                "beliefs": len(self.beliefs),
+                "paraphrases": len(self.paraphrases),
+                "retain": len(self.retain),
+            },
+            "records": self.records,
+            "belief_band": self.belief_band,
+        }
+
+    def save(self) -> None:
+        """Write the JSON and the PNG where configured (creating parent folders)."""
+        if self.output_json is not None:
+            write_probe_json(self.to_dict(), self.output_json)
+        if self.output_png is not None:
+            from .plotting import plot_probe_runs
+
+            plot_probe_runs([self.to_dict()], self.output_png)
+
+
+def write_probe_json(run: dict, path: str | os.PathLike) -> None:
+    """Write a probe run (``SqueezeProbe.to_dict()``) to ``path`` atomically."""
+    path = pathlib.Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    partial = path.with_name(path.name + ".partial")
+    partial.write_text(json.dumps(run, indent=1))
+    os.replace(partial, path)
+
+
+def load_probe_json(path: str | os.PathLike) -> dict:
+    """Read a probe JSON, checking it has records."""
+    path = pathlib.Path(path)
+    try:
+        run = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as error:
+        raise ValueError(f"cannot read probe JSON {path}: {error}") from error
+    if not isinstance(run, dict) or not run.get("records"):
+        raise ValueError(f"{path} is not a squeezing-probe JSON (no 'records')")
+    return run
+
+
+def band_change(run: dict, key: str = "belief_lp") -> float | None:
+    """Last minus first recorded value of ``key`` (e.g. the belief band's log-prob change over the run)."""
+    values = [r[key] for r in run["records"] if key in r]
+    return values[-1] - values[0] if len(values) >= 2 else None
