@@ -6,7 +6,6 @@ The values and gradients against the reference run in tests/test_bs_token_loss.p
 
 from __future__ import annotations
 
-import math
 import os
 import subprocess
 import warnings
@@ -275,21 +274,15 @@ def test_explicit_native_raises_with_the_reason(broken_build):
 
 
 @needs_native
-def test_forward_is_one_pass_fast_enough():
-    """A coarse guard against losing the vectorised exp: forward within 2x of one torch.logsumexp (usually faster)."""
-    logits, labels = rows_case(64, 32_768, torch.float32)
-    native.forward(logits, labels, 20)
-
-    def best_of(fn, repeats=5):
-        import time
-
-        best = math.inf
-        for _ in range(repeats):
-            start = time.perf_counter()
-            fn()
-            best = min(best, time.perf_counter() - start)
-        return best
-
-    kernel = best_of(lambda: native.forward(logits, labels, 20))
-    floor = best_of(lambda: torch.logsumexp(logits, dim=-1))
-    assert kernel < 2.0 * floor, (kernel, floor)
+def test_vectorised_path_selected_where_the_cpu_has_it(monkeypatch):
+    """A guard against silently losing the vectorised exp (no timing: the dispatcher's own answer is checked)."""
+    monkeypatch.delenv("BS_KERNELS_NATIVE_ISA", raising=False)
+    cpu_flags = set()
+    for line in open("/proc/cpuinfo").read().splitlines():
+        if line.startswith("flags"):
+            cpu_flags = set(line.split(":", 1)[1].split())
+            break
+    if {"avx2", "fma"} <= cpu_flags:
+        assert native.isa() == ("avx512" if "avx512f" in cpu_flags else "avx2")
+    else:
+        pytest.skip("this CPU has neither AVX-512 nor AVX2+FMA")
