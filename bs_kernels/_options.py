@@ -32,6 +32,23 @@ class BSOptions:
             raise TypeError(f"detach_belief must be a bool, got {self.detach_belief!r}")
 
 
+def check_loss_options(
+    *,
+    lam: object,
+    top_k: object,
+    belief_temperature: object,
+    detach_belief: object,
+    ignore_index: object,
+    reduction: object,
+    impl: object,
+) -> None:
+    """Every option of a BS-T loss entry point (bs_token_loss, BSTokenLoss, bs_linear_loss), checked in one place."""
+    BSOptions(lam=lam, top_k=top_k, belief_temperature=belief_temperature, detach_belief=detach_belief)
+    check_ignore_index(ignore_index)
+    check_reduction(reduction)
+    check_impl(impl)
+
+
 def _is_real_number(value: object) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool)
 

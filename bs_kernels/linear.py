@@ -454,10 +454,15 @@ def bs_linear_loss(
         The reduced loss (float32; float64 for float64 inputs), per position for reduction="none", and a
         BSTokenStats when ``return_stats``.
     """
-    opts.BSOptions(lam=lam, top_k=top_k, belief_temperature=belief_temperature, detach_belief=detach_belief)
-    opts.check_ignore_index(ignore_index)
-    opts.check_reduction(reduction)
-    opts.check_impl(impl)
+    opts.check_loss_options(
+        lam=lam,
+        top_k=top_k,
+        belief_temperature=belief_temperature,
+        detach_belief=detach_belief,
+        ignore_index=ignore_index,
+        reduction=reduction,
+        impl=impl,
+    )
     if not isinstance(labels, torch.Tensor):
         raise TypeError(f"labels must be a torch.Tensor, got {type(labels).__name__}")
     if not shift and reduction == "sequence_mean" and labels.dim() < 2:

@@ -170,10 +170,15 @@ def bs_token_loss(
     Returns:
         The reduced loss (float32, float64 for float64 logits), and the stats when ``return_stats``.
     """
-    opts.BSOptions(lam=lam, top_k=top_k, belief_temperature=belief_temperature, detach_belief=detach_belief)
-    opts.check_ignore_index(ignore_index)
-    opts.check_reduction(reduction)
-    opts.check_impl(impl)
+    opts.check_loss_options(
+        lam=lam,
+        top_k=top_k,
+        belief_temperature=belief_temperature,
+        detach_belief=detach_belief,
+        ignore_index=ignore_index,
+        reduction=reduction,
+        impl=impl,
+    )
     if not shift and reduction == "sequence_mean" and labels.dim() < 2:
         raise ValueError(
             'reduction="sequence_mean" needs labels with a sequence dimension [B, T]; with flat labels [N] use '
@@ -240,10 +245,15 @@ class BSTokenLoss(nn.Module):
         impl: str = "auto",
     ) -> None:
         super().__init__()
-        opts.BSOptions(lam=lam, top_k=top_k, belief_temperature=belief_temperature, detach_belief=detach_belief)
-        opts.check_ignore_index(ignore_index)
-        opts.check_reduction(reduction)
-        opts.check_impl(impl)
+        opts.check_loss_options(
+            lam=lam,
+            top_k=top_k,
+            belief_temperature=belief_temperature,
+            detach_belief=detach_belief,
+            ignore_index=ignore_index,
+            reduction=reduction,
+            impl=impl,
+        )
         self.lam = lam
         self.top_k = top_k
         self.ignore_index = ignore_index
