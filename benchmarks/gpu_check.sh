@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # GPU check for impl="triton" (issue 3), on one CUDA GPU, in under 8 minutes:
-#   1. the CUDA tests of tests/test_triton_interpreter.py (tiny shapes plus N = 8192, V = 128256 in bf16 and fp32),
+#   1. the CUDA tests of tests/kernels/test_triton_interpreter.py (tiny shapes plus N = 8192, V = 128256 in bf16 and fp32),
 #   2. benchmarks/gpu_bench.py: reference, compiled_reference, torch, triton, triton_inplace and Liger-Kernel's
 #      cross entropy side by side in one process at N = 8192, V = 128256, bf16, k = 20, lam = 0.2, plus copy
 #      bandwidth, forget_logprobs alone and a Triton block-size sweep,
@@ -37,11 +37,11 @@ gpu=$("$PYTHON" -c "import re, torch; print(re.sub(r'[^A-Za-z0-9._-]+', '-', tor
 results="benchmarks/results/$gpu"
 mkdir -p "$results"
 
-echo "== CUDA tests (tests/test_triton_interpreter.py)"
+echo "== CUDA tests (tests/kernels/test_triton_interpreter.py)"
 # Kernel variants compile for seconds each: spread the tests over 4 workers when pytest-xdist is there.
 parallel=""
 "$PYTHON" -c "import xdist" 2>/dev/null && parallel="-n 4"
-timeout 120 "$PYTHON" -m pytest tests/test_triton_interpreter.py -q -rs -p no:cacheprovider -k "not subprocess" $parallel \
+timeout 120 "$PYTHON" -m pytest tests/kernels/test_triton_interpreter.py -q -rs -p no:cacheprovider -k "not subprocess" $parallel \
   2>&1 | tee "$results/tests.log"
 tests_status=${PIPESTATUS[0]}
 

@@ -1,7 +1,7 @@
-"""Worker for tests/test_integrations_distributed.py: one unlearning run, started alone or under torchrun (gloo, CPU).
+"""Worker for tests/driver/test_integrations_distributed.py: one unlearning run, alone or under torchrun (gloo, CPU).
 
-    python tests/integration_distributed_worker.py MODE OUTPUT_JSON
-    torchrun --nproc_per_node 2 tests/integration_distributed_worker.py MODE OUTPUT_JSON
+    python tests/driver/integration_distributed_worker.py MODE OUTPUT_JSON
+    torchrun --nproc_per_node 2 tests/driver/integration_distributed_worker.py MODE OUTPUT_JSON
 
 MODE:
   trainer  BST (retain NLL) through transformers.Trainer for 3 steps on a 4-example forget set: 4 per device alone,

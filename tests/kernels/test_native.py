@@ -1,7 +1,7 @@
 """impl="native" specifics: the operators (opcheck), the kernels against impl="torch" on layouts and ISAs the shared
 parametrisation does not reach, the -Werror build, and the fallback when the extension cannot be built.
 
-The values and gradients against the reference run in tests/test_bs_token_loss.py (the `impl` axis).
+The values and gradients against the reference run in tests/kernels/test_bs_token_loss.py (the `impl` axis).
 """
 
 from __future__ import annotations

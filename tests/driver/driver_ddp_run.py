@@ -1,6 +1,6 @@
-"""Run by tests/test_driver_ddp.py under torchrun: unlearn the tiny setup and write rank 0's loss curve as JSON.
+"""Run by tests/driver/test_ddp.py under torchrun: unlearn the tiny setup and write rank 0's loss curve as JSON.
 
-    torchrun --nproc_per_node N tests/driver_ddp_run.py SETUP_DIR OUT_JSON PER_DEVICE_BATCH [--bs-s]
+    torchrun --nproc_per_node N tests/driver/driver_ddp_run.py SETUP_DIR OUT_JSON PER_DEVICE_BATCH [--bs-s]
 
 The global batch is N * PER_DEVICE_BATCH; runs with the same global batch must give the same loss curve. With
 --bs-s it also runs two BS-S steps (beliefs sampled in shards across processes and exchanged) and records, per

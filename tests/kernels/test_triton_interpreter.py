@@ -2,7 +2,7 @@
 
 Triton decides whether a kernel is interpreted when the @triton.jit function is created, from TRITON_INTERPRET.
 So in an ordinary CPU run, test_interpreter_subprocess starts one pytest subprocess with TRITON_INTERPRET=1 that
-runs this module's direct tests plus the shared parametrisation (tests/test_bs_token_loss.py) for impl="triton";
+runs this module's direct tests plus the shared parametrisation (tests/kernels/test_bs_token_loss.py) for impl="triton";
 in that subprocess (or on a CUDA machine) the direct tests below run in-process and the subprocess test skips.
 """
 
@@ -418,7 +418,7 @@ def test_interpreter_subprocess():
         targets.append(str(shared))
     env = dict(os.environ, TRITON_INTERPRET="1", CUDA_VISIBLE_DEVICES="")
     command = [sys.executable, "-m", "pytest", *targets, "-k", "triton", "-q", "-rs", "-p", "no:cacheprovider"]
-    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=900, cwd=TESTS_DIR.parent)
+    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=900, cwd=TESTS_DIR.parents[1])
     tail = (result.stdout + result.stderr)[-6000:]
     assert result.returncode == 0, tail
     passed = re.search(r"(\d+) passed", result.stdout)

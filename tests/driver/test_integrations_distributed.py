@@ -3,8 +3,8 @@
 - DDP through transformers.Trainer (the BST trainer, 3 steps).
 - FSDP2 ``fully_shard`` (decoder layers + root unit holding the lm_head) with the fused terms in a plain loop: the
   fused linear loss receives the unsharded lm_head weight inside the root unit's forward.
-The worker is tests/integration_distributed_worker.py (its "ddp" mode, plain DistributedDataParallel with the fused
-terms, also works; the Trainer case covers DDP here). float64, so the runs agree to rounding. The single-process
+The worker is tests/driver/integration_distributed_worker.py (its "ddp" mode, plain DistributedDataParallel with the
+fused terms, also works; the Trainer case covers DDP here). float64, so the runs agree to rounding. The single-process
 reference runs inside the test process (no second interpreter start-up).
 """
 
