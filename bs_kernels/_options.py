@@ -11,6 +11,9 @@ from dataclasses import dataclass
 
 import torch
 
+# The Hugging Face label of a position that does not count; the default ignore_index of every entry point.
+IGNORE_INDEX = -100
+
 REDUCTIONS = ("sequence_mean", "token_mean", "sum", "none")
 IMPLS = ("auto", "reference", "torch", "native", "triton")
 

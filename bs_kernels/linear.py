@@ -11,7 +11,7 @@ Step 4 is the chain rule through z = h W^T + b: dL/dh = dL/dz W, dL/dW = (dL/dz)
 
 Two autograd Functions, chosen by the reduction:
 - reduced (every reduction but "none"): the reductions are linear in the per-row values, L = sum_i w_i l_i, and the
-  weights w_i depend on the labels only (obtained below by differentiating loss.py's _reduce, so the two cannot
+  weights w_i depend on the labels only (obtained below by differentiating reduce_token_values, so the two cannot
   disagree). The gradients are therefore formed during forward (steps 1-4 once: 3 matmuls per chunk, like Liger's
   fused linear cross-entropy) and backward only multiplies them by the incoming scalar.
 - rows (reduction="none", linear_forget_logprobs): the caller may weight each row arbitrarily, so forward keeps the
@@ -41,9 +41,10 @@ import torch
 from torch.autograd.function import once_differentiable
 
 from . import _options as opts
+from ._rows import reduce_token_values
 from .backends import get_backend, resolve_impl
 from .backends.contract import RowOutputs, finish_rows
-from .loss import BSTokenStats, _check_label_shape, _reduce, _row_labels, _unflatten, bs_token_loss
+from .loss import BSTokenStats, _check_label_shape, _row_labels, _unflatten, bs_token_loss
 
 # Elements of one logits chunk: 2^25 = 32 Mi (128 MiB in float32). Big enough that the GEMMs stay efficient (682 rows
 # at V = 49 152, 261 rows at V = 128 256, where each chunk re-reads W), small enough that the temporaries stay a
@@ -339,14 +340,15 @@ def _autocast(hidden, weight, bias):
 
 
 def _reduction_weights(valid: torch.Tensor, out_shape, shift: bool, reduction: str, dtype) -> torch.Tensor:
-    """w[i] = dL/dl_i for every row (flattened like the inputs), taken from loss.py's own _reduce.
+    """w[i] = dL/dl_i for every row (flattened like the inputs), taken from reduce_token_values itself.
 
-    Every reduction but "none" is linear in the per-row values, so differentiating _reduce once at any point (here
-    zero) gives its exact weights; the fused Function then applies L = sum_i w_i l_i, identical to _reduce.
+    Every reduction but "none" is linear in the per-row values, so differentiating reduce_token_values once at any
+    point (here zero) gives its exact weights; the fused Function then applies L = sum_i w_i l_i, identical to it.
     """
     with torch.enable_grad():
         probe = torch.zeros(valid.shape, dtype=dtype, device=valid.device, requires_grad=True)
-        reduced = _reduce(_unflatten(probe, out_shape, shift), _unflatten(valid, out_shape, shift), reduction)
+        values, valid = _unflatten(probe, out_shape, shift), _unflatten(valid, out_shape, shift)
+        reduced = reduce_token_values(values, valid, reduction)
         (weights,) = torch.autograd.grad(reduced, probe)
     return weights
 
@@ -416,7 +418,7 @@ def bs_linear_loss(
     bias: torch.Tensor | None = None,
     lam: float = 0.2,
     top_k: int = 20,
-    ignore_index: int = -100,
+    ignore_index: int = opts.IGNORE_INDEX,
     shift: bool = True,
     reduction: str = "sequence_mean",
     detach_belief: bool = True,
@@ -491,7 +493,7 @@ def linear_forget_logprobs(
     labels: torch.Tensor,
     *,
     bias: torch.Tensor | None = None,
-    ignore_index: int = -100,
+    ignore_index: int = opts.IGNORE_INDEX,
     shift: bool = True,
     impl: str = "auto",
 ) -> torch.Tensor:

@@ -12,6 +12,7 @@ import torch
 from torch import nn
 
 from . import _options as opts
+from ._rows import reduce_token_values
 from .autograd import backend_rows
 from .backends import get_backend, resolve_impl
 from .backends.contract import RowOutputs
@@ -87,20 +88,6 @@ def _unflatten(values: torch.Tensor, batch_shape: tuple[int, ...], shift: bool) 
     return values.reshape(*batch_shape, *values.shape[1:])
 
 
-def _reduce(values: torch.Tensor, valid: torch.Tensor, reduction: str) -> torch.Tensor:
-    """values and valid share the labels' shape; values are already 0 where ignored."""
-    if reduction == "none":
-        return values
-    if reduction == "sum":
-        return values.sum()
-    if reduction == "token_mean":
-        return values.sum() / valid.sum().clamp(min=1)
-    # sequence_mean: mean over each sequence's valid positions, then over sequences that have any.
-    per_sequence_count = valid.sum(-1)
-    per_sequence_mean = values.sum(-1) / per_sequence_count.clamp(min=1)
-    return per_sequence_mean.sum() / (per_sequence_count > 0).sum().clamp(min=1)
-
-
 def _compute_rows(
     rows: torch.Tensor,
     rows_labels: torch.Tensor,
@@ -140,7 +127,7 @@ def bs_token_loss(
     *,
     lam: float = 0.2,
     top_k: int = 20,
-    ignore_index: int = -100,
+    ignore_index: int = opts.IGNORE_INDEX,
     shift: bool = True,
     reduction: str = "sequence_mean",
     detach_belief: bool = True,
@@ -197,7 +184,7 @@ def bs_token_loss(
     )
     values = _unflatten(outputs.row_loss, out_shape, shift)
     valid = _unflatten(rows_labels >= 0, out_shape, shift)
-    loss = _reduce(values, valid, reduction)
+    loss = reduce_token_values(values, valid, reduction)
     if not return_stats:
         return loss
     stats = BSTokenStats(
@@ -212,7 +199,7 @@ def forget_logprobs(
     logits: torch.Tensor,
     labels: torch.Tensor,
     *,
-    ignore_index: int = -100,
+    ignore_index: int = opts.IGNORE_INDEX,
     shift: bool = True,
     impl: str = "auto",
 ) -> torch.Tensor:
@@ -237,7 +224,7 @@ class BSTokenLoss(nn.Module):
         *,
         lam: float = 0.2,
         top_k: int = 20,
-        ignore_index: int = -100,
+        ignore_index: int = opts.IGNORE_INDEX,
         shift: bool = True,
         reduction: str = "sequence_mean",
         detach_belief: bool = True,
