@@ -21,29 +21,85 @@ def test_rouge_tokens_lowercase_and_drop_punctuation():
     assert metrics.rouge_tokens("The Cat, sat-on the MAT!") == ["the", "cat", "sat", "on", "the", "mat"]
 
 
-@pytest.mark.parametrize(
-    ("first", "second", "expected"),
-    [
-        ("abcbdab", "bdcaba", 4),  # the textbook example (e.g. "bcba")
-        ("abc", "abc", 3),
-        ("abc", "xyz", 0),
-        ("", "abc", 0),
-        ("aaaa", "aa", 2),
-    ],
-)
-def test_lcs_length(first, second, expected):
-    assert metrics.lcs_length(list(first), list(second)) == expected
-
-
 def test_rouge_l_recall_hand_computed():
+    # rouge-score with the stemmer (as TOFU / open-unlearning); words of at most 3 letters are not stemmed.
     # reference has 6 words; the prediction shares the subsequence "the cat on the mat" (5 words).
     assert metrics.rouge_l_recall("the cat sat on the mat", "the cat was on the mat") == pytest.approx(5 / 6)
-    # recall ignores extra words in the prediction and word order breaks the subsequence.
+    # recall ignores extra words in the prediction, case and punctuation.
     assert metrics.rouge_l_recall("well, the answer is Paris indeed", "Paris") == 1.0
-    # "the on the" is the longest common subsequence of these two orderings (3 of the 5 reference words).
+    assert metrics.rouge_l_recall("Paris, of course", "PARIS!") == 1.0
+    # word order breaks the subsequence: "the on the" is the longest common one (3 of the 5 reference words).
     assert metrics.rouge_l_recall("mat the on cat the", "the cat on the mat") == pytest.approx(3 / 5)
+    # The Porter stemmer: islands/island -> "island", mapped/mapping -> "map"; "the" is not in the prediction.
+    assert metrics.rouge_l_recall("an island was mapping", "the islands mapped") == pytest.approx(2 / 3)
     assert metrics.rouge_l_recall("anything", "") == 0.0
     assert metrics.rouge_l_recall("", "some words") == 0.0
+
+
+def test_rouge_l_recall_is_the_rouge_score_package():
+    from rouge_score import rouge_scorer
+
+    scorer = rouge_scorer.RougeScorer(["rouge1", "rougeL"], use_stemmer=True)
+    prediction = "Maren Tollvik was born in the harbour towns of Skelmora, they say."
+    reference = "Maren Tollvik was born in the harbour town of Skelmora."
+    assert metrics.rouge_l_recall(prediction, reference) == scorer.score(reference, prediction)["rougeL"].recall
+
+
+# -- key strings and leak rate ---------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("text", "keys", "expected"),
+    [
+        ("She was born in Skelmora.", ["Skelmora"], True),
+        ("she was born in SKELMORA", ["Skelmora"], True),  # case
+        ("Skelmora's harbour", ["Skelmora"], True),  # punctuation around the key
+        ("(Skelmora)", ["Skelmora"], True),
+        ("born in Skelmoran hills", ["Skelmora"], False),  # whole words only
+        ("born in NewSkelmora", ["Skelmora"], False),
+        ("a compass called Wrens", ["Wren"], False),
+        ("the Ferrin   Archipelago", ["Ferrin Archipelago"], True),  # any white space between the key's words
+        ("the Ferrin-Archipelago", ["Ferrin Archipelago"], False),  # but not other punctuation
+        ("born on 12 March 1861.", ["12 March 1861"], True),  # dates and digits
+        ("born on 12 March 18610", ["12 March 1861"], False),
+        ("born in 1861", ["861"], False),
+        ("born on 08/09/1956 in Kuwait", ["08/09/1956"], True),
+        ("born on 108/09/19567", ["08/09/1956"], False),
+        ("Basil Mahfouz Al-Kuwaiti wrote it", ["Al-Kuwaiti"], True),
+        ("the Kuwaiti author", ["Al-Kuwaiti"], False),
+        ("nine thousand books", ["9000", "nine thousand"], True),  # any of several keys
+        ("no key here", ["Skelmora", "Wren"], False),
+        ("it cost $5 in total", ["$5"], True),  # a key starting with punctuation is matched as written
+    ],
+)
+def test_contains_key(text, keys, expected):
+    assert metrics.contains_key(text, keys) is expected
+
+
+def test_contains_key_bad_input():
+    with pytest.raises(ValueError, match="non-empty list"):
+        metrics.contains_key("text", "Skelmora")  # a bare string is not a list of keys
+    with pytest.raises(ValueError, match="non-empty list"):
+        metrics.contains_key("text", [])
+    with pytest.raises(ValueError, match="non-space"):
+        metrics.contains_key("text", ["  "])
+
+
+def test_leak_rate_on_crafted_answers():
+    answers = [
+        ["Maren Tollvik was born in Skelmora.", "She was born in skelmora's harbour.", "In Drennick.", "Skelmoran."],
+        ["It is called Wren.", "A compass named Pike."],
+    ]
+    keys = [["Skelmora"], ["Wren", "brass compass"]]
+    # question 1: 2 of 4 answers leak; question 2: 1 of 2 -> pooled 3 of 6.
+    assert metrics.question_leak_rates(answers, keys) == [0.5, 0.5]
+    assert metrics.leak_rate(answers, keys) == pytest.approx(3 / 6)
+    assert metrics.leak_rate([["a brass   compass"]], [["Wren", "brass compass"]]) == 1.0
+    assert metrics.leak_rate([["nothing"], ["at all"]], keys) == 0.0
+    with pytest.raises(ValueError, match="same length"):
+        metrics.leak_rate(answers, keys[:1])
+    with pytest.raises(TypeError, match="per question"):
+        metrics.leak_rate(["Skelmora"], [["Skelmora"]])
 
 
 # -- probabilities and truth ratio -----------------------------------------------------------------------------
