@@ -1,15 +1,14 @@
-"""Argument validation shared by every public entry point.
+"""The BS-T options as one frozen object, and the checks of every public option.
 
 Each check raises ``ValueError`` or ``TypeError`` whose message names the argument and the offending value, so a
-bad call fails at the API boundary instead of deep inside a kernel.
+bad call fails at the API boundary instead of deep inside a kernel. Below the public functions the options travel
+as one :class:`BSOptions`; the checks of the tensors themselves are in _rows.py.
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-
-import torch
 
 # The Hugging Face label of a position that does not count; the default ignore_index of every entry point.
 IGNORE_INDEX = -100
@@ -20,22 +19,48 @@ IMPLS = ("auto", "reference", "torch", "native", "triton")
 
 @dataclass(frozen=True)
 class BSOptions:
-    """The BS-T hyperparameters (see shared/SPEC.md): target t = lam * q + (1 - lam) * e_y."""
+    """What defines a BS-T loss (shared/SPEC.md): target t = lam * q + (1 - lam) * e_y, and how it is reduced.
+
+    ``top_k = 0`` (only with ``lam = 0``) means no beliefs at all: the row value is the forget log-prob log p(y);
+    that is :meth:`forget_logprobs`, never a user's choice (the public functions require top_k >= 1).
+    Execution choices that do not change the value (impl, shift, inplace_backward, accumulate_in_fp32) are not here.
+    """
 
     lam: float = 0.2
     top_k: int = 20
     belief_temperature: float = 1.0
     detach_belief: bool = True
+    ignore_index: int = IGNORE_INDEX
+    reduction: str = "sequence_mean"
 
     def __post_init__(self) -> None:
         check_lam(self.lam)
-        check_top_k(self.top_k)
+        if not (type(self.top_k) is int and self.top_k == 0 and self.lam == 0):
+            check_top_k(self.top_k)
         check_belief_temperature(self.belief_temperature)
         if not isinstance(self.detach_belief, bool):
             raise TypeError(f"detach_belief must be a bool, got {self.detach_belief!r}")
+        check_ignore_index(self.ignore_index)
+        check_reduction(self.reduction)
+        object.__setattr__(self, "lam", float(self.lam))
+        object.__setattr__(self, "belief_temperature", float(self.belief_temperature))
+
+    @classmethod
+    def forget_logprobs(cls, ignore_index: int = IGNORE_INDEX) -> BSOptions:
+        """The options of a forget log-prob pass: no beliefs, per-position values."""
+        return cls(lam=0.0, top_k=0, ignore_index=ignore_index, reduction="none")
+
+    @property
+    def label_weight(self) -> float:
+        """The coefficient 1 - lam of e_y in the target (and in dl/dz)."""
+        return 1.0 - self.lam
+
+    def belief_count(self, vocab_size: int) -> int:
+        """k for a vocabulary of ``vocab_size``: top_k, or the whole vocabulary when top_k >= V."""
+        return min(self.top_k, vocab_size)
 
 
-def check_loss_options(
+def loss_options(
     *,
     lam: object,
     top_k: object,
@@ -44,12 +69,27 @@ def check_loss_options(
     ignore_index: object,
     reduction: object,
     impl: object,
-) -> None:
+) -> BSOptions:
     """Every option of a BS-T loss entry point (bs_token_loss, BSTokenLoss, bs_linear_loss), checked in one place."""
-    BSOptions(lam=lam, top_k=top_k, belief_temperature=belief_temperature, detach_belief=detach_belief)
-    check_ignore_index(ignore_index)
-    check_reduction(reduction)
+    check_lam(lam)
+    check_top_k(top_k)
+    options = BSOptions(
+        lam=lam,
+        top_k=top_k,
+        belief_temperature=belief_temperature,
+        detach_belief=detach_belief,
+        ignore_index=ignore_index,
+        reduction=reduction,
+    )
     check_impl(impl)
+    return options
+
+
+def forget_options(*, ignore_index: object, impl: object) -> BSOptions:
+    """The options of a forget log-prob entry point (forget_logprobs, linear_forget_logprobs), checked."""
+    check_ignore_index(ignore_index)
+    check_impl(impl)
+    return BSOptions.forget_logprobs(ignore_index)
 
 
 def _is_real_number(value: object) -> bool:
@@ -90,39 +130,3 @@ def check_impl(impl: object) -> None:
 def check_ignore_index(ignore_index: object) -> None:
     if not isinstance(ignore_index, int) or isinstance(ignore_index, bool):
         raise TypeError(f"ignore_index must be an int, got {ignore_index!r}")
-
-
-def check_logits_dtype(logits: torch.Tensor, name: str = "logits") -> None:
-    if not isinstance(logits, torch.Tensor):
-        raise TypeError(f"{name} must be a torch.Tensor, got {type(logits).__name__}")
-    if not logits.dtype.is_floating_point:
-        raise TypeError(f"{name} must be a floating tensor (float32, bfloat16, float16, float64), got {logits.dtype}")
-
-
-def check_labels_dtype(labels: torch.Tensor) -> None:
-    if not isinstance(labels, torch.Tensor):
-        raise TypeError(f"labels must be a torch.Tensor, got {type(labels).__name__}")
-    if labels.dtype.is_floating_point or labels.dtype.is_complex or labels.dtype == torch.bool:
-        raise TypeError(f"labels must be an integer tensor, got {labels.dtype}")
-
-
-def check_label_range(labels: torch.Tensor, vocab_size: int, ignore_index: int) -> None:
-    """Labels must be ignore_index or a vocabulary id; anything else would index out of bounds in a kernel."""
-    counted = labels != ignore_index
-    out_of_range = counted & ((labels < 0) | (labels >= vocab_size))
-    if bool(out_of_range.any()):
-        bad = int(labels[out_of_range][0])
-        raise ValueError(
-            f"labels contains {bad}, which is outside [0, {vocab_size}) and is not ignore_index={ignore_index}"
-        )
-
-
-def normalize_labels(labels: torch.Tensor, ignore_index: int) -> torch.Tensor:
-    """int64 labels with every ignored position set to -1: the one convention all backends see."""
-    labels = labels.to(torch.int64)
-    return torch.where(labels == ignore_index, torch.full_like(labels, -1), labels)
-
-
-def stats_dtype(logits_dtype: torch.dtype) -> torch.dtype:
-    """Statistics and the returned loss are float32, or float64 for float64 input (SPEC.md)."""
-    return torch.float64 if logits_dtype == torch.float64 else torch.float32

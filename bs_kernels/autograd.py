@@ -11,7 +11,8 @@ from types import ModuleType
 
 import torch
 
-from .backends.contract import RowOutputs, finish_rows
+from ._options import BSOptions
+from .epilogue import RowOutputs, finish_rows
 
 
 class BSTokenRowsFunction(torch.autograd.Function):
@@ -21,17 +22,14 @@ class BSTokenRowsFunction(torch.autograd.Function):
         logits: torch.Tensor,  # [N, V], unit stride along V
         labels: torch.Tensor,  # [N] int64, -1 = ignored
         backend: ModuleType,
-        top_k: int,
-        lam: float,
-        belief_temperature: float,
-        detach_belief: bool,
-        inplace_backward: bool,
+        options: BSOptions,
+        inplace_backward: bool,  # the backward may overwrite the logits with their gradient
     ):
-        raw = backend.forward(logits, labels, top_k)
-        rows = finish_rows(raw, labels, lam, belief_temperature, detach_belief)
+        raw = backend.forward(logits, labels, options.belief_count(logits.shape[-1]))
+        rows = finish_rows(raw, labels, options)
         ctx.save_for_backward(logits, labels, rows.lse, rows.belief_ids, rows.belief_weights)
         ctx.backend = backend
-        ctx.label_weight = 1.0 - lam
+        ctx.label_weight = options.label_weight
         ctx.inplace_backward = inplace_backward
         ctx.mark_non_differentiable(rows.token_logprobs, rows.belief_ids, rows.belief_probs)
         return rows.row_loss, rows.token_logprobs, rows.belief_ids, rows.belief_probs
@@ -44,23 +42,20 @@ class BSTokenRowsFunction(torch.autograd.Function):
         grad_logits = ctx.backend.backward(
             grad_rows, logits, labels, lse, belief_ids, belief_weights, ctx.label_weight, ctx.inplace_backward
         )
-        return grad_logits, None, None, None, None, None, None, None
+        return grad_logits, None, None, None, None
 
 
 def backend_rows(
     backend: ModuleType,
     logits: torch.Tensor,
     labels: torch.Tensor,
+    options: BSOptions,
     *,
-    lam: float,
-    top_k: int,
-    belief_temperature: float,
-    detach_belief: bool,
     inplace_backward: bool = False,
 ) -> RowOutputs:
     """Per-row outputs of a kernel backend, differentiable w.r.t. ``logits`` through BSTokenRowsFunction."""
     row_loss, token_logprobs, belief_ids, belief_probs = BSTokenRowsFunction.apply(
-        logits, labels, backend, top_k, lam, belief_temperature, detach_belief, inplace_backward
+        logits, labels, backend, options, inplace_backward
     )
     return RowOutputs(
         row_loss=row_loss,

@@ -5,9 +5,11 @@ gradients (hidden, weight, bias), computed one chunk of rows at a time through t
 (backends/contract.py). Per chunk of C valid rows:
   1. logits = h_c @ W.T (+ b)                                  [C, V] in the input dtype (the one [C, V] buffer)
   2. raw = backend.forward(logits); rows = finish_rows(raw)    lse, z_y, top-k; row value, q, gradient coefficients
+                                                               (the epilogue, epilogue.py)
   3. g = backend.backward(w_c, logits, ..., inplace=True)      dl/dz scaled by the row weights, written over logits
   4. grad_h[c] = g @ W;   grad_W += g.T @ h_c;   grad_b += sum_c g
 Step 4 is the chain rule through z = h W^T + b: dL/dh = dL/dz W, dL/dW = (dL/dz)^T h, dL/db = 1^T dL/dz.
+Steps 2 and 3 are _ChunkPlan's two methods: the backend and the options are fixed for the whole call.
 
 Two autograd Functions, chosen by the reduction:
 - reduced (every reduction but "none"): the reductions are linear in the per-row values, L = sum_i w_i l_i, and the
@@ -16,7 +18,7 @@ Two autograd Functions, chosen by the reduction:
   fused linear cross-entropy) and backward only multiplies them by the incoming scalar.
 - rows (reduction="none", linear_forget_logprobs): the caller may weight each row arbitrarily, so forward keeps the
   per-row statistics (lse, belief ids and weights: O(N k)) and backward recomputes step 1 per chunk: 4 matmuls.
-Measured side by side on the 2-core CPU at B=8, T=512, H=576, V=49152 fp32 (benchmarks/RESULTS.md), the recompute
+Measured side by side on a CPU at B=8, T=512, H=576, V=49152 fp32 (benchmarks/RESULTS.md), the recompute
 path takes 23-29% more time than the reduced path (it holds less: no gradient is formed before backward), which
 is why every reduction but "none" takes the reduced path.
 
@@ -35,16 +37,28 @@ vocabulary blocks would need a second backend entry point.
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Iterator
+from dataclasses import dataclass
 from types import ModuleType
 
 import torch
 from torch.autograd.function import once_differentiable
 
 from . import _options as opts
-from ._rows import reduce_token_values
+from ._options import BSOptions
+from ._rows import (
+    RowLayout,
+    check_floating,
+    check_label_range,
+    check_labels,
+    check_sequence_reduction,
+    reduce_rows,
+    row_labels,
+)
 from .backends import get_backend, resolve_impl
-from .backends.contract import RowOutputs, finish_rows
-from .loss import BSTokenStats, _check_label_shape, _row_labels, _unflatten, bs_token_loss
+from .backends.contract import compute_dtype
+from .epilogue import RowOutputs, finish_rows
+from .loss import BSTokenStats, bs_token_loss, forget_logprobs
 
 # Elements of one logits chunk: 2^25 = 32 Mi (128 MiB in float32). Big enough that the GEMMs stay efficient (682 rows
 # at V = 49 152, 261 rows at V = 128 256, where each chunk re-reads W), small enough that the temporaries stay a
@@ -55,6 +69,13 @@ CHUNK_ELEMENTS = 1 << 25
 def rows_per_chunk(num_rows: int, vocab_size: int) -> int:
     """Rows C per chunk so that a [C, V] logits block has at most CHUNK_ELEMENTS elements (at least one row)."""
     return max(1, min(num_rows, CHUNK_ELEMENTS // max(vocab_size, 1)))
+
+
+def _chunks(num_rows: int, vocab_size: int) -> Iterator[slice]:
+    """The row slices of consecutive chunks, rows_per_chunk rows each (the last may be shorter)."""
+    step = rows_per_chunk(num_rows, vocab_size)
+    for start in range(0, num_rows, step):
+        yield slice(start, start + step)
 
 
 def _accumulation_dtype(dtype: torch.dtype, accumulate_in_fp32: bool) -> torch.dtype:
@@ -71,11 +92,24 @@ def _chunk_logits(hidden_chunk: torch.Tensor, weight: torch.Tensor, bias: torch.
     return torch.addmm(bias, hidden_chunk, weight.t())
 
 
-def _chunk_stats(
-    logits: torch.Tensor, labels: torch.Tensor, backend: ModuleType, top_k: int, lam, temperature, detach_belief
-) -> RowOutputs:
-    raw = backend.forward(logits, labels, top_k)
-    return finish_rows(raw, labels, lam, temperature, detach_belief)
+@dataclass(frozen=True)
+class _ChunkPlan:
+    """What every logits chunk goes through (steps 2 and 3): one backend, one set of options, one grad_W dtype."""
+
+    backend: ModuleType
+    options: BSOptions
+    accumulation_dtype: torch.dtype  # of grad_W and grad_b across chunks
+
+    def rows(self, logits: torch.Tensor, labels: torch.Tensor) -> RowOutputs:
+        """Step 2 on a [C, V] chunk with labels [C]."""
+        raw = self.backend.forward(logits, labels, self.options.belief_count(logits.shape[-1]))
+        return finish_rows(raw, labels, self.options)
+
+    def grad_logits(self, grad_rows, logits, labels, lse, belief_ids, belief_weights) -> torch.Tensor:
+        """Step 3: dL/dz_i = grad_rows[i] * dl_i/dz_i for a [C, V] chunk, written over the chunk's logits."""
+        return self.backend.backward(
+            grad_rows, logits, labels, lse, belief_ids, belief_weights, self.options.label_weight, True
+        )
 
 
 # Whether CUDA's mixed-precision GEMM (bf16/fp16 operands, float32 output: torch.addmm(..., out_dtype=)) works in
@@ -180,36 +214,23 @@ class _ReducedLinearFunction(torch.autograd.Function):
         weight: torch.Tensor,  # [V, H]
         bias: torch.Tensor | None,  # [V]
         labels: torch.Tensor,  # [M] int64, all >= 0
-        row_weights: torch.Tensor,  # [M] dL/dl_i of the reduction (statistics dtype)
-        backend: ModuleType,
-        top_k: int,
-        lam: float,
-        belief_temperature: float,
-        detach_belief: bool,
+        row_weights: torch.Tensor,  # [M] dL/dl_i of the reduction (compute dtype)
+        plan: _ChunkPlan,
         needs_grads: tuple[bool, bool, bool],  # (hidden, weight, bias); decided by the caller (grad mode)
-        accumulation_dtype: torch.dtype,  # of grad_W and grad_b across chunks
     ):
         num_rows, vocab_size = hidden_rows.shape[0], weight.shape[0]
-        store = _RowStore(num_rows, top_k, row_weights.dtype, hidden_rows.device)
-        grads = _GradAccumulators(hidden_rows, weight, bias, accumulation_dtype, *needs_grads)
-        step = rows_per_chunk(num_rows, vocab_size)
-        for start in range(0, num_rows, step):
-            rows = slice(start, start + step)
+        store = _RowStore(num_rows, plan.options.belief_count(vocab_size), row_weights.dtype, hidden_rows.device)
+        grads = _GradAccumulators(hidden_rows, weight, bias, plan.accumulation_dtype, *needs_grads)
+        for rows in _chunks(num_rows, vocab_size):
             hidden_chunk = hidden_rows[rows]
             logits = _chunk_logits(hidden_chunk, weight, bias)
-            chunk = _chunk_stats(logits, labels[rows], backend, top_k, lam, belief_temperature, detach_belief)
+            chunk = plan.rows(logits, labels[rows])
             store.put(rows, chunk)
             if any(needs_grads):
-                # dL/dz_i = w_i * dl_i/dz_i: the contract's backward with grad_rows = w, written over the logits.
-                grad_logits = backend.backward(
-                    row_weights[rows].contiguous(),
-                    logits,
-                    labels[rows],
-                    chunk.lse,
-                    chunk.belief_ids,
-                    chunk.belief_weights,
-                    1.0 - lam,
-                    True,
+                # dL/dz_i = w_i * dl_i/dz_i: the contract's backward with grad_rows = w.
+                weights = row_weights[rows].contiguous()
+                grad_logits = plan.grad_logits(
+                    weights, logits, labels[rows], chunk.lse, chunk.belief_ids, chunk.belief_weights
                 )
                 grads.add_chunk(rows, grad_logits, hidden_chunk, weight)
             del logits
@@ -230,7 +251,7 @@ class _ReducedLinearFunction(torch.autograd.Function):
 
         grad_hidden, grad_weight, grad_bias = scaled(ctx.grad_hidden), scaled(ctx.grad_weight), scaled(ctx.grad_bias)
         ctx.grad_hidden = ctx.grad_weight = ctx.grad_bias = None
-        return grad_hidden, grad_weight, grad_bias, None, None, None, None, None, None, None, None, None
+        return grad_hidden, grad_weight, grad_bias, None, None, None, None
 
 
 class _RowsLinearFunction(torch.autograd.Function):
@@ -243,26 +264,17 @@ class _RowsLinearFunction(torch.autograd.Function):
         weight: torch.Tensor,  # [V, H]
         bias: torch.Tensor | None,  # [V]
         labels: torch.Tensor,  # [M] int64, all >= 0
-        backend: ModuleType,
-        top_k: int,
-        lam: float,
-        belief_temperature: float,
-        detach_belief: bool,
-        stats_dtype: torch.dtype,
-        accumulation_dtype: torch.dtype,  # of grad_W and grad_b across chunks
+        plan: _ChunkPlan,
     ):
         num_rows, vocab_size = hidden_rows.shape[0], weight.shape[0]
-        store = _RowStore(num_rows, top_k, stats_dtype, hidden_rows.device)
-        step = rows_per_chunk(num_rows, vocab_size)
-        for start in range(0, num_rows, step):
-            rows = slice(start, start + step)
+        top_k = plan.options.belief_count(vocab_size)
+        store = _RowStore(num_rows, top_k, compute_dtype(hidden_rows.dtype), hidden_rows.device)
+        for rows in _chunks(num_rows, vocab_size):
             logits = _chunk_logits(hidden_rows[rows], weight, bias)
-            store.put(rows, _chunk_stats(logits, labels[rows], backend, top_k, lam, belief_temperature, detach_belief))
+            store.put(rows, plan.rows(logits, labels[rows]))
             del logits
         ctx.save_for_backward(hidden_rows, weight, bias, labels, store.lse, store.belief_ids, store.belief_weights)
-        ctx.backend = backend
-        ctx.label_weight = 1.0 - lam
-        ctx.accumulation_dtype = accumulation_dtype
+        ctx.plan = plan
         ctx.mark_non_differentiable(store.token_logprobs, store.belief_ids, store.belief_probs)
         return store.row_loss, store.token_logprobs, store.belief_ids, store.belief_probs
 
@@ -272,25 +284,23 @@ class _RowsLinearFunction(torch.autograd.Function):
         hidden_rows, weight, bias, labels, lse, belief_ids, belief_weights = ctx.saved_tensors
         needs_hidden, needs_weight = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         needs_bias = bias is not None and ctx.needs_input_grad[2]
+        plan = ctx.plan
         grads = _GradAccumulators(
-            hidden_rows, weight, bias, ctx.accumulation_dtype, needs_hidden, needs_weight, needs_bias
+            hidden_rows, weight, bias, plan.accumulation_dtype, needs_hidden, needs_weight, needs_bias
         )
         grad_rows = grad_row_loss.to(lse.dtype).contiguous()
-        step = rows_per_chunk(hidden_rows.shape[0], weight.shape[0])
         # The recomputed chunk must match forward's: no autocast (forward ran with it off, on already-cast inputs).
         with gathered_parameter(weight), torch.autocast(hidden_rows.device.type, enabled=False):
-            for start in range(0, hidden_rows.shape[0], step):
-                rows = slice(start, start + step)
+            for rows in _chunks(hidden_rows.shape[0], weight.shape[0]):
                 hidden_chunk = hidden_rows[rows]
                 logits = _chunk_logits(hidden_chunk, weight, bias)
-                grad_logits = ctx.backend.backward(
-                    grad_rows[rows], logits, labels[rows], lse[rows], belief_ids[rows], belief_weights[rows],
-                    ctx.label_weight, True,
-                )  # fmt: skip
+                grad_logits = plan.grad_logits(
+                    grad_rows[rows], logits, labels[rows], lse[rows], belief_ids[rows], belief_weights[rows]
+                )
                 grads.add_chunk(rows, grad_logits, hidden_chunk, weight)
                 del logits, grad_logits
         grad_hidden, grad_weight, grad_bias = grads.results(weight, bias)
-        return grad_hidden, grad_weight, grad_bias, None, None, None, None, None, None, None, None
+        return grad_hidden, grad_weight, grad_bias, None, None
 
 
 def gathered_parameter(weight: torch.Tensor):
@@ -306,9 +316,8 @@ def gathered_parameter(weight: torch.Tensor):
 
 
 def _check_linear_inputs(hidden, weight, bias, labels, shift: bool, ignore_index: int) -> None:
-    opts.check_logits_dtype(hidden, "hidden")
-    opts.check_logits_dtype(weight, "weight")
-    opts.check_labels_dtype(labels)
+    check_floating(hidden, "hidden")
+    check_floating(weight, "weight")
     if weight.dim() != 2 or weight.shape[0] == 0:
         raise ValueError(f"weight must be [V, H] with V >= 1, got shape {tuple(weight.shape)}")
     if hidden.dim() < 1 or hidden.shape[-1] != weight.shape[1]:
@@ -321,13 +330,13 @@ def _check_linear_inputs(hidden, weight, bias, labels, shift: bool, ignore_index
     if weight.device != hidden.device:
         raise ValueError(f"weight is on {weight.device} but hidden is on {hidden.device}")
     if bias is not None:
-        opts.check_logits_dtype(bias, "bias")
+        check_floating(bias, "bias")
         if bias.shape != weight.shape[:1]:
             raise ValueError(f"bias must be [V] = [{weight.shape[0]}], got shape {tuple(bias.shape)}")
         if bias.dtype != weight.dtype or bias.device != weight.device:
             raise TypeError(f"bias ({bias.dtype}, {bias.device}) must match weight ({weight.dtype}, {weight.device})")
-    _check_label_shape(hidden, labels, shift=shift, name="hidden")
-    opts.check_label_range(labels, weight.shape[0], ignore_index)
+    check_labels(hidden, labels, shift=shift, name="hidden")
+    check_label_range(labels, weight.shape[0], ignore_index)
 
 
 def _autocast(hidden, weight, bias):
@@ -339,17 +348,15 @@ def _autocast(hidden, weight, bias):
     return hidden.to(dtype), weight.to(dtype), None if bias is None else bias.to(dtype)
 
 
-def _reduction_weights(valid: torch.Tensor, out_shape, shift: bool, reduction: str, dtype) -> torch.Tensor:
-    """w[i] = dL/dl_i for every row (flattened like the inputs), taken from reduce_token_values itself.
+def _reduction_weights(rows_labels: torch.Tensor, layout: RowLayout, reduction: str, dtype) -> torch.Tensor:
+    """w[i] = dL/dl_i for every row (flattened like the inputs), taken from the reduction itself (reduce_rows).
 
-    Every reduction but "none" is linear in the per-row values, so differentiating reduce_token_values once at any
-    point (here zero) gives its exact weights; the fused Function then applies L = sum_i w_i l_i, identical to it.
+    Every reduction but "none" is linear in the per-row values, so differentiating it once at any point (here zero)
+    gives its exact weights; the fused Function then applies L = sum_i w_i l_i, identical to the reduction.
     """
     with torch.enable_grad():
-        probe = torch.zeros(valid.shape, dtype=dtype, device=valid.device, requires_grad=True)
-        values, valid = _unflatten(probe, out_shape, shift), _unflatten(valid, out_shape, shift)
-        reduced = reduce_token_values(values, valid, reduction)
-        (weights,) = torch.autograd.grad(reduced, probe)
+        probe = torch.zeros(rows_labels.shape, dtype=dtype, device=rows_labels.device, requires_grad=True)
+        (weights,) = torch.autograd.grad(reduce_rows(probe, rows_labels, layout, reduction), probe)
     return weights
 
 
@@ -359,33 +366,30 @@ def _scatter_rows(values: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
     return full.index_put((valid,), values)
 
 
-def _linear_rows(hidden, weight, bias, labels, *, shift, ignore_index, impl, lam, top_k, belief_temperature,
-                 detach_belief, reduction, accumulate_in_fp32):  # fmt: skip
-    """Shared body of bs_linear_loss and linear_forget_logprobs: (loss or per-row values, stats, out_shape)."""
-    _check_linear_inputs(hidden, weight, bias, labels, shift, ignore_index)
+def _linear_rows(hidden, weight, bias, labels, *, shift: bool, impl: str, options: BSOptions,
+                 accumulate_in_fp32: bool):  # fmt: skip
+    """Shared body of bs_linear_loss and linear_forget_logprobs: (loss or per-position values, stats)."""
+    _check_linear_inputs(hidden, weight, bias, labels, shift, options.ignore_index)
     hidden, weight, bias = _autocast(hidden, weight, bias)
-    rows_labels, out_shape = _row_labels(labels, shift=shift, ignore_index=ignore_index)
+    rows_labels, layout = row_labels(labels, shift=shift, ignore_index=options.ignore_index)
     valid = rows_labels >= 0  # [N]
     valid_ids = valid.nonzero().squeeze(-1)
     # The valid rows of hidden, gathered from any strides: a non-contiguous view is read in place, never copied whole.
     hidden_rows = hidden[torch.unravel_index(valid_ids, hidden.shape[:-1])]  # [M, H]
     valid_labels = rows_labels.index_select(0, valid_ids)  # [M]
     backend = get_backend(resolve_impl(impl, hidden.device), hidden.device)
-    stats_dtype = opts.stats_dtype(hidden.dtype)
-    top_k = min(top_k, weight.shape[0])
-    accumulation_dtype = _accumulation_dtype(weight.dtype, accumulate_in_fp32)
+    plan = _ChunkPlan(backend, options, _accumulation_dtype(weight.dtype, accumulate_in_fp32))
 
     # Inputs are already in the autocast dtype (_autocast); the chunk GEMMs and statistics must not be recast.
     no_autocast = torch.autocast(hidden.device.type, enabled=False)
-    if reduction == "none":
+    if options.reduction == "none":
         with no_autocast:
             row_values, token_logprobs, belief_ids, belief_probs = _RowsLinearFunction.apply(
-                hidden_rows, weight, bias, valid_labels, backend, top_k, lam, belief_temperature, detach_belief,
-                stats_dtype, accumulation_dtype,
-            )  # fmt: skip
-        result = _unflatten(_scatter_rows(row_values, valid), out_shape, shift)
+                hidden_rows, weight, bias, valid_labels, plan
+            )
+        result = layout.unflatten(_scatter_rows(row_values, valid))
     else:
-        row_weights = _reduction_weights(valid, out_shape, shift, reduction, stats_dtype).index_select(0, valid_ids)
+        row_weights = _reduction_weights(rows_labels, layout, options.reduction, compute_dtype(hidden.dtype))
         grad_mode = torch.is_grad_enabled()
         needs_grads = (
             grad_mode and hidden.requires_grad,
@@ -394,13 +398,12 @@ def _linear_rows(hidden, weight, bias, labels, *, shift, ignore_index, impl, lam
         )
         with no_autocast:
             result, token_logprobs, belief_ids, belief_probs = _ReducedLinearFunction.apply(
-                hidden_rows, weight, bias, valid_labels, row_weights.contiguous(), backend, top_k, lam,
-                belief_temperature, detach_belief, needs_grads, accumulation_dtype,
-            )  # fmt: skip
+                hidden_rows, weight, bias, valid_labels, row_weights.index_select(0, valid_ids), plan, needs_grads
+            )
     stats = BSTokenStats(
-        token_logprobs=_unflatten(_scatter_rows(token_logprobs, valid), out_shape, shift),
-        belief_ids=_unflatten(_scatter_rows(belief_ids, valid), out_shape, shift),
-        belief_probs=_unflatten(_scatter_rows(belief_probs, valid), out_shape, shift),
+        token_logprobs=layout.unflatten(_scatter_rows(token_logprobs, valid)),
+        belief_ids=layout.unflatten(_scatter_rows(belief_ids, valid)),
+        belief_probs=layout.unflatten(_scatter_rows(belief_probs, valid)),
     )
     return result, stats
 
@@ -456,7 +459,7 @@ def bs_linear_loss(
         The reduced loss (float32; float64 for float64 inputs), per position for reduction="none", and a
         BSTokenStats when ``return_stats``.
     """
-    opts.check_loss_options(
+    options = opts.loss_options(
         lam=lam,
         top_k=top_k,
         belief_temperature=belief_temperature,
@@ -467,11 +470,7 @@ def bs_linear_loss(
     )
     if not isinstance(labels, torch.Tensor):
         raise TypeError(f"labels must be a torch.Tensor, got {type(labels).__name__}")
-    if not shift and reduction == "sequence_mean" and labels.dim() < 2:
-        raise ValueError(
-            'reduction="sequence_mean" needs labels with a sequence dimension [B, T]; with flat labels [N] use '
-            '"token_mean", "sum" or "none"'
-        )
+    check_sequence_reduction(labels, shift=shift, reduction=reduction)
     if impl == "reference":
         _check_linear_inputs(hidden, weight, bias, labels, shift, ignore_index)
         return bs_token_loss(
@@ -480,10 +479,8 @@ def bs_linear_loss(
             impl="reference", return_stats=return_stats,
         )  # fmt: skip
     loss, stats = _linear_rows(
-        hidden, weight, bias, labels, shift=shift, ignore_index=ignore_index, impl=impl, lam=float(lam), top_k=top_k,
-        belief_temperature=float(belief_temperature), detach_belief=detach_belief, reduction=reduction,
-        accumulate_in_fp32=accumulate_in_fp32,
-    )  # fmt: skip
+        hidden, weight, bias, labels, shift=shift, impl=impl, options=options, accumulate_in_fp32=accumulate_in_fp32
+    )
     return (loss, stats) if return_stats else loss
 
 
@@ -502,17 +499,13 @@ def linear_forget_logprobs(
     Shape: that of the (shifted) labels; float32 (float64 for float64 inputs); differentiable w.r.t. hidden, weight
     and bias (the backward recomputes each logits chunk, so any downstream use of the values works: GA, NPO, ...).
     """
-    opts.check_ignore_index(ignore_index)
-    opts.check_impl(impl)
+    options = opts.forget_options(ignore_index=ignore_index, impl=impl)
     if impl == "reference":
         _check_linear_inputs(hidden, weight, bias, labels, shift, ignore_index)
-        from .loss import forget_logprobs
-
         return forget_logprobs(
             _materialised_logits(hidden, weight, bias), labels, ignore_index=ignore_index, shift=shift, impl=impl
         )
     values, _ = _linear_rows(
-        hidden, weight, bias, labels, shift=shift, ignore_index=ignore_index, impl=impl, lam=0.0, top_k=0,
-        belief_temperature=1.0, detach_belief=True, reduction="none", accumulate_in_fp32=True,
-    )  # fmt: skip
+        hidden, weight, bias, labels, shift=shift, impl=impl, options=options, accumulate_in_fp32=True
+    )
     return values

@@ -9,33 +9,26 @@ from __future__ import annotations
 
 import torch
 
-from ._options import stats_dtype
-from .backends.contract import RowOutputs
+from ._options import BSOptions
+from .backends.contract import compute_dtype
+from .epilogue import RowOutputs
 
 
-def reference_rows(
-    logits: torch.Tensor,
-    labels: torch.Tensor,
-    *,
-    lam: float,
-    top_k: int,
-    belief_temperature: float,
-    detach_belief: bool,
-) -> RowOutputs:
+def reference_rows(logits: torch.Tensor, labels: torch.Tensor, options: BSOptions) -> RowOutputs:
     """Per-row BS-T values for logits [N, V] and labels [N] (int64, -1 = ignored); differentiable by autograd.
 
-    top_k == 0 gives the forget log-prob log p(y) as the row value (lam must then be 0).
+    options.top_k == 0 gives the forget log-prob log p(y) as the row value (lam is then 0).
     """
+    lam, belief_temperature = options.lam, options.belief_temperature
     valid = labels >= 0
     # Ignored rows contribute nothing; zeroing them keeps rows that are entirely -inf (padding) from making NaN.
-    z = torch.where(valid.unsqueeze(-1), logits.to(stats_dtype(logits.dtype)), 0.0)
+    z = torch.where(valid.unsqueeze(-1), logits.to(compute_dtype(logits.dtype)), 0.0)
     safe_labels = labels.clamp(min=0).unsqueeze(-1)
 
     log_probs = torch.log_softmax(z, dim=-1)  # [N, V]
-    k = min(top_k, z.shape[-1])
-    belief_logits, belief_ids = torch.topk(z, k, dim=-1)  # [N, k]
+    belief_logits, belief_ids = torch.topk(z, options.belief_count(z.shape[-1]), dim=-1)  # [N, k]
     belief_probs = torch.softmax(belief_logits / belief_temperature, dim=-1)
-    if detach_belief:
+    if options.detach_belief:
         belief_probs = belief_probs.detach()
 
     # Soft target t = lam * q (on the top-k ids) + (1 - lam) * one_hot(label); zero on ignored rows.

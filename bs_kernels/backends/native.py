@@ -29,7 +29,7 @@ import warnings
 
 import torch
 
-from .contract import RawRowStats
+from .contract import RawRowStats, compute_dtype
 
 NAME = "native"
 
@@ -197,10 +197,6 @@ def backward(
     return torch.ops.bs_kernels.native_backward(*arguments)
 
 
-def _stats_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
-
-
 def _register_fakes() -> None:
     """Shape/dtype-only implementations for FakeTensor tracing (torch.compile, opcheck); registered once."""
     if getattr(_register_fakes, "done", False):
@@ -209,7 +205,7 @@ def _register_fakes() -> None:
     @torch.library.register_fake("bs_kernels::native_forward")
     def _forward_fake(logits, labels, top_k):
         num_rows = logits.shape[0]
-        stats_dtype = _stats_dtype(logits.dtype)
+        stats_dtype = compute_dtype(logits.dtype)
         return (
             logits.new_empty((num_rows,), dtype=stats_dtype),
             logits.new_empty((num_rows,), dtype=stats_dtype),

@@ -17,11 +17,11 @@ from __future__ import annotations
 
 import torch
 
-from .contract import RawRowStats
+from .contract import RawRowStats, compute_dtype
 
 NAME = "torch"
 
-# 16 Mi elements = 64 MiB of float32 per chunk (341 rows at V = 49 152). Measured on the 2-core CPU against 0.5, 1
+# 16 Mi elements = 64 MiB of float32 per chunk (341 rows at V = 49 152). Measured with two threads against 0.5, 1
 # and 4 Mi: every PyTorch op ends in a thread barrier, and fewer, larger ops won clearly (1.3x -> 4.6x over the
 # reference, busy machine), more than cache-sized chunks gained from locality. The peak stays near 1.17x the logits.
 CHUNK_ELEMENTS = 1 << 24
@@ -35,21 +35,17 @@ def rows_per_chunk(num_rows: int, vocab_size: int) -> int:
     return max(1, min(num_rows, CHUNK_ELEMENTS // max(vocab_size, 1)))
 
 
-def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
-
-
 def forward(logits: torch.Tensor, labels: torch.Tensor, top_k: int) -> RawRowStats:
     num_rows, vocab_size = logits.shape
-    compute_dtype = _compute_dtype(logits.dtype)
+    stats_dtype = compute_dtype(logits.dtype)
     device = logits.device
-    lse = torch.empty(num_rows, dtype=compute_dtype, device=device)
-    label_logits = torch.empty(num_rows, dtype=compute_dtype, device=device)
-    belief_logits = torch.empty(num_rows, top_k, dtype=compute_dtype, device=device)
+    lse = torch.empty(num_rows, dtype=stats_dtype, device=device)
+    label_logits = torch.empty(num_rows, dtype=stats_dtype, device=device)
+    belief_logits = torch.empty(num_rows, top_k, dtype=stats_dtype, device=device)
     belief_ids = torch.empty(num_rows, top_k, dtype=torch.int64, device=device)
     safe_labels = labels.clamp(min=0).unsqueeze(-1)
     step = rows_per_chunk(num_rows, vocab_size)
-    workspace = torch.empty(step, vocab_size, dtype=compute_dtype, device=device)
+    workspace = torch.empty(step, vocab_size, dtype=stats_dtype, device=device)
     for start in range(0, num_rows, step):
         rows = slice(start, start + step)
         z = logits[rows]
@@ -58,14 +54,14 @@ def forward(logits: torch.Tensor, labels: torch.Tensor, top_k: int) -> RawRowSta
             values, ids = torch.topk(z, top_k, dim=-1, sorted=False)
             belief_logits[rows] = values
             belief_ids[rows] = ids
-            row_max = values.amax(-1, keepdim=True).to(compute_dtype)
+            row_max = values.amax(-1, keepdim=True).to(stats_dtype)
         else:
-            row_max = z.amax(-1, keepdim=True).to(compute_dtype)
+            row_max = z.amax(-1, keepdim=True).to(stats_dtype)
         # A row of -inf only (masked padding) has no maximum to subtract; 0 keeps exp(-inf - 0) = 0 and lse = -inf.
         row_max = torch.where(torch.isfinite(row_max), row_max, torch.zeros_like(row_max))
         torch.sub(z, row_max, out=shifted)
         lse[rows] = shifted.exp_().sum(-1).log_().add_(row_max.squeeze(-1))
-        label_logits[rows] = z.gather(-1, safe_labels[rows]).squeeze(-1).to(compute_dtype)
+        label_logits[rows] = z.gather(-1, safe_labels[rows]).squeeze(-1).to(stats_dtype)
     return RawRowStats(lse=lse, label_logits=label_logits, belief_logits=belief_logits, belief_ids=belief_ids)
 
 
@@ -80,7 +76,7 @@ def backward(
     inplace: bool,
 ) -> torch.Tensor:
     num_rows, vocab_size = logits.shape
-    compute_dtype = _compute_dtype(logits.dtype)
+    stats_dtype = compute_dtype(logits.dtype)
     grad = logits if inplace else torch.empty_like(logits, memory_format=torch.contiguous_format)
     valid = labels >= 0
     safe_labels = labels.clamp(min=0).unsqueeze(-1)
@@ -92,9 +88,9 @@ def backward(
     all_nonnegative = bool((grad_rows >= 0).all())
     negated_sign = grad_rows.sign().neg().unsqueeze(-1)
     has_beliefs = belief_ids.shape[-1] > 0
-    writes_in_place = grad.dtype == compute_dtype
+    writes_in_place = grad.dtype == stats_dtype
     step = rows_per_chunk(num_rows, vocab_size)
-    workspace = None if writes_in_place else torch.empty(step, vocab_size, dtype=compute_dtype, device=logits.device)
+    workspace = None if writes_in_place else torch.empty(step, vocab_size, dtype=stats_dtype, device=logits.device)
     for start in range(0, num_rows, step):
         rows = slice(start, start + step)
         z = logits[rows]

@@ -20,7 +20,7 @@ from types import ModuleType
 
 import torch
 
-from .contract import RawRowStats
+from .contract import RawRowStats, compute_dtype
 
 NAME = "triton"
 
@@ -83,7 +83,7 @@ def _load_kernels() -> ModuleType:
     return importlib.import_module(KERNELS_MODULE)
 
 
-def _next_power_of_two(value: int) -> int:
+def next_power_of_two(value: int) -> int:
     return 1 << max(0, (value - 1).bit_length())
 
 
@@ -96,14 +96,10 @@ def _log2(power_of_two: int) -> int:
     return power_of_two.bit_length() - 1
 
 
-def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
-
-
 def forward_config(vocab_size: int, top_k: int) -> ForwardConfig:
     """Block sizes for the forward: whole small rows in one block, 4096 logits per step for large vocabularies."""
-    padded_k = _next_power_of_two(max(top_k, 1))
-    block_v = max(min(_next_power_of_two(vocab_size), MAX_BLOCK_V), padded_k, 16)
+    padded_k = next_power_of_two(max(top_k, 1))
+    block_v = max(min(next_power_of_two(vocab_size), MAX_BLOCK_V), padded_k, 16)
     # About 16 logits per bucket: two candidates rarely share one once the k-th best has settled.
     buckets = min(block_v, max(padded_k, block_v // 16))
     # 16 warps at 4096: 8 logits per thread keep the top-k network under 128 registers without spills (sm_90,
@@ -113,7 +109,7 @@ def forward_config(vocab_size: int, top_k: int) -> ForwardConfig:
 
 
 def backward_config(vocab_size: int) -> BackwardConfig:
-    block_v = max(min(_next_power_of_two(vocab_size), MAX_BLOCK_V), 16)
+    block_v = max(min(next_power_of_two(vocab_size), MAX_BLOCK_V), 16)
     num_warps = 8 if block_v >= 2048 else 4
     return BackwardConfig(block_v=block_v, num_warps=num_warps)
 
@@ -152,16 +148,16 @@ def forward(
         raise ValueError(
             f'top_k must be an int in [0, min(V, {MAX_TOP_K})] for impl="triton", got {top_k!r} (V = {vocab_size})'
         )
-    compute_dtype = _compute_dtype(logits.dtype)
+    stats_dtype = compute_dtype(logits.dtype)
     device = logits.device
-    lse = torch.empty(num_rows, dtype=compute_dtype, device=device)
-    label_logits = torch.empty(num_rows, dtype=compute_dtype, device=device)
-    belief_logits = torch.empty(num_rows, top_k, dtype=compute_dtype, device=device)
+    lse = torch.empty(num_rows, dtype=stats_dtype, device=device)
+    label_logits = torch.empty(num_rows, dtype=stats_dtype, device=device)
+    belief_logits = torch.empty(num_rows, top_k, dtype=stats_dtype, device=device)
     belief_ids = torch.empty(num_rows, top_k, dtype=torch.int64, device=device)
     if num_rows == 0:
         return RawRowStats(lse=lse, label_logits=label_logits, belief_logits=belief_logits, belief_ids=belief_ids)
 
-    padded_k = _next_power_of_two(max(top_k, 1))
+    padded_k = next_power_of_two(max(top_k, 1))
     config = config or forward_config(vocab_size, top_k)
     _check_block(config.block_v, "config.block_v")
     _check_block(config.buckets, "config.buckets")
@@ -214,7 +210,7 @@ def backward(
     """
     _check_rows(logits, labels)
     num_rows, vocab_size = logits.shape
-    compute_dtype = _compute_dtype(logits.dtype)
+    stats_dtype = compute_dtype(logits.dtype)
     top_k = belief_ids.shape[-1] if belief_ids.dim() == 2 else -1
     for name, tensor, shape in (
         ("grad_rows", grad_rows, (num_rows,)),
@@ -232,14 +228,14 @@ def backward(
     grad = logits if inplace else torch.empty_like(logits, memory_format=torch.contiguous_format)
     if num_rows == 0:
         return grad
-    grad_rows = grad_rows.to(compute_dtype).contiguous()
-    lse = lse.to(compute_dtype).contiguous()
+    grad_rows = grad_rows.to(stats_dtype).contiguous()
+    lse = lse.to(stats_dtype).contiguous()
     belief_ids = belief_ids.to(torch.int64).contiguous()
-    belief_weights = belief_weights.to(compute_dtype).contiguous()
+    belief_weights = belief_weights.to(stats_dtype).contiguous()
     # The fixup recomputes the label and belief entries from their logits: read them now, before an inplace
     # dense launch overwrites them (N * (k + 1) values).
-    label_logits = logits.gather(1, labels.clamp(min=0).unsqueeze(1)).squeeze(1).to(compute_dtype)
-    belief_logits = logits.gather(1, belief_ids).to(compute_dtype)
+    label_logits = logits.gather(1, labels.clamp(min=0).unsqueeze(1)).squeeze(1).to(stats_dtype)
+    belief_logits = logits.gather(1, belief_ids).to(stats_dtype)
     label_coefs = grad_rows * label_weight
 
     config = config or backward_config(vocab_size)
@@ -269,7 +265,7 @@ def backward(
             belief_logits,
             grad.stride(0),
             top_k,
-            K_PAD=_next_power_of_two(max(top_k, 1)),
+            K_PAD=next_power_of_two(max(top_k, 1)),
             num_warps=1,
         )
     return grad

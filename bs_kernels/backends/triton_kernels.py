@@ -37,7 +37,7 @@
 #          grad_row == 0 (ignored) write zeros without reading the logits.
 #   fixup: one program per row rewrites the <= k + 1 entries that also carry a target term:
 #          grad[y] = grad_row * (1 - lam) + grad_row * (w_y - pi_y), grad[h] = grad_row * (w_h - pi_h) on the beliefs
-#          (w = belief_weights from contract.finish_rows, w_y the label's own belief weight if it is a belief).
+#          (w = belief_weights from epilogue.finish_rows, w_y the label's own belief weight if it is a belief).
 #          Recomputing each value from its logit (gathered by the launcher before the dense launch, so inplace works)
 #          rounds every entry once, as the dense part does; adding a term to an already rounded bf16 value would not.
 #          (Under the interpreter, float32 -> bfloat16 truncates where the GPU rounds to nearest: one ulp apart.)
@@ -217,7 +217,7 @@ def bs_rows_forward_kernel(
                         candidates = tl.where(taken | (candidates <= kth_key), MIN_KEY, candidates)
                         best = tl.reduce(tl.reduce(candidates, 1, _max_combine), 0, _max_combine)
 
-    # A row of only -inf has running_sum = 0: lse = -inf + log(0) = -inf (contract.finish_rows handles it).
+    # A row of only -inf has running_sum = 0: lse = -inf + log(0) = -inf (epilogue.finish_rows handles it).
     tl.store(lse_ptr + row, running_max + tl.log(running_sum))
     label = tl.load(labels_ptr + row)
     tl.store(label_logits_ptr + row, tl.load(row_ptr + tl.maximum(label, 0)).to(compute_dtype))

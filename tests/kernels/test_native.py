@@ -14,8 +14,9 @@ import pytest
 import torch
 
 import bs_kernels
+from bs_kernels._options import BSOptions
 from bs_kernels.backends import native, resolve_impl, torch_chunked
-from bs_kernels.backends.contract import finish_rows
+from bs_kernels.epilogue import finish_rows
 
 NATIVE_REASON = native.unavailable_reason(torch.device("cpu"))
 needs_native = pytest.mark.skipif(NATIVE_REASON is not None, reason=str(NATIVE_REASON))
@@ -40,7 +41,7 @@ def rows_case(num_rows: int, vocab: int, dtype: torch.dtype, *, row_stride: int 
 def backward_inputs(logits, labels, top_k, lam=0.2):
     """The epilogue's per-row coefficients from impl="torch"'s forward, as the autograd Function would pass them."""
     raw = torch_chunked.forward(logits, labels, top_k)
-    rows = finish_rows(raw, labels, lam, 1.0, True)
+    rows = finish_rows(raw, labels, BSOptions(lam=lam))
     grad_rows = torch.linspace(0.5, 1.5, logits.shape[0], dtype=rows.lse.dtype)
     grad_rows = torch.where(labels >= 0, grad_rows, torch.zeros_like(grad_rows))
     return grad_rows, rows.lse, rows.belief_ids, rows.belief_weights, 1.0 - lam

@@ -21,9 +21,10 @@ from conftest import TOLERANCES
 
 import bs_kernels
 from bs_kernels import bs_token_loss, forget_logprobs
+from bs_kernels._options import BSOptions
 from bs_kernels.backends import torch_chunked
 from bs_kernels.backends import triton as triton_backend
-from bs_kernels.backends.contract import finish_rows
+from bs_kernels.epilogue import finish_rows
 
 INTERPRETING = os.environ.get("TRITON_INTERPRET") == "1"
 ON_CUDA = torch.cuda.is_available() and not INTERPRETING
@@ -72,7 +73,7 @@ def _assert_forward_matches(raw, expected, logits, top_k):
 def test_forward_top_k_exact(top_k, config):
     logits = _logits(12, 300)
     labels = _labels(12, 300)
-    if config is not None and triton_backend._next_power_of_two(top_k) > config.buckets:
+    if config is not None and triton_backend.next_power_of_two(top_k) > config.buckets:
         config = triton_backend.ForwardConfig(block_v=128, buckets=64, num_warps=4)
     raw = triton_backend.forward(logits, labels, top_k, config=config)
     _assert_forward_matches(raw, torch_chunked.forward(logits, labels, top_k), logits, top_k)
@@ -149,7 +150,7 @@ def test_negative_infinite_logits():
     assert (finite.sum(-1) == torch.isfinite(logits).sum(-1).clamp(max=20)).all()
     torch.testing.assert_close(raw.belief_logits.sort(-1).values, expected.belief_logits.sort(-1).values)
 
-    rows = finish_rows(raw, labels, 0.2, 1.0, detach_belief=False)
+    rows = finish_rows(raw, labels, BSOptions(lam=0.2, detach_belief=False))
     grad_rows = torch.where(labels >= 0, torch.ones_like(rows.lse), torch.zeros_like(rows.lse))
     args = (grad_rows, logits, labels, rows.lse, rows.belief_ids, rows.belief_weights, 0.8)
     grad = triton_backend.backward(*args, False, config=SMALL_BACKWARD)
@@ -164,7 +165,7 @@ def _backward_case(dtype, rows=10, vocab=300, top_k=20, label_in_beliefs=True):
     if label_in_beliefs:
         labels[1] = logits[1].argmax()  # the label's entry also carries a belief weight
     raw = torch_chunked.forward(logits, labels, top_k)
-    rows_out = finish_rows(raw, labels, 0.2, 1.0, detach_belief=False)
+    rows_out = finish_rows(raw, labels, BSOptions(lam=0.2, detach_belief=False))
     generator = torch.Generator().manual_seed(4)
     grad_rows = torch.rand(rows, generator=generator, dtype=rows_out.lse.dtype).to(DEVICE) + 0.5
     grad_rows = torch.where(labels >= 0, grad_rows, torch.zeros_like(grad_rows))
