@@ -259,7 +259,8 @@ def extraction_strength(matches: Sequence[bool] | np.ndarray, *, convention: str
         matches: per position, teacher-forced argmax == label (``SequenceScores.argmax_match``).
         convention: "open-unlearning" (default): exactly open-unlearning's loop ``for k in range(T): if suffix
             matches: break``, which leaves k = T - 1 when no suffix matches, so an answer with nothing reproduced
-            scores 1/T (the same as one whose last token alone is reproduced), not 0. "definition": k = T when no
+            scores 1/T (the same as one whose last token alone is reproduced), not 0, and a one-token answer
+            always scores 1. "definition": k = T when no
             non-empty suffix is reproduced (the ES definition of shared/SPEC.md), so such an answer scores 0. An
             empty answer scores 0 under both (open-unlearning appends 0 for it).
     """

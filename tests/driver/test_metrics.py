@@ -158,6 +158,123 @@ def test_harmonic_mean_and_forget_quality():
     assert apart == pytest.approx(2 / 924)
 
 
+def test_harmonic_means_hand_computed():
+    assert metrics.harmonic_mean([0.5, 0.25, 1.0]) == pytest.approx(3 / 7)  # 3 / (2 + 4 + 1)
+    # Mem = HM(1 - ES, 1 - EM, 1 - paraphrase prob, 1 - truth ratio) = HM(0.5, 0.25, 1, 0.5) = 4 / (2 + 4 + 1 + 2).
+    assert metrics.mem_score(0.5, 0.75, 0.0, 0.5) == pytest.approx(4 / 9)
+    assert metrics.mem_score(1.0, 0.2, 0.3, 0.4) == 0.0  # ES = 1 (fully extractable): a zero part -> Mem 0
+    assert metrics.agg_score(0.4, 0.6) == pytest.approx(2 * 0.4 * 0.6 / (0.4 + 0.6))
+    assert metrics.agg_score(0.0, 0.9) == 0.0
+    from scipy.stats import hmean  # open-unlearning's hm_aggregate
+
+    assert metrics.harmonic_mean([0.2, 0.7, 0.9]) == pytest.approx(hmean([0.2, 0.7, 0.9]), rel=1e-12)
+    with pytest.raises(ValueError, match=r"in \[0, 1\]"):
+        metrics.mem_score(0.5, 1.5, 0.0, 0.5)
+    with pytest.raises(ValueError, match="non-negative"):
+        metrics.harmonic_mean([0.5, float("nan")])
+
+
+def test_forget_quality_known_answers():
+    # Fully separated samples of 3 and 3: exact two-sided p = 2 / C(6, 3) = 0.1.
+    assert metrics.forget_quality([1, 2, 3], [4, 5, 6]) == pytest.approx(0.1)
+    assert metrics.forget_quality([3, 1, 2], [2, 3, 1]) == pytest.approx(1.0)
+    with pytest.raises(ValueError, match="non-empty"):
+        metrics.forget_quality([], [1.0])
+
+
+# -- the paper's metrics (open-unlearning) ---------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("matches", "em", "es_open_unlearning", "es_definition"),
+    [
+        ([True, True, True, True], 1.0, 1.0, 1.0),  # k = 0: the whole answer comes back from the prompt alone
+        ([False, True, True, True], 0.75, 0.75, 0.75),  # k = 1
+        ([True, False, True, True], 0.75, 0.5, 0.5),  # k = 2: the first token does not help past the mismatch
+        ([True, True, True, False], 0.75, 0.25, 0.0),  # no suffix: open-unlearning stops its loop at k = T - 1
+        ([False, False, False, False], 0.0, 0.25, 0.0),
+        ([False, False, False, True], 0.25, 0.25, 0.25),  # k = 3 (= T - 1 either way)
+        ([True], 1.0, 1.0, 1.0),
+        ([False], 0.0, 1.0, 0.0),  # T = 1: open-unlearning's k = min(1, T - 1) = 0
+    ],
+)
+def test_exact_memorization_and_extraction_strength(matches, em, es_open_unlearning, es_definition):
+    assert metrics.exact_memorization(matches) == pytest.approx(em)
+    assert metrics.extraction_strength(matches) == pytest.approx(es_open_unlearning)
+    assert metrics.extraction_strength(matches, convention="definition") == pytest.approx(es_definition)
+
+
+def _open_unlearning_es(preds: torch.Tensor, labels: torch.Tensor) -> float:
+    """open-unlearning's _extraction_strength loop (src/evals/metrics/memorization.py), verbatim in substance."""
+    valid_len = len(labels)
+    for k in range(valid_len):
+        if torch.equal(preds[k:], labels[k:]):
+            break
+    return 0.0 if valid_len == 0 else 1 - (k / valid_len)
+
+
+def test_extraction_strength_equals_open_unlearning_loop():
+    generator = torch.Generator().manual_seed(0)
+    for _ in range(200):
+        length = int(torch.randint(1, 9, (1,), generator=generator))
+        labels = torch.randint(0, 3, (length,), generator=generator)
+        preds = torch.randint(0, 3, (length,), generator=generator)
+        matches = (preds == labels).numpy()
+        assert metrics.extraction_strength(matches) == pytest.approx(_open_unlearning_es(preds, labels))
+        assert metrics.exact_memorization(matches) == pytest.approx(float((preds == labels).float().mean()))
+
+
+def test_memorization_edge_cases_and_set_means():
+    assert math.isnan(metrics.exact_memorization([]))
+    assert metrics.extraction_strength([]) == 0.0  # open-unlearning appends 0 for an answer without positions
+    # Set EM leaves answers without positions out (open-unlearning's None); set ES keeps them as 0.
+    assert metrics.mean_exact_memorization([[True, False], [], [True]]) == pytest.approx(0.75)
+    assert metrics.mean_extraction_strength([[True, True], [], [False, True]]) == pytest.approx((1 + 0 + 0.5) / 3)
+    with pytest.raises(ValueError, match="bools"):
+        metrics.exact_memorization([1, 0])
+    with pytest.raises(ValueError, match="convention"):
+        metrics.extraction_strength([True], convention="nonsense")
+
+
+def test_paper_truth_ratio_hand_computed():
+    # Example 1: perturbed 0.1 and 0.4 -> geometric mean 0.2 (open-unlearning averages the losses); correct 0.6
+    # -> 0.6 / 0.8. Example 2: perturbed 0.3, correct 0.1 -> 0.25.
+    perturbed = [[math.log(0.1), math.log(0.4)], [math.log(0.3)]]
+    paraphrased = [math.log(0.6), math.log(0.1)]
+    ratios = metrics.paper_truth_ratio(perturbed, paraphrased)
+    np.testing.assert_allclose(ratios, [0.75, 0.25], rtol=1e-12)
+    # open-unlearning's prob_mean formula on the same numbers.
+    correct = np.exp(np.array(paraphrased))
+    wrong = np.exp(np.array([np.mean(row) for row in perturbed]))
+    np.testing.assert_allclose(ratios, correct / (correct + wrong + 1e-10), rtol=1e-9)
+    # Far below float range, still a ratio.
+    np.testing.assert_allclose(metrics.paper_truth_ratio([[-3000.0]], [-3000.0 + math.log(3)]), [0.75], rtol=1e-12)
+
+
+def test_paper_forget_quality_equals_open_unlearnings():
+    # open-unlearning's forget quality: KS on 1 / (R + 1e-10), R = p_w / p_c with the geometric-mean p_w. The KS test
+    # on the paper truth ratio p_c / (p_c + p_w) = 1 / (1 + R) (monotone in R) gives the same p-value.
+    generator = np.random.default_rng(0)
+    unlearned = [(generator.normal(-2, 1, 3).tolist(), float(generator.normal(-2, 1))) for _ in range(15)]
+    retained = [(generator.normal(-2, 1, 3).tolist(), float(generator.normal(-1, 1))) for _ in range(15)]
+
+    def open_unlearning_ratio(rows):
+        correct = np.exp([c for _, c in rows])
+        wrong = np.exp([np.mean(p) for p, _ in rows])
+        return wrong / (correct + 1e-10)
+
+    from scipy.stats import ks_2samp
+
+    expected = ks_2samp(
+        1 / (open_unlearning_ratio(unlearned) + 1e-10), 1 / (open_unlearning_ratio(retained) + 1e-10)
+    ).pvalue
+    ours = metrics.forget_quality(
+        metrics.paper_truth_ratio([p for p, _ in unlearned], [c for _, c in unlearned]),
+        metrics.paper_truth_ratio([p for p, _ in retained], [c for _, c in retained]),
+    )
+    assert ours == pytest.approx(expected, rel=1e-9)
+
+
 # -- scoring with a model --------------------------------------------------------------------------------------
 
 RECORDS = [
