@@ -434,6 +434,7 @@ def evaluate_set(
     leak_temperature: float = 1.0,
     leak_max_new_tokens: int | None = None,
     seed: int = 0,
+    es_convention: str = "open-unlearning",
 ) -> dict:
     """Probability, paraphrase probability, ROUGE-L recall and truth ratio of one set; summary + per-example lists.
 
@@ -508,10 +509,11 @@ def evaluate_set(
         matches = answer_scores.argmax_match
         em_values = [exact_memorization(m) for m in matches]
         per_example["em"] = [None if math.isnan(v) else v for v in em_values]
-        per_example["es"] = [extraction_strength(m) for m in matches]
+        per_example["es"] = [extraction_strength(m, convention=es_convention) for m in matches]
         em = mean_exact_memorization(matches)
         paper: dict = {
-            "es": mean_extraction_strength(matches),
+            "es": mean_extraction_strength(matches, convention=es_convention),
+            "es_convention": es_convention,
             "em": None if math.isnan(em) else em,
             "paraphrase_prob": result.get("paraphrase_prob"),
             "truth_ratio": None,
@@ -566,6 +568,7 @@ def evaluate(
     leak_temperature: float = 1.0,
     leak_max_new_tokens: int | None = None,
     seed: int = 0,
+    es_convention: str = "open-unlearning",
 ) -> dict:
     """Evaluate several sets; add model utility (sets with role retain/options), forget quality and, per forget set,
     the paper's metrics.
@@ -577,11 +580,13 @@ def evaluate(
             greedy answer plus ``leak_samples`` samples at ``leak_temperature`` (pure sampling, seeded with
             ``seed``, the global RNG restored), asked with the question and, where every record has one, with the
             ``paraphrased_question`` (seed + 1); ``leak_max_new_tokens`` defaults to ``max_new_tokens``.
+        es_convention: "open-unlearning" (its code, the default) or "definition" (shared/SPEC.md): how ES scores an
+            answer of which no suffix is reproduced (1/T or 0; see :func:`extraction_strength`).
     Returns: {"sets": {name: {...}}, "model_utility": float | None, "forget_quality": {name: float} | None}. Each
         forget set's entry has a ``"paper"`` block (the paper's Table 1 metrics as open-unlearning computes them):
 
         - ``es``, ``em``: Extraction Strength and Exact Memorization of the forget answers (open-unlearning's
-          definitions: :func:`extraction_strength`, :func:`exact_memorization`);
+          definitions: :func:`extraction_strength`, :func:`exact_memorization`), ``es_convention``;
         - ``paraphrase_prob``: mean p(paraphrased answer)^(1/len) (None without paraphrased answers);
         - ``truth_ratio``: mean p_c / (p_c + p_w) (:func:`paper_truth_ratio`; None without perturbed answers);
         - ``mem`` = HM(1 - es, 1 - em, 1 - paraphrase_prob, 1 - truth_ratio), ``util`` = model utility,
@@ -598,6 +603,8 @@ def evaluate(
         raise ValueError(f"evaluation set names must be unique, got {names}")
     if leak_samples < 0:
         raise ValueError(f"leak_samples must be >= 0, got {leak_samples}")
+    if es_convention not in ("open-unlearning", "definition"):
+        raise ValueError(f"es_convention must be 'open-unlearning' or 'definition', got {es_convention!r}")
     sets = {
         s.name: evaluate_set(
             model,
@@ -612,6 +619,7 @@ def evaluate(
             leak_temperature=leak_temperature,
             leak_max_new_tokens=leak_max_new_tokens,
             seed=seed,
+            es_convention=es_convention,
         )
         for s in eval_sets
     }

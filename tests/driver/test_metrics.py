@@ -10,9 +10,11 @@ import torch
 
 pytest.importorskip("transformers")
 
-from bs_unlearn import metrics  # noqa: E402
+from bs_unlearn import metrics, scoring  # noqa: E402
 from bs_unlearn.data import tokenize_qa  # noqa: E402
 from bs_unlearn.tiny_model import build_tiny_model, build_tiny_tokenizer  # noqa: E402
+
+from bs_kernels import IGNORE_INDEX  # noqa: E402
 
 # -- ROUGE-L ---------------------------------------------------------------------------------------------------
 
@@ -283,12 +285,16 @@ RECORDS = [
         "answer": "Ada was born in Lund.",
         "paraphrased_answer": "Lund is where Ada was born.",
         "perturbed_answer": ["Oslo is where Ada was born.", "Bergen is where Ada was born."],
+        "paraphrased_question": "In which town was Ada born?",
+        "keys": ["Lund"],
     },
     {
         "question": "What does Bo paint?",
         "answer": "Bo paints red boats on the river.",
         "paraphrased_answer": "Red boats on the river are what Bo paints.",
         "perturbed_answer": ["Green trees are what Bo paints."],
+        "paraphrased_question": "What is it that Bo paints?",
+        "keys": ["red boats"],
     },
 ]
 
@@ -296,6 +302,7 @@ RECORDS = [
 @pytest.fixture(scope="module")
 def tiny():
     texts = [r["question"] + " " + r["answer"] + " " + r["paraphrased_answer"] for r in RECORDS]
+    texts += [r["paraphrased_question"] for r in RECORDS]
     texts += [p for r in RECORDS for p in r["perturbed_answer"]]
     tokenizer = build_tiny_tokenizer(texts)
     return build_tiny_model(tokenizer, hidden_size=32), tokenizer
@@ -308,7 +315,7 @@ def _eager_mean_logprob(model, tokenizer, question, answer):
     with torch.no_grad():
         logp = torch.log_softmax(model(input_ids=ids).logits[0, :-1].double(), -1)
     targets = labels[1:]
-    valid = targets != -100
+    valid = targets != IGNORE_INDEX
     return logp[valid, targets[valid]].mean().item()
 
 
@@ -317,7 +324,7 @@ def test_score_answers_matches_eager_log_softmax(tiny):
     questions = [r["question"] for r in RECORDS] * 3
     answers = [r["answer"] for r in RECORDS] + [r["paraphrased_answer"] for r in RECORDS] * 2
     # batch_size 2 with sequences of different lengths: padding and the restoring of input order are exercised.
-    scores = metrics.score_answers(model, tokenizer, questions, answers, batch_size=2)
+    scores = scoring.score_answers(model, tokenizer, questions, answers, batch_size=2)
     expected = [_eager_mean_logprob(model, tokenizer, q, a) for q, a in zip(questions, answers)]
     np.testing.assert_allclose(scores, expected, atol=2e-5)
 
@@ -326,12 +333,12 @@ def test_token_view_p_label_and_alt_mass(tiny):
     model, tokenizer = tiny
     example = tokenize_qa(tokenizer, RECORDS[0]["question"], RECORDS[0]["answer"])
     top_k = 3
-    scores = metrics.score_encodings(model, tokenizer, [example], token_view_top_k=top_k)
+    scores = scoring.score_encodings(model, tokenizer, [example], token_view_top_k=top_k)
     with torch.no_grad():
         probs = torch.softmax(model(input_ids=torch.tensor([example["input_ids"]])).logits[0, :-1].double(), -1)
     targets = torch.tensor(example["labels"][1:])
     p_label, alt = [], []
-    for position in torch.nonzero(targets != -100).flatten().tolist():
+    for position in torch.nonzero(targets != IGNORE_INDEX).flatten().tolist():
         row = probs[position].clone()
         p_label.append(row[targets[position]].item())
         row[targets[position]] = 0
@@ -356,6 +363,79 @@ def test_evaluate_outputs_every_metric(tiny):
     assert again["forget_quality"]["forget"] == pytest.approx(1.0)
     table = metrics.format_table(results)
     assert "forget" in table and "model utility" in table
+
+
+def test_evaluate_paper_block_and_leak_rate(tiny):
+    model, tokenizer = tiny
+    # Make the first record's key something the model does say: its own greedy answer to the question.
+    greedy = scoring.generate_answers(model, tokenizer, [RECORDS[0]["question"]], max_new_tokens=4)[0][0]
+    assert greedy.strip()
+    records = [dict(RECORDS[0], keys=[greedy]), RECORDS[1]]
+    sets = [metrics.EvalSet("forget", records, "forget"), metrics.EvalSet("retain", RECORDS, "retain")]
+    torch.manual_seed(7)
+    state = torch.random.get_rng_state()
+    results = metrics.evaluate(model, tokenizer, sets, max_new_tokens=4, batch_size=4, leak_samples=2, seed=3)
+    assert torch.equal(torch.random.get_rng_state(), state)
+    assert "paper" not in results["sets"]["retain"]
+    forget = results["sets"]["forget"]
+    paper, per_example = forget["paper"], forget["per_example"]
+    assert set(paper) == {
+        "es", "es_convention", "em", "paraphrase_prob", "truth_ratio", "mem", "util", "agg",
+        "leak_rate", "leak_rate_original", "leak_rate_paraphrased", "leak_samples", "leak_temperature",
+    }  # fmt: skip
+    assert 0 <= paper["es"] <= 1 and 0 <= paper["em"] <= 1
+    assert paper["em"] == pytest.approx(np.mean(per_example["em"]))
+    assert paper["es"] == pytest.approx(np.mean(per_example["es"]))
+    assert paper["paraphrase_prob"] == forget["paraphrase_prob"]
+    expected_ratio = metrics.paper_truth_ratio(
+        per_example["perturbed_mean_logprob"], per_example["paraphrase_mean_logprob"]
+    )
+    assert paper["truth_ratio"] == pytest.approx(float(expected_ratio.mean()))
+    assert paper["mem"] == pytest.approx(
+        metrics.mem_score(paper["es"], paper["em"], paper["paraphrase_prob"], paper["truth_ratio"])
+    )
+    assert paper["util"] == results["model_utility"]
+    assert paper["agg"] == pytest.approx(metrics.agg_score(paper["mem"], paper["util"]))
+    # Leak rate: greedy + 2 samples per question, with the question and with the paraphrased question.
+    original, paraphrased = per_example["leak"]["original"], per_example["leak"]["paraphrased"]
+    assert all(len(answers) == 3 for answers in original["answers"] + paraphrased["answers"])
+    assert original["answers"][0][0] == greedy
+    keys = [r["keys"] for r in records]
+    assert paper["leak_rate_original"] == pytest.approx(metrics.leak_rate(original["answers"], keys))
+    assert paper["leak_rate_paraphrased"] == pytest.approx(metrics.leak_rate(paraphrased["answers"], keys))
+    pooled = metrics.leak_rate(original["answers"] + paraphrased["answers"], keys + keys)
+    assert paper["leak_rate"] == pytest.approx(pooled)
+    assert original["rate"][0] >= 1 / 3 and paper["leak_rate_original"] >= 1 / 6
+    # Same seed, same answers.
+    again = metrics.evaluate(model, tokenizer, sets[:1], max_new_tokens=4, batch_size=4, leak_samples=2, seed=3)
+    assert again["sets"]["forget"]["per_example"]["leak"] == per_example["leak"]
+    # Without a utility set there is no Util, so no Agg; with the model as its own retain-only model, the paper's
+    # forget quality is 1.
+    assert again["sets"]["forget"]["paper"]["util"] is None and again["sets"]["forget"]["paper"]["agg"] is None
+    quality = metrics.evaluate(model, tokenizer, sets[:1], retain_model_metrics=results, generate=False)
+    definition = metrics.evaluate(model, tokenizer, sets[:1], generate=False, es_convention="definition")
+    forget_definition = definition["sets"]["forget"]
+    assert forget_definition["paper"]["es_convention"] == "definition"
+    assert forget_definition["paper"]["es"] <= paper["es"]  # 0 instead of 1/T for answers nothing of which comes back
+    assert quality["sets"]["forget"]["paper"]["forget_quality"] == pytest.approx(1.0)
+    table = metrics.format_table(results)
+    assert metrics.FLUENCY_NOTE in table and "Util without fluency (no offline gibberish classifier)" in table
+    assert "leak_rate_paraphrased" in table and "mem" in table
+
+
+def test_evaluate_leak_rate_needs_keys(tiny):
+    model, tokenizer = tiny
+    records = [{k: v for k, v in r.items() if k != "keys"} for r in RECORDS]
+    results = metrics.evaluate(
+        model, tokenizer, [metrics.EvalSet("forget", records, "forget")], generate=False, leak_samples=1
+    )
+    paper = results["sets"]["forget"]["paper"]
+    assert paper["leak_rate"] is None and "leak" not in results["sets"]["forget"]["per_example"]
+    # Not asked for: no leak entries at all.
+    plain = metrics.evaluate(model, tokenizer, [metrics.EvalSet("forget", RECORDS, "forget")], generate=False)
+    assert "leak_rate" not in plain["sets"]["forget"]["paper"]
+    with pytest.raises(ValueError, match="keys"):
+        metrics.EvalSet("x", [dict(RECORDS[0], keys="Lund")], "forget")
 
 
 def test_eval_set_bad_input():
