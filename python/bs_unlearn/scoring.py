@@ -36,6 +36,7 @@ __all__ = [
     "sample_answers",
     "score_answers",
     "score_encodings",
+    "score_qa",
     "stop_token_ids",
 ]
 
