@@ -126,6 +126,14 @@ class Timing:
     def median_cpu_ms(self) -> float:
         return statistics.median(self.cpu_ms)
 
+    @property
+    def median_forward_ms(self) -> float:
+        return statistics.median(self.forward_ms)
+
+    @property
+    def median_backward_ms(self) -> float:
+        return statistics.median(self.backward_ms)
+
 
 def time_bench(bench: Bench, device: torch.device | str, *, rounds: int, warmup: int = 1) -> Timing:
     """``warmup`` untimed calls, then ``rounds`` timed ones back to back (see the module docstring)."""
