@@ -1,15 +1,16 @@
 #!/usr/bin/env bash
-# GPU check for impl="triton" (issue 3), on one CUDA GPU, in under 8 minutes:
+# GPU check for impl="triton", on one CUDA GPU, in under 8 minutes:
 #   1. the CUDA tests of tests/kernels/test_triton_interpreter.py (tiny shapes plus N = 8192, V = 128256 in bf16 and fp32),
-#   2. benchmarks/gpu_bench.py: reference, compiled_reference, torch, triton, triton_inplace and Liger-Kernel's
-#      cross entropy side by side in one process at N = 8192, V = 128256, bf16, k = 20, lam = 0.2, plus copy
-#      bandwidth, forget_logprobs alone and a Triton block-size sweep,
-#   3. benchmarks/gpu_bench_linear.py: bs_linear_loss vs Liger's fused linear cross entropy (N = 8192, H = 4096).
+#   2. benchmarks/bench_loss_gpu.py: reference, compile, torch, triton, triton:inplace and liger (Liger-Kernel's cross
+#      entropy) side by side in one process at N = 8192, V = 128256, bf16, k = 20, lam = 0.2, plus copy bandwidth,
+#      forget_logprobs alone and a Triton block-size sweep,
+#   3. benchmarks/bench_linear_gpu.py: bs_linear_loss vs Liger's fused linear cross entropy (N = 8192, H = 4096).
+# Both scripts use benchmarks/harness.py and benchmarks/providers.py (provider names as there).
 # Results: benchmarks/results/<gpu name>/bench.md and bench.json (also copied to $OUT when that is set), and the
-# test log beside them. The machine has no network: when liger_kernel is not importable, the wheel is installed from
+# logs beside them. The machine has no network: when liger_kernel is not importable, the wheel is installed from
 # $WHEELS or benchmarks/wheels/ (pip download --no-deps liger-kernel==0.8.5 -d benchmarks/wheels); with no wheel,
-# the liger row says why it is missing and everything else still runs.
-# Extra arguments go to gpu_bench.py (e.g. --repeat 20, --providers triton,liger, --no-sweep).
+# the liger rows say why they are missing and everything else still runs.
+# Extra arguments go to bench_loss_gpu.py (e.g. --repeat 20, --providers triton,liger, --no-sweep).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 export PYTHONPATH="$PWD:$PWD/python${PYTHONPATH:+:$PYTHONPATH}"
@@ -46,11 +47,11 @@ timeout 120 "$PYTHON" -m pytest tests/kernels/test_triton_interpreter.py -q -rs 
 tests_status=${PIPESTATUS[0]}
 
 echo "== benchmark"
-timeout 210 "$PYTHON" benchmarks/gpu_bench.py --out "$results" "$@" 2>&1 | tee "$results/bench.log"
+timeout 210 "$PYTHON" benchmarks/bench_loss_gpu.py --out "$results" "$@" 2>&1 | tee "$results/bench.log"
 bench_status=${PIPESTATUS[0]}
 
 echo "== fused linear + BS-T (bs_linear_loss vs Liger's fused linear cross entropy)"
-timeout 120 "$PYTHON" benchmarks/gpu_bench_linear.py 2>&1 | tee "$results/bench_linear.log"
+timeout 120 "$PYTHON" benchmarks/bench_linear_gpu.py 2>&1 | tee "$results/bench_linear.log"
 linear_status=${PIPESTATUS[0]}
 
 if [ -n "${OUT:-}" ]; then

@@ -229,15 +229,18 @@ def measure_peak(bench: Bench, device: torch.device | str, *, trace_blocks: bool
     return result
 
 
-def peak_memory(factory: Callable[..., Bench], kwargs: dict[str, Any], device: torch.device | str) -> Memory:
+def peak_memory(
+    factory: Callable[..., Bench], kwargs: dict[str, Any], device: torch.device | str, *, trace_blocks: bool = False
+) -> Memory:
     """Peak memory of one call of ``factory(**kwargs)``'s Bench: a fresh process on CPU, this process on CUDA.
 
     ``factory`` must be a module-level function of a file under benchmarks/ whose keyword arguments are
-    JSON-serialisable (the fresh process imports the file and calls it again).
+    JSON-serialisable (the fresh process imports the file and calls it again). ``trace_blocks`` (CUDA only) also
+    records the largest single allocation.
     """
     device = torch.device(device)
     if device.type == "cuda":
-        return measure_peak(factory(**kwargs), device)
+        return measure_peak(factory(**kwargs), device, trace_blocks=trace_blocks)
     request = {"file": inspect.getfile(factory), "name": factory.__qualname__, "kwargs": kwargs}
     command = [sys.executable, str(HERE / "harness.py"), "--peak-memory", json.dumps(request)]
     env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536")
@@ -257,11 +260,14 @@ def _peak_memory_child(request_json: str) -> None:
     print(json.dumps(dataclasses.asdict(measure_peak(bench, "cpu"))))
 
 
+def markdown_row(cells: Sequence[Any]) -> str:
+    """One Markdown table row; cells are written with str()."""
+    return "| " + " | ".join(str(cell) for cell in cells) + " |"
+
+
 def markdown_table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> list[str]:
-    """A Markdown table as lines; cells are written with str()."""
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    lines += ["| " + " | ".join(str(cell) for cell in row) + " |" for row in rows]
-    return lines
+    """A Markdown table as lines: the header, its separator, then the rows."""
+    return [markdown_row(header), "|" + "---|" * len(header), *(markdown_row(row) for row in rows)]
 
 
 def cell(value: float | None, spec: str) -> str:
