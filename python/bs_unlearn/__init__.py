@@ -1,7 +1,18 @@
 """bs_unlearn: a thin unlearning driver (GA, GradDiff, NPO, BS-T, BS-S) on transformers.Trainer and bs_kernels.
 
-    from bs_unlearn import UnlearnConfig, unlearn
-    result = unlearn(UnlearnConfig(method="bs-t", forget="forget01.jsonl", retain="retain99.jsonl", output="out"))
+    from bs_unlearn import ObjectiveConfig, UnlearnConfig, unlearn
+    objective = ObjectiveConfig(method="bs-t", lam=0.5)
+    result = unlearn(UnlearnConfig(forget="forget01.jsonl", retain="retain99.jsonl", objective=objective, output="out"))
+
+Layers (each imports only from the ones above it):
+    data, models, outputs, tiny_model          QA files and tokenisation, model loading, output folders
+    config                                     one dataclass per concept (the CLI is generated from them)
+    scoring, metrics                           log-probs / generations of a model; TOFU and the paper's metrics
+    objectives (terms, model_terms)            loss terms; the method's loss on a batch
+    beliefs, trainer, probe, plotting          BS-S sampling, the Trainer subclasses, the squeezing probe, figures
+    experiment                                 the pipeline's stages (fine-tune, band, unlearn, evaluate, tables)
+    commands, cli                              bs-unlearn's subcommands
+    integrations                               adapters for other codebases, over objectives and beliefs
 
 Submodules are imported lazily so that ``import bs_unlearn`` stays cheap (the CLI loads transformers on demand).
 """
@@ -11,6 +22,7 @@ from __future__ import annotations
 import importlib
 
 __all__ = [
+    "BeliefConfig",
     "FinetuneConfig",
     "ObjectiveConfig",
     "RunResult",
@@ -23,12 +35,13 @@ __all__ = [
 ]
 
 _LOCATIONS = {
-    "FinetuneConfig": "trainer",
+    "BeliefConfig": "config",
+    "FinetuneConfig": "config",
+    "ObjectiveConfig": "config",
+    "UnlearnConfig": "config",
     "RunResult": "trainer",
-    "UnlearnConfig": "trainer",
     "finetune": "trainer",
     "unlearn": "trainer",
-    "ObjectiveConfig": "objectives",
     "UnlearnObjective": "objectives",
     "load_model_and_tokenizer": "models",
     "sample_beliefs": "beliefs",

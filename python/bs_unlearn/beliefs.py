@@ -11,10 +11,15 @@ process ends with the same complete belief set.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 from transformers import TrainerCallback
 
-from .data import IGNORE_INDEX, end_of_turn_ids, pad_examples
+from bs_kernels import IGNORE_INDEX
+
+from .data import end_of_turn_ids
+from .scoring import generate_continuations
 
 
 def prompt_ids_of(example: dict[str, list[int]]) -> list[int]:
@@ -23,6 +28,24 @@ def prompt_ids_of(example: dict[str, list[int]]) -> list[int]:
         if label != IGNORE_INDEX:
             return list(example["input_ids"][:position])
     raise ValueError("example has no answer tokens (every label is -100)")
+
+
+def _as_list(values) -> list[int]:
+    return values.tolist() if isinstance(values, torch.Tensor) else list(values)
+
+
+def prompt_of(input_ids, labels, attention_mask=None) -> tuple[int, ...]:
+    """The prompt tokens (before the first counted label) of one possibly padded row (either side), as a tuple.
+
+    Rows of a collated batch (tensors or lists) map to the same key as the unpadded example, so a belief set keyed
+    by prompt works with any collator.
+    """
+    ids, labels = _as_list(input_ids), _as_list(labels)
+    if attention_mask is not None:
+        keep = [bool(flag) for flag in _as_list(attention_mask)]
+        ids = [token for token, flag in zip(ids, keep) if flag]
+        labels = [label for label, flag in zip(labels, keep) if flag]
+    return tuple(prompt_ids_of({"input_ids": ids, "labels": labels}))
 
 
 def _unwrap(model):
@@ -71,42 +94,28 @@ def sample_beliefs(
     if not stop_ids:
         raise ValueError("the tokenizer has no eos / end-of-turn token to stop generation at; pass stop_ids")
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else stop_ids[0]
-    stop_set = set(stop_ids)
-
-    generator_model = _unwrap(model)
-    was_training = generator_model.training
-    device = next(generator_model.parameters()).device
     rank, world = _distributed()
     my_indices = list(range(rank, len(prompts), world))
-    mine: dict[int, list[dict[str, list[int]]]] = {}
-    generator_model.eval()
-    try:
-        with torch.no_grad():
-            for start in range(0, len(my_indices), batch_size):
-                chunk = my_indices[start : start + batch_size]
-                batch = pad_examples([{"input_ids": prompts[i]} for i in chunk], pad_id, side="left")
-                prompt_length = batch["input_ids"].shape[1]
-                generated = generator_model.generate(
-                    input_ids=batch["input_ids"].to(device),
-                    attention_mask=batch["attention_mask"].to(device),
-                    do_sample=True,
-                    temperature=temperature,
-                    top_k=0,  # pure temperature sampling over the whole vocabulary (generate's default is top-50)
-                    top_p=1.0,
-                    num_return_sequences=num_samples,
-                    max_new_tokens=max_new_tokens,
-                    eos_token_id=stop_ids,
-                    pad_token_id=pad_id,
-                )
-                # generated: [len(chunk) * num_samples, prompt_length + new], samples of one prompt are adjacent.
-                continuations = generated[:, prompt_length:].tolist()
-                for row, tokens in enumerate(continuations):
-                    cut = next((j + 1 for j, t in enumerate(tokens) if t in stop_set), len(tokens))
-                    prompt = prompts[chunk[row // num_samples]]
-                    belief = {"input_ids": prompt + tokens[:cut], "labels": [IGNORE_INDEX] * len(prompt) + tokens[:cut]}
-                    mine.setdefault(chunk[row // num_samples], []).append(belief)
-    finally:
-        generator_model.train(was_training)
+    continuations = generate_continuations(
+        _unwrap(model),
+        [prompts[i] for i in my_indices],
+        pad_id=pad_id,
+        stop_ids=stop_ids,
+        batch_size=batch_size,
+        num_return_sequences=num_samples,
+        max_new_tokens=max_new_tokens,
+        do_sample=True,
+        temperature=temperature,
+        top_k=0,  # pure temperature sampling over the whole vocabulary (generate's default is top-50)
+        top_p=1.0,
+    )
+    mine = {
+        index: [
+            {"input_ids": prompts[index] + tokens, "labels": [IGNORE_INDEX] * len(prompts[index]) + tokens}
+            for tokens in samples
+        ]
+        for index, samples in zip(my_indices, continuations)
+    }
     if world > 1:
         shards: list[dict | None] = [None] * world
         torch.distributed.all_gather_object(shards, mine)
@@ -116,28 +125,37 @@ def sample_beliefs(
 
 
 class BeliefRefreshCallback(TrainerCallback):
-    """On-policy BS-S: resample the whole forget set's beliefs from the current model every ``every`` epochs.
+    """Calls ``refresh(model)`` at the start of the epochs where a belief set is due.
 
-    The beliefs for epoch 0 are sampled before training (from the initial model); at the start of epoch e > 0 with
-    e % every == 0 they are resampled and handed to ``dataset.set_beliefs``.
+    Due: epoch 0 when ``at_start`` (the drop-in samples its set when training starts; the driver samples before it),
+    and every epoch e > 0 with ``every > 0`` and e % every == 0 (on-policy resampling from the current model). Each
+    epoch is refreshed at most once; ``refreshed_at`` lists them. ``refresh`` returns False when it had nothing to
+    sample (the epoch then stays due).
     """
 
-    def __init__(self, dataset, tokenizer, prompts: list[list[int]], *, every: int = 2, **sample_kwargs) -> None:
-        if every < 1:
-            raise ValueError(f"every (the on-policy resampling period in epochs) must be >= 1, got {every}")
-        self.dataset = dataset
-        self.tokenizer = tokenizer
-        self.prompts = prompts
+    def __init__(self, refresh: Callable[[object], None], *, every: int, at_start: bool = False) -> None:
+        if not isinstance(every, int) or every < 0:
+            raise ValueError(f"every (the on-policy resampling period in epochs) must be an int >= 0, got {every!r}")
+        self.refresh = refresh
         self.every = every
-        self.sample_kwargs = sample_kwargs
+        self.at_start = at_start
         self.refreshed_at: list[int] = []
+
+    def is_due(self, epoch: int) -> bool:
+        if epoch in self.refreshed_at:
+            return False
+        if epoch == 0:
+            return self.at_start
+        return self.every > 0 and epoch % self.every == 0
 
     def on_epoch_begin(self, args, state, control, model=None, **kwargs):
         epoch = round(state.epoch or 0)
-        if epoch > 0 and epoch % self.every == 0 and epoch not in self.refreshed_at:
-            self.dataset.set_beliefs(sample_beliefs(model, self.tokenizer, self.prompts, **self.sample_kwargs))
-            self.refreshed_at.append(epoch)
+        self.refresh_if_due(epoch, model)
         return control
+
+    def refresh_if_due(self, epoch: int, model) -> None:
+        if self.is_due(epoch) and self.refresh(model) is not False:
+            self.refreshed_at.append(epoch)
 
 
 class EpochCallback(TrainerCallback):

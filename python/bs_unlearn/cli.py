@@ -10,9 +10,9 @@ import argparse
 import importlib
 import sys
 
-from .commands._common import EXIT_BAD_INPUT, PROG, run_handler
+from .commands.base import EXIT_BAD_INPUT, PROG, run_handler
 
-SUBCOMMAND_MODULES = ("finetune", "unlearn", "evaluate", "compare", "demo")
+SUBCOMMAND_MODULES = ("finetune", "unlearn", "evaluate", "compare", "demo", "tofu")
 
 
 class _OneLineErrorParser(argparse.ArgumentParser):

@@ -10,6 +10,7 @@ by the template's end-of-turn token), else ``"Question: {q}\\nAnswer:"`` followe
 
 from __future__ import annotations
 
+import importlib.resources
 import json
 import os
 import pathlib
@@ -19,19 +20,17 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-IGNORE_INDEX = -100
+from bs_kernels import IGNORE_INDEX
+
 REQUIRED_FIELDS = ("question", "answer")
 
 
-def load_qa_jsonl(path: str | os.PathLike, *, max_examples: int | None = None, seed: int = 0):
-    """Load a QA JSON Lines file as a ``datasets.Dataset`` (offline, local path only).
+def read_qa_records(path: str | os.PathLike, *, max_examples: int | None = None, seed: int = 0) -> list[dict]:
+    """The records of a QA JSON Lines file, checked: every line a JSON object with string ``question`` and ``answer``.
 
-    Every line must be a JSON object with string ``question`` and ``answer``; a bad line raises ValueError naming the
-    file and line number. ``max_examples`` keeps a seeded random subset of that size (the same subset for the same
-    seed, so fine-tuning and unlearning can share it).
+    A bad line raises ValueError naming the file and line number. ``max_examples`` keeps a seeded random subset of
+    that size, in file order (the same subset for the same seed, so fine-tuning and unlearning can share it).
     """
-    import datasets
-
     path = pathlib.Path(path).expanduser()
     if not path.exists():
         raise FileNotFoundError(f"data file not found: {path}")
@@ -63,7 +62,17 @@ def load_qa_jsonl(path: str | os.PathLike, *, max_examples: int | None = None, s
         if max_examples < len(rows):
             keep = np.random.default_rng(seed).permutation(len(rows))[:max_examples]
             rows = [rows[i] for i in sorted(keep)]
-    # Keep the columns that every row shares in a uniform type (TOFU's optional fields differ between files).
+    return rows
+
+
+def load_qa_jsonl(path: str | os.PathLike, *, max_examples: int | None = None, seed: int = 0):
+    """:func:`read_qa_records` as a ``datasets.Dataset`` (offline, local path only).
+
+    Keeps the columns that every row shares in a uniform type (TOFU's optional fields differ between files).
+    """
+    import datasets
+
+    rows = read_qa_records(path, max_examples=max_examples, seed=seed)
     columns = {"question": [r["question"] for r in rows], "answer": [r["answer"] for r in rows]}
     for optional in ("paraphrased_answer",):
         if all(isinstance(r.get(optional), str) for r in rows):
@@ -71,6 +80,19 @@ def load_qa_jsonl(path: str | os.PathLike, *, max_examples: int | None = None, s
     if all(isinstance(r.get("perturbed_answer"), list) for r in rows):
         columns["perturbed_answer"] = [[str(x) for x in r["perturbed_answer"]] for r in rows]
     return datasets.Dataset.from_dict(columns)
+
+
+def demo_data_path(name: str) -> pathlib.Path:
+    """Path of a file of the embedded demo data set (``forget.jsonl``, ``retain.jsonl``)."""
+    return pathlib.Path(str(importlib.resources.files("bs_unlearn") / "demo_data" / name))
+
+
+def write_qa_records(records: Sequence[dict], path: str | os.PathLike) -> pathlib.Path:
+    """Write records as QA JSON Lines (e.g. a seeded subset that several stages must read identically)."""
+    path = pathlib.Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(json.dumps(record, ensure_ascii=False) + "\n" for record in records), encoding="utf-8")
+    return path
 
 
 def end_of_turn_ids(tokenizer) -> list[int]:

@@ -38,15 +38,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from .scoring import (  # noqa: F401  (score_answers, score_encodings, SequenceScores: re-exported for old callers)
-    SequenceScores,
-    generate_answers,
-    mean_token_logprobs,
-    sample_answers,
-    score_answers,
-    score_encodings,
-    score_qa,
-)
+from .scoring import generate_answers, sample_answers, score_answers, score_qa
 
 FLUENCY_NOTE = "Util without fluency (no offline gibberish classifier)"
 

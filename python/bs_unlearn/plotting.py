@@ -1,9 +1,13 @@
-"""Figures of the squeezing probe: one column per unlearning run, paper style, Agg backend (no display needed).
+"""Figures of the squeezing probe, Agg backend (no display needed).
 
-Top row: mean per-token log-prob of the forget targets, the belief band, the paraphrased answers and the retain
-answers against the optimizer step. Bottom row: the token-level view at the forget answers' positions, p(label) and
-the mass on the top-k other tokens (with their sum: when it stays flat while p(label) falls, the mass the label lost
-went to its rivals: the squeeze).
+``plot_forgetting_axis``: forgetting on the x-axis (the forget targets' mean per-token log-prob), one line per
+method, three panels: the belief band (a squeeze is a line that stays high while the target falls), the retain
+answers (the trade-off) and the leak rate (start and matched point).
+
+``plot_probe_runs``: one column per unlearning run against the optimizer step. Top row: mean per-token log-prob of
+the forget targets, the belief band, the paraphrased answers and the retain answers. Bottom row: the token-level view
+at the forget answers' positions, p(label) and the mass on the top-k other tokens (with their sum: when it stays flat
+while p(label) falls, the mass the label lost went to its rivals: the squeeze).
 """
 
 from __future__ import annotations
@@ -79,9 +83,70 @@ def plot_probe_runs(runs: Sequence[dict], path: str | os.PathLike, *, title: str
         data = runs[0].get("data") or "data"
         title = f"Squeezing probe: {model} unlearning {data}"
     figure.suptitle(title, fontsize=11)
+    return _save(figure, path)
+
+
+def _save(figure, path: pathlib.Path) -> pathlib.Path:
+    import matplotlib.pyplot as plt
+
     figure.tight_layout()
     partial = path.with_name(path.name + ".partial.png")
     figure.savefig(partial, dpi=120)
     plt.close(figure)
     os.replace(partial, path)
     return path
+
+
+def _leak_rate(metrics: dict | None) -> float | None:
+    for values in (metrics or {}).get("sets", {}).values():
+        if values.get("role") == "forget" and "leak_rate" in values.get("paper", {}):
+            return values["paper"]["leak_rate"]
+    return None
+
+
+def plot_forgetting_axis(results: dict, path: str | os.PathLike, *, title: str | None = None) -> pathlib.Path:
+    """Band, retain and leak rate against the forget targets' log-prob, one line per run of ``results["runs"]``.
+
+    ``results``: what ``bs-unlearn demo`` / ``bs-unlearn tofu`` write (runs with ``probe`` and ``metrics``, plus
+    ``start_metrics`` and ``target_lp``). Returns the path written.
+    """
+    import matplotlib
+
+    matplotlib.use("Agg", force=True)
+    import matplotlib.pyplot as plt
+
+    runs = results.get("runs") or []
+    if not runs:
+        raise ValueError("plot_forgetting_axis needs at least one run")
+    path = pathlib.Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    figure, axes = plt.subplots(1, 3, figsize=(15, 4.6))
+    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    start_leak = _leak_rate(results.get("start_metrics"))
+    for index, run in enumerate(runs):
+        color = colors[index % len(colors)]
+        records = run["probe"]["records"]
+        label = run.get("label") or f"run {index + 1}"
+        for axis, key in ((axes[0], "belief_lp"), (axes[1], "retain_lp")):
+            points = [(r["target_lp"], r[key]) for r in records if key in r]
+            if points:
+                axis.plot(*zip(*points), "-", color=color, marker="o", markersize=3, label=label)
+        end_leak = _leak_rate(run.get("metrics"))
+        if start_leak is not None and end_leak is not None:
+            xs = (records[0]["target_lp"], records[-1]["target_lp"])
+            axes[2].plot(xs, (start_leak, end_leak), "-", color=color, marker="o", label=label)
+    names = (
+        "belief band: mean per-token log-prob",
+        "retain answers: mean per-token log-prob",
+        "leak rate (answers with a key fact)",
+    )
+    for axis, name in zip(axes, names):
+        axis.set_xlabel("forget target: mean per-token log-prob (forgetting →)")
+        axis.set_ylabel(name)
+        axis.invert_xaxis()
+        axis.grid(alpha=0.3)
+        if results.get("target_lp") is not None:
+            axis.axvline(results["target_lp"], color="grey", linestyle="--", linewidth=1)
+    axes[0].legend(fontsize=8, loc="best")
+    figure.suptitle(title or "At matched forgetting", fontsize=11)
+    return _save(figure, path)

@@ -15,6 +15,10 @@ sequences:
   as p(label) falling while alt mass rises by about as much.
 
 It writes the records to JSON and, through ``plotting.plot_probe_runs``, a PNG.
+
+Matched forgetting (SPEC.md, "Comparing methods"): with ``stop_at`` (a :class:`ForgettingTarget`) the probe checks
+the forget targets' mean per-token log-prob after every ``stop_at.check_every`` steps and stops training at the first
+check at or below the target; ``reached_step`` says where (None: the step cap came first).
 """
 
 from __future__ import annotations
@@ -24,13 +28,34 @@ import os
 import pathlib
 import time
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import numpy as np
 import torch
 from transformers import TrainerCallback
 
 from .data import tokenize_qa
-from .metrics import generate_answers, rouge_tokens, score_encodings
+from .metrics import rouge_tokens
+from .outputs import write_json_atomic
+from .scoring import generate_answers, score_encodings
+
+
+@dataclass(frozen=True)
+class ForgettingTarget:
+    """Stop a run when the forget answers' mean per-token log-prob is at or below ``target_lp``.
+
+    ``check_every``: optimizer steps between checks (each check scores the forget targets only, a few forward
+    passes); 1 keeps the overshoot past the target to one step.
+    """
+
+    target_lp: float
+    check_every: int = 1
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.check_every, int) or self.check_every < 1:
+            raise ValueError(f"check_every must be an int >= 1, got {self.check_every!r}")
+        if not self.target_lp < 0:
+            raise ValueError(f"target_lp must be < 0 (a mean per-token log-prob), got {self.target_lp!r}")
 
 
 def _normalised(text: str) -> str:
@@ -122,6 +147,8 @@ class SqueezeProbe(TrainerCallback):
         top_k: the number of rival tokens in the token-level alt mass.
         output_json / output_png: written at the end of training (and by :meth:`save`).
         label / model_name / data_name: shown in the JSON and the plot's legend and title.
+        stop_at: a :class:`ForgettingTarget` to stop training at (matched forgetting).
+        on_record: called with each new record (e.g. to print a progress line).
     """
 
     def __init__(
@@ -140,6 +167,8 @@ class SqueezeProbe(TrainerCallback):
         model_name: str = "",
         data_name: str = "",
         impl: str = "auto",
+        stop_at: ForgettingTarget | None = None,
+        on_record=None,
     ) -> None:
         if every < 1:
             raise ValueError(f"every must be >= 1, got {every}")
@@ -172,14 +201,21 @@ class SqueezeProbe(TrainerCallback):
         ]
         self.retain = [tokenize_qa(tokenizer, r["question"], r["answer"]) for r in (retain_records or [])]
         self.records: list[dict] = []
+        self.stop_at = stop_at
+        self.on_record = on_record
+        self.reached_step: int | None = None
         self._started = time.perf_counter()
 
-    def measure(self, model: torch.nn.Module, step: int) -> dict:
-        """Score every probe set with ``model`` now and append the record for ``step``."""
-        started = time.perf_counter()
-        target = score_encodings(
+    def _score_targets(self, model: torch.nn.Module):
+        return score_encodings(
             model, self.tokenizer, self.targets, batch_size=self.batch_size, token_view_top_k=self.top_k, impl=self.impl
         )
+
+    def measure(self, model: torch.nn.Module, step: int, target=None) -> dict:
+        """Score every probe set with ``model`` now and append the record for ``step`` (``target``: the forget
+        targets' scores when they were just computed for the stopping check)."""
+        started = time.perf_counter()
+        target = target if target is not None else self._score_targets(model)
         record = {
             "step": int(step),
             "target_lp": float(target.mean_logprob.mean()),
@@ -197,6 +233,8 @@ class SqueezeProbe(TrainerCallback):
         record["probe_seconds"] = round(time.perf_counter() - started, 3)
         record["elapsed_seconds"] = round(time.perf_counter() - self._started, 3)
         self.records.append(record)
+        if self.on_record is not None:
+            self.on_record(record)
         return record
 
     # -- TrainerCallback hooks ---------------------------------------------------------------------------------
@@ -206,8 +244,17 @@ class SqueezeProbe(TrainerCallback):
             self.measure(model, state.global_step)
 
     def on_step_end(self, args, state, control, model=None, **kwargs):
-        if model is not None and state.global_step % self.every == 0:
-            self.measure(model, state.global_step)
+        if model is None:
+            return
+        step = state.global_step
+        target = None
+        if self.stop_at is not None and step % self.stop_at.check_every == 0:
+            target = self._score_targets(model)
+            if float(target.mean_logprob.mean()) <= self.stop_at.target_lp:
+                self.reached_step = step
+                control.should_training_stop = True
+        if step % self.every == 0 or self.reached_step == step:
+            self.measure(model, step, target)
 
     def on_train_end(self, args, state, control, model=None, **kwargs):
         if model is not None and not any(r["step"] == state.global_step for r in self.records):
@@ -231,6 +278,8 @@ class SqueezeProbe(TrainerCallback):
             },
             "records": self.records,
             "belief_band": self.belief_band,
+            "stop_at": None if self.stop_at is None else {"target_lp": self.stop_at.target_lp},
+            "reached_step": self.reached_step,
         }
 
     def save(self) -> None:
@@ -245,11 +294,7 @@ class SqueezeProbe(TrainerCallback):
 
 def write_probe_json(run: dict, path: str | os.PathLike) -> None:
     """Write a probe run (``SqueezeProbe.to_dict()``) to ``path`` atomically."""
-    path = pathlib.Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    partial = path.with_name(path.name + ".partial")
-    partial.write_text(json.dumps(run, indent=1))
-    os.replace(partial, path)
+    write_json_atomic(run, path)
 
 
 def load_probe_json(path: str | os.PathLike) -> dict:

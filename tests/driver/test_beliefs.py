@@ -102,7 +102,11 @@ def test_on_policy_callback_resamples_every_r_epochs():
     prompts = _prompts(tokenizer)
     forget = [{"input_ids": p + [3], "labels": [-100] * len(p) + [3]} for p in prompts]
     dataset = data.ForgetRetainDataset(forget, None)
-    callback = beliefs.BeliefRefreshCallback(dataset, tokenizer, prompts, every=2, num_samples=2, max_new_tokens=3)
+
+    def resample(current_model) -> None:
+        dataset.set_beliefs(beliefs.sample_beliefs(current_model, tokenizer, prompts, num_samples=2, max_new_tokens=3))
+
+    callback = beliefs.BeliefRefreshCallback(resample, every=2)
 
     class State:
         epoch = 0.0
@@ -112,3 +116,8 @@ def test_on_policy_callback_resamples_every_r_epochs():
         callback.on_epoch_begin(None, State, None, model=model)
     assert callback.refreshed_at == [2, 4]
     assert dataset.beliefs is not None and all(len(s) == 2 for s in dataset.beliefs)
+    at_start = beliefs.BeliefRefreshCallback(resample, every=0, at_start=True)
+    for epoch in range(3):
+        State.epoch = float(epoch)
+        at_start.on_epoch_begin(None, State, None, model=model)
+    assert at_start.refreshed_at == [0]  # off-policy: sampled once, when training starts

@@ -104,7 +104,8 @@ def test_unlearn_run_saves_model_and_settings(tiny_setup, tmp_path, capsys):  # 
     assert status == 0
     assert "unlearn: 2 steps" in capsys.readouterr().out
     record = json.loads((output / "run.json").read_text())
-    assert record["config"]["method"] == "bs-t" and record["config"]["lam"] == 0.5
+    objective = record["config"]["objective"]
+    assert objective["method"] == "bs-t" and objective["lam"] == 0.5
     assert len([e for e in record["log_history"] if "loss" in e]) == 2
     assert (output / "model.safetensors").is_file() and (output / "tokenizer.json").is_file()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
@@ -121,3 +122,28 @@ def test_console_script_exit_status(tmp_path):
     )
     assert result.returncode == 2
     assert result.stderr.strip() == f"bs-unlearn: error: model path does not exist: {tmp_path / 'missing'}"
+
+
+def test_unlearn_options_are_generated_from_the_configs():
+    """Every field of the unlearning configs is an option of `bs-unlearn unlearn`, parsed back into the same
+    nested config (no third copy of the fields in the CLI)."""
+    import dataclasses
+
+    from bs_unlearn.commands.config_args import config_from_args
+    from bs_unlearn.config import BeliefConfig, ObjectiveConfig, UnlearnConfig
+
+    parser = cli.build_parser()
+    unlearn_parser = parser._subparsers._group_actions[0].choices["unlearn"]
+    options = {action.dest: action for action in unlearn_parser._actions}
+    for config_class in (UnlearnConfig, ObjectiveConfig, BeliefConfig):
+        for field in dataclasses.fields(config_class):
+            if field.name not in ("objective", "beliefs", "logging_steps"):
+                assert field.name in options, f"{config_class.__name__}.{field.name} has no option"
+    args = parser.parse_args(
+        ["unlearn", "--method", "bs-s", "--forget", "f.jsonl", "--output", "o", "--bs-s-base", "bs-t", "--lam", "0.7",
+         "--retain-loss", "none", "--num-beliefs", "5", "--no-progress", "--on-policy"]
+    )  # fmt: skip
+    config = config_from_args(UnlearnConfig, args)
+    assert config.objective == ObjectiveConfig(method="bs-s", bs_s_base="bs_t", lam=0.7, retain_loss=None)
+    assert config.beliefs == BeliefConfig(num_beliefs=5, on_policy=True)
+    assert (config.forget, config.output, config.progress, config.lr) == ("f.jsonl", "o", False, UnlearnConfig.lr)

@@ -7,7 +7,6 @@ import copy
 
 import pytest
 import torch
-from bs_unlearn.integrations import fused
 from bs_unlearn.integrations.open_unlearning import (
     BSS,
     BST,
@@ -16,6 +15,7 @@ from bs_unlearn.integrations.open_unlearning import (
     fused_trainer,
     register,
 )
+from bs_unlearn.objectives import model_terms as fused
 from conftest import TOLERANCES
 from integration_fixtures import (
     authors_bst_forget_loss,

@@ -110,11 +110,11 @@ def test_leak_rate_on_crafted_answers():
 def test_mean_token_logprobs_and_probability():
     token_lp = torch.tensor([[-1.0, -3.0, 99.0], [-0.5, 7.0, 7.0]])
     valid = torch.tensor([[True, True, False], [True, False, False]])
-    mean = metrics.mean_token_logprobs(token_lp, valid)
+    mean = scoring.mean_token_logprobs(token_lp, valid)
     assert mean.tolist() == [-2.0, -0.5]
     np.testing.assert_allclose(metrics.answer_probability(mean.numpy()), [math.exp(-2.0), math.exp(-0.5)])
     with pytest.raises(ValueError, match="no scored token"):
-        metrics.mean_token_logprobs(token_lp, torch.zeros_like(valid))
+        scoring.mean_token_logprobs(token_lp, torch.zeros_like(valid))
 
 
 def test_truth_ratio_hand_computed():

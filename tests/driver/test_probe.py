@@ -11,7 +11,7 @@ pytest.importorskip("transformers")
 pytest.importorskip("matplotlib")
 
 from bs_unlearn.cli import main as cli_main  # noqa: E402
-from bs_unlearn.commands.demo import demo_data_path, read_jsonl  # noqa: E402
+from bs_unlearn.data import demo_data_path, read_qa_records  # noqa: E402
 from bs_unlearn.probe import SqueezeProbe, band_change, collect_belief_band, load_probe_json  # noqa: E402
 from bs_unlearn.tiny_model import build_tiny_model, build_tiny_tokenizer  # noqa: E402
 from transformers import TrainerControl, TrainerState, TrainingArguments  # noqa: E402
@@ -19,7 +19,7 @@ from transformers import TrainerControl, TrainerState, TrainingArguments  # noqa
 
 @pytest.fixture(scope="module")
 def demo_records():
-    return read_jsonl(demo_data_path("forget.jsonl"))[:3], read_jsonl(demo_data_path("retain.jsonl"))[:3]
+    return read_qa_records(demo_data_path("forget.jsonl"))[:3], read_qa_records(demo_data_path("retain.jsonl"))[:3]
 
 
 @pytest.fixture(scope="module")
@@ -35,7 +35,7 @@ def tiny(demo_records):
 
 
 def test_demo_data_is_tofu_format():
-    forget, retain = read_jsonl(demo_data_path("forget.jsonl")), read_jsonl(demo_data_path("retain.jsonl"))
+    forget, retain = read_qa_records(demo_data_path("forget.jsonl")), read_qa_records(demo_data_path("retain.jsonl"))
     assert len(forget) * 2 == len(retain)  # a third of the facts is the forget set
     for record in forget + retain:
         assert {"question", "answer", "paraphrased_answer", "perturbed_answer"} <= set(record)

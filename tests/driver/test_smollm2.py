@@ -5,7 +5,7 @@ from __future__ import annotations
 import importlib.util
 
 import pytest
-from bs_unlearn import UnlearnConfig, unlearn
+from bs_unlearn import ObjectiveConfig, UnlearnConfig, unlearn
 from bs_unlearn.data import end_of_turn_ids, load_qa_jsonl, tokenize_qa
 from bs_unlearn.models import load_model_and_tokenizer
 
@@ -33,7 +33,7 @@ def test_smollm2_chat_format(smollm2, tofu_dir):
 def test_smollm2_two_bs_t_steps(smollm2, tofu_dir, tmp_path):
     model, tokenizer = smollm2
     config = UnlearnConfig(
-        method="bs-t",
+        objective=ObjectiveConfig(method="bs-t"),
         forget=str(tofu_dir / "forget01.jsonl"),
         retain=str(tofu_dir / "retain99.jsonl"),
         max_examples_per_file=4,

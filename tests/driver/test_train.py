@@ -6,7 +6,7 @@ import json
 
 import pytest
 import torch
-from bs_unlearn import FinetuneConfig, UnlearnConfig, finetune, unlearn
+from bs_unlearn import BeliefConfig, FinetuneConfig, ObjectiveConfig, UnlearnConfig, finetune, unlearn
 from bs_unlearn.data import load_qa_jsonl, pad_examples, tokenize_dataset
 from bs_unlearn.objectives import answer_mask
 from driver_fixtures import tiny_setup  # noqa: F401  (pytest fixture)
@@ -39,17 +39,24 @@ def _load(path):
         ("graddiff", {"retain_loss": "kl"}),
         ("npo", {}),
         ("bs-t", {}),
-        ("bs-s", {"max_new_tokens": 6}),
+        ("bs-s", {"beliefs": {"max_new_tokens": 6}}),
         # Without a retain term: the tiny retain answers share the forget answers' template, so retain NLL pulls
         # the forget log-probs up, and BS-T at half weight is too gentle to win that in four steps.
-        ("bs-s", {"max_new_tokens": 6, "bs_s_base": "bs_t", "on_policy": True, "regen_every": 1, "retain_loss": None}),
+        (
+            "bs-s",
+            {
+                "objective": {"bs_s_base": "bs_t", "retain_loss": None},
+                "beliefs": {"max_new_tokens": 6, "on_policy": True, "regen_every": 1},
+            },
+        ),
     ],
 )
 def test_each_method_lowers_forget_logprobs(tiny_setup, method, extra):  # noqa: F811
     model, tokenizer = _load(tiny_setup["model"])
     before = mean_answer_logprob(model, tokenizer, tiny_setup["forget"])
     config = UnlearnConfig(
-        method=method,
+        objective=ObjectiveConfig(method=method, **extra.get("objective", {})),
+        beliefs=BeliefConfig(**extra.get("beliefs", {})),
         forget=str(tiny_setup["forget"]),
         retain=str(tiny_setup["retain"]),
         model=str(tiny_setup["model"]),
@@ -57,7 +64,6 @@ def test_each_method_lowers_forget_logprobs(tiny_setup, method, extra):  # noqa:
         batch_size=4,
         lr=5e-3,
         progress=False,
-        **extra,
     )
     result = unlearn(config)
     after = mean_answer_logprob(result.model, tokenizer, tiny_setup["forget"])
@@ -98,7 +104,7 @@ def test_finetune_raises_answer_logprob_and_saves(tiny_setup, tmp_path):  # noqa
 def test_gradient_accumulation_matches_larger_batch(tiny_setup):  # noqa: F811
     def losses(batch_size, grad_accum):
         config = UnlearnConfig(
-            method="graddiff",
+            objective=ObjectiveConfig(method="graddiff"),
             forget=str(tiny_setup["forget"]),
             retain=str(tiny_setup["retain"]),
             model=str(tiny_setup["model"]),
@@ -126,7 +132,7 @@ def test_callbacks_receive_the_model_and_interrupt_leaves_no_output(tiny_setup, 
     previous.mkdir()
     (previous / "marker").write_text("previous run")
     config = UnlearnConfig(
-        method="ga",
+        objective=ObjectiveConfig(method="ga"),
         forget=str(tiny_setup["forget"]),
         model=str(tiny_setup["model"]),
         output=str(previous),
@@ -153,7 +159,7 @@ def test_overwrite_replaces_a_previous_run(tiny_setup, tmp_path):  # noqa: F811
     output.mkdir()
     (output / "marker").write_text("old")
     config = UnlearnConfig(
-        method="ga",
+        objective=ObjectiveConfig(method="ga"),
         forget=str(tiny_setup["forget"]),
         model=str(tiny_setup["model"]),
         output=str(output),

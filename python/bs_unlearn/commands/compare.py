@@ -10,7 +10,7 @@ from __future__ import annotations
 import argparse
 import pathlib
 
-from ._common import check_readable_file
+from ..outputs import check_readable_file
 
 TABLE_KEYS = (
     ("target_lp", "target lp"),

@@ -11,22 +11,17 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import pathlib
 
-from ._common import check_readable_file, is_main_process
+from ..outputs import check_readable_file, is_main_process, write_json_atomic
 
 TOFU_SPLITS = ("forget01", "forget05", "forget10")
 
 
-def _records(path: pathlib.Path, max_examples: int | None, seed: int) -> list[dict]:
-    from ..data import load_qa_jsonl
-
-    return [dict(row) for row in load_qa_jsonl(path, max_examples=max_examples, seed=seed)]
-
-
 def eval_sets_from_args(args: argparse.Namespace) -> list:
     """The (name, path, role) triples the arguments ask for, loaded as metrics.EvalSet."""
+    from ..data import read_qa_records
+    from ..experiment import tofu_eval_files
     from ..metrics import EvalSet
 
     wanted: list[tuple[str, pathlib.Path, str]] = []
@@ -34,12 +29,7 @@ def eval_sets_from_args(args: argparse.Namespace) -> list:
         tofu = pathlib.Path(args.tofu_dir).expanduser()
         if not tofu.is_dir():
             raise FileNotFoundError(f"--tofu-dir is not a directory: {tofu}")
-        wanted += [
-            (args.split, tofu / f"{args.split}.jsonl", "forget"),
-            ("retain", tofu / "retain_perturbed.jsonl", "retain"),
-            ("real_authors", tofu / "real_authors_perturbed.jsonl", "options"),
-            ("world_facts", tofu / "world_facts_perturbed.jsonl", "options"),
-        ]
+        wanted += [(name, tofu / file, role) for name, file, role in tofu_eval_files(args.split)]
     for name, role in (
         ("forget", "forget"),
         ("retain", "retain"),
@@ -65,7 +55,7 @@ def eval_sets_from_args(args: argparse.Namespace) -> list:
     sets = []
     for name, path, role in wanted:
         check_readable_file(path, name)
-        sets.append(EvalSet(name, _records(path, args.max_examples, args.seed), role))
+        sets.append(EvalSet(name, read_qa_records(path, max_examples=args.max_examples, seed=args.seed), role))
     return sets
 
 
@@ -100,10 +90,7 @@ def handle(args: argparse.Namespace) -> int:
     )
     results["model"] = args.model
     if is_main_process():
-        output.parent.mkdir(parents=True, exist_ok=True)
-        partial = output.with_name(output.name + ".partial")
-        partial.write_text(json.dumps(results, indent=1, ensure_ascii=False) + "\n")
-        os.replace(partial, output)
+        write_json_atomic(results, output)
         print(format_table(results))
         print(f"wrote {output}")
     return 0

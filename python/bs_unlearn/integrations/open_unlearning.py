@@ -20,13 +20,14 @@ constructor arguments (their fork of open-unlearning) and return the same loss v
                       mean log p over tokens) or BS-T (bss_base="BST", the paper's best configuration)
 
 Where the authors' code and these classes differ (on purpose):
-- The forget term and the NLL retain term never materialise the [B, T, V] logits (fused.py); the values are equal.
+- The forget term and the NLL retain term never materialise the [B, T, V] logits (``bs_unlearn.objectives``' model
+  terms); the values are equal.
 - A batch whose sequences have no answer token gives a forget term of 0, not NaN (SPEC.md, "Reductions").
 - BSS samples beliefs for the whole forget set before training (off-policy) and resamples the whole set from the
   current model every ``regeneration_epochs`` epochs (on-policy), as the paper describes; the authors' code
   regenerates only for the micro-batch current at that step. ``regeneration_epochs=0`` (or None) is off-policy.
 - The KL retain term still needs both models' logits (the reference model's distribution is the target); it is
-  computed row chunk by row chunk (objectives._RowKL), so only its log-softmax temporaries are saved.
+  computed row chunk by row chunk (``objectives.kl_loss``), so only its log-softmax temporaries are saved.
 
 When open-unlearning is importable (its ``src/`` on ``sys.path``, package name ``trainer``) the classes subclass its
 ``GradDiff``; otherwise :class:`GradDiff` below, the same trainer on plain ``transformers.Trainer``.
@@ -38,14 +39,13 @@ import copy
 
 import torch
 import torch.nn.functional as F
-from transformers import Trainer, TrainerCallback
+from transformers import Trainer
 
 import bs_kernels
 
-from ..beliefs import prompt_ids_of, sample_beliefs
+from ..beliefs import BeliefRefreshCallback, prompt_of, sample_beliefs
 from ..data import end_of_turn_ids, pad_examples
-from ..objectives import _RowKL
-from .fused import answer_logprob_loss, bs_t_forget_loss, fused_labelled_calls
+from ..objectives import answer_logprob_loss, bs_t_forget_loss, fused_labelled_calls, kl_loss, logits_of
 
 __all__ = ["BSS", "BST", "FusedLossMixin", "GradDiff", "OPEN_UNLEARNING_AVAILABLE", "fused_trainer", "register"]
 
@@ -156,15 +156,12 @@ class BST(GradDiff):
         self.impl = impl
         self.loss_is_scaled_for_ga = False
 
-    def bst_loss(self, model, batch: dict) -> torch.Tensor:
+    def compute_forget_loss(self, model, forget_inputs: dict) -> torch.Tensor:
         """The BS-T term of one sub-batch: mean over sequences of the per-sequence mean <t, log pi> (<= 0)."""
         return bs_t_forget_loss(
-            model, batch, lam=self.lambda_bst, top_k=self.top_k, detach_belief=_DETACH_MODES[self.detach_mode],
-            reduction="sequence_mean", impl=self.impl,
+            model, forget_inputs, lam=self.lambda_bst, top_k=self.top_k,
+            detach_belief=_DETACH_MODES[self.detach_mode], reduction="sequence_mean", impl=self.impl,
         )  # fmt: skip
-
-    def compute_forget_loss(self, model, forget_inputs: dict) -> torch.Tensor:
-        return self.bst_loss(model, forget_inputs)
 
     def compute_retain_loss(self, model, retain_inputs):
         if self.retain_loss_type == "NLL":
@@ -186,26 +183,11 @@ class BST(GradDiff):
 
 def _batchmean_kl(model, ref_model, batch: dict) -> torch.Tensor:
     """open-unlearning's KL retain term: sum over all B*T rows of KL(pi_ref || pi_theta), divided by B*T."""
-    without_labels = {key: value for key, value in _forward_inputs(batch).items() if key != "labels"}
     if ref_model is None:
         raise ValueError('retain_loss_type="KL" needs the reference model (created by GradDiff for "KL")')
     with torch.no_grad():
-        ref_logits = ref_model(**without_labels, use_cache=False).logits
-    logits = model(**without_labels, use_cache=False).logits
-    vocab_size = logits.shape[-1]
-    rows = torch.arange(logits.shape[0] * logits.shape[1], device=logits.device)
-    return _RowKL.apply(logits.reshape(-1, vocab_size), ref_logits.reshape(-1, vocab_size), rows, 256).mean()
-
-
-class _BeliefSchedule(TrainerCallback):
-    """Samples BSS's belief set at the start of training and resamples it every ``regeneration_epochs`` epochs."""
-
-    def __init__(self, trainer: BSS) -> None:
-        self.trainer = trainer
-
-    def on_epoch_begin(self, args, state, control, model=None, **kwargs):
-        self.trainer.refresh_beliefs_for_epoch(round(state.epoch or 0), model)
-        return control
+        ref_logits = logits_of(ref_model, batch)
+    return kl_loss(logits_of(model, batch), ref_logits)
 
 
 class BSS(BST):
@@ -250,8 +232,15 @@ class BSS(BST):
         self.max_new_tokens = max_new_tokens
         self.generation_batch_size = generation_batch_size
         self.beliefs: dict[tuple[int, ...], list[dict[str, list[int]]]] = {}
-        self.sampled_at_epochs: list[int] = []  # epochs at whose start the whole set was (re)sampled
-        self.add_callback(_BeliefSchedule(self))
+        self.belief_schedule = BeliefRefreshCallback(
+            self._resample_all, every=self.regeneration_epochs, at_start=True
+        )  # fmt: skip
+        self.add_callback(self.belief_schedule)
+
+    @property
+    def sampled_at_epochs(self) -> list[int]:
+        """The epochs at whose start the whole belief set was (re)sampled."""
+        return self.belief_schedule.refreshed_at
 
     # -- the belief set ------------------------------------------------------------------------------------------
 
@@ -280,27 +269,26 @@ class BSS(BST):
             examples = [dataset[index]["forget"] for index in range(len(dataset))]
         prompts = {}
         for example in examples:
-            prompts[_prompt_of(example["input_ids"], example["labels"], example.get("attention_mask"))] = None
+            prompts[prompt_of(example["input_ids"], example["labels"], example.get("attention_mask"))] = None
         return list(prompts)
+
+    def _resample_all(self, model) -> bool:
+        prompts = self.forget_prompts()
+        if not prompts:
+            return False
+        self.beliefs = {}
+        self._sample(model if model is not None else self.model, prompts)
+        return True
 
     def refresh_beliefs_for_epoch(self, epoch: int, model) -> None:
         """Epoch 0: sample the whole set; epoch e > 0: resample it when regeneration_epochs divides e."""
-        due = not self.sampled_at_epochs if epoch == 0 else (
-            self.regeneration_epochs > 0 and epoch % self.regeneration_epochs == 0
-        )  # fmt: skip
-        if not due or epoch in self.sampled_at_epochs:
-            return
-        prompts = self.forget_prompts()
-        if prompts:
-            self.beliefs = {}
-            self._sample(model if model is not None else self.model, prompts)
-            self.sampled_at_epochs.append(epoch)
+        self.belief_schedule.refresh_if_due(epoch, model)
 
     def belief_batch(self, model, forget_inputs: dict) -> dict[str, torch.Tensor]:
         """The beliefs of the batch's forget prompts, right-padded: ``input_ids``, ``attention_mask``, ``labels``."""
         masks = forget_inputs.get("attention_mask")
         prompts = [
-            _prompt_of(ids, labels, None if masks is None else masks[row])
+            prompt_of(ids, labels, None if masks is None else masks[row])
             for row, (ids, labels) in enumerate(zip(forget_inputs["input_ids"], forget_inputs["labels"]))
         ]
         missing = list(dict.fromkeys(prompt for prompt in prompts if prompt not in self.beliefs))
@@ -322,7 +310,7 @@ class BSS(BST):
 
     def _base_loss(self, model, batch: dict) -> torch.Tensor:
         if self.bss_base == "BST":
-            return self.bst_loss(model, batch)
+            return BST.compute_forget_loss(self, model, batch)
         return answer_logprob_loss(model, batch, impl=self.impl)  # open-unlearning's GA term, -model(**batch).loss
 
     def compute_forget_loss(self, model, forget_inputs: dict) -> torch.Tensor:
@@ -330,20 +318,6 @@ class BSS(BST):
         forget_loss = self._base_loss(model, _forward_inputs(forget_inputs))
         belief_loss = self._base_loss(model, beliefs)
         return (1.0 - self.lambda_bss) * forget_loss + self.lambda_bss * belief_loss
-
-
-def _as_list(values) -> list[int]:
-    return values.tolist() if isinstance(values, torch.Tensor) else list(values)
-
-
-def _prompt_of(input_ids, labels, attention_mask=None) -> tuple[int, ...]:
-    """The prompt tokens (before the first counted label) of one example, padding removed (either side)."""
-    ids, labels = _as_list(input_ids), _as_list(labels)
-    if attention_mask is not None:
-        keep = [bool(flag) for flag in _as_list(attention_mask)]
-        ids = [token for token, flag in zip(ids, keep) if flag]
-        labels = [label for label, flag in zip(labels, keep) if flag]
-    return tuple(prompt_ids_of({"input_ids": ids, "labels": labels}))
 
 
 # -- any open-unlearning trainer ----------------------------------------------------------------------------------

@@ -1,46 +1,17 @@
-"""Helpers shared by the CLI subcommands: one-line errors, overwrite protection, atomic output directories.
+"""Output folders and files, shared by the library and the CLI: overwrite protection and atomic writes.
 
-A subcommand handler raises ``CLIError`` (or ValueError / FileNotFoundError / TypeError for bad input); ``run_handler``
-turns that into one line on stderr and exit status 2, a Ctrl-C into exit status 130. Output directories are written
-under a hidden sibling ``.NAME.partial`` and renamed into place only when complete, so an interrupted run leaves
-either a complete previous/new directory or none.
+Output directories are written under a hidden sibling ``.NAME.partial`` and renamed into place only when complete,
+so an interrupted run leaves either a complete previous/new directory or none. Files are written the same way.
 """
 
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import pathlib
 import shutil
-import sys
-from collections.abc import Callable, Iterator
-
-PROG = "bs-unlearn"
-EXIT_BAD_INPUT = 2
-EXIT_INTERRUPTED = 130
-
-
-class CLIError(Exception):
-    """Bad input detected by a subcommand; its message is printed as one line."""
-
-
-def error_line(error: BaseException) -> str:
-    message = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-    if isinstance(error, FileNotFoundError) and error.filename and str(error.filename) not in message:
-        message = f"{message}: {error.filename}"
-    return f"{PROG}: error: {message}"
-
-
-def run_handler(handler: Callable[[object], int | None], args) -> int:
-    """Call a subcommand handler; bad input -> one stderr line and status 2, Ctrl-C -> status 130."""
-    try:
-        return int(handler(args) or 0)
-    except (CLIError, ValueError, TypeError, FileNotFoundError, IsADirectoryError, PermissionError) as error:
-        print(error_line(error), file=sys.stderr)
-        return EXIT_BAD_INPUT
-    except KeyboardInterrupt:
-        print(f"{PROG}: interrupted; nothing was saved", file=sys.stderr)
-        return EXIT_INTERRUPTED
+from collections.abc import Iterator
 
 
 def is_main_process() -> bool:
@@ -104,3 +75,13 @@ def atomic_output_dir(path: str | os.PathLike, *, overwrite: bool, main_process:
             shutil.rmtree(previous, ignore_errors=True)
         else:
             os.replace(staging, final)
+
+
+def write_json_atomic(data: object, path: str | os.PathLike, *, indent: int | None = 1) -> pathlib.Path:
+    """Write ``data`` as JSON (UTF-8, non-ASCII kept) to ``path`` via a temporary sibling, creating parent folders."""
+    path = pathlib.Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    partial = path.with_name(path.name + ".partial")
+    partial.write_text(json.dumps(data, indent=indent, ensure_ascii=False) + "\n", encoding="utf-8")
+    os.replace(partial, path)
+    return path

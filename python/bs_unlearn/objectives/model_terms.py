@@ -1,8 +1,8 @@
-"""Loss terms of a Hugging Face causal LM computed without its [B, T, V] logits: the building blocks of the drop-ins.
+"""Loss terms of a Hugging Face causal LM from a batch, by default without its [B, T, V] logits.
 
-Each function takes the (possibly DDP / FSDP / DeepSpeed / PEFT-wrapped) model and a batch
-``{"input_ids", "attention_mask", "labels"}`` ([B, T], labels -100 where a position does not count) and returns the
-same value as the stock computation over materialised logits:
+The building blocks of the driver's objectives and of the drop-ins. Each function takes the (possibly DDP / FSDP /
+DeepSpeed / PEFT-wrapped) model and a batch ``{"input_ids", "attention_mask", "labels"}`` ([B, T], labels -100 where
+a position does not count) and returns the same value as the stock computation over materialised logits:
 
     bs_t_forget_loss(model, batch)        mean <t, log pi>, t = lam * q_topk + (1 - lam) * e_y   (BS-T; minimise)
     answer_logprob_loss(model, batch)     mean log p(label)   (gradient ascent's term; -it is the stock HF NLL)
@@ -11,9 +11,9 @@ same value as the stock computation over materialised logits:
 How: ``bs_kernels.patch_causal_lm`` gives the causal LM a forward that, called with ``bs_loss=...``, runs only the
 decoder and hands its last hidden state and the lm_head weight to ``bs_kernels.linear.bs_linear_loss``, so the
 logits exist one row chunk at a time (bs_kernels/linear.py). The call still goes through every wrapper's forward
-(DDP's hooks, FSDP's unsharding, DeepSpeed's gather of the head weight, PEFT's adapters). Architectures the patch
-refuses (logit soft-capping, scaling, router losses) fall back to ``model(...).logits`` and ``bs_token_loss`` /
-``forget_logprobs``: the same values, with the logits materialised.
+(DDP's hooks, FSDP's unsharding, DeepSpeed's gather of the head weight, PEFT's adapters). With ``fused=False``, and
+for architectures the patch refuses (logit soft-capping, scaling, router losses), they compute ``model(...).logits``
+and call ``bs_token_loss`` / ``forget_logprobs``: the same values, with the logits materialised.
 
 ``fused_labelled_calls(model)`` is the generic switch used by :class:`FusedLossMixin`: inside it, every
 ``model(..., labels=labels)`` call returns the stock token-mean NLL computed this way (and ``logits=None``).
@@ -30,15 +30,14 @@ import torch
 import bs_kernels
 from bs_kernels.hf import patch_causal_lm
 
-IGNORE_INDEX = -100
-
 # Models whose architecture patch_causal_lm refused (weakly held): they take the materialised-logits path.
 _refused: weakref.WeakSet = weakref.WeakSet()
 
 
-def _fused_model(model) -> bool:
-    """Patch the causal LM inside ``model`` once; False when its architecture needs the materialised-logits path."""
-    if model in _refused:
+def _fused_model(model, fused: bool = True) -> bool:
+    """Patch the causal LM inside ``model`` once; False when asked not to fuse or when its architecture needs the
+    materialised-logits path."""
+    if not fused or model in _refused:
         return False
     try:
         patch_causal_lm(model)
@@ -59,8 +58,9 @@ def _model_inputs(batch: dict) -> dict:
     return inputs
 
 
-def _logits(model, inputs: dict) -> torch.Tensor:
-    """Fallback path: the materialised logits [B, T, V] (no labels passed, so the model adds no loss of its own)."""
+def logits_of(model, batch: dict) -> torch.Tensor:
+    """The materialised logits [B, T, V] of a batch (no labels passed, so the model adds no loss of its own)."""
+    inputs = _model_inputs(batch)
     without_labels = {key: value for key, value in inputs.items() if key != "labels"}
     return model(**without_labels, use_cache=False).logits
 
@@ -76,44 +76,48 @@ def bs_t_forget_loss(
     reduction: str = "sequence_mean",
     impl: str = "auto",
     return_stats: bool = False,
+    fused: bool = True,
 ):
     """The BS-T forget term <t, log pi> reduced over the answer tokens (<= 0, minimised).
 
     Same value and gradients as ``bs_kernels.bs_token_loss(model(**batch).logits, batch["labels"], ...)``.
     With ``return_stats`` also returns the BSTokenStats (per-position log p(label), belief ids and probs).
+    ``fused=False`` takes the materialised-logits path.
     """
     inputs = _model_inputs(batch)
     options = dict(
         lam=lam, top_k=top_k, detach_belief=detach_belief, belief_temperature=belief_temperature,
         reduction=reduction, impl=impl, return_stats=return_stats,
     )  # fmt: skip
-    if _fused_model(model):
+    if _fused_model(model, fused):
         output = model(**inputs, use_cache=False, bs_loss=options)
         return (output.loss, output.bs_stats) if return_stats else output.loss
-    return bs_kernels.bs_token_loss(_logits(model, inputs), inputs["labels"], **options)
+    return bs_kernels.bs_token_loss(logits_of(model, inputs), inputs["labels"], **options)
 
 
-def answer_token_logprobs(model, batch: dict, *, impl: str = "auto") -> torch.Tensor:
+def answer_token_logprobs(model, batch: dict, *, impl: str = "auto", fused: bool = True) -> torch.Tensor:
     """Per-token log p(label) [B, T - 1] (0 where the shifted label is ignored), differentiable."""
     inputs = _model_inputs(batch)
-    if _fused_model(model):
+    if _fused_model(model, fused):
         # lam = 0 makes the BS-T value the plain log p(label); top_k = 1 keeps the unused top-k selection cheap.
         output = model(**inputs, use_cache=False, bs_loss=dict(lam=0.0, top_k=1, reduction="none", impl=impl))
         return output.loss
-    return bs_kernels.forget_logprobs(_logits(model, inputs), inputs["labels"], impl=impl)
+    return bs_kernels.forget_logprobs(logits_of(model, inputs), inputs["labels"], impl=impl)
 
 
-def answer_logprob_loss(model, batch: dict, *, reduction: str = "token_mean", impl: str = "auto") -> torch.Tensor:
+def answer_logprob_loss(
+    model, batch: dict, *, reduction: str = "token_mean", impl: str = "auto", fused: bool = True
+) -> torch.Tensor:
     """Mean log p(label) over the answer tokens (token_mean: the Hugging Face pooled mean, i.e. -(stock NLL)).
 
     This is gradient ascent's forget term as open-unlearning writes it (``-model(**forget).loss``).
     """
     inputs = _model_inputs(batch)
-    if _fused_model(model):
+    if _fused_model(model, fused):
         output = model(**inputs, use_cache=False, bs_loss=dict(lam=0.0, top_k=1, reduction=reduction, impl=impl))
         return output.loss
     return bs_kernels.bs_token_loss(
-        _logits(model, inputs), inputs["labels"], lam=0.0, top_k=1, reduction=reduction, impl=impl
+        logits_of(model, inputs), inputs["labels"], lam=0.0, top_k=1, reduction=reduction, impl=impl
     )
 
 

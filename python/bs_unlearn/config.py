@@ -1,0 +1,231 @@
+"""The configuration of a run, one dataclass per concept; the CLI's options are generated from their fields.
+
+    TrainConfig      how to train (model, output, optimiser, sizes, kernel backend)
+      FinetuneConfig   + the QA files to memorise
+      UnlearnConfig    + forget / retain files, ``objective`` (an ObjectiveConfig), ``beliefs`` (a BeliefConfig)
+    ObjectiveConfig  the method's loss (SPEC.md, "Objectives around it")
+    BeliefConfig     how BS-S samples its belief set (SPEC.md, "BS-S")
+
+Each validates itself with an error that names the field; nothing here imports transformers, so building the CLI
+stays cheap.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import bs_kernels
+
+from .data import load_qa_jsonl
+from .models import check_model_path
+from .outputs import check_output_dir, check_readable_file
+
+FORGET_OBJECTIVES = ("ga", "bs_t", "npo")
+RETAIN_OBJECTIVES = ("nll", "kl")
+FORGET_REDUCTIONS = ("token_mean", "sequence_mean", "sum")
+
+# method name -> (forget objective, default retain term). bs-s takes its base forget objective from the config.
+METHODS = {
+    "ga": ("ga", None),
+    "graddiff": ("ga", "nll"),
+    "npo": ("npo", "nll"),
+    "bs-t": ("bs_t", "nll"),
+    "bs-s": ("bs_s", "nll"),
+}
+DEFAULT_REDUCTION = {"ga": "token_mean", "bs_t": "sequence_mean"}
+
+
+def _none_or(value: str) -> str | None:
+    return None if value == "none" else value
+
+
+@dataclass(kw_only=True)
+class ObjectiveConfig:
+    """Settings of one method's loss (defaults: SPEC.md). The CLI's unlearning options are generated from it."""
+
+    method: str = field(default="graddiff", metadata={"help": "unlearning method", "choices": sorted(METHODS)})
+    retain_loss: str | None = field(
+        default="default",
+        metadata={
+            "help": "retain term (default: none for ga, nll for the others)",
+            "choices": ["default", "none", *RETAIN_OBJECTIVES],
+            "parse": _none_or,
+        },
+    )
+    forget_weight: float = field(default=1.0, metadata={"help": "gamma: weight of the forget term"})
+    retain_weight: float = field(default=1.0, metadata={"help": "alpha: weight of the retain term"})
+    lam: float = field(default=0.2, metadata={"help": "BS-T belief weight lambda"})
+    top_k: int = field(default=20, metadata={"help": "BS-T beliefs per position"})
+    belief_temperature: float = field(default=1.0, metadata={"help": "BS-T belief temperature"})
+    beta: float = field(default=0.1, metadata={"help": "NPO beta"})
+    lam_s: float = field(default=0.5, metadata={"help": "BS-S belief-set weight"})
+    bs_s_base: str = field(
+        default="ga",
+        metadata={
+            "help": "BS-S base forget loss: ga (the authors' trainer), bs-t (the paper's best), npo",
+            "choices": ["ga", "bs-t", "npo"],
+            "parse": lambda value: value.replace("-", "_"),
+        },
+    )
+    forget_reduction: str | None = field(
+        default=None,
+        metadata={"help": "forget-term reduction (default: token_mean for ga, sequence_mean for bs-t)",
+                  "choices": list(FORGET_REDUCTIONS)},
+    )  # fmt: skip
+
+    def __post_init__(self) -> None:
+        if self.method not in METHODS:
+            raise ValueError(f"method must be one of {sorted(METHODS)}, got {self.method!r}")
+        if self.retain_loss == "default":
+            self.retain_loss = METHODS[self.method][1]
+        if self.retain_loss not in (None, *RETAIN_OBJECTIVES):
+            raise ValueError(f"retain_loss must be one of {RETAIN_OBJECTIVES} or None, got {self.retain_loss!r}")
+        if self.bs_s_base not in FORGET_OBJECTIVES:
+            raise ValueError(f"bs_s_base must be one of {FORGET_OBJECTIVES}, got {self.bs_s_base!r}")
+        if self.forget_reduction is not None and self.forget_reduction not in FORGET_REDUCTIONS:
+            raise ValueError(f"forget_reduction must be one of {FORGET_REDUCTIONS}, got {self.forget_reduction!r}")
+        if not 0.0 <= self.lam_s <= 1.0:
+            raise ValueError(f"lam_s must be in [0, 1], got {self.lam_s}")
+        if self.beta <= 0:
+            raise ValueError(f"beta must be > 0, got {self.beta}")
+        # lam, top_k, belief_temperature: validated by bs_kernels with the same messages as the loss.
+        bs_kernels.BSTokenLoss(lam=self.lam, top_k=self.top_k, belief_temperature=self.belief_temperature)
+
+    @property
+    def forget_objective(self) -> str:
+        """The per-sequence-set forget objective (the base objective for bs-s)."""
+        name = METHODS[self.method][0]
+        return self.bs_s_base if name == "bs_s" else name
+
+    @property
+    def needs_reference(self) -> bool:
+        return self.forget_objective == "npo" or self.retain_loss == "kl"
+
+    @property
+    def uses_beliefs(self) -> bool:
+        return self.method == "bs-s"
+
+
+@dataclass(kw_only=True)
+class BeliefConfig:
+    """How BS-S samples its belief set (SPEC.md, "BS-S"; defaults from the authors' config)."""
+
+    num_beliefs: int = field(default=3, metadata={"help": "BS-S samples per forget prompt"})
+    gen_temperature: float = field(default=1.0, metadata={"help": "BS-S sampling temperature"})
+    max_new_tokens: int = field(default=200, metadata={"help": "BS-S belief length limit (new tokens)"})
+    gen_batch_size: int = field(default=8, metadata={"help": "prompts per generate call"})
+    on_policy: bool = field(default=False, metadata={"help": "BS-S: resample beliefs every --regen-every epochs"})
+    regen_every: int = field(default=2, metadata={"help": "on-policy resampling period in epochs"})
+
+    def __post_init__(self) -> None:
+        for name in ("num_beliefs", "max_new_tokens", "gen_batch_size", "regen_every"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"{name} must be an int >= 1, got {value!r}")
+        if not isinstance(self.gen_temperature, (int, float)) or self.gen_temperature <= 0:
+            raise ValueError(f"gen_temperature must be > 0, got {self.gen_temperature!r}")
+
+    def sample_kwargs(self) -> dict:
+        """The keyword arguments of :func:`sample_beliefs` for this configuration."""
+        return dict(
+            num_samples=self.num_beliefs,
+            temperature=self.gen_temperature,
+            max_new_tokens=self.max_new_tokens,
+            batch_size=self.gen_batch_size,
+        )
+
+
+@dataclass(kw_only=True)
+class TrainConfig:
+    """Settings shared by fine-tuning and unlearning. The CLI's training options are generated from these fields."""
+
+    model: str = field(
+        default="default", metadata={"help": "HF model directory, .gguf file, or 'default' (SmolLM2-135M-Instruct)"}
+    )
+    output: str | None = field(
+        default=None, metadata={"help": "directory to write the model and run.json to (None: nothing is saved)"}
+    )
+    overwrite: bool = field(default=False, metadata={"help": "replace an existing output directory"})
+    epochs: float = field(default=3.0, metadata={"help": "training epochs"})
+    max_steps: int = field(default=-1, metadata={"help": "stop after this many optimiser steps (> 0 overrides epochs)"})
+    batch_size: int = field(
+        default=8, metadata={"help": "per-device batch (unlearning: forget examples, each with one retain partner)"}
+    )
+    grad_accum: int = field(default=1, metadata={"help": "gradient accumulation steps"})
+    lr: float = field(default=1e-4, metadata={"help": "learning rate"})
+    weight_decay: float = 0.0
+    warmup_steps: int = 0
+    lr_scheduler: str = field(default="constant_with_warmup", metadata={"help": "transformers scheduler name"})
+    seed: int = 0
+    max_length: int = field(default=256, metadata={"help": "tokens per example (prompt + answer)"})
+    max_examples_per_file: int | None = field(
+        default=None, metadata={"help": "use a seeded random subset of each data file"}
+    )
+    impl: str = field(default="auto", metadata={"help": "bs_kernels backend: auto, torch, native, triton, reference"})
+    fused_linear: bool = field(
+        default=False,
+        metadata={"help": "compute the losses from hidden states and the lm_head weight in row chunks (no logits)"},
+    )
+    logging_steps: int = field(default=1, metadata={"help": "log the averaged metrics every this many steps"})
+    progress: bool = field(default=True, metadata={"help": "no progress bar", "flag": "--no-progress"})
+
+    def validate(self) -> None:
+        if self.output is not None:
+            check_output_dir(self.output, overwrite=self.overwrite)
+        check_model_path(self.model)
+        for name in ("batch_size", "grad_accum", "max_length", "logging_steps"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.max_steps <= 0 and self.epochs <= 0:
+            raise ValueError(f"epochs must be > 0 (or max_steps > 0), got epochs={self.epochs}")
+        if self.lr <= 0:
+            raise ValueError(f"lr must be > 0, got {self.lr}")
+        if self.max_examples_per_file is not None and self.max_examples_per_file < 1:
+            raise ValueError(f"max_examples_per_file must be >= 1, got {self.max_examples_per_file}")
+        bs_kernels.BSTokenLoss(impl=self.impl)  # an unknown backend is refused before any model is loaded
+
+
+@dataclass(kw_only=True)
+class FinetuneConfig(TrainConfig):
+    """Fine-tune on QA files with the answer NLL (labels -100 on prompts)."""
+
+    data: list[str] = field(default_factory=list, metadata={"help": "QA JSON Lines files (question, answer)"})
+
+    def validate(self) -> None:
+        if not self.data:
+            raise ValueError("data: give at least one QA JSON Lines file")
+        for path in self.data:
+            check_readable_file(path, "data")
+            load_qa_jsonl(path)  # bad lines are reported before any model is loaded
+        super().validate()
+
+
+@dataclass(kw_only=True)
+class UnlearnConfig(TrainConfig):
+    """Unlearn a forget set: the training settings, the method's loss (``objective``) and BS-S sampling (``beliefs``).
+
+    Defaults: SPEC.md for the loss; lr / epochs / batch from open-unlearning's TOFU recipe.
+    """
+
+    forget: str = field(metadata={"help": "forget set, QA JSON Lines"})
+    retain: str | None = field(default=None, metadata={"help": "retain set, QA JSON Lines (needed by a retain term)"})
+    lr: float = field(default=1e-5, metadata={"help": "learning rate"})
+    epochs: float = field(default=5.0, metadata={"help": "training epochs"})
+    batch_size: int = field(
+        default=4, metadata={"help": "per-device batch (unlearning: forget examples, each with one retain partner)"}
+    )
+    objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
+    beliefs: BeliefConfig = field(default_factory=BeliefConfig)
+
+    def validate(self) -> None:
+        check_readable_file(self.forget, "forget")
+        if self.retain is not None:
+            check_readable_file(self.retain, "retain")
+        # Bad lines and empty sets are reported before any model is loaded.
+        load_qa_jsonl(self.forget)
+        if self.retain is not None and self.objective.retain_loss is not None:
+            load_qa_jsonl(self.retain)
+        elif self.objective.retain_loss is not None:
+            method, term = self.objective.method, self.objective.retain_loss
+            raise ValueError(f"method {method!r} uses a retain term ({term}): give a retain file")
+        super().validate()
