@@ -1,11 +1,16 @@
-"""impl="native": the C++ CPU kernels of bs_kernels/csrc/bs_token_native.cpp, built just in time at first use.
+"""impl="native": the C++ CPU kernels of csrc/bs_token_native.cpp, loaded prebuilt or built just in time.
 
-Why just in time: the package's build system has only setuptools (an isolated build must not download a second
-torch), so the extension is compiled with torch.utils.cpp_extension and ninja the first time a CPU backend is
-resolved, into a cache folder keyed by the source, the flags, the torch version and the platform:
-    $BS_KERNELS_CACHE (default $XDG_CACHE_HOME/bs_kernels or ~/.cache/bs_kernels) / native-<key>/
-Later processes load the cached library directly (no compiler, no ninja needed). The source ships inside the
-package (bs_kernels/csrc/, package data), so editable and regular installs build the same file.
+Where the library comes from, first match wins (csrc/README.md):
+1. Prebuilt: a wheel built with ``BS_KERNELS_BUILD_NATIVE=1`` (setup.py) holds ``bs_kernels/_native_<key>*.so``,
+   compiled ahead of time for the build key below. It is loaded when its key is the key of this process (same
+   source, flags, torch version and ABI, platform); otherwise it is ignored.
+2. Just in time (the default): the package's build system has only setuptools (an isolated build must not download
+   a second torch), so the extension is compiled with torch.utils.cpp_extension and ninja the first time a CPU
+   backend is resolved, into a cache folder keyed the same way:
+       $BS_KERNELS_CACHE (default $XDG_CACHE_HOME/bs_kernels or ~/.cache/bs_kernels) / native-<key>/
+   Later processes load the cached library directly (no compiler, no ninja needed).
+The source is the top-level csrc/ of the repository in an editable install or a source tree, and its copy inside the
+package (bs_kernels/csrc/, put there by setup.py's build_py) in a wheel, so every install builds the same file.
 
 A build that fails makes ``unavailable_reason`` return why and how to rebuild; ``impl="auto"`` then resolves to
 ``"torch"`` and warns once per process, an explicit ``impl="native"`` raises RuntimeError with the same message.
@@ -20,6 +25,7 @@ Operators (torch.ops.bs_kernels.*; fake implementations below so opcheck / torch
 from __future__ import annotations
 
 import hashlib
+import importlib.machinery
 import os
 import pathlib
 import platform
@@ -33,8 +39,11 @@ from .contract import RawRowStats, compute_dtype
 
 NAME = "native"
 
-SOURCE = pathlib.Path(__file__).resolve().parents[1] / "csrc" / "bs_token_native.cpp"
+PACKAGE_DIR = pathlib.Path(__file__).resolve().parents[1]
+SOURCE_NAME = "bs_token_native.cpp"
 EXTENSION_NAME = "bs_kernels_native"
+PREBUILT_PREFIX = "_native_"  # bs_kernels/_native_<key><extension suffix>, from setup.py with BUILD_ENV=1
+BUILD_ENV = "BS_KERNELS_BUILD_NATIVE"
 CACHE_ENV = "BS_KERNELS_CACHE"
 DISABLE_ENV = "BS_KERNELS_DISABLE_NATIVE"
 REBUILD_COMMAND = "python -m bs_kernels.backends.native"
@@ -45,6 +54,15 @@ REBUILD_COMMAND = "python -m bs_kernels.backends.native"
 # libgomp.so.1, which the extension then shares).
 CFLAGS = ("-O3", "-ffp-contract=fast", "-fopenmp", "-Wall", "-Wextra")
 LDFLAGS = ("-fopenmp",)
+
+
+def find_source() -> pathlib.Path:
+    """The C++ source: inside the installed package (a wheel), else the repository's csrc/ (editable, source tree)."""
+    candidates = (PACKAGE_DIR / "csrc" / SOURCE_NAME, PACKAGE_DIR.parent / "csrc" / SOURCE_NAME)
+    return next((path for path in candidates if path.is_file()), candidates[-1])
+
+
+SOURCE = find_source()
 
 _lock = threading.Lock()
 _library_path: str | None = None
@@ -76,6 +94,24 @@ def build_key(source: pathlib.Path, cflags: tuple[str, ...] = CFLAGS) -> str:
     ):
         digest.update(b"\0" + part.encode())
     return digest.hexdigest()[:16]
+
+
+def prebuilt_name(key: str) -> str:
+    """The module name (below bs_kernels) of the library built ahead of time for build key ``key``."""
+    return f"{PREBUILT_PREFIX}{key}"
+
+
+def prebuilt_library(source: pathlib.Path | None = None) -> pathlib.Path | None:
+    """The library built ahead of time into the package for this process's build key, or None if there is none."""
+    source = SOURCE if source is None else source
+    if not source.is_file():
+        return None
+    name = prebuilt_name(build_key(source))
+    for suffix in importlib.machinery.EXTENSION_SUFFIXES:
+        library = PACKAGE_DIR / f"{name}{suffix}"
+        if library.is_file():
+            return library
+    return None
 
 
 def build(
@@ -122,21 +158,31 @@ def _failure_message(error: BaseException) -> str:
         detail = detail[:500] + " ..."
     return (
         f'impl="native" is unavailable: building the C++ kernel {SOURCE.name} failed ({type(error).__name__}: '
-        f"{detail}). It needs a C++20 compiler and ninja (pip install ninja). Rebuild and see the compiler output "
-        f"with `{REBUILD_COMMAND}` (cache: {cache_root()}, set {CACHE_ENV} to move it); until then "
+        f"{detail}). It needs a C++20 compiler and ninja (pip install ninja), or a wheel built ahead of time with "
+        f"{BUILD_ENV}=1 for this torch (see csrc/README.md). Rebuild and see the compiler output with "
+        f"`{REBUILD_COMMAND}` (cache: {cache_root()}, set {CACHE_ENV} to move it); until then "
         'impl="auto" uses impl="torch" on CPU.'
     )
 
 
+def load() -> str:
+    """Load the prebuilt library if there is one for this build key, else build (or reuse) the just-in-time one."""
+    library = prebuilt_library()
+    if library is None:
+        return build()
+    torch.ops.load_library(str(library))
+    return str(library)
+
+
 def _ensure_built() -> str | None:
-    """Build or load the extension once per process; None on success, else the failure message."""
+    """Load or build the extension once per process; None on success, else the failure message."""
     global _library_path, _build_error
     if _library_path is not None or _build_error is not None:  # lock-free once decided (torch.compile traces this)
         return _build_error
     with _lock:
         if _library_path is None and _build_error is None:
             try:
-                _library_path = build()
+                _library_path = load()
                 _register_fakes()
             except Exception as error:  # a compiler/ninja/loader failure of any kind means "unavailable"
                 _build_error = _failure_message(error)
@@ -227,6 +273,9 @@ def _register_fakes() -> None:
 def _main() -> int:
     """Rebuild verbosely (python -m bs_kernels.backends.native) and print where the library is and what ISA runs."""
     print(f"source: {SOURCE}\ncache:  {cache_root()}")
+    prebuilt = prebuilt_library()
+    if prebuilt is not None:
+        print(f'prebuilt: {prebuilt} (what impl="native" loads; the build below is only for diagnosis)')
     try:
         path = build(verbose=True)
     except Exception as error:
