@@ -9,33 +9,25 @@ computation differs:
   graddiff  open-unlearning's GradDiff (forget -model(**forget).loss + retain NLL), stock   } the generic mixin,
   fused_graddiff  fused_trainer(GradDiff): the same loss with both terms fused              } for reference
 
-Each variant runs in a fresh process: build model + batch + AdamW, one warm-up step (allocates the optimiser state
-and any lazy buffers), reset the peak RSS (/proc/self/clear_refs), then one measured step (zero_grad, loss,
+Each variant runs in a fresh process (harness.peak_memory): build model + batch + AdamW, one warm-up step
+(allocates the optimiser state and any lazy buffers), reset the peak RSS, then one measured step (zero_grad, loss,
 backward, optimiser step). Reported: peak RSS during the measured step, its excess over the RSS before it, and the
-step time. CPU only (peak RSS); on a GPU use torch.cuda.max_memory_allocated the same way (not run here).
+step's wall time. CPU only here; on a GPU harness.peak_memory reads torch.cuda.max_memory_allocated instead.
 
-    python benchmarks/bench_dropin_memory.py                     # all variants, markdown table
-    python benchmarks/bench_dropin_memory.py --variant dropin    # one variant, one JSON line (used internally)
+    python benchmarks/bench_dropin_memory.py                          # all variants, Markdown table
+    python benchmarks/bench_dropin_memory.py --variants original,dropin
+    python benchmarks/bench_dropin_memory.py --vocab 512 --hidden 64 --intermediate 128 --layers 1 --heads 4 \
+        --kv-heads 2 --batch 1 --length 32                            # a check that it runs
 """
 
 from __future__ import annotations
 
 import argparse
-import json
-import pathlib
-import subprocess
-import sys
 import tempfile
-import time
+
+from harness import GIB, Bench, markdown_table, peak_memory
 
 VARIANTS = ("original", "dropin", "graddiff", "fused_graddiff")
-
-
-def _status_kib(field: str) -> int:
-    for line in pathlib.Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(field + ":"):
-            return int(line.split()[1])
-    raise RuntimeError(f"{field} not in /proc/self/status")
 
 
 def build(args):
@@ -80,11 +72,13 @@ def authors_bst_loss(model, inputs, *, lambda_bst: float, top_k: int):
     return forget_loss + model(**inputs["retain"]).loss
 
 
-def measure(args) -> dict:
+def variant_bench(**settings) -> Bench:
+    """One training step of ``settings["variant"]``: what harness.peak_memory runs in a fresh process."""
     import torch
     from bs_unlearn.integrations.open_unlearning import BST, GradDiffOnTrainer, fused_trainer
     from transformers import TrainingArguments
 
+    args = argparse.Namespace(**settings)
     torch.set_num_threads(args.threads)
     model, inputs = build(args)
     folder = tempfile.mkdtemp()
@@ -107,31 +101,16 @@ def measure(args) -> dict:
 
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5)
 
-    def step():
-        optimizer.zero_grad(set_to_none=True)
-        loss = loss_of()
+    def backward_and_step(loss):
         loss.backward()
         optimizer.step()
-        return float(loss)
 
     model.train()
-    step()  # warm-up
-    optimizer.zero_grad(set_to_none=True)
-    pathlib.Path("/proc/self/clear_refs").write_text("5")  # peak RSS := current RSS
-    before = _status_kib("VmRSS") * 1024
-    start = time.perf_counter()
-    loss = step()
-    seconds = time.perf_counter() - start
-    peak = _status_kib("VmHWM") * 1024
-    return {
-        "variant": args.variant, "loss": loss, "peak_rss_bytes": peak, "peak_above_start_bytes": peak - before,
-        "step_seconds": seconds, "logits_bytes": args.batch * args.length * args.vocab * 4,
-    }  # fmt: skip
+    return Bench(forward=loss_of, backward=backward_and_step, reset=lambda: optimizer.zero_grad(set_to_none=True))
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--variant", choices=VARIANTS)
     parser.add_argument("--variants", default=",".join(VARIANTS))
     parser.add_argument("--vocab", type=int, default=49152)
     parser.add_argument("--hidden", type=int, default=576)
@@ -145,29 +124,25 @@ def main() -> None:
     parser.add_argument("--top-k", type=int, default=20)
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args()
-    if args.variant:
-        print(json.dumps(measure(args)))
-        return
-    passed = [a for a in sys.argv[1:] if not a.startswith("--variants")]
+    unknown = set(args.variants.split(",")) - set(VARIANTS)
+    if unknown:
+        parser.error(f"unknown variants {sorted(unknown)}; choose from {', '.join(VARIANTS)}")
+    settings = {name: value for name, value in vars(args).items() if name != "variants"}
     rows = []
     for variant in args.variants.split(","):
-        command = [sys.executable, __file__, "--variant", variant, *passed]
-        completed = subprocess.run(command, capture_output=True, text=True, check=True)
-        rows.append(json.loads(completed.stdout.strip().splitlines()[-1]))
-    gib = 1024**3
-    logits_gib = rows[0]["logits_bytes"] / gib
+        memory = peak_memory(variant_bench, dict(settings, variant=variant), "cpu")
+        rows.append(
+            [variant, f"{memory.value:.6f}", f"{memory.peak / GIB:.2f}", f"{memory.above_inputs / GIB:.2f}",
+             f"{memory.seconds:.1f}"]
+        )  # fmt: skip
+    logits_gib = args.batch * args.length * args.vocab * 4 / GIB
     print(
         f"Llama: vocab {args.vocab}, hidden {args.hidden}, {args.layers} layers; forget + retain batches of "
         f"{args.batch} x {args.length} tokens (one [B, T, V] float32 logits tensor = {logits_gib:.2f} GiB); AdamW; "
         "one step (fwd + bwd + optimiser) after a warm-up step."
     )
-    print("| variant | loss | peak RSS (GiB) | peak above step start (GiB) | step time (s) |")
-    print("|---|---|---|---|---|")
-    for row in rows:
-        print(
-            f"| {row['variant']} | {row['loss']:.6f} | {row['peak_rss_bytes'] / gib:.2f} | "
-            f"{row['peak_above_start_bytes'] / gib:.2f} | {row['step_seconds']:.1f} |"
-        )
+    header = ["variant", "loss", "peak RSS (GiB)", "peak above step start (GiB)", "step time (s)"]
+    print("\n".join(markdown_table(header, rows)))
 
 
 if __name__ == "__main__":
