@@ -26,8 +26,9 @@ from providers import (
     linear_case,
     linear_inputs,
     linear_provider,
+    provider_list,
     unavailable,
-)  # fmt: skip
+)
 
 CPU = torch.device("cpu")
 DEFAULT_PROVIDERS = ("reference", "eager:torch", "torch", "native", "torch:recompute")
@@ -42,17 +43,14 @@ def main() -> None:
     parser.add_argument("--vocab", type=int, default=vocab)
     parser.add_argument("--dtype", default="float32")
     parser.add_argument("--rounds", type=int, default=3, help="timed rounds per provider, after one warm-up")
-    parser.add_argument("--providers", default=",".join(DEFAULT_PROVIDERS), help=f"from {', '.join(LINEAR_PROVIDERS)}")
+    parser.add_argument("--providers", type=provider_list(LINEAR_PROVIDERS), default=",".join(DEFAULT_PROVIDERS),
+                        help=f"comma-separated, from {', '.join(LINEAR_PROVIDERS)}")  # fmt: skip
     args = parser.parse_args()
-    providers = args.providers.split(",")
-    unknown = set(providers) - set(LINEAR_PROVIDERS)
-    if unknown:
-        parser.error(f"unknown providers {sorted(unknown)}; choose from {', '.join(LINEAR_PROVIDERS)}")
 
     shape = dict(batch=args.batch, length=args.length, hidden=args.hidden, vocab=args.vocab)
     inputs = linear_inputs(args.batch, args.length, args.hidden, args.vocab, getattr(torch, args.dtype), CPU)
     results = {}
-    for name in providers:
+    for name in args.providers:
         reason = unavailable(name, CPU)
         if reason is not None:
             results[name] = reason

@@ -24,7 +24,7 @@ import traceback
 
 import torch
 from harness import GIB, markdown_row, markdown_table, peak_memory, time_bench
-from providers import LINEAR_PROVIDERS, OPTIONS, linear_case, unavailable
+from providers import LINEAR_PROVIDERS, OPTIONS, linear_case, provider_list, unavailable
 
 DEFAULT_PROVIDERS = ("liger", "triton:no-fp32-acc", "triton", "torch:no-fp32-acc", "eager:ce")
 
@@ -38,7 +38,8 @@ def main() -> None:
     parser.add_argument("--dtype", default="bfloat16")
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--providers", default=",".join(DEFAULT_PROVIDERS), help=f"from {', '.join(LINEAR_PROVIDERS)}")
+    parser.add_argument("--providers", type=provider_list(LINEAR_PROVIDERS), default=",".join(DEFAULT_PROVIDERS),
+                        help=f"comma-separated, from {', '.join(LINEAR_PROVIDERS)}")  # fmt: skip
     parser.add_argument("--dry-run", action="store_true", help="CPU under the Triton interpreter, N = 16, V = 300")
     args = parser.parse_args()
     if args.dry_run:
@@ -48,10 +49,6 @@ def main() -> None:
     elif not torch.cuda.is_available():
         raise SystemExit("bench_linear_gpu.py needs a CUDA GPU (or --dry-run for a CPU check of the script)")
     device = torch.device("cpu" if args.dry_run else "cuda")
-    providers = args.providers.split(",")
-    unknown = set(providers) - set(LINEAR_PROVIDERS)
-    if unknown:
-        parser.error(f"unknown providers {sorted(unknown)}; choose from {', '.join(LINEAR_PROVIDERS)}")
 
     rows = args.batch * args.length
     nv_gib = rows * args.vocab * torch.tensor([], dtype=getattr(torch, args.dtype)).element_size() / GIB
@@ -63,7 +60,7 @@ def main() -> None:
     header = ["provider", "fwd+bwd (ms)", "vs liger", "peak above inputs+grads (GiB)", "largest block (GiB)"]
     print("\n".join(markdown_table(header, [])), flush=True)  # rows follow as they are measured
     results = {}
-    for name in providers:
+    for name in args.providers:
         reason = unavailable(name, device)
         if reason is not None:
             print(markdown_row([name, f"skipped: {reason}", "", "", ""]), flush=True)

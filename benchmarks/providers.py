@@ -27,6 +27,7 @@ Linear case, a loss of hidden [B, T, H], the lm_head weight [V, H] and labels [B
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import functools
 import os
@@ -86,6 +87,19 @@ def unavailable(name: str, device: torch.device | str) -> str | None:
 
 def _unknown(name: str, names: tuple[str, ...]) -> ValueError:
     return ValueError(f"unknown provider {name!r}; choose from {', '.join(names)}")
+
+
+def provider_list(names: tuple[str, ...]) -> Callable[[str], list[str]]:
+    """An argparse ``type``: comma-separated provider names, each one of ``names``."""
+
+    def parse(text: str) -> list[str]:
+        chosen = text.split(",")
+        unknown = [name for name in chosen if name not in names]
+        if unknown:
+            raise argparse.ArgumentTypeError(f"unknown providers {unknown}; choose from {', '.join(names)}")
+        return chosen
+
+    return parse
 
 
 def logits_provider(name: str, options: dict | None = None) -> Provider:
