@@ -117,7 +117,7 @@ def main(argv=None) -> int:
             results.append(_measure(name, args, base, labels, loss_options, exact, logits_bytes))
         except Exception as error:  # a provider that cannot run is reported, the others still run
             traceback.print_exc()
-            results.append({"provider": name, "error": f"{type(error).__name__}: {error}"[:300]})
+            results.append({"provider": name, "error": f"failed: {type(error).__name__}: {error}"[:300]})
         gc.collect()
         if device.type == "cuda":
             torch.cuda.empty_cache()
@@ -290,7 +290,7 @@ def _format(header, results, extra, sweep, logits_bytes) -> str:
     rows, by_name = [], {}
     for result in results:
         if "error" in result:
-            rows.append([result["provider"], f"failed: {result['error']}", *[""] * 8])
+            rows.append([result["provider"], result["error"], *[""] * 8])
             continue
         by_name[result["provider"]] = result
         rows.append(
