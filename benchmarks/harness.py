@@ -7,11 +7,14 @@ Bench objects (built in providers.py), so a table from either means the same thi
 
 - Time (:func:`time_bench`): one warm-up call, then ``rounds`` calls back to back, each as ``reset`` (untimed),
   synchronise, forward, synchronise, backward, synchronise, on the host clock (``time.perf_counter``); best and
-  median are over the rounds. Synchronising after each phase puts the GPU's work inside the phase that queued it;
-  it costs one host round trip (~10 µs) per phase, small against the milliseconds measured here. The process CPU
-  time (all threads) is recorded beside the wall time: it is the steadier of the two when other jobs share the
-  cores. pytest-benchmark times :func:`synchronized` (the same forward + backward + synchronise) with the same
-  clock.
+  median are over the rounds. Rounds run in one block per provider, not round-robin over providers: a training
+  loop calls one provider step after step, and on a VM the first touch of memory that another provider just freed
+  in a different page layout (4 KiB vs 2 MiB pages) costs up to 0.4 s of kernel time, which round-robin would
+  charge to whichever provider comes next. Synchronising after each phase puts the GPU's work inside the phase
+  that queued it; it costs one host round trip (~10 µs) per phase, small against the milliseconds measured here.
+  The process CPU time (all threads) is recorded beside the wall time: it is the steadier of the two when other
+  jobs share the cores. pytest-benchmark times :func:`synchronized` (the same forward + backward + synchronise)
+  with the same clock.
 - Peak memory above the inputs (:func:`peak_memory`): one warm-up call, reset, then one measured call.
   CPU: the process's peak resident set size (VmHWM, reset to the current RSS through /proc/self/clear_refs) minus
   the RSS before the call, in a fresh process per provider, so that no provider reuses pages another one freed;
