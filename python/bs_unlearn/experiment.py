@@ -228,7 +228,8 @@ def evaluate_stage(
 
 @dataclasses.dataclass
 class UnlearnSettings:
-    """What every run of one experiment shares: batch, probe, BS-S sampling sizes, the seed."""
+    """What every run of one experiment shares: batch (forget examples, each with a retain partner), probe, BS-S
+    sampling sizes, the seed."""
 
     batch_size: int = 4
     probe_every: int = 4
@@ -386,14 +387,10 @@ class ComparisonSettings:
     finetune_batch_size: int = 8
     unlearn_steps: int = 12  # the steps protocol's steps; the matched protocol's cap is max_steps
     unlearn_lr: float = 5e-5  # the steps protocol's lr
-    unlearn_batch_size: int = 4
-    probe_every: int = 4
-    probe_retain_records: int = 8
+    unlearn: UnlearnSettings = dataclasses.field(default_factory=UnlearnSettings)  # batch, probe, BS-S sizes
     band_beams: int = 3
     band_max_new_tokens: int = 32
-    bs_s_max_new_tokens: int = 40
     eval_max_new_tokens: int = 40
-    top_k: int = 20
     # matched forgetting
     target_lp: float = -3.0
     max_steps: int = 40
@@ -494,14 +491,7 @@ def run_comparison(
         forget=forget,
         retain=retain,
         band=band,
-        settings=UnlearnSettings(
-            batch_size=settings.unlearn_batch_size,
-            probe_every=settings.probe_every,
-            probe_retain_records=settings.probe_retain_records,
-            top_k=settings.top_k,
-            bs_s_max_new_tokens=settings.bs_s_max_new_tokens,
-            seed=seed,
-        ),
+        settings=dataclasses.replace(settings.unlearn, seed=seed),
         model_spec=model_spec,
         names=names,
         say=say,

@@ -355,7 +355,7 @@ def generate_answers(
     ]
 
 
-def sample_answers(
+def temperature_samples(
     model: torch.nn.Module,
     tokenizer,
     questions: Sequence[str],
@@ -366,19 +366,15 @@ def sample_answers(
     seed: int = 0,
     batch_size: int = 16,
 ) -> list[list[str]]:
-    """Per question, the greedy answer followed by ``num_samples`` temperature samples (the leak rate's answers).
+    """Per question, ``num_samples`` seeded temperature samples (pure: top_k=0, top_p=1, the whole vocabulary).
 
-    Sampling is pure temperature sampling over the whole vocabulary (top_k=0, top_p=1), seeded: the CPU generator
-    and the model device's generator are seeded with ``seed`` for the call and the global RNG state is restored
-    afterwards, so calling this changes no other random stream. ``num_samples=0`` gives the greedy answers only.
+    The CPU generator and the model device's generator are seeded with ``seed`` for the call and the global RNG
+    state is restored afterwards, so calling this changes no other random stream.
     """
-    if num_samples < 0:
-        raise ValueError(f"num_samples must be >= 0, got {num_samples}")
+    if num_samples < 1:
+        raise ValueError(f"num_samples must be >= 1, got {num_samples}")
     if temperature <= 0:
         raise ValueError(f"temperature must be > 0, got {temperature}")
-    greedy = generate_answers(model, tokenizer, questions, max_new_tokens=max_new_tokens, batch_size=batch_size)
-    if num_samples == 0:
-        return greedy
     device = model_device(model)
     cuda_devices = (
         [device.index if device.index is not None else torch.cuda.current_device()] if (device.type == "cuda") else []
@@ -387,7 +383,7 @@ def sample_answers(
         torch.default_generator.manual_seed(seed)
         for index in cuda_devices:
             torch.cuda.default_generators[index].manual_seed(seed)
-        samples = generate_answers(
+        return generate_answers(
             model,
             tokenizer,
             questions,
@@ -399,4 +395,30 @@ def sample_answers(
             top_k=0,
             top_p=1.0,
         )
+
+
+def sample_answers(
+    model: torch.nn.Module,
+    tokenizer,
+    questions: Sequence[str],
+    *,
+    num_samples: int,
+    temperature: float = 1.0,
+    max_new_tokens: int = 48,
+    seed: int = 0,
+    batch_size: int = 16,
+) -> list[list[str]]:
+    """Per question, the greedy answer followed by ``num_samples`` :func:`temperature_samples` (the leak rate's
+    answers). ``num_samples=0`` gives the greedy answers only."""
+    if num_samples < 0:
+        raise ValueError(f"num_samples must be >= 0, got {num_samples}")
+    if temperature <= 0:
+        raise ValueError(f"temperature must be > 0, got {temperature}")
+    greedy = generate_answers(model, tokenizer, questions, max_new_tokens=max_new_tokens, batch_size=batch_size)
+    if num_samples == 0:
+        return greedy
+    samples = temperature_samples(
+        model, tokenizer, questions, num_samples=num_samples, temperature=temperature,
+        max_new_tokens=max_new_tokens, seed=seed, batch_size=batch_size,
+    )  # fmt: skip
     return [first + rest for first, rest in zip(greedy, samples)]

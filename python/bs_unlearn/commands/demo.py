@@ -21,7 +21,7 @@ import dataclasses
 import shutil
 import time
 
-from ..experiment import ComparisonSettings
+from ..experiment import ComparisonSettings, UnlearnSettings
 from ..outputs import check_output_dir, is_main_process, write_json_atomic
 
 # The equal-steps view: GA (with the same retain NLL term as the others), BS-T at lambda = 1 (at the authors' 0.2 BS-T
@@ -46,12 +46,10 @@ QUICK_SETTINGS = ComparisonSettings(
     finetune_lr=5e-3,
     unlearn_steps=3,
     unlearn_lr=1e-3,
-    probe_every=1,
     band_beams=2,
     band_max_new_tokens=6,
-    bs_s_max_new_tokens=6,
     eval_max_new_tokens=6,
-    top_k=5,
+    unlearn=UnlearnSettings(probe_every=1, top_k=5, bs_s_max_new_tokens=6),
     target_lp=-6.0,
     max_steps=4,
     lr_grid=(1e-3, 3e-3),
@@ -133,8 +131,8 @@ def run_demo(
 
 def table_caption(results: dict, settings: ComparisonSettings) -> str:
     common = (
-        f"Model: {results['model']}. Forget set: 12 of the 36 demo facts, batch {settings.unlearn_batch_size} "
-        f"forget + {settings.unlearn_batch_size} retain. p = exp(mean per-token log-prob), averaged over answers; "
+        f"Model: {results['model']}. Forget set: 12 of the 36 demo facts, batch {settings.unlearn.batch_size} "
+        f"forget + {settings.unlearn.batch_size} retain. p = exp(mean per-token log-prob), averaged over answers; "
         "Δlp = change of the mean per-token log-prob over the run."
     )
     if results["protocol"] == "steps":

@@ -17,7 +17,7 @@ import pathlib
 import subprocess
 import time
 
-from ..experiment import ComparisonSettings
+from ..experiment import ComparisonSettings, UnlearnSettings
 from ..outputs import check_output_dir, is_main_process, write_json_atomic
 
 TOFU_SPLITS = {"forget01": "retain99", "forget05": "retain95", "forget10": "retain90"}
@@ -25,12 +25,9 @@ TOFU_RUNS = ("graddiff", "npo", "bs-t:lam=0.5", "bs-t:lam=1.0", "bs-s:bs_s_base=
 TOFU_SETTINGS = ComparisonSettings(
     finetune_epochs=4.0,
     finetune_lr=1e-4,
-    unlearn_batch_size=8,
-    probe_every=5,
-    probe_retain_records=40,
+    unlearn=UnlearnSettings(batch_size=8, probe_every=5, probe_retain_records=40, bs_s_max_new_tokens=48),
     band_beams=4,
     band_max_new_tokens=48,
-    bs_s_max_new_tokens=48,
     eval_max_new_tokens=48,
     target_lp=-3.0,
     max_steps=40,
