@@ -37,7 +37,7 @@ from transformers import TrainerCallback
 from .data import tokenize_qa
 from .metrics import rouge_tokens
 from .outputs import write_json_atomic
-from .scoring import generate_answers, score_encodings
+from .scoring import generate_answers, score_encodings, temperature_samples
 
 
 @dataclass(frozen=True)
@@ -104,22 +104,10 @@ def collect_belief_band(
         for found, texts in zip(candidates, beams):
             found.extend(texts)
     if num_samples:
-        generator_state = torch.random.get_rng_state()
-        torch.manual_seed(seed)
-        try:
-            samples = generate_answers(
-                model,
-                tokenizer,
-                questions,
-                max_new_tokens=max_new_tokens,
-                batch_size=batch_size,
-                num_return_sequences=num_samples,
-                do_sample=True,
-                temperature=temperature,
-                top_k=0,
-            )
-        finally:
-            torch.random.set_rng_state(generator_state)
+        samples = temperature_samples(
+            model, tokenizer, questions, num_samples=num_samples, temperature=temperature,
+            max_new_tokens=max_new_tokens, seed=seed, batch_size=batch_size,
+        )  # fmt: skip
         for found, texts in zip(candidates, samples):
             found.extend(texts)
     band = []
