@@ -38,7 +38,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from .scoring import generate_answers, sample_answers, score_answers, score_qa
+from .scoring import generate_answers, sample_answers, score_answers, score_qa, temperature_samples
 
 FLUENCY_NOTE = "Util without fluency (no offline gibberish classifier)"
 
@@ -382,8 +382,13 @@ def _leak(
     max_new_tokens: int,
     batch_size: int,
     seed: int,
+    greedy: list[str] | None = None,
 ) -> tuple[dict, dict]:
-    """Leak rate of a set whose records carry keys: summary values and per-example answers / rates."""
+    """Leak rate of a set whose records carry keys: summary values and per-example answers / rates.
+
+    ``greedy``: the greedy answers to the original questions when they were just generated at the same length (they
+    are reused instead of generated again; the samples are the same either way, seeded separately).
+    """
     keys = [list(r["keys"]) for r in records]
     summary: dict = {"leak_samples": num_samples, "leak_temperature": temperature}
     per_example: dict = {}
@@ -392,16 +397,15 @@ def _leak(
         phrasings.append(("paraphrased", [r["paraphrased_question"] for r in records]))
     pooled = []
     for offset, (name, questions) in enumerate(phrasings):
-        answers = sample_answers(
-            model,
-            tokenizer,
-            questions,
-            num_samples=num_samples,
-            temperature=temperature,
-            max_new_tokens=max_new_tokens,
-            seed=seed + offset,
+        sampling = dict(
+            num_samples=num_samples, temperature=temperature, max_new_tokens=max_new_tokens, seed=seed + offset,
             batch_size=batch_size,
-        )
+        )  # fmt: skip
+        if name == "original" and greedy is not None:
+            samples = temperature_samples(model, tokenizer, questions, **sampling)
+            answers = [[first, *rest] for first, rest in zip(greedy, samples)]
+        else:
+            answers = sample_answers(model, tokenizer, questions, **sampling)
         rates = question_leak_rates(answers, keys)
         summary[f"leak_rate_{name}"] = float(np.mean(rates))
         per_example[name] = {"answers": answers, "rate": rates}
@@ -526,6 +530,7 @@ def evaluate_set(
                     max_new_tokens=leak_max_new_tokens or max_new_tokens,
                     batch_size=batch_size,
                     seed=seed,
+                    greedy=per_example.get("generation") if not leak_max_new_tokens else None,
                 )
                 paper.update(summary)
                 per_example["leak"] = leak_per_example
