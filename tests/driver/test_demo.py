@@ -27,8 +27,11 @@ def test_demo_quick_matched_end_to_end(tmp_path, capsys):
     target = results["target_lp"]
     for run in results["runs"]:
         records = run["probe"]["records"]
-        assert [attempt["lr"] for attempt in run["attempts"]] == list(results["settings"]["lr_grid"])
-        assert run["lr"] in results["settings"]["lr_grid"]
+        # lr_search="ascending": the grid from its smallest lr, stopping at the first that reaches the target.
+        tried = [attempt["lr"] for attempt in run["attempts"]]
+        assert tried == sorted(results["settings"]["lr_grid"])[: len(tried)]
+        assert not any(attempt["reached"] for attempt in run["attempts"][:-1])
+        assert run["lr"] in tried
         if run["reached"]:  # stopped at the first check at or below the target
             assert records[-1]["target_lp"] <= target and run["steps"] == run["probe"]["reached_step"]
         else:  # ran to the cap, reported as not reached

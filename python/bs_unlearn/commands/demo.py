@@ -43,7 +43,9 @@ QUICK_MATCHED_RUNS = ("graddiff", "bs-t:lam=1.0", "bs-s:bs_s_base=bs_t,lam=1.0")
 DEMO_SETTINGS = ComparisonSettings()
 # The equal-steps view as recorded before the matched protocol existed (longer answers; the table it prints is
 # unchanged).
-STEPS_SETTINGS = ComparisonSettings(eval_max_new_tokens=40)
+STEPS_SETTINGS = ComparisonSettings(
+    eval_max_new_tokens=40, unlearn=UnlearnSettings(probe_every=4, bs_s_max_new_tokens=40)
+)
 QUICK_SETTINGS = ComparisonSettings(
     finetune_epochs=2.0,
     finetune_lr=5e-3,
