@@ -124,7 +124,8 @@ def tofu_eval_files(split: str) -> list[tuple[str, str, str]]:
 
 
 def tofu_eval_sets(tofu_dir: str | pathlib.Path, split: str, *, max_examples: int | None = None, seed: int = 0):
-    """The TOFU evaluation sets of one forget split (:func:`tofu_eval_files`), seeded subsets of ``max_examples``."""
+    """The TOFU evaluation sets of one forget split (:func:`tofu_eval_files`): the forget split whole, seeded subsets
+    of ``max_examples`` of the others."""
     from .data import read_qa_records
     from .metrics import EvalSet
 
@@ -132,7 +133,9 @@ def tofu_eval_sets(tofu_dir: str | pathlib.Path, split: str, *, max_examples: in
     if not tofu.is_dir():
         raise FileNotFoundError(f"TOFU folder not found: {tofu}")
     return [
-        EvalSet(name, read_qa_records(tofu / file, max_examples=max_examples, seed=seed), role)
+        EvalSet(
+            name, read_qa_records(tofu / file, max_examples=None if role == "forget" else max_examples, seed=seed), role
+        )
         for name, file, role in tofu_eval_files(split)
     ]
 
@@ -402,7 +405,7 @@ class ComparisonSettings:
     eval_max_new_tokens: int = 24  # the demo's answers are at most 22 tokens with the end-of-turn token
     # matched forgetting
     target_lp: float = -3.0
-    max_steps: int = 20
+    max_steps: int = 12  # the equal-steps demo's step count
     lr_grid: tuple[float, ...] = (1e-4, 3e-4)
     lr_search: str = "ascending"  # experiment.matched_stage: "all" tries every lr of the grid
     leak_samples: int = 2

@@ -95,7 +95,10 @@ def run_demo(
     forget_path, retain_path = demo_data_path("forget.jsonl"), demo_data_path("retain.jsonl")
     forget = ex.QASplit(FORGET_NAME, read_qa_records(forget_path), forget_path)
     retain = ex.QASplit("retain", read_qa_records(retain_path), retain_path)
-    eval_sets = [EvalSet(FORGET_NAME, forget.records, "forget"), EvalSet("retain", retain.records, "retain")]
+    # Matched: model utility on every other retain fact (12 of 24, the size of the forget set) keeps each evaluation
+    # within the time budget; the equal-steps view keeps its recorded 24.
+    retain_eval = retain.records if protocol == "steps" else retain.records[::2]
+    eval_sets = [EvalSet(FORGET_NAME, forget.records, "forget"), EvalSet("retain", retain_eval, "retain")]
     started = time.perf_counter()
     if quick:
         model = ex.build_quick_model(output / "tiny-model", forget.records + retain.records)

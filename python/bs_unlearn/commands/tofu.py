@@ -21,17 +21,19 @@ from ..experiment import ComparisonSettings, UnlearnSettings
 from ..outputs import check_output_dir, is_main_process, write_json_atomic
 
 TOFU_SPLITS = {"forget01": "retain99", "forget05": "retain95", "forget10": "retain90"}
-TOFU_RUNS = ("graddiff", "npo", "bs-t:lam=0.5", "bs-t:lam=1.0", "bs-s:bs_s_base=bs_t,lam=1.0", "bs-s")
+TOFU_RUNS = ("graddiff", "npo", "bs-t:lam=1.0", "bs-s:bs_s_base=bs_t,lam=1.0")
+# Sized for about an hour on a 2-core CPU with SmolLM2-135M (80 retain examples, 20 per evaluation set).
 TOFU_SETTINGS = ComparisonSettings(
     finetune_epochs=4.0,
     finetune_lr=1e-4,
-    unlearn=UnlearnSettings(batch_size=8, probe_every=5, probe_retain_records=40, bs_s_max_new_tokens=48),
-    band_beams=4,
-    band_max_new_tokens=48,
-    eval_max_new_tokens=48,
+    unlearn=UnlearnSettings(batch_size=8, probe_every=5, probe_retain_records=20, bs_s_max_new_tokens=32),
+    band_beams=3,
+    band_max_new_tokens=32,
+    eval_max_new_tokens=32,
     target_lp=-3.0,
-    max_steps=40,
-    lr_grid=(2e-5, 5e-5),
+    max_steps=25,
+    lr_grid=(5e-5, 1.5e-4),
+    lr_search="ascending",
     leak_samples=0,
 )
 
@@ -114,8 +116,8 @@ def register(subparsers) -> None:
     parser.add_argument("--output", required=True, help="directory for the results, plots and probe JSONs")
     parser.add_argument("--overwrite", action="store_true", help="write into an existing output directory")
     parser.add_argument("--model", default="default", help="HF model directory, .gguf file, or 'default' (SmolLM2)")
-    parser.add_argument("--retain-examples", type=int, default=160, help="seeded retain subset for fine-tuning")
-    parser.add_argument("--eval-examples", type=int, default=40, help="seeded subset of each evaluation set")
+    parser.add_argument("--retain-examples", type=int, default=80, help="seeded retain subset for fine-tuning")
+    parser.add_argument("--eval-examples", type=int, default=20, help="seeded subset of each evaluation set")
     parser.add_argument("--runs", nargs="+", default=list(TOFU_RUNS), help="runs as METHOD[:opt=value,...]")
     parser.add_argument("--target-lp", type=float, default=None, help="forget target mean log-prob to reach")
     parser.add_argument("--max-steps", type=int, default=None, help="step cap per run")
