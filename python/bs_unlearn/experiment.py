@@ -254,6 +254,7 @@ def unlearn_stage(
     lr: float,
     max_steps: int,
     stop_at=None,
+    start_record: dict | None = None,
     model_spec: str = "default",
     names: tuple[str, str] = ("", ""),
     say: Say = _quiet,
@@ -286,6 +287,7 @@ def unlearn_stage(
         data_name=data_name,
         stop_at=stop_at,
         on_record=probe_line,
+        initial_records=[start_record] if start_record is not None else (),
     )
     beliefs = {"max_new_tokens": settings.bs_s_max_new_tokens}
     if "num_beliefs" in spec.options:
@@ -315,6 +317,7 @@ def unlearn_stage(
         "steps": steps,
         "max_steps": max_steps,
         "reached": None if stop_at is None else probe.reached_step is not None,
+        "abandoned_step": probe.abandoned_step,
         "probe": probe_run,
         "seconds": round(time.perf_counter() - started, 1),
     }
@@ -322,7 +325,8 @@ def unlearn_stage(
     say(
         f"  {spec.label} lr {lr:g}: {steps} steps, target lp {last['target_lp']:.2f}, "
         f"band lp {last.get('belief_lp', math.nan):.2f}, retain lp {last.get('retain_lp', math.nan):.2f}"
-        + ("" if stop_at is None else ("" if record["reached"] else " (target not reached)"))
+        + ("" if stop_at is None or record["reached"] else " (target not reached)")
+        + ("" if probe.abandoned_step is None else " (given up at half the cap: projected short of the target)")
         + f" ({record['seconds']:.0f} s)"
     )
     return result.model, record
@@ -366,6 +370,7 @@ def matched_stage(
         model, run = unlearn_stage(
             start_model, tokenizer, spec, lr=lr, max_steps=max_steps, stop_at=stop_at, say=say, **stage_kwargs
         )
+        stage_kwargs.setdefault("start_record", run["probe"]["records"][0])  # the same start for every lr
         final_lp = run["probe"]["records"][-1]["target_lp"]
         attempts.append(
             {
@@ -408,6 +413,7 @@ class ComparisonSettings:
     max_steps: int = 12  # the equal-steps demo's step count
     lr_grid: tuple[float, ...] = (1e-4, 3e-4)
     lr_search: str = "ascending"  # experiment.matched_stage: "all" tries every lr of the grid
+    give_up: bool = True  # probe.ForgettingTarget.give_up: stop at half the cap a run projected far short
     leak_samples: int = 2
 
 
@@ -512,7 +518,7 @@ def run_comparison(
         say=say,
     )
     results["runs"] = []
-    target = ForgettingTarget(settings.target_lp) if matched else None
+    target = ForgettingTarget(settings.target_lp, give_up=settings.give_up) if matched else None
     if matched:
         results["target_lp"] = settings.target_lp
         say(
@@ -544,8 +550,11 @@ def run_comparison(
         run["metrics"] = evaluate_stage(unlearned, tokenizer, eval_sets, **evaluation)
         run["end"] = forget_summary(run["metrics"], forget_name)
         del unlearned
+        # Every later run starts from the same model with the same probe sets: its step-0 record is this one.
+        stage.setdefault("start_record", run["probe"]["records"][0])
         write_probe_json(run["probe"], output / f"probe_{spec.slug}.json")
         results["runs"].append(run)
+        write_json_atomic(results, output / "results.json")  # after every run: a long comparison can be cut short
         end = run["end"]
         say(
             f"[{tag}]   forget p {start['forget_prob']:.3f} -> {end['forget_prob']:.3f}, retain p "

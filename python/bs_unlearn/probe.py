@@ -18,7 +18,10 @@ It writes the records to JSON and, through ``plotting.plot_probe_runs``, a PNG.
 
 Matched forgetting (SPEC.md, "Comparing methods"): with ``stop_at`` (a :class:`ForgettingTarget`) the probe checks
 the forget targets' mean per-token log-prob after every ``stop_at.check_every`` steps and stops training at the first
-check at or below the target; ``reached_step`` says where (None: the step cap came first).
+check at or below the target; ``reached_step`` says where (None: the step cap came first). With ``give_up`` it also
+stops, at half the step cap, a run whose straight-line projection to the cap would not cover even half the distance
+from the start to the target (``abandoned_step``): forgetting curves here speed up rather than slow down, so such a
+run would not have reached the target either, and the time goes to the next learning rate instead.
 """
 
 from __future__ import annotations
@@ -50,6 +53,7 @@ class ForgettingTarget:
 
     target_lp: float
     check_every: int = 1
+    give_up: bool = False
 
     def __post_init__(self) -> None:
         if not isinstance(self.check_every, int) or self.check_every < 1:
@@ -137,6 +141,8 @@ class SqueezeProbe(TrainerCallback):
         label / model_name / data_name: shown in the JSON and the plot's legend and title.
         stop_at: a :class:`ForgettingTarget` to stop training at (matched forgetting).
         on_record: called with each new record (e.g. to print a progress line).
+        initial_records: records already measured on the same model and probe sets (e.g. the step-0 record, the same
+            for every run from one start); a step that has a record is not measured again.
     """
 
     def __init__(
@@ -157,6 +163,7 @@ class SqueezeProbe(TrainerCallback):
         impl: str = "auto",
         stop_at: ForgettingTarget | None = None,
         on_record=None,
+        initial_records: Sequence[dict] = (),
     ) -> None:
         if every < 1:
             raise ValueError(f"every must be >= 1, got {every}")
@@ -188,10 +195,11 @@ class SqueezeProbe(TrainerCallback):
             if isinstance(r.get("paraphrased_answer"), str)
         ]
         self.retain = [tokenize_qa(tokenizer, r["question"], r["answer"]) for r in (retain_records or [])]
-        self.records: list[dict] = []
+        self.records: list[dict] = [dict(record) for record in initial_records]
         self.stop_at = stop_at
         self.on_record = on_record
         self.reached_step: int | None = None
+        self.abandoned_step: int | None = None
         self._started = time.perf_counter()
 
     def _score_targets(self, model: torch.nn.Module):
@@ -238,10 +246,17 @@ class SqueezeProbe(TrainerCallback):
         target = None
         if self.stop_at is not None and step % self.stop_at.check_every == 0:
             target = self._score_targets(model)
-            if float(target.mean_logprob.mean()) <= self.stop_at.target_lp:
+            target_lp = float(target.mean_logprob.mean())
+            if target_lp <= self.stop_at.target_lp:
                 self.reached_step = step
                 control.should_training_stop = True
-        if step % self.every == 0 or self.reached_step == step:
+            elif self.stop_at.give_up and state.max_steps > 1 and step == state.max_steps // 2 and self.records:
+                start_lp = self.records[0]["target_lp"]
+                projected = start_lp + (target_lp - start_lp) * state.max_steps / step
+                if projected > start_lp + (self.stop_at.target_lp - start_lp) / 2:
+                    self.abandoned_step = step
+                    control.should_training_stop = True
+        if step % self.every == 0 or step in (self.reached_step, self.abandoned_step):
             self.measure(model, step, target)
 
     def on_train_end(self, args, state, control, model=None, **kwargs):
@@ -268,6 +283,7 @@ class SqueezeProbe(TrainerCallback):
             "belief_band": self.belief_band,
             "stop_at": None if self.stop_at is None else {"target_lp": self.stop_at.target_lp},
             "reached_step": self.reached_step,
+            "abandoned_step": self.abandoned_step,
         }
 
     def save(self) -> None:

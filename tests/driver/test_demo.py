@@ -118,6 +118,23 @@ def test_stopping_rule_reports_not_reached(tiny_start):
     )
 
 
+def test_give_up_stops_a_hopeless_run_at_half_the_cap(tiny_start):
+    model, tokenizer, stage = tiny_start
+    hopeless = ForgettingTarget(-1e6, give_up=True)
+    _, run = ex.unlearn_stage(model, tokenizer, ex.parse_run("ga"), lr=1e-4, max_steps=4, stop_at=hopeless, **stage)
+    assert run["reached"] is False and run["abandoned_step"] == 2 and run["steps"] == 2
+    assert run["probe"]["records"][-1]["step"] == 2
+    # A reachable target is never given up on: the start record is reused, the run stops where it reaches it.
+    _, free = ex.unlearn_stage(model, tokenizer, ex.parse_run("ga"), lr=3e-3, max_steps=6, **stage)
+    start = free["probe"]["records"][0]
+    reachable = ForgettingTarget(free["probe"]["records"][-1]["target_lp"], give_up=True)
+    _, run = ex.unlearn_stage(
+        model, tokenizer, ex.parse_run("ga"), lr=3e-3, max_steps=6, stop_at=reachable, start_record=start, **stage
+    )
+    assert run["reached"] and run["abandoned_step"] is None
+    assert run["probe"]["records"][0] == start
+
+
 def _fake_metrics() -> dict:
     paper = {"es": 0.1, "em": 0.2, "mem": 0.7, "util": 0.5, "agg": 0.6, "leak_rate": 0.25, "forget_quality": 0.03}
     return {
