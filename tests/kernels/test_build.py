@@ -6,7 +6,8 @@
   too and is loaded without compiling anything.
 Each wheel is built from a copy of the source tree in tmp_path, extracted into a folder (what ``pip install
 --target`` does without dependencies) and used from a fresh interpreter with an empty build cache. Each of the two
-wheel tests compiles the kernel once (15-20 s of one core).
+wheel tests compiles the kernel once (15-20 s of one core); the ahead-of-time one is opt-in (BS_KERNELS_TEST_AOT=1)
+so that CI does not pay for a second compile.
 """
 
 from __future__ import annotations
@@ -143,6 +144,10 @@ def test_regular_wheel_ships_the_source_and_builds_it_just_in_time(tmp_path):
 
 @needs_native
 @needs_wheel_build
+@pytest.mark.skipif(
+    os.environ.get("BS_KERNELS_TEST_AOT") != "1",
+    reason="opt-in (a second compile, about 20 s): BS_KERNELS_TEST_AOT=1 pytest tests/kernels/test_build.py",
+)
 def test_ahead_of_time_wheel_runs_without_compiling(tmp_path):
     wheel = _build_wheel(_source_copy(tmp_path), tmp_path / "wheel", ahead_of_time=True)
     assert "-none-any" not in wheel.name, f"a wheel with a compiled library must be platform-specific: {wheel.name}"
