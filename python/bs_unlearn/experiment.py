@@ -1,14 +1,15 @@
 """The experiment pipeline: the stages that the demo, the TOFU run and any comparison of methods share.
 
-    start = prepare_start(...)                  load the model, fine-tune it on forget + retain (memorise the facts)
-    retain_only = finetune_stage(...)           the same recipe without the forget set (reference for forget quality)
+    model = finetune_stage(...)                 fine-tune on QA files (the start: forget + retain; the retain-only
+                                                reference of forget quality: retain alone, same recipe)
     band = belief_band_stage(start, ...)        the start model's own high-likelihood answers other than the target
-    run = unlearn_stage(start, spec, ...)       one method from the start model, with the squeezing probe; stops at a
+    model, run = unlearn_stage(start, spec, ..) one method from the start model, with the squeezing probe; stops at a
                                                 forgetting target when one is given (matched forgetting)
-    run = matched_stage(start, spec, lrs, ...)  unlearn_stage at each learning rate of a grid; keeps the lr that
-                                                reaches the target with the least retain damage
-    metrics = evaluate_stage(model, ...)        TOFU and the paper's metrics (bs_unlearn.metrics.evaluate)
-    steps_table / matched_table, plot_stage     tables and figures of the results
+    model, run = matched_stage(start, spec, ..) unlearn_stage over a small lr grid; keeps the lr that reaches the
+                                                target with the least retain damage
+    metrics = evaluate_stage(model, ...)        TOFU's and the paper's metrics (bs_unlearn.metrics.evaluate)
+    results = run_comparison(...)               all of the above for a list of run specs, with plots and results.json
+    steps_table / matched_table                 the tables of the results
 
 Every stage takes plain values (records, paths, models) and returns plain values (dicts that go to results.json),
 so a command is a short sequence of calls. Progress goes through ``say`` (one line per stage or probe).
@@ -437,9 +438,9 @@ def run_comparison(
     """Fine-tune ``base_model`` on forget + retain, then unlearn with every spec from that start; returns the results.
 
     ``protocol="matched"``: a retain-only model (same recipe, forget set left out) is trained and evaluated first (the
-    reference of forget quality); each run stops at ``settings.target_lp`` (cap ``settings.max_steps``) at the lr of
-    ``settings.lr_grid`` that gets there with the least retain damage, and is evaluated with the leak rate and forget
-    quality. ``protocol="steps"``: each run takes ``settings.unlearn_steps`` steps at ``settings.unlearn_lr`` (or the
+    reference of forget quality); each run stops at ``settings.target_lp`` (cap ``settings.max_steps``) at an lr of
+    ``settings.lr_grid`` chosen by :func:`matched_stage` (``settings.lr_search``), and is evaluated with the leak rate
+    and forget quality. ``protocol="steps"``: each run takes ``settings.unlearn_steps`` steps at ``settings.unlearn_lr`` (or the
     spec's lr). Writes one probe JSON per run, the plots and results.json to ``output``.
     """
     from .data import write_qa_records
