@@ -440,8 +440,8 @@ def run_comparison(
     ``protocol="matched"``: a retain-only model (same recipe, forget set left out) is trained and evaluated first (the
     reference of forget quality); each run stops at ``settings.target_lp`` (cap ``settings.max_steps``) at an lr of
     ``settings.lr_grid`` chosen by :func:`matched_stage` (``settings.lr_search``), and is evaluated with the leak rate
-    and forget quality. ``protocol="steps"``: each run takes ``settings.unlearn_steps`` steps at ``settings.unlearn_lr`` (or the
-    spec's lr). Writes one probe JSON per run, the plots and results.json to ``output``.
+    and forget quality. ``protocol="steps"``: each run takes ``settings.unlearn_steps`` steps at
+    ``settings.unlearn_lr`` (or the spec's lr). Writes one probe JSON per run, the plots and results.json to ``output``.
     """
     from .data import write_qa_records
     from .plotting import plot_forgetting_axis, plot_probe_runs
