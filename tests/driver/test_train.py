@@ -9,6 +9,7 @@ import torch
 from bs_unlearn import BeliefConfig, FinetuneConfig, ObjectiveConfig, UnlearnConfig, finetune, unlearn
 from bs_unlearn.data import load_qa_jsonl, pad_examples, tokenize_dataset
 from bs_unlearn.objectives import answer_mask
+from bs_unlearn.outputs import mark_output_dir
 from driver_fixtures import tiny_setup  # noqa: F401  (pytest fixture)
 from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
 
@@ -130,6 +131,7 @@ def test_callbacks_receive_the_model_and_interrupt_leaves_no_output(tiny_setup, 
 
     previous = tmp_path / "run"
     previous.mkdir()
+    mark_output_dir(previous)  # an earlier bs-unlearn output, which --overwrite may replace
     (previous / "marker").write_text("previous run")
     config = UnlearnConfig(
         objective=ObjectiveConfig(method="ga"),
@@ -157,6 +159,7 @@ def test_callbacks_receive_the_model_and_interrupt_leaves_no_output(tiny_setup, 
 def test_overwrite_replaces_a_previous_run(tiny_setup, tmp_path):  # noqa: F811
     output = tmp_path / "run"
     output.mkdir()
+    mark_output_dir(output)  # written by bs-unlearn before (tests/driver/test_cli_hardening.py: any other is kept)
     (output / "marker").write_text("old")
     config = UnlearnConfig(
         objective=ObjectiveConfig(method="ga"),
