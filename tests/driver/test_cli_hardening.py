@@ -111,13 +111,10 @@ def test_overwrite_replaces_only_a_folder_bs_unlearn_wrote(workdir, capsys):
         assert status == EXIT_BAD_INPUT and len(lines) == 1 and "was not written by bs-unlearn" in lines[0], lines
     assert tree(workdir) == before
 
-    # An empty folder may be used; the output is marked, so a later --overwrite may replace it (test_train.py).
-    from bs_unlearn.outputs import is_own_output
-
+    # An empty folder may be replaced. (Every run marks its output, so a later --overwrite may replace it:
+    # test_train.py checks both.)
     (workdir / "out").mkdir()
-    assert run_cli(capsys, unlearn_argv("model", "forget.jsonl", "out", "--overwrite"))[0] == 0
-    assert is_own_output(workdir / "out") and (workdir / "out" / "run.json").is_file()
-    assert sorted(p.name for p in workdir.iterdir()) == ["forget.jsonl", "model", "notes", "out"]
+    assert check_output_dir("out", overwrite=True) == workdir / "out"
 
 
 def test_staging_folder_is_a_real_sibling_and_foreign_leftovers_are_kept(tmp_path, monkeypatch):

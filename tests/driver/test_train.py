@@ -9,7 +9,7 @@ import torch
 from bs_unlearn import BeliefConfig, FinetuneConfig, ObjectiveConfig, UnlearnConfig, finetune, unlearn
 from bs_unlearn.data import load_qa_jsonl, pad_examples, tokenize_dataset
 from bs_unlearn.objectives import answer_mask
-from bs_unlearn.outputs import mark_output_dir
+from bs_unlearn.outputs import is_own_output, mark_output_dir
 from driver_fixtures import tiny_setup  # noqa: F401  (pytest fixture)
 from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
 
@@ -100,6 +100,7 @@ def test_finetune_raises_answer_logprob_and_saves(tiny_setup, tmp_path):  # noqa
         e["loss"] for e in result.log_history if "loss" in e
     ]
     assert not list(tmp_path.glob(".*partial*"))
+    assert is_own_output(output)  # marked: a later --overwrite may replace it
 
 
 def test_gradient_accumulation_matches_larger_batch(tiny_setup):  # noqa: F811
@@ -174,4 +175,5 @@ def test_overwrite_replaces_a_previous_run(tiny_setup, tmp_path):  # noqa: F811
     config.overwrite = True
     unlearn(config)
     assert not (output / "marker").exists() and (output / "run.json").is_file() and (output / "config.json").is_file()
+    assert is_own_output(output)  # and so replaceable again
     assert sorted(p.name for p in tmp_path.iterdir()) == ["run"]
