@@ -6,18 +6,18 @@
     ObjectiveConfig  the method's loss (SPEC.md, "Objectives around it")
     BeliefConfig     how BS-S samples its belief set (SPEC.md, "BS-S")
 
-Each validates itself with an error that names the field; nothing here imports transformers, so building the CLI
-stays cheap.
+Each validates itself with an error that names the field. Importing this module imports neither torch nor
+transformers (bs_kernels, the data loaders and torch are imported where a check needs them), so building the CLI and
+rejecting a bad path (:func:`check_run_paths`) take no heavy import.
 """
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
+from typing import ClassVar
 
-import bs_kernels
-
-from .data import load_qa_jsonl
-from .models import check_model_path
+from .models import check_model_path, model_input_path
 from .outputs import check_output_dir, check_readable_file
 
 FORGET_OBJECTIVES = ("ga", "bs_t", "npo")
@@ -89,6 +89,8 @@ class ObjectiveConfig:
         if self.beta <= 0:
             raise ValueError(f"beta must be > 0, got {self.beta}")
         # lam, top_k, belief_temperature: validated by bs_kernels with the same messages as the loss.
+        import bs_kernels
+
         bs_kernels.BSTokenLoss(lam=self.lam, top_k=self.top_k, belief_temperature=self.belief_temperature)
 
     @property
@@ -145,9 +147,13 @@ class TrainConfig:
     output: str | None = field(
         default=None, metadata={"help": "directory to write the model and run.json to (None: nothing is saved)"}
     )
-    overwrite: bool = field(default=False, metadata={"help": "replace an existing output directory"})
+    overwrite: bool = field(
+        default=False, metadata={"help": "replace an earlier bs-unlearn output there (never another folder)"}
+    )
     epochs: float = field(default=3.0, metadata={"help": "training epochs"})
-    max_steps: int = field(default=-1, metadata={"help": "stop after this many optimiser steps (> 0 overrides epochs)"})
+    max_steps: int | None = field(
+        default=None, metadata={"help": "stop after this many optimiser steps, >= 1 (default: train for --epochs)"}
+    )
     batch_size: int = field(
         default=8, metadata={"help": "per-device batch (unlearning: forget examples, each with one retain partner)"}
     )
@@ -169,20 +175,75 @@ class TrainConfig:
     logging_steps: int = field(default=1, metadata={"help": "log the averaged metrics every this many steps"})
     progress: bool = field(default=True, metadata={"help": "no progress bar", "flag": "--no-progress"})
 
+    # The fields that name input files (a path or a list of paths); the model is an input too.
+    INPUT_FILES: ClassVar[tuple[str, ...]] = ()
+
     def validate(self) -> None:
-        if self.output is not None:
-            check_output_dir(self.output, overwrite=self.overwrite)
-        check_model_path(self.model)
+        """Every check, cheapest first: the paths, the settings, the data files' contents (nothing is loaded or
+        written; an error names the field)."""
+        check_run_paths(type(self), vars(self))
+        self.check_settings()
+        self.check_data()
+
+    def check_settings(self) -> None:
         for name in ("batch_size", "grad_accum", "max_length", "logging_steps"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        if self.max_steps <= 0 and self.epochs <= 0:
-            raise ValueError(f"epochs must be > 0 (or max_steps > 0), got epochs={self.epochs}")
+        if self.max_steps is not None and (isinstance(self.max_steps, bool) or self.max_steps < 1):
+            raise ValueError(f"max_steps must be >= 1 (leave it out to train for the epochs), got {self.max_steps}")
+        if self.max_steps is None and self.epochs <= 0:
+            raise ValueError(f"epochs must be > 0 (or max_steps >= 1), got epochs={self.epochs}")
         if self.lr <= 0:
             raise ValueError(f"lr must be > 0, got {self.lr}")
         if self.max_examples_per_file is not None and self.max_examples_per_file < 1:
             raise ValueError(f"max_examples_per_file must be >= 1, got {self.max_examples_per_file}")
-        bs_kernels.BSTokenLoss(impl=self.impl)  # an unknown backend is refused before any model is loaded
+        check_impl_available(self.impl)
+
+    def check_data(self) -> None:
+        """The input files' contents (subclasses): bad lines and empty sets are reported before any model is loaded."""
+
+
+def check_impl_available(impl: str) -> None:
+    """Refuse, before any model is loaded, an unknown backend or one that cannot run on the device a run uses (e.g.
+    ``triton`` on a machine without a GPU), with bs_kernels' reason."""
+    import bs_kernels
+
+    bs_kernels.BSTokenLoss(impl=impl)  # an unknown name
+    if impl in ("auto", "reference"):
+        return  # auto falls back to what runs; the reference runs everywhere
+    import torch
+
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")  # the Trainer's choice (use_cpu)
+    reason = bs_kernels.unavailable_reason(impl, device)
+    if reason is not None:
+        raise ValueError(f"impl {impl!r} cannot run here: {reason}")
+
+
+def _input_files(config_class: type[TrainConfig], values: Mapping[str, object]) -> list[tuple[str, str]]:
+    pairs = []
+    for name in config_class.INPUT_FILES:
+        value = values.get(name)
+        pairs += [(name, path) for path in ([value] if isinstance(value, str) else list(value or []))]
+    return pairs
+
+
+def run_inputs(config_class: type[TrainConfig], values: Mapping[str, object]) -> list[str]:
+    """The files and folders a run reads (its model and ``config_class.INPUT_FILES``, looked up in ``values``): an
+    output may not be one of them or contain one."""
+    return [str(model_input_path(values["model"])), *(path for _, path in _input_files(config_class, values))]
+
+
+def check_run_paths(config_class: type[TrainConfig], values: Mapping[str, object]) -> None:
+    """The path checks of a run, cheap enough to come before any heavy import: the input files readable, the model
+    path loadable, the output neither an input nor a folder that --overwrite must not replace. ``values``: the
+    configuration's fields (``vars(config)``, or ``vars(args)`` of the CLI before a configuration is built)."""
+    for name, path in _input_files(config_class, values):
+        check_readable_file(path, name)
+    check_model_path(values["model"])
+    if values.get("output") is not None:
+        check_output_dir(
+            values["output"], overwrite=bool(values.get("overwrite")), inputs=run_inputs(config_class, values)
+        )
 
 
 @dataclass(kw_only=True)
@@ -190,14 +251,15 @@ class FinetuneConfig(TrainConfig):
     """Fine-tune on QA files with the answer NLL (labels -100 on prompts)."""
 
     data: list[str] = field(default_factory=list, metadata={"help": "QA JSON Lines files (question, answer)"})
+    INPUT_FILES: ClassVar[tuple[str, ...]] = ("data",)
 
-    def validate(self) -> None:
+    def check_data(self) -> None:
+        from .data import load_qa_jsonl
+
         if not self.data:
             raise ValueError("data: give at least one QA JSON Lines file")
         for path in self.data:
-            check_readable_file(path, "data")
-            load_qa_jsonl(path)  # bad lines are reported before any model is loaded
-        super().validate()
+            load_qa_jsonl(path)
 
 
 @dataclass(kw_only=True)
@@ -216,16 +278,14 @@ class UnlearnConfig(TrainConfig):
     )
     objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
     beliefs: BeliefConfig = field(default_factory=BeliefConfig)
+    INPUT_FILES: ClassVar[tuple[str, ...]] = ("forget", "retain")
 
-    def validate(self) -> None:
-        check_readable_file(self.forget, "forget")
-        if self.retain is not None:
-            check_readable_file(self.retain, "retain")
-        # Bad lines and empty sets are reported before any model is loaded.
+    def check_data(self) -> None:
+        from .data import load_qa_jsonl
+
+        if self.objective.retain_loss is not None and self.retain is None:
+            method, term = self.objective.method, self.objective.retain_loss
+            raise ValueError(f"method {method!r} uses a retain term ({term}): give a retain file")
         load_qa_jsonl(self.forget)
         if self.retain is not None and self.objective.retain_loss is not None:
             load_qa_jsonl(self.retain)
-        elif self.objective.retain_loss is not None:
-            method, term = self.objective.method, self.objective.retain_loss
-            raise ValueError(f"method {method!r} uses a retain term ({term}): give a retain file")
-        super().validate()

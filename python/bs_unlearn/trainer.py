@@ -29,7 +29,7 @@ from transformers import Trainer, TrainerCallback, TrainingArguments, set_seed
 import bs_kernels
 
 from .beliefs import BeliefRefreshCallback, EpochCallback, prompt_ids_of, sample_beliefs
-from .config import FinetuneConfig, TrainConfig, UnlearnConfig
+from .config import FinetuneConfig, TrainConfig, UnlearnConfig, run_inputs
 from .data import ForgetRetainCollator, ForgetRetainDataset, QACollator, QADataset, load_qa_jsonl, tokenize_dataset
 from .models import load_model_and_tokenizer
 from .objectives import UnlearnObjective, answer_mask, answer_token_logprobs, nll_loss
@@ -132,7 +132,7 @@ def _training_arguments(config: TrainConfig, work_dir: pathlib.Path) -> Training
         warmup_steps=config.warmup_steps,
         lr_scheduler_type=config.lr_scheduler,
         num_train_epochs=config.epochs,
-        max_steps=config.max_steps,
+        max_steps=config.max_steps if config.max_steps is not None else -1,  # -1: the Trainer's "use the epochs"
         logging_steps=config.logging_steps,
         save_strategy="no",
         report_to=[],
@@ -166,7 +166,12 @@ def _run(kind: str, config: TrainConfig, build, callbacks) -> RunResult:
     main = is_main_process()
     scratch = pathlib.Path(tempfile.mkdtemp(prefix="bs-unlearn-"))
     staging_context = (
-        atomic_output_dir(config.output, overwrite=config.overwrite, main_process=main)
+        atomic_output_dir(
+            config.output,
+            overwrite=config.overwrite,
+            main_process=main,
+            inputs=run_inputs(type(config), vars(config)),
+        )
         if config.output is not None
         else contextlib.nullcontext(None)
     )

@@ -9,6 +9,7 @@ import torch
 from bs_unlearn import BeliefConfig, FinetuneConfig, ObjectiveConfig, UnlearnConfig, finetune, unlearn
 from bs_unlearn.data import load_qa_jsonl, pad_examples, tokenize_dataset
 from bs_unlearn.objectives import answer_mask
+from bs_unlearn.outputs import is_own_output, mark_output_dir
 from driver_fixtures import tiny_setup  # noqa: F401  (pytest fixture)
 from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
 
@@ -99,6 +100,7 @@ def test_finetune_raises_answer_logprob_and_saves(tiny_setup, tmp_path):  # noqa
         e["loss"] for e in result.log_history if "loss" in e
     ]
     assert not list(tmp_path.glob(".*partial*"))
+    assert is_own_output(output)  # marked: a later --overwrite may replace it
 
 
 def test_gradient_accumulation_matches_larger_batch(tiny_setup):  # noqa: F811
@@ -130,6 +132,7 @@ def test_callbacks_receive_the_model_and_interrupt_leaves_no_output(tiny_setup, 
 
     previous = tmp_path / "run"
     previous.mkdir()
+    mark_output_dir(previous)  # an earlier bs-unlearn output, which --overwrite may replace
     (previous / "marker").write_text("previous run")
     config = UnlearnConfig(
         objective=ObjectiveConfig(method="ga"),
@@ -157,6 +160,7 @@ def test_callbacks_receive_the_model_and_interrupt_leaves_no_output(tiny_setup, 
 def test_overwrite_replaces_a_previous_run(tiny_setup, tmp_path):  # noqa: F811
     output = tmp_path / "run"
     output.mkdir()
+    mark_output_dir(output)  # written by bs-unlearn before (tests/driver/test_cli_hardening.py: any other is kept)
     (output / "marker").write_text("old")
     config = UnlearnConfig(
         objective=ObjectiveConfig(method="ga"),
@@ -171,4 +175,5 @@ def test_overwrite_replaces_a_previous_run(tiny_setup, tmp_path):  # noqa: F811
     config.overwrite = True
     unlearn(config)
     assert not (output / "marker").exists() and (output / "run.json").is_file() and (output / "config.json").is_file()
+    assert is_own_output(output)  # and so replaceable again
     assert sorted(p.name for p in tmp_path.iterdir()) == ["run"]

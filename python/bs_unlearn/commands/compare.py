@@ -10,7 +10,8 @@ from __future__ import annotations
 import argparse
 import pathlib
 
-from ..outputs import check_readable_file
+from ..outputs import check_output_file, check_readable_file
+from .base import require_modules
 
 TABLE_KEYS = (
     ("target_lp", "target lp"),
@@ -39,19 +40,20 @@ def compare_table(runs: list[dict]) -> str:
 
 
 def handle(args: argparse.Namespace) -> int:
-    from ..plotting import plot_probe_runs
-    from ..probe import load_probe_json
-
+    require_modules("bs-unlearn compare", "matplotlib")
     output = pathlib.Path(args.output).expanduser()
     if output.suffix.lower() != ".png":
         raise ValueError(f"--output must be a .png file, got {output}")
-    if output.exists() and not args.overwrite:
-        raise ValueError(f"output file {output} already exists (pass --overwrite to replace it)")
     if args.labels is not None and len(args.labels) != len(args.probes):
         raise ValueError(f"--labels has {len(args.labels)} names for {len(args.probes)} probe files")
+    probes = [check_readable_file(path, "probe JSON") for path in args.probes]
+    check_output_file(output, overwrite=args.overwrite, inputs=probes)
+    from ..plotting import plot_probe_runs
+    from ..probe import load_probe_json
+
     runs = []
-    for index, path in enumerate(args.probes):
-        run = load_probe_json(check_readable_file(path, "probe JSON"))
+    for index, path in enumerate(probes):
+        run = load_probe_json(path)
         if args.labels is not None:
             run["label"] = args.labels[index]
         elif not run.get("label"):

@@ -18,11 +18,12 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import shutil
 import time
 
 from ..experiment import ComparisonSettings, UnlearnSettings
-from ..outputs import check_output_dir, is_main_process, write_json_atomic
+from ..models import check_model_path, model_input_path
+from ..outputs import check_output_dir, is_main_process, prepare_output_dir, write_json_atomic
+from .base import positive_int, require_modules
 
 # The equal-steps view: GA (with the same retain NLL term as the others), BS-T at lambda = 1 (at the authors' 0.2 BS-T
 # behaves like GA while the memorised label dominates the top-k belief, shared/FINDINGS.md), BS-S.
@@ -62,6 +63,9 @@ QUICK_SETTINGS = ComparisonSettings(
 )
 
 FORGET_NAME = "forget"
+# Optional packages the demo and the TOFU run need: the figures, forget quality (KS test), ROUGE-L.
+DEMO_MODULES = ("matplotlib", "scipy", "rouge_score")
+PARTIAL_RESULTS = "what was finished is in the output folder (--overwrite replaces it)"
 
 
 def run_demo(
@@ -76,22 +80,28 @@ def run_demo(
     seed: int = 0,
     say=None,
 ) -> dict:
-    """The whole demo (see the module docstring); returns the results dict that is also written to results.json."""
+    """The whole demo (see the module docstring); returns the results dict that is also written to results.json.
+
+    ``output`` is refused if it is or contains the current directory or the model, or is a folder bs-unlearn did not
+    write; with ``overwrite`` an earlier demo's folder is replaced (no file of it is left behind)."""
     from .. import experiment as ex
-    from ..data import demo_data_path, read_qa_records
-    from ..metrics import EvalSet
-    from ..models import load_model_and_tokenizer
 
     if protocol not in ("matched", "steps"):
         raise ValueError(f"protocol must be 'matched' or 'steps', got {protocol!r}")
+    inputs = [] if quick else [model_input_path(model)]  # --quick builds its model inside the output
+    check_output_dir(output, overwrite=overwrite, inputs=inputs)
+    if not quick:
+        check_model_path(model)
     say = say or (lambda message: print(message, flush=True))
     settings = settings or default_settings(quick, protocol)
     default_runs = STEPS_RUNS if protocol == "steps" else (QUICK_MATCHED_RUNS if quick else MATCHED_RUNS)
     specs = [ex.parse_run(spec) for spec in (runs or default_runs)]
-    output = check_output_dir(output, overwrite=overwrite)
-    if output.exists():  # --overwrite: start from an empty folder so no file of an earlier demo is left behind
-        shutil.rmtree(output)
-    output.mkdir(parents=True)
+    # The heavy imports (torch, transformers) come after the cheap checks above.
+    from ..data import demo_data_path, read_qa_records
+    from ..metrics import EvalSet
+    from ..models import load_model_and_tokenizer
+
+    output = prepare_output_dir(output, overwrite=overwrite, inputs=inputs)
     forget_path, retain_path = demo_data_path("forget.jsonl"), demo_data_path("retain.jsonl")
     forget = ex.QASplit(FORGET_NAME, read_qa_records(forget_path), forget_path)
     retain = ex.QASplit("retain", read_qa_records(retain_path), retain_path)
@@ -168,6 +178,7 @@ def table_caption(results: dict, settings: ComparisonSettings) -> str:
 def handle(args: argparse.Namespace) -> int:
     if not is_main_process():
         raise ValueError("bs-unlearn demo runs in one process; start it without torchrun / accelerate launch")
+    require_modules("bs-unlearn demo", *DEMO_MODULES)  # before minutes of work, not at the plots
     settings = default_settings(args.quick, args.protocol)
     overrides = {}
     if args.target_lp is not None:
@@ -200,7 +211,9 @@ def register(subparsers) -> None:
     )
     parser.add_argument("--model", default="default", help="HF model directory, .gguf file, or 'default' (SmolLM2)")
     parser.add_argument("--output", default="bs-unlearn-demo", help="directory for the plots, table and JSONs")
-    parser.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
+    parser.add_argument(
+        "--overwrite", action="store_true", help="replace an earlier bs-unlearn output there (never another folder)"
+    )
     parser.add_argument("--quick", action="store_true", help="tiny random model, a few steps: a smoke test in seconds")
     parser.add_argument(
         "--protocol",
@@ -216,7 +229,7 @@ def register(subparsers) -> None:
         f"default: {' '.join(STEPS_RUNS)}); options: lam, top_k, lam_s, bs_s_base, num_beliefs, lr",
     )
     parser.add_argument("--target-lp", type=float, default=None, help="matched: forget target mean log-prob to reach")
-    parser.add_argument("--max-steps", type=int, default=None, help="matched: step cap per run")
+    parser.add_argument("--max-steps", type=positive_int, default=None, help="matched: step cap per run")
     parser.add_argument("--lr-grid", type=float, nargs="+", default=None, help="matched: learning rates to try")
     parser.add_argument("--seed", type=int, default=0)
-    parser.set_defaults(handler=handle)
+    parser.set_defaults(handler=handle, on_interrupt=PARTIAL_RESULTS)

@@ -13,16 +13,17 @@ import argparse
 import json
 import pathlib
 
-from ..outputs import check_readable_file, is_main_process, write_json_atomic
+from ..config import check_impl_available
+from ..models import check_model_path, model_input_path
+from ..outputs import check_output_file, check_readable_file, is_main_process, write_json_atomic
+from .base import positive_int, require_modules
 
 TOFU_SPLITS = ("forget01", "forget05", "forget10")
 
 
-def eval_sets_from_args(args: argparse.Namespace) -> list:
-    """The (name, path, role) triples the arguments ask for, loaded as metrics.EvalSet."""
-    from ..data import read_qa_records
+def eval_set_files(args: argparse.Namespace) -> list[tuple[str, pathlib.Path, str]]:
+    """The (name, path, role) triples the arguments ask for, each path checked readable (nothing is loaded)."""
     from ..experiment import tofu_eval_files
-    from ..metrics import EvalSet
 
     wanted: list[tuple[str, pathlib.Path, str]] = []
     if args.tofu_dir is not None:
@@ -52,29 +53,45 @@ def eval_sets_from_args(args: argparse.Namespace) -> list:
         raise ValueError(
             "nothing to evaluate: give --forget/--retain/--real-authors/--world-facts, --set or --tofu-dir"
         )
-    sets = []
-    for name, path, role in wanted:
+    for name, path, _ in wanted:
         check_readable_file(path, name)
-        sets.append(EvalSet(name, read_qa_records(path, max_examples=args.max_examples, seed=args.seed), role))
-    return sets
+    return wanted
+
+
+def eval_sets_from_args(args: argparse.Namespace) -> list:
+    """The sets the arguments ask for (:func:`eval_set_files`), loaded as metrics.EvalSet."""
+    from ..data import read_qa_records
+    from ..metrics import EvalSet
+
+    return [
+        EvalSet(name, read_qa_records(path, max_examples=args.max_examples, seed=args.seed), role)
+        for name, path, role in eval_set_files(args)
+    ]
 
 
 def handle(args: argparse.Namespace) -> int:
-    from ..metrics import evaluate, format_table
-    from ..models import load_model_and_tokenizer
-
-    output = pathlib.Path(args.output).expanduser()
-    if output.exists() and not args.overwrite:
-        raise ValueError(f"output file {output} already exists (pass --overwrite to replace it)")
-    if output.exists() and output.is_dir():
-        raise ValueError(f"output path is a directory: {output}")
+    # Every path and option is checked before the heavy imports (torch, transformers) and before any model loads.
+    check_model_path(args.model)
+    inputs = [model_input_path(args.model), *(path for _, path, _ in eval_set_files(args))]
+    if args.retain_model_metrics is not None:
+        inputs.append(check_readable_file(args.retain_model_metrics, "retain-model metrics"))
+    output = check_output_file(args.output, overwrite=args.overwrite, inputs=inputs)
+    require_modules(
+        "bs-unlearn eval",
+        *([] if args.no_generate else ["rouge_score"]),  # ROUGE-L of the greedy answers
+        *([] if args.retain_model_metrics is None else ["scipy"]),  # forget quality: the KS test
+    )
     retain_metrics = None
     if args.retain_model_metrics is not None:
-        path = check_readable_file(args.retain_model_metrics, "retain-model metrics")
+        path = pathlib.Path(args.retain_model_metrics).expanduser()
         try:
             retain_metrics = json.loads(path.read_text())
         except json.JSONDecodeError as error:
             raise ValueError(f"--retain-model-metrics {path} is not JSON: {error}") from error
+    check_impl_available(args.impl)
+    from ..metrics import evaluate, format_table
+    from ..models import load_model_and_tokenizer
+
     sets = eval_sets_from_args(args)
     model, tokenizer = load_model_and_tokenizer(args.model)
     results = evaluate(
@@ -120,10 +137,10 @@ def register(subparsers) -> None:
     parser.add_argument(
         "--retain-model-metrics", default=None, help="eval JSON of a retain-only model (forget quality)"
     )
-    parser.add_argument("--max-examples", type=int, default=None, help="seeded random subset of each set")
+    parser.add_argument("--max-examples", type=positive_int, default=None, help="seeded random subset of each set")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--batch-size", type=int, default=16)
-    parser.add_argument("--max-new-tokens", type=int, default=64, help="greedy answer length for ROUGE-L")
+    parser.add_argument("--batch-size", type=positive_int, default=16)
+    parser.add_argument("--max-new-tokens", type=positive_int, default=64, help="greedy answer length for ROUGE-L")
     parser.add_argument("--no-generate", action="store_true", help="skip generation (no ROUGE-L)")
     parser.add_argument("--impl", default="auto", help="bs_kernels backend for the log-probs")
     parser.add_argument("--quiet", action="store_true", help="no progress lines")

@@ -22,7 +22,9 @@ def print_summary(result) -> None:
 
 
 def handle(args: argparse.Namespace) -> int:
-    from ..config import FinetuneConfig
+    from ..config import FinetuneConfig, check_run_paths
+
+    check_run_paths(FinetuneConfig, vars(args))  # a bad path is refused before torch and transformers are imported
     from ..trainer import finetune
 
     print_summary(finetune(config_from_args(FinetuneConfig, args)))

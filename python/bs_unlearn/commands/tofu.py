@@ -18,7 +18,10 @@ import subprocess
 import time
 
 from ..experiment import ComparisonSettings, UnlearnSettings
-from ..outputs import check_output_dir, is_main_process, write_json_atomic
+from ..models import check_model_path, model_input_path
+from ..outputs import check_output_dir, is_main_process, prepare_output_dir, write_json_atomic
+from .base import positive_int, require_modules
+from .demo import DEMO_MODULES, PARTIAL_RESULTS
 
 TOFU_SPLITS = {"forget01": "retain99", "forget05": "retain95", "forget10": "retain90"}
 TOFU_RUNS = ("graddiff", "npo", "bs-t:lam=1.0", "bs-s:bs_s_base=bs_t,lam=1.0")
@@ -44,8 +47,8 @@ def run_tofu(args: argparse.Namespace) -> dict:
     from ..models import load_model_and_tokenizer
 
     tofu = pathlib.Path(args.tofu_dir).expanduser()
-    output = check_output_dir(args.output, overwrite=args.overwrite)
-    output.mkdir(parents=True, exist_ok=True)
+    # --overwrite writes into an earlier TOFU output (never into a folder bs-unlearn did not write).
+    output = prepare_output_dir(args.output, overwrite=args.overwrite, inputs=tofu_inputs(args), replace=False)
     started = time.perf_counter()
     forget_path = tofu / f"{args.split}.jsonl"
     forget = ex.QASplit(args.split, read_qa_records(forget_path), forget_path)
@@ -101,8 +104,16 @@ def handle(args: argparse.Namespace) -> int:
         raise ValueError(f"--split must be one of {sorted(TOFU_SPLITS)}, got {args.split!r}")
     if not (pathlib.Path(args.tofu_dir).expanduser() / f"{args.split}.jsonl").is_file():
         raise FileNotFoundError(f"--tofu-dir has no {args.split}.jsonl: {args.tofu_dir}")
+    check_model_path(args.model)
+    check_output_dir(args.output, overwrite=args.overwrite, inputs=tofu_inputs(args))
+    require_modules("bs-unlearn tofu", *DEMO_MODULES)  # before an hour of work, not at the plots
     run_tofu(args)
     return 0
+
+
+def tofu_inputs(args: argparse.Namespace) -> list:
+    """What the run reads, which the output may not be or contain: the TOFU folder and the model."""
+    return [pathlib.Path(args.tofu_dir).expanduser(), model_input_path(args.model)]
 
 
 def register(subparsers) -> None:
@@ -114,13 +125,15 @@ def register(subparsers) -> None:
     parser.add_argument("--tofu-dir", required=True, help="folder with the TOFU JSON Lines splits")
     parser.add_argument("--split", default="forget01", choices=sorted(TOFU_SPLITS), help="forget split")
     parser.add_argument("--output", required=True, help="directory for the results, plots and probe JSONs")
-    parser.add_argument("--overwrite", action="store_true", help="write into an existing output directory")
+    parser.add_argument(
+        "--overwrite", action="store_true", help="write into an earlier bs-unlearn output there (never another folder)"
+    )
     parser.add_argument("--model", default="default", help="HF model directory, .gguf file, or 'default' (SmolLM2)")
-    parser.add_argument("--retain-examples", type=int, default=80, help="seeded retain subset for fine-tuning")
-    parser.add_argument("--eval-examples", type=int, default=20, help="seeded subset of each evaluation set")
+    parser.add_argument("--retain-examples", type=positive_int, default=80, help="seeded retain subset for fine-tuning")
+    parser.add_argument("--eval-examples", type=positive_int, default=20, help="seeded subset of each evaluation set")
     parser.add_argument("--runs", nargs="+", default=list(TOFU_RUNS), help="runs as METHOD[:opt=value,...]")
     parser.add_argument("--target-lp", type=float, default=None, help="forget target mean log-prob to reach")
-    parser.add_argument("--max-steps", type=int, default=None, help="step cap per run")
+    parser.add_argument("--max-steps", type=positive_int, default=None, help="step cap per run")
     parser.add_argument("--lr-grid", type=float, nargs="+", default=None, help="learning rates to try per method")
     parser.add_argument("--seed", type=int, default=0)
-    parser.set_defaults(handler=handle)
+    parser.set_defaults(handler=handle, on_interrupt=PARTIAL_RESULTS)

@@ -9,7 +9,9 @@ from .finetune import print_summary
 
 
 def handle(args: argparse.Namespace) -> int:
-    from ..config import UnlearnConfig
+    from ..config import UnlearnConfig, check_run_paths
+
+    check_run_paths(UnlearnConfig, vars(args))  # a bad path is refused before torch and transformers are imported
     from ..trainer import unlearn
 
     print_summary(unlearn(config_from_args(UnlearnConfig, args)))
