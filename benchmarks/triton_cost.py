@@ -212,7 +212,7 @@ def _natural_loop(blocks: list[Block], latch: int, header: int) -> set[int]:
     for i, block in enumerate(blocks):
         for successor in block.successors:
             predecessors.setdefault(successor, []).append(i)
-    body, stack = {header, latch}, [latch]
+    body, stack = {header, latch}, [latch] if latch != header else []
     while stack:
         node = stack.pop()
         for predecessor in predecessors.get(node, []):
@@ -418,7 +418,99 @@ def current_variants() -> list[Variant]:
     return out
 
 
-VARIANT_SETS: dict[str, Callable[[], list[Variant]]] = {"current": current_variants}
+def _name_lane_paths(paths: KernelPaths) -> dict[str, tuple[int, int]]:
+    """The per-lane forward's loop: every block (log-sum-exp and the lane test), plus per lane visited and per key
+    accepted into the top. Costs are increments over the block's own (a visit's path minus the block's path)."""
+    plain = [p for p in paths.paths if not p.inner]
+    if len(plain) != 1:
+        raise ValueError(f"expected one path without inner loops, got {len(plain)}")
+    named = {"block": (plain[0].count, plain[0].barriers)}
+    visits = [p for p in paths.paths if len(p.inner) == 1]
+    offers = [p for p in paths.paths if len(p.inner) == 2]
+    if visits and offers:
+        visit_header = visits[0].inner[0]
+        (offer_header,) = set(offers[0].inner) - {visit_header}
+        offer = paths.inner_cycle[offer_header]
+        named["first visit"] = (visits[0].count - plain[0].count, visits[0].barriers - plain[0].barriers)
+        cycle = paths.inner_cycle[visit_header]
+        named["another visit"] = (cycle[0] - offer[0], cycle[1] - offer[1])
+        named["accepted offer"] = offer
+    return named
+
+
+def replay_lanes(groups: int, lanes: int, vec: int, top_k: int):
+    """The branch decisions of bs_rows_forward_lanes_kernel on one row: blocks, lanes visited, keys accepted."""
+    block_v = groups * lanes * vec
+    element = np.arange(groups * vec)
+    lane_offsets = (element // vec) * (lanes * vec) + element % vec
+    lane_ids = np.arange(lanes)
+
+    def replay(row: np.ndarray) -> Counter:
+        vocab = row.shape[0]
+        ran: Counter = Counter()
+        slots = np.arange(top_k, dtype=np.int64)
+        top = MIN_KEY + 1 + slots
+        kth = top.min() if top_k else MIN_KEY
+        for start in range(0, vocab, block_v):
+            ran["block"] += 1
+            if top_k == 0:
+                continue
+            z = np.full(block_v, -np.inf, np.float32)
+            z[: min(block_v, vocab - start)] = row[start : start + block_v]
+            lane_max = z.reshape(groups, lanes, vec).max(axis=(0, 2))
+            lane_keys = _ordered_keys(lane_max, lane_ids)
+            pending = np.where((lane_keys >> 32) >= (kth >> 32), lane_keys, MIN_KEY)
+            first = True
+            while True:
+                next_lane = pending.max()
+                if next_lane == MIN_KEY or (next_lane >> 32) < (kth >> 32):
+                    break
+                ran["first visit" if first else "another visit"] += 1
+                first = False
+                pending[pending == next_lane] = MIN_KEY
+                cols = start + int(next_lane & (lanes - 1)) * vec + lane_offsets
+                cols = cols[cols < vocab]
+                for offer in np.sort(_ordered_keys(row[cols], cols))[::-1]:
+                    if offer <= kth:
+                        break
+                    top[np.argmin(top)] = offer
+                    kth = top.min()
+                    ran["accepted offer"] += 1
+        return ran
+
+    return replay
+
+
+def lane_variants() -> list[Variant]:
+    out = []
+    for top_k in (20, 0):
+        for log_groups, warps in ((1, 1), (2, 1), (3, 1), (2, 2)):
+            groups, lanes = 1 << log_groups, 32 * warps
+            log_k_pad = max(0, (top_k - 1).bit_length()) if top_k else 0
+            out.append(
+                Variant(
+                    name=f"per-lane k={top_k} BLOCK_V={groups * lanes * 8} {warps}w"
+                    + (" (default)" if (log_groups, warps) == (2, 1) else ""),
+                    kernel_name="bs_rows_forward_lanes_kernel",
+                    constants=dict(
+                        K=top_k,
+                        LOG_K_PAD=log_k_pad,
+                        LOG_GROUPS=log_groups,
+                        LOG_LANES=5 + warps - 1,
+                        LOG_VEC=3,
+                        IS_FP64=False,
+                    ),  # fmt: skip
+                    num_warps=warps,
+                    block_v=groups * lanes * 8,
+                    top_k=top_k,
+                    name_paths=_name_lane_paths,
+                    replay=replay_lanes(groups, lanes, 8, top_k),
+                )
+            )
+    return out
+
+
+VARIANT_SETS: dict[str, Callable[[], list[Variant]]] = {"current": current_variants, "lanes": lane_variants}
 
 
 # ------------------------------------------------------------------------------------------------ data models
