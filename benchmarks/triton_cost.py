@@ -311,7 +311,7 @@ class Variant:
     aligned: tuple[int, ...] = (0, 6, 7)
 
 
-def _name_current_paths(paths: KernelPaths) -> dict[str, tuple[int, int]]:
+def name_bucket_paths(paths: KernelPaths) -> dict[str, tuple[int, int]]:
     """The current forward's loop: skip (block max), keys but no candidate, the full network, bucket rounds."""
     plain = sorted((p for p in paths.paths if not p.inner), key=lambda p: p.count)
     rounds = [p for p in paths.paths if p.inner]
@@ -399,7 +399,7 @@ def current_variants() -> list[Variant]:
                 num_warps=warps,
                 block_v=block_v,
                 top_k=20,
-                name_paths=_name_current_paths,
+                name_paths=name_bucket_paths,
                 replay=replay_current(block_v, buckets, 20),
             )
         )
@@ -411,14 +411,14 @@ def current_variants() -> list[Variant]:
             num_warps=16,
             block_v=4096,
             top_k=0,
-            name_paths=_name_current_paths,
+            name_paths=name_bucket_paths,
             replay=replay_current(4096, 256, 0),
         )
     )
     return out
 
 
-def _name_lane_paths(paths: KernelPaths) -> dict[str, tuple[int, int]]:
+def name_lane_paths(paths: KernelPaths) -> dict[str, tuple[int, int]]:
     """The per-lane forward's loop: every block (log-sum-exp and the lane test), plus per lane visited and per key
     accepted into the top. Costs are increments over the block's own (a visit's path minus the block's path)."""
     plain = [p for p in paths.paths if not p.inner]
@@ -452,7 +452,8 @@ def replay_lanes(groups: int, lanes: int, vec: int, top_k: int):
         top = MIN_KEY + 1 + slots
         kth = top.min() if top_k else MIN_KEY
         for start in range(0, vocab, block_v):
-            ran["block"] += 1
+            # The partial last block runs outside the loop (its code is in KernelPaths.outside).
+            ran["block"] += start + block_v <= vocab
             if top_k == 0:
                 continue
             z = np.full(block_v, -np.inf, np.float32)
@@ -503,7 +504,7 @@ def lane_variants() -> list[Variant]:
                     num_warps=warps,
                     block_v=groups * lanes * 8,
                     top_k=top_k,
-                    name_paths=_name_lane_paths,
+                    name_paths=name_lane_paths,
                     replay=replay_lanes(groups, lanes, 8, top_k),
                 )
             )

@@ -216,24 +216,26 @@ def forward(
     return RawRowStats(lse=lse, label_logits=label_logits, belief_logits=belief_logits, belief_ids=belief_ids)
 
 
+def lanes_constants(config: LaneForwardConfig, dtype: torch.dtype, top_k: int) -> dict:
+    """The compile-time arguments of bs_rows_forward_lanes_kernel for a config (also used to compile it offline)."""
+    return dict(
+        K=top_k,
+        LOG_K_PAD=_log2(next_power_of_two(max(top_k, 1))),
+        LOG_GROUPS=_log2(config.groups),
+        LOG_LANES=_log2(32 * config.num_warps),
+        LOG_VEC=_log2(config.vector(dtype)),
+        IS_FP64=dtype == torch.float64,
+    )
+
+
 def _lanes_forward(logits, labels, top_k: int, config: LaneForwardConfig, outputs) -> None:
     for name in ("groups", "num_warps"):
         _check_block(getattr(config, name), f"config.{name}")
     _check_block(config.vector(logits.dtype), "config.vec")
+    constants = lanes_constants(config, logits.dtype, top_k)
     with _on_device(logits):
         _load_kernels().bs_rows_forward_lanes_kernel[(logits.shape[0],)](
-            logits,
-            labels,
-            *outputs,
-            logits.shape[1],
-            logits.stride(0),
-            K=top_k,
-            LOG_K_PAD=_log2(next_power_of_two(max(top_k, 1))),
-            LOG_GROUPS=_log2(config.groups),
-            LOG_LANES=_log2(32 * config.num_warps),
-            LOG_VEC=_log2(config.vector(logits.dtype)),
-            IS_FP64=logits.dtype == torch.float64,
-            num_warps=config.num_warps,
+            logits, labels, *outputs, logits.shape[1], logits.stride(0), **constants, num_warps=config.num_warps
         )
 
 

@@ -1,7 +1,7 @@
 # The Triton kernels of impl="triton" (launchers, validation and block sizes live in triton.py).
 #
-# Forward, one program per row, streaming the vocabulary in blocks of BLOCK_V logits (upcast to float32, or float64
-# for float64 input):
+# Forward, buckets (bs_rows_forward_kernel; the launcher's choice for few rows or k > 64), one program per row,
+# streaming the vocabulary in blocks of BLOCK_V logits (upcast to float32, or float64 for float64 input):
 #   1. online log-sum-exp: m = running max, s = sum exp(z - m); per block one max reduction, one exp per element
 #      and one exp to rescale s. A row that has seen only -inf so far uses 0 as the shift, so -inf - -inf never forms.
 #   2. top-k: every logit becomes one int64 key, (order-preserving integer of the value) << index bits | index.
@@ -31,6 +31,24 @@
 #   16 bytes wide only when V and the row stride are multiples of 16 (Triton specialises on that), else 2 bytes.
 #   Compiled for sm_90 (bf16, k = 20, BLOCK_V = 4096, 16 warps, the default): 86 registers with Triton 3.9, 112 with
 #   3.6, no spills (benchmarks/RESULTS.md).
+#
+# Forward, per lane (bs_rows_forward_lanes_kernel; the launcher's choice for many rows and k <= 64): one program of
+# one warp (or a few) per row; each of its LANES lanes streams GROUPS 16-byte vectors of VEC logits per step.
+#   1. log-sum-exp: every lane keeps its own running max and sum, in base 2 (exp2(z * log2 e - m * log2 e) is one
+#      FFMA and one MUFU, where exp is a MUFU plus range fix-ups); the lanes' partials are combined once per row.
+#      No cross-lane work per step, so no barrier and no shuffle in the loop.
+#   2. top-k: the same keys as above, kept UNSORTED in K slots (distinct placeholders below every real key until
+#      filled); the k-th best is their minimum. A lane whose block max has a value field below the k-th best's holds
+#      no candidate (_value_field: a key above the k-th best has a field >= its field). The others are visited best
+#      first: the lane's PER_LANE logits are re-read (L1 hits) as keys spread over the warp, and offered best first
+#      while they beat the k-th best, each replacing it. A streaming top-k is exact whatever the order of offers, as
+#      long as every logit that could still enter is offered: those never offered were below the k-th best when
+#      their lane was tested, and the k-th best only rises. Cost per offer: a few warp reductions (REDUX on sm_90).
+#      The top is sorted once per row at the end (bitonic, K_PAD keys).
+#   Compiled for sm_90 (bf16, k = 20, 4 groups x 32 lanes x 8 = 1024 logits per step, 1 warp): 59 registers, no
+#   spills, no BAR in the loop; ~7 lane-instructions per logit per block plus ~40 per lane visited and ~23 per key
+#   accepted, ~9-11 per logit in all on random rows (benchmarks/triton_cost.py, benchmarks/RESULTS.md).
+#   Limits as above; one warp per row needs many rows to fill a GPU (the launcher keeps the bucket kernel for few).
 #
 # Backward, grid (row, column block), two launches:
 #   dense: grad = -exp(z - lse) * grad_row for every logit (one read, one write, one exp per element); rows with
@@ -264,6 +282,55 @@ def _ordered_field(x, IS_FP64: tl.constexpr):
 
 
 @triton.jit
+def _lanes_block(
+    row_ptr, start, vocab_size, block_cols, lane_ids, lane_offsets, lane_max, lane_sum, top_keys, kth_key, kth_field,
+    MASKED: tl.constexpr, K: tl.constexpr, LANES: tl.constexpr, VEC: tl.constexpr, IS_FP64: tl.constexpr,
+):  # fmt: skip
+    """One block of bs_rows_forward_lanes_kernel's loop; MASKED: the row's partial last block (bounds-checked)."""
+    compute_dtype = tl.float64 if IS_FP64 else tl.float32
+    cols = start + block_cols
+    if MASKED:
+        z = tl.load(row_ptr + cols, mask=cols < vocab_size, other=float("-inf")).to(compute_dtype)
+    else:
+        z = tl.load(row_ptr + cols).to(compute_dtype)
+
+    # 1. per-lane online log-sum-exp in base 2: one FFMA and one exp2 per logit, no cross-lane work
+    block_lane_max = tl.reduce(tl.reduce(z, 2, _max_combine), 0, _max_combine)
+    new_max = tl.maximum(lane_max, block_lane_max)
+    # A lane that has seen only -inf shifts by 0, so -inf - -inf never forms.
+    shift = tl.where(new_max == float("-inf"), 0.0, new_max * LOG2E).to(compute_dtype)
+    exps = tl.exp2(z * LOG2E - shift[None, :, None])
+    lane_sum = lane_sum * tl.exp2(lane_max * LOG2E - shift) + tl.reduce(
+        tl.reduce(exps, 2, _sum_combine), 0, _sum_combine
+    )
+    lane_max = new_max
+
+    # 2. top-k: a lane whose max's value field is below the k-th best key's holds no candidate. The others are
+    # visited best lane first; each re-reads its PER_LANE logits as keys and offers them, best first, to the
+    # unsorted top (a key above the k-th best replaces it). Any order of offers yields the exact top k.
+    if K > 0:
+        lane_keys = _pack_keys(block_lane_max, lane_ids, IS_FP64)
+        pending = tl.where(_value_field(lane_keys, IS_FP64) >= kth_field, lane_keys, MIN_KEY)
+        next_lane = tl.reduce(pending, 0, _max_combine)
+        while (next_lane != MIN_KEY) & (_value_field(next_lane, IS_FP64) >= kth_field):
+            pending = tl.where(pending == next_lane, MIN_KEY, pending)
+            lane = (next_lane & (LANES - 1)).to(tl.int32)
+            lane_cols = start + lane * VEC + lane_offsets
+            in_row = lane_cols < vocab_size
+            lane_z = tl.load(row_ptr + lane_cols, mask=in_row, other=0.0).to(compute_dtype)
+            offers = tl.where(in_row, _pack_keys(lane_z, lane_cols, IS_FP64), MIN_KEY)
+            offer = tl.reduce(offers, 0, _max_combine)
+            while offer > kth_key:
+                top_keys = tl.where(top_keys == kth_key, offer, top_keys)
+                kth_key = tl.reduce(top_keys, 0, _min_combine)
+                offers = tl.where(offers == offer, MIN_KEY, offers)
+                offer = tl.reduce(offers, 0, _max_combine)
+            kth_field = _value_field(kth_key, IS_FP64)
+            next_lane = tl.reduce(pending, 0, _max_combine)
+    return lane_max, lane_sum, top_keys, kth_key, kth_field
+
+
+@triton.jit
 def bs_rows_forward_lanes_kernel(
     logits_ptr,  # [N, V] any float dtype, unit stride along V
     labels_ptr,  # [N] int64, -1 = ignored
@@ -309,43 +376,18 @@ def bs_rows_forward_lanes_kernel(
     kth_key = tl.reduce(top_keys, 0, _min_combine)
     kth_field = _value_field(kth_key, IS_FP64)
 
-    for start in range(0, vocab_size, BLOCK_V):
-        cols = start + block_cols
-        z = tl.load(row_ptr + cols, mask=cols < vocab_size, other=float("-inf")).to(compute_dtype)
-
-        # 1. per-lane online log-sum-exp in base 2: one FFMA and one exp2 per logit, no cross-lane work
-        block_lane_max = tl.reduce(tl.reduce(z, 2, _max_combine), 0, _max_combine)
-        new_max = tl.maximum(lane_max, block_lane_max)
-        # A lane that has seen only -inf shifts by 0, so -inf - -inf never forms.
-        shift = tl.where(new_max == float("-inf"), 0.0, new_max * LOG2E).to(compute_dtype)
-        exps = tl.exp2(z * LOG2E - shift[None, :, None])
-        lane_sum = lane_sum * tl.exp2(lane_max * LOG2E - shift) + tl.reduce(
-            tl.reduce(exps, 2, _sum_combine), 0, _sum_combine
-        )
-        lane_max = new_max
-
-        # 2. top-k: a lane whose max's value field is below the k-th best key's holds no candidate. The others are
-        # visited best lane first; each re-reads its PER_LANE logits as keys and offers them, best first, to the
-        # unsorted top (a key above the k-th best replaces it). Any order of offers yields the exact top k.
-        if K > 0:
-            lane_keys = _pack_keys(block_lane_max, lane_ids, IS_FP64)
-            pending = tl.where(_value_field(lane_keys, IS_FP64) >= kth_field, lane_keys, MIN_KEY)
-            next_lane = tl.reduce(pending, 0, _max_combine)
-            while (next_lane != MIN_KEY) & (_value_field(next_lane, IS_FP64) >= kth_field):
-                pending = tl.where(pending == next_lane, MIN_KEY, pending)
-                lane = (next_lane & (LANES - 1)).to(tl.int32)
-                lane_cols = start + lane * VEC + lane_offsets
-                in_row = lane_cols < vocab_size
-                lane_z = tl.load(row_ptr + lane_cols, mask=in_row, other=0.0).to(compute_dtype)
-                offers = tl.where(in_row, _pack_keys(lane_z, lane_cols, IS_FP64), MIN_KEY)
-                offer = tl.reduce(offers, 0, _max_combine)
-                while offer > kth_key:
-                    top_keys = tl.where(top_keys == kth_key, offer, top_keys)
-                    kth_key = tl.reduce(top_keys, 0, _min_combine)
-                    offers = tl.where(offers == offer, MIN_KEY, offers)
-                    offer = tl.reduce(offers, 0, _max_combine)
-                kth_field = _value_field(kth_key, IS_FP64)
-                next_lane = tl.reduce(pending, 0, _max_combine)
+    # Whole blocks without bounds checks, then the partial block, if any, with them.
+    full_blocks_end = vocab_size - vocab_size % BLOCK_V
+    for start in range(0, full_blocks_end, BLOCK_V):
+        lane_max, lane_sum, top_keys, kth_key, kth_field = _lanes_block(
+            row_ptr, start, vocab_size, block_cols, lane_ids, lane_offsets, lane_max, lane_sum, top_keys, kth_key,
+            kth_field, False, K, LANES, VEC, IS_FP64,
+        )  # fmt: skip
+    if full_blocks_end < vocab_size:
+        lane_max, lane_sum, top_keys, kth_key, kth_field = _lanes_block(
+            row_ptr, full_blocks_end, vocab_size, block_cols, lane_ids, lane_offsets, lane_max, lane_sum, top_keys,
+            kth_key, kth_field, True, K, LANES, VEC, IS_FP64,
+        )  # fmt: skip
 
     # The lanes' partials, combined once per row. A row of only -inf has row_sum = 0: lse = -inf + log(0) = -inf.
     row_max = tl.reduce(lane_max, 0, _max_combine)
