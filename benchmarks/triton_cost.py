@@ -483,29 +483,24 @@ def replay_lanes(groups: int, lanes: int, vec: int, top_k: int):
 
 
 def lane_variants() -> list[Variant]:
+    from bs_kernels.backends import triton as launcher
+
     out = []
     for top_k in (20, 0):
-        for log_groups, warps in ((1, 1), (2, 1), (3, 1), (2, 2)):
-            groups, lanes = 1 << log_groups, 32 * warps
-            log_k_pad = max(0, (top_k - 1).bit_length()) if top_k else 0
+        for groups, warps in ((2, 1), (4, 1), (8, 1), (4, 2)):
+            config = launcher.LaneForwardConfig(groups=groups, num_warps=warps)
+            block_v, vec = config.block_v(torch.bfloat16), config.vector(torch.bfloat16)
             out.append(
                 Variant(
-                    name=f"per-lane k={top_k} BLOCK_V={groups * lanes * 8} {warps}w"
-                    + (" (default)" if (log_groups, warps) == (2, 1) else ""),
+                    name=f"per-lane k={top_k} BLOCK_V={block_v} {warps}w"
+                    + (" (default)" if config == launcher.LANES_DEFAULT else ""),
                     kernel_name="bs_rows_forward_lanes_kernel",
-                    constants=dict(
-                        K=top_k,
-                        LOG_K_PAD=log_k_pad,
-                        LOG_GROUPS=log_groups,
-                        LOG_LANES=5 + warps - 1,
-                        LOG_VEC=3,
-                        IS_FP64=False,
-                    ),  # fmt: skip
+                    constants=launcher.lanes_constants(config, torch.bfloat16, top_k),
                     num_warps=warps,
-                    block_v=groups * lanes * 8,
+                    block_v=block_v,
                     top_k=top_k,
                     name_paths=name_lane_paths,
-                    replay=replay_lanes(groups, lanes, 8, top_k),
+                    replay=replay_lanes(groups, 32 * warps, vec, top_k),
                 )
             )
     return out
