@@ -264,13 +264,15 @@ def _sweep(triton_backend, base, labels, logits_bytes, args, results: list[dict]
         print(f"sweep {results[-1]}", flush=True)
         on_row()
 
-    # Each forward config compiles its own top-k network (seconds each): five of them fit the time budget.
-    forward_configs = [(1024, 4), (2048, 4), (2048, 8), (4096, 8), (4096, 16)]
-    for block, warps in forward_configs[:2] if args.dry_run else forward_configs:
+    # The per-lane forward (the default at this N) first, then the bucket forward; each bucket config compiles its
+    # own top-k network (seconds each): four of them fit the time budget.
+    lane_configs = [(2, 1), (4, 1), (8, 1), (4, 2)]
+    configs = [triton_backend.LaneForwardConfig(groups=groups, num_warps=warps) for groups, warps in lane_configs]
+    for block, warps in [(1024, 4), (2048, 8), (4096, 8), (4096, 16)]:
         block = max(block, padded_k)
-        config = triton_backend.ForwardConfig(
-            block_v=block, buckets=min(block, max(padded_k, block // 16)), num_warps=warps
-        )
+        buckets = min(block, max(padded_k, block // 16))
+        configs.append(triton_backend.ForwardConfig(block_v=block, buckets=buckets, num_warps=warps))
+    for config in configs[:1] + configs[4:5] if args.dry_run else configs:
         timed("forward", config, lambda config=config: triton_backend.forward(rows, row_labels, top_k, config=config),
               logits_bytes)  # fmt: skip
 

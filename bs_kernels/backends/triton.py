@@ -1,5 +1,8 @@
 """impl="triton": launchers for the one-pass forward and the (row, column-block) backward in triton_kernels.py.
 
+Two forward kernels: the per-lane kernel (one warp per row, no block barrier; for many rows and k <= 64) and the
+bucket kernel (a row over up to 16 warps; for few rows, where one warp per row would leave the GPU idle, and large k).
+
 Runs on CUDA tensors. On the CPU it runs only under the Triton interpreter (``TRITON_INTERPRET=1`` in the
 environment before the kernels module is first imported; slow, meant for tests). Triton reads that variable when a
 ``@triton.jit`` function is created, so the kernels module is imported lazily, at the first launch, never when this
@@ -56,11 +59,14 @@ class LaneForwardConfig:
 
 
 _ELEMENT_SIZE = {torch.float16: 2, torch.bfloat16: 2, torch.float32: 4, torch.float64: 8}
-# The per-lane forward for k up to LANES_MAX_TOP_K when a launch has at least LANES_MIN_ROWS rows (one warp per row
-# then still gives the GPU thousands of warps); otherwise the bucket forward, which spreads a row over up to 16 warps.
-# Chosen from benchmarks/triton_cost.py (static SASS counts, benchmarks/RESULTS.md), not yet from a GPU timing.
+# The per-lane forward for k up to LANES_MAX_TOP_K when a launch has at least LANES_MIN_ROWS rows; otherwise the
+# bucket forward, which spreads a row over up to 16 warps. Why 2048 rows: a warp keeps one 2 KiB block of logits in
+# flight (the loop is not software-pipelined), and covering ~0.7 us of HBM latency at 4.8 TB/s (H200) takes ~3.4 MB
+# in flight, i.e. ~1700 warps; at N = 8192 the SMs hold 32 one-warp programs each (8 MiB in flight). Above k = 64 each
+# accepted key costs a reduction over K_PAD / 32 keys per lane and the bucket kernel's networks win.
+# From benchmarks/triton_cost.py (static SASS counts, benchmarks/RESULTS.md), not yet from a GPU timing.
 LANES_MAX_TOP_K = 64
-LANES_MIN_ROWS = 1024
+LANES_MIN_ROWS = 2048
 LANES_DEFAULT = LaneForwardConfig(groups=4, num_warps=1)
 
 
