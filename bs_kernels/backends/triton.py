@@ -63,7 +63,8 @@ _ELEMENT_SIZE = {torch.float16: 2, torch.bfloat16: 2, torch.float32: 4, torch.fl
 # bucket forward, which spreads a row over up to 16 warps. Why 2048 rows: a warp keeps one 2 KiB block of logits in
 # flight (the loop is not software-pipelined), and covering ~0.7 us of HBM latency at 4.8 TB/s (H200) takes ~3.4 MB
 # in flight, i.e. ~1700 warps; at N = 8192 the SMs hold 32 one-warp programs each (8 MiB in flight). Above k = 64 each
-# accepted key costs a reduction over K_PAD / 32 keys per lane and the bucket kernel's networks win.
+# accepted key costs a reduction over K_PAD / 32 keys per lane (and there are ~k ln(V / k) of them); that range has
+# not been costed, so the bucket kernel keeps it.
 # From benchmarks/triton_cost.py (static SASS counts, benchmarks/RESULTS.md), not yet from a GPU timing.
 LANES_MAX_TOP_K = 64
 LANES_MIN_ROWS = 2048
