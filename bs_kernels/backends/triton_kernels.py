@@ -173,6 +173,30 @@ def _merge_top(top_keys, block_top, LOG_K_PAD: tl.constexpr):
 
 
 @triton.jit
+def _store_row(
+    row, row_ptr, lse, top_keys, labels_ptr, lse_ptr, label_logits_ptr, belief_logits_ptr, belief_ids_ptr,
+    K: tl.constexpr, LOG_K_PAD: tl.constexpr, IS_FP64: tl.constexpr,
+):  # fmt: skip
+    """A forward's per-row outputs: lse, z_y (one scalar load) and, from top_keys (sorted descending), the belief ids
+    from the low key bits and their values re-read from the logits (exact, whatever the key's value precision)."""
+    compute_dtype = tl.float64 if IS_FP64 else tl.float32
+    tl.store(lse_ptr + row, lse)
+    label = tl.load(labels_ptr + row)
+    tl.store(label_logits_ptr + row, tl.load(row_ptr + tl.maximum(label, 0)).to(compute_dtype))
+    if K > 0:
+        if IS_FP64:
+            belief_ids = top_keys & FP64_INDEX_MASK
+        else:
+            # The low 32 bits; indices are < 2^31, so the int32 truncation is non-negative.
+            belief_ids = top_keys.to(tl.int32).to(tl.int64)
+        slots = tl.arange(0, 1 << LOG_K_PAD)
+        is_belief = slots < K
+        belief_logits = tl.load(row_ptr + belief_ids, mask=is_belief, other=0.0).to(compute_dtype)
+        tl.store(belief_ids_ptr + row * K + slots, belief_ids, mask=is_belief)
+        tl.store(belief_logits_ptr + row * K + slots, belief_logits, mask=is_belief)
+
+
+@triton.jit
 def bs_rows_forward_kernel(
     logits_ptr,  # [N, V] any float dtype, unit stride along V
     labels_ptr,  # [N] int64, -1 = ignored
@@ -243,21 +267,8 @@ def bs_rows_forward_kernel(
                         best = tl.reduce(tl.reduce(candidates, 1, _max_combine), 0, _max_combine)
 
     # A row of only -inf has running_sum = 0: lse = -inf + log(0) = -inf (epilogue.finish_rows handles it).
-    tl.store(lse_ptr + row, running_max + tl.log(running_sum))
-    label = tl.load(labels_ptr + row)
-    tl.store(label_logits_ptr + row, tl.load(row_ptr + tl.maximum(label, 0)).to(compute_dtype))
-
-    # 3. beliefs: ids from the low key bits, values re-read (exact, whatever the key's value precision)
-    if K > 0:
-        if IS_FP64:
-            belief_ids = top_keys & FP64_INDEX_MASK
-        else:
-            # The low 32 bits; indices are < 2^31, so the int32 truncation is non-negative.
-            belief_ids = top_keys.to(tl.int32).to(tl.int64)
-        is_belief = slots < K
-        belief_logits = tl.load(row_ptr + belief_ids, mask=is_belief, other=0.0).to(compute_dtype)
-        tl.store(belief_ids_ptr + row * K + slots, belief_ids, mask=is_belief)
-        tl.store(belief_logits_ptr + row * K + slots, belief_logits, mask=is_belief)
+    _store_row(row, row_ptr, running_max + tl.log(running_sum), top_keys, labels_ptr, lse_ptr, label_logits_ptr,
+               belief_logits_ptr, belief_ids_ptr, K, LOG_K_PAD, IS_FP64)  # fmt: skip
 
 
 @triton.jit
@@ -393,21 +404,11 @@ def bs_rows_forward_lanes_kernel(
     row_max = tl.reduce(lane_max, 0, _max_combine)
     row_shift = tl.where(row_max == float("-inf"), 0.0, row_max * LOG2E).to(compute_dtype)
     row_sum = tl.reduce(lane_sum * tl.exp2(lane_max * LOG2E - row_shift), 0, _sum_combine)
-    tl.store(lse_ptr + row, row_max + tl.log(row_sum))
-    label = tl.load(labels_ptr + row)
-    tl.store(label_logits_ptr + row, tl.load(row_ptr + tl.maximum(label, 0)).to(compute_dtype))
-
-    # 3. beliefs, sorted descending once per row (padding slots sort last); ids from the low key bits, values re-read
+    # 3. beliefs: the unsorted top sorted descending once per row (padding slots last)
     if K > 0:
-        ranked = _top_keys(tl.where(slots < K, top_keys, MIN_KEY), LOG_K_PAD, LOG_K_PAD, 1)
-        if IS_FP64:
-            belief_ids = ranked & FP64_INDEX_MASK
-        else:
-            belief_ids = ranked.to(tl.int32).to(tl.int64)
-        is_belief = slots < K
-        belief_logits = tl.load(row_ptr + belief_ids, mask=is_belief, other=0.0).to(compute_dtype)
-        tl.store(belief_ids_ptr + row * K + slots, belief_ids, mask=is_belief)
-        tl.store(belief_logits_ptr + row * K + slots, belief_logits, mask=is_belief)
+        top_keys = _top_keys(tl.where(slots < K, top_keys, MIN_KEY), LOG_K_PAD, LOG_K_PAD, 1)
+    _store_row(row, row_ptr, row_max + tl.log(row_sum), top_keys, labels_ptr, lse_ptr, label_logits_ptr,
+               belief_logits_ptr, belief_ids_ptr, K, LOG_K_PAD, IS_FP64)  # fmt: skip
 
 
 @triton.jit
