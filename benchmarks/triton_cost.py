@@ -620,6 +620,33 @@ def markdown(results: list[tuple[Compiled, str, int, dict]]) -> str:
     return "\n".join(lines)
 
 
+def summary(results: list[tuple[Compiled, str, int, dict]]) -> str:
+    """One row per variant: resources, SASS per path, and lane-instructions per logit on every data model."""
+    columns = list(dict.fromkeys(f"{data}, V = {vocab:,}" for _, data, vocab, _ in results))
+    by_variant: dict[str, dict] = {}
+    for compiled, data, vocab, result in results:
+        entry = by_variant.setdefault(compiled.variant.name, {"compiled": compiled, "cells": {}, "issue": {}})
+        entry["cells"][f"{data}, V = {vocab:,}"] = result["per_logit"]
+        if vocab == max(v for _, _, v, _ in results):
+            entry["issue"][data] = (result["issue_ms"], result["hbm_ms"])
+    lines = [
+        "| variant | registers | LDL/STL | BAR in loop | SASS per thread: path instructions (barriers) | "
+        + " | ".join(columns)
+        + " | issue-bound / HBM ms at N = 8192, largest V (per data model, in column order) |",
+        "|---|---|---|---|---|" + "---|" * len(columns) + "---|",
+    ]
+    for name, entry in by_variant.items():
+        compiled = entry["compiled"]
+        paths = "; ".join(f"{path} {count} ({bars})" for path, (count, bars) in compiled.paths.items())
+        cells = " | ".join(f"{entry['cells'][c]:.1f}" if c in entry["cells"] else "-" for c in columns)
+        issue = "; ".join(f"{issue:.2f} / {hbm:.2f}" for issue, hbm in entry["issue"].values())
+        lines.append(
+            f"| {name} | {compiled.usage.get('REG')} | {compiled.spills} | {compiled.loop_barriers} | {paths} "
+            f"| {cells} | {issue} |"
+        )
+    return "\n".join(lines)
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--variants", default=",".join(VARIANT_SETS), help=f"from {', '.join(VARIANT_SETS)}")
@@ -649,6 +676,8 @@ def main(argv=None) -> int:
             results.append((compiled, data_name, rows.shape[1], result))
             print(f"{variant.name:40s} {data_name:40s} V={rows.shape[1]:7d} {result['per_logit']:7.1f} per logit  "
                   f"issue {result['issue_ms']:6.2f} ms  HBM {result['hbm_ms']:5.2f} ms", flush=True)  # fmt: skip
+    print()
+    print(summary(results))
     print()
     print(markdown(results))
     if args.json:
