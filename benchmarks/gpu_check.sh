@@ -1,16 +1,16 @@
 #!/usr/bin/env bash
 # GPU check for impl="triton", on one CUDA GPU, in under 8 minutes:
 #   1. the CUDA tests of tests/kernels/test_triton_interpreter.py (tiny shapes plus N = 8192, V = 128256 in bf16 and fp32),
-#   2. benchmarks/bench_loss_gpu.py: reference, compile, torch, triton, triton:inplace and liger (Liger-Kernel's cross
-#      entropy) side by side in one process at N = 8192, V = 128256, bf16, k = 20, lam = 0.2, plus copy bandwidth,
-#      forget_logprobs alone and a Triton block-size sweep,
+#   2. benchmarks/bench_loss_gpu.py: triton, triton:inplace, liger (Liger-Kernel's cross entropy), torch, reference
+#      and compile (in that order: the slowest last) side by side in one process at N = 8192, V = 128256, bf16,
+#      k = 20, lam = 0.2, plus copy bandwidth, forget_logprobs alone and a sweep of both Triton forward kernels,
 #   3. benchmarks/bench_linear_gpu.py: bs_linear_loss vs Liger's fused linear cross entropy (N = 8192, H = 4096).
 # Both scripts use benchmarks/harness.py and benchmarks/providers.py (provider names as there).
 # Results: benchmarks/results/<gpu name>/ (bench.md, bench.json and the logs), or $OUT itself when that is set, so
 # that whatever a timeout cuts short keeps every number measured before it (bench_loss_gpu.py rewrites bench.md and
-# bench.json after each provider). The machine has no network: when liger_kernel is not importable, the wheel is installed from
-# $WHEELS or benchmarks/wheels/ (pip download --no-deps liger-kernel==0.8.5 -d benchmarks/wheels); with no wheel,
-# the liger rows say why they are missing and everything else still runs.
+# bench.json after each provider). The machine has no network: when liger_kernel is not importable, the wheel is
+# installed from $WHEELS or benchmarks/wheels/ (pip download --no-deps liger-kernel==0.8.5 -d benchmarks/wheels); with
+# no wheel, a loud "!!! LIGER-KERNEL IS MISSING" line opens the output and bench.md, and everything else still runs.
 # Extra arguments go to bench_loss_gpu.py (e.g. --repeat 20, --providers triton,liger, --no-sweep).
 #   bash benchmarks/gpu_check.sh --dry-run   # CPU: the same steps at tiny shapes under the Triton interpreter, the
 #                                            # sm_90 compile test instead of the CUDA tests (checks the script only)
