@@ -106,6 +106,7 @@ def main(argv=None) -> int:
         f"shape: N = {rows} positions ({args.batch} x {args.length}), V = {vocab}, {args.dtype}, k = {args.top_k}, "
         f"lam = {args.lam}, shift=False, reduction=sequence_mean; logits {logits_bytes / MIB:.0f} MiB; "
         f"median of {args.repeat} after {args.warmup} warm-up",
+        f"triton forward at this shape: {triton_backend.forward_config(vocab, args.top_k, rows)!r}",
     ]
     liger_missing = unavailable("liger", device) if "liger" in args.providers else None
     if liger_missing is not None:
