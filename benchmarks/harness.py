@@ -209,7 +209,8 @@ def measure_peak(bench: Bench, device: torch.device | str, *, trace_blocks: bool
             torch.cuda.reset_peak_memory_stats()
             before = torch.cuda.memory_allocated()
             if trace_blocks:
-                torch.cuda.memory._record_memory_history(max_entries=100_000)
+                # Python frames only: symbolising C++ stacks of every allocation can take minutes on a GPU host.
+                torch.cuda.memory._record_memory_history(max_entries=100_000, stacks="python")
             start = time.perf_counter()
             value = bench.run()
             torch.cuda.synchronize()

@@ -23,7 +23,8 @@ path takes 23-29% more time than the reduced path (it holds less: no gradient is
 is why every reduction but "none" takes the reduced path.
 
 Memory bound (beyond the inputs, their gradients and the [M, H] copy of the M valid hidden rows), whatever N is,
-with C = max(1, CHUNK_ELEMENTS // V) rows per chunk:
+with C = max(1, CHUNK_ELEMENTS // V) rows per chunk (CUDA: a multiple of GEMM_ROW_TILE rows, and FP32_ACCUMULATOR_CHUNKS
+times more rows where grad_W goes to a float32 accumulator; see rows_per_chunk):
   one [C, V] logits chunk in the input dtype (<= CHUNK_ELEMENTS * itemsize: 128 MiB float32, 64 MiB bf16)
   + the backend's workspace on it (torch backend: one float32 workspace of at most 2^24 elements, 64 MiB)
   + on CPU with a bf16/fp16 weight, the float32 upcast of the gradient chunk (128 MiB; see _add_weight_grad)
@@ -64,16 +65,28 @@ from .loss import BSTokenStats, bs_token_loss, forget_logprobs
 # at V = 49 152, 261 rows at V = 128 256, where each chunk re-reads W), small enough that the temporaries stay a
 # small fraction of what the eager path holds (its [N, V] logits, gradient and loss temporaries).
 CHUNK_ELEMENTS = 1 << 25
+# CUDA: chunks of a multiple of GEMM_ROW_TILE rows (cuBLAS tiles are 64-256 rows: 261 rows at V = 128 256 would waste
+# up to ~30% of the last tile row's work), and FP32_ACCUMULATOR_CHUNKS times larger chunks when grad_W goes to the
+# float32 accumulator: every chunk's mixed GEMM reads and writes the whole [V, H] float32 accumulator (2.1 GB at
+# V = 128 256, H = 4096), so 4x fewer chunks cut that traffic 4x, for a larger logits chunk (256 MiB in bf16).
+GEMM_ROW_TILE = 128
+FP32_ACCUMULATOR_CHUNKS = 4
 
 
-def rows_per_chunk(num_rows: int, vocab_size: int) -> int:
-    """Rows C per chunk so that a [C, V] logits block has at most CHUNK_ELEMENTS elements (at least one row)."""
-    return max(1, min(num_rows, CHUNK_ELEMENTS // max(vocab_size, 1)))
+def rows_per_chunk(num_rows: int, vocab_size: int, *, cuda: bool = False, fp32_accumulator: bool = False) -> int:
+    """Rows C per chunk so that a [C, V] logits block has at most CHUNK_ELEMENTS elements (at least one row); on CUDA
+    rounded down to a multiple of GEMM_ROW_TILE rows where that many fit, FP32_ACCUMULATOR_CHUNKS x the elements
+    when a float32 grad_W accumulator is used."""
+    elements = CHUNK_ELEMENTS * (FP32_ACCUMULATOR_CHUNKS if cuda and fp32_accumulator else 1)
+    rows = elements // max(vocab_size, 1)
+    if cuda and rows >= GEMM_ROW_TILE:
+        rows -= rows % GEMM_ROW_TILE
+    return max(1, min(num_rows, rows))
 
 
-def _chunks(num_rows: int, vocab_size: int) -> Iterator[slice]:
+def _chunks(num_rows: int, vocab_size: int, device: torch.device, fp32_accumulator: bool = False) -> Iterator[slice]:
     """The row slices of consecutive chunks, rows_per_chunk rows each (the last may be shorter)."""
-    step = rows_per_chunk(num_rows, vocab_size)
+    step = rows_per_chunk(num_rows, vocab_size, cuda=device.type == "cuda", fp32_accumulator=fp32_accumulator)
     for start in range(0, num_rows, step):
         yield slice(start, start + step)
 
@@ -115,6 +128,14 @@ class _ChunkPlan:
 # Whether CUDA's mixed-precision GEMM (bf16/fp16 operands, float32 output: torch.addmm(..., out_dtype=)) works in
 # this build; set to False on the first failure, after which the blocked fallback below is used.
 _cuda_mixed_gemm_works = True
+# Which of _add_weight_grad's GEMMs ran last (benchmarks report it beside their timings): None before the first.
+_last_weight_grad_gemm: str | None = None
+
+
+def weight_grad_gemm_path() -> str | None:
+    """How the last grad_W update was formed: "same dtype", "cuda mixed (addmm out_dtype)", "cuda blocked fallback
+    (bf16 partial products)" or "cpu upcast"; None before any fused-linear backward."""
+    return _last_weight_grad_gemm
 
 
 def _add_weight_grad(accumulator, grad_logits, hidden_chunk, *, first: bool) -> None:
@@ -127,9 +148,10 @@ def _add_weight_grad(accumulator, grad_logits, hidden_chunk, *, first: bool) -> 
     - CPU: the chunk is upcast (a [C, V] float32 temporary, within the chunk bound) and multiplied in float32, so the
       sum over chunks is exact float32 accumulation: CPU BLAS offers no bf16 x bf16 -> float32 GEMM here.
     """
-    global _cuda_mixed_gemm_works
+    global _cuda_mixed_gemm_works, _last_weight_grad_gemm
     beta = 0.0 if first else 1.0  # beta = 0 ignores the (uninitialised) accumulator, NaNs included
     if accumulator.dtype == grad_logits.dtype:
+        _last_weight_grad_gemm = "same dtype"
         torch.addmm(accumulator, grad_logits.t(), hidden_chunk, beta=beta, out=accumulator)
         return
     if accumulator.device.type == "cuda":
@@ -138,14 +160,17 @@ def _add_weight_grad(accumulator, grad_logits, hidden_chunk, *, first: bool) -> 
         if _cuda_mixed_gemm_works:
             try:
                 torch.addmm(accumulator, grad_logits.t(), hidden_chunk, out_dtype=accumulator.dtype, out=accumulator)
+                _last_weight_grad_gemm = "cuda mixed (addmm out_dtype)"
                 return
             except (RuntimeError, TypeError, NotImplementedError):
                 _cuda_mixed_gemm_works = False
+        _last_weight_grad_gemm = "cuda blocked fallback (bf16 partial products)"
         block = max(1, CHUNK_ELEMENTS // max(hidden_chunk.shape[1], 1))
         for start in range(0, accumulator.shape[0], block):
             columns = slice(start, start + block)
             accumulator[columns].add_(torch.mm(grad_logits[:, columns].t(), hidden_chunk))
         return
+    _last_weight_grad_gemm = "cpu upcast"
     torch.addmm(
         accumulator,
         grad_logits.t().to(accumulator.dtype),
@@ -221,7 +246,8 @@ class _ReducedLinearFunction(torch.autograd.Function):
         num_rows, vocab_size = hidden_rows.shape[0], weight.shape[0]
         store = _RowStore(num_rows, plan.options.belief_count(vocab_size), row_weights.dtype, hidden_rows.device)
         grads = _GradAccumulators(hidden_rows, weight, bias, plan.accumulation_dtype, *needs_grads)
-        for rows in _chunks(num_rows, vocab_size):
+        widened = needs_grads[1] and plan.accumulation_dtype != weight.dtype
+        for rows in _chunks(num_rows, vocab_size, hidden_rows.device, widened):
             hidden_chunk = hidden_rows[rows]
             logits = _chunk_logits(hidden_chunk, weight, bias)
             chunk = plan.rows(logits, labels[rows])
@@ -269,7 +295,7 @@ class _RowsLinearFunction(torch.autograd.Function):
         num_rows, vocab_size = hidden_rows.shape[0], weight.shape[0]
         top_k = plan.options.belief_count(vocab_size)
         store = _RowStore(num_rows, top_k, compute_dtype(hidden_rows.dtype), hidden_rows.device)
-        for rows in _chunks(num_rows, vocab_size):
+        for rows in _chunks(num_rows, vocab_size, hidden_rows.device):
             logits = _chunk_logits(hidden_rows[rows], weight, bias)
             store.put(rows, plan.rows(logits, labels[rows]))
             del logits
@@ -291,7 +317,8 @@ class _RowsLinearFunction(torch.autograd.Function):
         grad_rows = grad_row_loss.to(lse.dtype).contiguous()
         # The recomputed chunk must match forward's: no autocast (forward ran with it off, on already-cast inputs).
         with gathered_parameter(weight), torch.autocast(hidden_rows.device.type, enabled=False):
-            for rows in _chunks(hidden_rows.shape[0], weight.shape[0]):
+            widened = needs_weight and plan.accumulation_dtype != weight.dtype
+            for rows in _chunks(hidden_rows.shape[0], weight.shape[0], hidden_rows.device, widened):
                 hidden_chunk = hidden_rows[rows]
                 logits = _chunk_logits(hidden_chunk, weight, bias)
                 grad_logits = plan.grad_logits(

@@ -1,5 +1,8 @@
 """impl="triton": launchers for the one-pass forward and the (row, column-block) backward in triton_kernels.py.
 
+Two forward kernels: the per-lane kernel (one warp per row, no block barrier; for many rows and k <= 64) and the
+bucket kernel (a row over up to 16 warps; for few rows, where one warp per row would leave the GPU idle, and large k).
+
 Runs on CUDA tensors. On the CPU it runs only under the Triton interpreter (``TRITON_INTERPRET=1`` in the
 environment before the kernels module is first imported; slow, meant for tests). Triton reads that variable when a
 ``@triton.jit`` function is created, so the kernels module is imported lazily, at the first launch, never when this
@@ -37,6 +40,35 @@ class ForwardConfig:
     block_v: int  # logits per loop step (power of two, >= the padded k)
     buckets: int  # candidate buckets per block (power of two, padded k <= buckets <= block_v)
     num_warps: int
+
+
+@dataclass(frozen=True)
+class LaneForwardConfig:
+    """The per-lane forward (bs_rows_forward_lanes_kernel): each of the 32 * num_warps lanes of a row's program
+    streams groups vectors of vec contiguous logits per step (block_v = groups * 32 * num_warps * vec)."""
+
+    groups: int  # power of two
+    num_warps: int  # power of two; 1 keeps every reduction inside one warp (no block barrier)
+    vec: int | None = None  # power of two; None = one 16-byte load (8 bf16/fp16, 4 fp32, 2 fp64)
+
+    def vector(self, dtype: torch.dtype) -> int:
+        return self.vec if self.vec is not None else 16 // _ELEMENT_SIZE[dtype]
+
+    def block_v(self, dtype: torch.dtype) -> int:
+        return self.groups * 32 * self.num_warps * self.vector(dtype)
+
+
+_ELEMENT_SIZE = {torch.float16: 2, torch.bfloat16: 2, torch.float32: 4, torch.float64: 8}
+# The per-lane forward for k up to LANES_MAX_TOP_K when a launch has at least LANES_MIN_ROWS rows; otherwise the
+# bucket forward, which spreads a row over up to 16 warps. Why 2048 rows: a warp keeps one 2 KiB block of logits in
+# flight (the loop is not software-pipelined), and covering ~0.7 us of HBM latency at 4.8 TB/s (H200) takes ~3.4 MB
+# in flight, i.e. ~1700 warps; at N = 8192 the SMs hold 32 one-warp programs each (8 MiB in flight). Above k = 64 each
+# accepted key costs a reduction over K_PAD / 32 keys per lane (and there are ~k ln(V / k) of them); that range has
+# not been costed, so the bucket kernel keeps it.
+# From benchmarks/triton_cost.py (static SASS counts, benchmarks/RESULTS.md), not yet from a GPU timing.
+LANES_MAX_TOP_K = 64
+LANES_MIN_ROWS = 2048
+LANES_DEFAULT = LaneForwardConfig(groups=4, num_warps=1)
 
 
 @dataclass(frozen=True)
@@ -96,8 +128,11 @@ def _log2(power_of_two: int) -> int:
     return power_of_two.bit_length() - 1
 
 
-def forward_config(vocab_size: int, top_k: int) -> ForwardConfig:
-    """Block sizes for the forward: whole small rows in one block, 4096 logits per step for large vocabularies."""
+def forward_config(vocab_size: int, top_k: int, num_rows: int = 0) -> ForwardConfig | LaneForwardConfig:
+    """The forward's kernel and block sizes: the per-lane kernel for many rows and small k; else the bucket kernel,
+    whole small rows in one block, 4096 logits per step for large vocabularies."""
+    if num_rows >= LANES_MIN_ROWS and top_k <= LANES_MAX_TOP_K:
+        return LANES_DEFAULT
     padded_k = next_power_of_two(max(top_k, 1))
     block_v = max(min(next_power_of_two(vocab_size), MAX_BLOCK_V), padded_k, 16)
     # About 16 logits per bucket: two candidates rarely share one once the k-th best has settled.
@@ -158,7 +193,10 @@ def forward(
         return RawRowStats(lse=lse, label_logits=label_logits, belief_logits=belief_logits, belief_ids=belief_ids)
 
     padded_k = next_power_of_two(max(top_k, 1))
-    config = config or forward_config(vocab_size, top_k)
+    config = config or forward_config(vocab_size, top_k, num_rows)
+    if isinstance(config, LaneForwardConfig):
+        _lanes_forward(logits, labels, top_k, config, (lse, label_logits, belief_logits, belief_ids))
+        return RawRowStats(lse=lse, label_logits=label_logits, belief_logits=belief_logits, belief_ids=belief_ids)
     _check_block(config.block_v, "config.block_v")
     _check_block(config.buckets, "config.buckets")
     if not (padded_k <= config.buckets <= config.block_v):
@@ -183,6 +221,29 @@ def forward(
             num_warps=config.num_warps,
         )
     return RawRowStats(lse=lse, label_logits=label_logits, belief_logits=belief_logits, belief_ids=belief_ids)
+
+
+def lanes_constants(config: LaneForwardConfig, dtype: torch.dtype, top_k: int) -> dict:
+    """The compile-time arguments of bs_rows_forward_lanes_kernel for a config (also used to compile it offline)."""
+    return dict(
+        K=top_k,
+        LOG_K_PAD=_log2(next_power_of_two(max(top_k, 1))),
+        LOG_GROUPS=_log2(config.groups),
+        LOG_LANES=_log2(32 * config.num_warps),
+        LOG_VEC=_log2(config.vector(dtype)),
+        IS_FP64=dtype == torch.float64,
+    )
+
+
+def _lanes_forward(logits, labels, top_k: int, config: LaneForwardConfig, outputs) -> None:
+    for name in ("groups", "num_warps"):
+        _check_block(getattr(config, name), f"config.{name}")
+    _check_block(config.vector(logits.dtype), "config.vec")
+    constants = lanes_constants(config, logits.dtype, top_k)
+    with _on_device(logits):
+        _load_kernels().bs_rows_forward_lanes_kernel[(logits.shape[0],)](
+            logits, labels, *outputs, logits.shape[1], logits.stride(0), **constants, num_warps=config.num_warps
+        )
 
 
 def _check_block(size: int, name: str) -> None:

@@ -1,7 +1,7 @@
 # The Triton kernels of impl="triton" (launchers, validation and block sizes live in triton.py).
 #
-# Forward, one program per row, streaming the vocabulary in blocks of BLOCK_V logits (upcast to float32, or float64
-# for float64 input):
+# Forward, buckets (bs_rows_forward_kernel; the launcher's choice for few rows or k > 64), one program per row,
+# streaming the vocabulary in blocks of BLOCK_V logits (upcast to float32, or float64 for float64 input):
 #   1. online log-sum-exp: m = running max, s = sum exp(z - m); per block one max reduction, one exp per element
 #      and one exp to rescale s. A row that has seen only -inf so far uses 0 as the shift, so -inf - -inf never forms.
 #   2. top-k: every logit becomes one int64 key, (order-preserving integer of the value) << index bits | index.
@@ -32,6 +32,24 @@
 #   Compiled for sm_90 (bf16, k = 20, BLOCK_V = 4096, 16 warps, the default): 86 registers with Triton 3.9, 112 with
 #   3.6, no spills (benchmarks/RESULTS.md).
 #
+# Forward, per lane (bs_rows_forward_lanes_kernel; the launcher's choice for many rows and k <= 64): one program of
+# one warp (or a few) per row; each of its LANES lanes streams GROUPS 16-byte vectors of VEC logits per step.
+#   1. log-sum-exp: every lane keeps its own running max and sum, in base 2 (exp2(z * log2 e - m * log2 e) is one
+#      FFMA and one MUFU, where exp is a MUFU plus range fix-ups); the lanes' partials are combined once per row.
+#      No cross-lane work per step, so no barrier and no shuffle in the loop.
+#   2. top-k: the same keys as above, kept UNSORTED in K slots (distinct placeholders below every real key until
+#      filled); the k-th best is their minimum. A lane whose block max has a value field below the k-th best's holds
+#      no candidate (_value_field: a key above the k-th best has a field >= its field). The others are visited best
+#      first: the lane's PER_LANE logits are re-read (L1 hits) as keys spread over the warp, and offered best first
+#      while they beat the k-th best, each replacing it. A streaming top-k is exact whatever the order of offers, as
+#      long as every logit that could still enter is offered: those never offered were below the k-th best when
+#      their lane was tested, and the k-th best only rises. Cost per offer: a few warp reductions (REDUX on sm_90).
+#      The top is sorted once per row at the end (bitonic, K_PAD keys).
+#   Compiled for sm_90 (bf16, k = 20, 4 groups x 32 lanes x 8 = 1024 logits per step, 1 warp): 59 registers, no
+#   spills, no BAR in the loop; ~7 lane-instructions per logit per block plus ~40 per lane visited and ~23 per key
+#   accepted, ~9-11 per logit in all on random rows (benchmarks/triton_cost.py, benchmarks/RESULTS.md).
+#   Limits as above; one warp per row needs many rows to fill a GPU (the launcher keeps the bucket kernel for few).
+#
 # Backward, grid (row, column block), two launches:
 #   dense: grad = -exp(z - lse) * grad_row for every logit (one read, one write, one exp per element); rows with
 #          grad_row == 0 (ignored) write zeros without reading the logits.
@@ -54,6 +72,7 @@ try:
     # while tl.reduce with exactly these combine functions runs as one numpy call (any other combine function runs
     # element by element in Python). This makes the interpreter tests several times faster.
     from triton.language.standard import _elementwise_max as _max_combine
+    from triton.language.standard import _elementwise_min as _min_combine
     from triton.language.standard import _sum_combine
 except ImportError:  # a Triton without these private names: same results, slower interpreter
 
@@ -65,8 +84,14 @@ except ImportError:  # a Triton without these private names: same results, slowe
     def _max_combine(a, b):
         return tl.maximum(a, b)
 
+    @triton.jit
+    def _min_combine(a, b):
+        return tl.minimum(a, b)
+
 
 MIN_KEY = tl.constexpr(-(2**63))
+MAX_KEY = tl.constexpr(2**63 - 1)
+LOG2E = tl.constexpr(1.4426950408889634)
 FP64_INDEX_MASK = tl.constexpr(0xFFFFF)
 FP64_VALUE_MASK = tl.constexpr(-(1 << 20))
 # A block whose fullest bucket holds more candidates than this runs the network on all BLOCK_V keys at once; else
@@ -148,6 +173,30 @@ def _merge_top(top_keys, block_top, LOG_K_PAD: tl.constexpr):
 
 
 @triton.jit
+def _store_row(
+    row, row_ptr, lse, top_keys, labels_ptr, lse_ptr, label_logits_ptr, belief_logits_ptr, belief_ids_ptr,
+    K: tl.constexpr, LOG_K_PAD: tl.constexpr, IS_FP64: tl.constexpr,
+):  # fmt: skip
+    """A forward's per-row outputs: lse, z_y (one scalar load) and, from top_keys (sorted descending), the belief ids
+    from the low key bits and their values re-read from the logits (exact, whatever the key's value precision)."""
+    compute_dtype = tl.float64 if IS_FP64 else tl.float32
+    tl.store(lse_ptr + row, lse)
+    label = tl.load(labels_ptr + row)
+    tl.store(label_logits_ptr + row, tl.load(row_ptr + tl.maximum(label, 0)).to(compute_dtype))
+    if K > 0:
+        if IS_FP64:
+            belief_ids = top_keys & FP64_INDEX_MASK
+        else:
+            # The low 32 bits; indices are < 2^31, so the int32 truncation is non-negative.
+            belief_ids = top_keys.to(tl.int32).to(tl.int64)
+        slots = tl.arange(0, 1 << LOG_K_PAD)
+        is_belief = slots < K
+        belief_logits = tl.load(row_ptr + belief_ids, mask=is_belief, other=0.0).to(compute_dtype)
+        tl.store(belief_ids_ptr + row * K + slots, belief_ids, mask=is_belief)
+        tl.store(belief_logits_ptr + row * K + slots, belief_logits, mask=is_belief)
+
+
+@triton.jit
 def bs_rows_forward_kernel(
     logits_ptr,  # [N, V] any float dtype, unit stride along V
     labels_ptr,  # [N] int64, -1 = ignored
@@ -218,21 +267,148 @@ def bs_rows_forward_kernel(
                         best = tl.reduce(tl.reduce(candidates, 1, _max_combine), 0, _max_combine)
 
     # A row of only -inf has running_sum = 0: lse = -inf + log(0) = -inf (epilogue.finish_rows handles it).
-    tl.store(lse_ptr + row, running_max + tl.log(running_sum))
-    label = tl.load(labels_ptr + row)
-    tl.store(label_logits_ptr + row, tl.load(row_ptr + tl.maximum(label, 0)).to(compute_dtype))
+    _store_row(row, row_ptr, running_max + tl.log(running_sum), top_keys, labels_ptr, lse_ptr, label_logits_ptr,
+               belief_logits_ptr, belief_ids_ptr, K, LOG_K_PAD, IS_FP64)  # fmt: skip
 
-    # 3. beliefs: ids from the low key bits, values re-read (exact, whatever the key's value precision)
+
+@triton.jit
+def _value_field(key, IS_FP64: tl.constexpr):
+    """The value bits of a key (its order-preserving value integer, as _pack_keys stores it): a key k0 exceeds k1
+    only if its field is >= k1's, and a logit's own order-preserving integer is >= its key's field."""
+    if IS_FP64:
+        return key & FP64_VALUE_MASK
+    else:
+        return (key >> 32).to(tl.int32)
+
+
+@triton.jit
+def _ordered_field(x, IS_FP64: tl.constexpr):
+    """The order-preserving integer of float values, comparable with _value_field (untruncated)."""
+    if IS_FP64:
+        bits = x.to(tl.int64, bitcast=True)
+        return tl.where(bits >= 0, bits, bits ^ 0x7FFFFFFFFFFFFFFF)
+    else:
+        bits = x.to(tl.int32, bitcast=True)
+        return tl.where(bits >= 0, bits, bits ^ 0x7FFFFFFF)
+
+
+@triton.jit
+def _lanes_block(
+    row_ptr, start, vocab_size, block_cols, lane_ids, lane_offsets, lane_max, lane_sum, top_keys, kth_key, kth_field,
+    MASKED: tl.constexpr, K: tl.constexpr, LANES: tl.constexpr, VEC: tl.constexpr, IS_FP64: tl.constexpr,
+):  # fmt: skip
+    """One block of bs_rows_forward_lanes_kernel's loop; MASKED: the row's partial last block (bounds-checked)."""
+    compute_dtype = tl.float64 if IS_FP64 else tl.float32
+    cols = start + block_cols
+    if MASKED:
+        z = tl.load(row_ptr + cols, mask=cols < vocab_size, other=float("-inf")).to(compute_dtype)
+    else:
+        z = tl.load(row_ptr + cols).to(compute_dtype)
+
+    # 1. per-lane online log-sum-exp in base 2: one FFMA and one exp2 per logit, no cross-lane work
+    block_lane_max = tl.reduce(tl.reduce(z, 2, _max_combine), 0, _max_combine)
+    new_max = tl.maximum(lane_max, block_lane_max)
+    # A lane that has seen only -inf shifts by 0, so -inf - -inf never forms.
+    shift = tl.where(new_max == float("-inf"), 0.0, new_max * LOG2E).to(compute_dtype)
+    exps = tl.exp2(z * LOG2E - shift[None, :, None])
+    lane_sum = lane_sum * tl.exp2(lane_max * LOG2E - shift) + tl.reduce(
+        tl.reduce(exps, 2, _sum_combine), 0, _sum_combine
+    )
+    lane_max = new_max
+
+    # 2. top-k: a lane whose max's value field is below the k-th best key's holds no candidate. The others are
+    # visited best lane first; each re-reads its PER_LANE logits as keys and offers them, best first, to the
+    # unsorted top (a key above the k-th best replaces it). Any order of offers yields the exact top k.
     if K > 0:
-        if IS_FP64:
-            belief_ids = top_keys & FP64_INDEX_MASK
-        else:
-            # The low 32 bits; indices are < 2^31, so the int32 truncation is non-negative.
-            belief_ids = top_keys.to(tl.int32).to(tl.int64)
-        is_belief = slots < K
-        belief_logits = tl.load(row_ptr + belief_ids, mask=is_belief, other=0.0).to(compute_dtype)
-        tl.store(belief_ids_ptr + row * K + slots, belief_ids, mask=is_belief)
-        tl.store(belief_logits_ptr + row * K + slots, belief_logits, mask=is_belief)
+        lane_keys = _pack_keys(block_lane_max, lane_ids, IS_FP64)
+        pending = tl.where(_value_field(lane_keys, IS_FP64) >= kth_field, lane_keys, MIN_KEY)
+        next_lane = tl.reduce(pending, 0, _max_combine)
+        while (next_lane != MIN_KEY) & (_value_field(next_lane, IS_FP64) >= kth_field):
+            pending = tl.where(pending == next_lane, MIN_KEY, pending)
+            lane = (next_lane & (LANES - 1)).to(tl.int32)
+            lane_cols = start + lane * VEC + lane_offsets
+            in_row = lane_cols < vocab_size
+            lane_z = tl.load(row_ptr + lane_cols, mask=in_row, other=0.0).to(compute_dtype)
+            offers = tl.where(in_row, _pack_keys(lane_z, lane_cols, IS_FP64), MIN_KEY)
+            offer = tl.reduce(offers, 0, _max_combine)
+            while offer > kth_key:
+                top_keys = tl.where(top_keys == kth_key, offer, top_keys)
+                kth_key = tl.reduce(top_keys, 0, _min_combine)
+                offers = tl.where(offers == offer, MIN_KEY, offers)
+                offer = tl.reduce(offers, 0, _max_combine)
+            kth_field = _value_field(kth_key, IS_FP64)
+            next_lane = tl.reduce(pending, 0, _max_combine)
+    return lane_max, lane_sum, top_keys, kth_key, kth_field
+
+
+@triton.jit
+def bs_rows_forward_lanes_kernel(
+    logits_ptr,  # [N, V] any float dtype, unit stride along V
+    labels_ptr,  # [N] int64, -1 = ignored
+    lse_ptr,  # [N] out, compute dtype
+    label_logits_ptr,  # [N] out, compute dtype
+    belief_logits_ptr,  # [N, K] out, compute dtype, contiguous
+    belief_ids_ptr,  # [N, K] out, int64, contiguous
+    vocab_size,
+    logits_row_stride,
+    K: tl.constexpr,  # number of beliefs, 0 = forget log-probs only
+    LOG_K_PAD: tl.constexpr,  # K_PAD = 2^LOG_K_PAD >= K slots
+    LOG_GROUPS: tl.constexpr,  # vectors per lane per step
+    LOG_LANES: tl.constexpr,  # lanes (threads) per row: 32 * num_warps
+    LOG_VEC: tl.constexpr,  # contiguous logits per lane per vector (16 bytes)
+    IS_FP64: tl.constexpr,
+):
+    GROUPS: tl.constexpr = 1 << LOG_GROUPS
+    LANES: tl.constexpr = 1 << LOG_LANES
+    VEC: tl.constexpr = 1 << LOG_VEC
+    PER_LANE: tl.constexpr = GROUPS * VEC
+    BLOCK_V: tl.constexpr = GROUPS * LANES * VEC
+    K_PAD: tl.constexpr = 1 << LOG_K_PAD
+    row = tl.program_id(0).to(tl.int64)
+    row_ptr = logits_ptr + row * logits_row_stride
+    compute_dtype = tl.float64 if IS_FP64 else tl.float32
+    lane_ids = tl.arange(0, LANES)
+    # [GROUPS, LANES, VEC]: lane l holds GROUPS vectors of VEC contiguous logits, one 16-byte load each.
+    block_cols = (
+        tl.arange(0, GROUPS)[:, None, None] * (LANES * VEC)
+        + lane_ids[None, :, None] * VEC
+        + tl.arange(0, VEC)[None, None, :]
+    )
+    # One lane's logits as a [PER_LANE] vector spread over the lanes (re-read, from L1, when the lane has candidates).
+    lane_elements = tl.arange(0, PER_LANE)
+    lane_offsets = (lane_elements // VEC) * (LANES * VEC) + lane_elements % VEC
+
+    lane_max = tl.full([LANES], float("-inf"), compute_dtype)
+    lane_sum = tl.zeros([LANES], compute_dtype)
+    slots = tl.arange(0, K_PAD)
+    # Unsorted top: distinct placeholders below every real key in the K slots (so that the slot of the minimum is
+    # unique), MAX_KEY in the padding (never the minimum).
+    top_keys = tl.where(slots < K, MIN_KEY + 1 + slots.to(tl.int64), MAX_KEY)
+    kth_key = tl.reduce(top_keys, 0, _min_combine)
+    kth_field = _value_field(kth_key, IS_FP64)
+
+    # Whole blocks without bounds checks, then the partial block, if any, with them.
+    full_blocks_end = vocab_size - vocab_size % BLOCK_V
+    for start in range(0, full_blocks_end, BLOCK_V):
+        lane_max, lane_sum, top_keys, kth_key, kth_field = _lanes_block(
+            row_ptr, start, vocab_size, block_cols, lane_ids, lane_offsets, lane_max, lane_sum, top_keys, kth_key,
+            kth_field, False, K, LANES, VEC, IS_FP64,
+        )  # fmt: skip
+    if full_blocks_end < vocab_size:
+        lane_max, lane_sum, top_keys, kth_key, kth_field = _lanes_block(
+            row_ptr, full_blocks_end, vocab_size, block_cols, lane_ids, lane_offsets, lane_max, lane_sum, top_keys,
+            kth_key, kth_field, True, K, LANES, VEC, IS_FP64,
+        )  # fmt: skip
+
+    # The lanes' partials, combined once per row. A row of only -inf has row_sum = 0: lse = -inf + log(0) = -inf.
+    row_max = tl.reduce(lane_max, 0, _max_combine)
+    row_shift = tl.where(row_max == float("-inf"), 0.0, row_max * LOG2E).to(compute_dtype)
+    row_sum = tl.reduce(lane_sum * tl.exp2(lane_max * LOG2E - row_shift), 0, _sum_combine)
+    # 3. beliefs: the unsorted top sorted descending once per row (padding slots last)
+    if K > 0:
+        top_keys = _top_keys(tl.where(slots < K, top_keys, MIN_KEY), LOG_K_PAD, LOG_K_PAD, 1)
+    _store_row(row, row_ptr, row_max + tl.log(row_sum), top_keys, labels_ptr, lse_ptr, label_logits_ptr,
+               belief_logits_ptr, belief_ids_ptr, K, LOG_K_PAD, IS_FP64)  # fmt: skip
 
 
 @triton.jit

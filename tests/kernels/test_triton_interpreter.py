@@ -42,6 +42,12 @@ needs_cuda = pytest.mark.skipif(not ON_CUDA, reason="full-size checks need a CUD
 # skip) and V is not a multiple of the block.
 SMALL_FORWARD = triton_backend.ForwardConfig(block_v=64, buckets=32, num_warps=4)
 SMALL_BACKWARD = triton_backend.BackwardConfig(block_v=64, num_warps=4)
+# The per-lane forward with 64-logit blocks (2 groups x 32 lanes x 1): many blocks and lanes visited per row.
+SMALL_LANES = triton_backend.LaneForwardConfig(groups=2, num_warps=1, vec=1)
+# Two warps, 16-byte vectors: the reductions span warps, and a lane's logits are not contiguous.
+WIDE_LANES = triton_backend.LaneForwardConfig(groups=2, num_warps=2)
+FORWARD_CONFIGS = [None, SMALL_FORWARD, SMALL_LANES, WIDE_LANES]
+FORWARD_IDS = ["default_blocks", "small_blocks", "small_lanes", "wide_lanes"]
 
 
 def _logits(rows: int, vocab: int, dtype=torch.float32, seed: int = 0, scale: float = 3.0) -> torch.Tensor:
@@ -69,11 +75,11 @@ def _assert_forward_matches(raw, expected, logits, top_k):
 
 @needs_triton
 @pytest.mark.parametrize("top_k", [1, 3, 20, 64])
-@pytest.mark.parametrize("config", [None, SMALL_FORWARD], ids=["default_blocks", "small_blocks"])
+@pytest.mark.parametrize("config", FORWARD_CONFIGS, ids=FORWARD_IDS)
 def test_forward_top_k_exact(top_k, config):
     logits = _logits(12, 300)
     labels = _labels(12, 300)
-    if config is not None and triton_backend.next_power_of_two(top_k) > config.buckets:
+    if isinstance(config, triton_backend.ForwardConfig) and triton_backend.next_power_of_two(top_k) > config.buckets:
         config = triton_backend.ForwardConfig(block_v=128, buckets=64, num_warps=4)
     raw = triton_backend.forward(logits, labels, top_k, config=config)
     _assert_forward_matches(raw, torch_chunked.forward(logits, labels, top_k), logits, top_k)
@@ -84,12 +90,15 @@ EIGHT_PER_BUCKET = triton_backend.ForwardConfig(block_v=256, buckets=32, num_war
 
 
 @needs_triton
-@pytest.mark.parametrize("config", [SMALL_FORWARD, EIGHT_PER_BUCKET], ids=["2_per_bucket", "8_per_bucket"])
+@pytest.mark.parametrize(
+    "config", [SMALL_FORWARD, EIGHT_PER_BUCKET, SMALL_LANES], ids=["2_per_bucket", "8_per_bucket", "small_lanes"]
+)
 @pytest.mark.parametrize("order", ["ascending", "descending", "shuffled"])
 def test_forward_every_merge_path(order, config):
     """Ascending rows put candidates in every logit of every block (bucket rounds with 2 per bucket, the full network
-    with 8), descending rows none after the first block (skipped from the block max), shuffled rows a few per block
-    (one or two bucket rounds); V = 1000 is a multiple of neither block."""
+    with 8; every lane visited, each of its logits accepted), descending rows none after the first block (skipped
+    from the block max or the lane maxima), shuffled rows a few per block (one or two bucket rounds; a few lanes);
+    V = 1000 is a multiple of no block."""
     vocab = 1000
     base = torch.linspace(-5.0, 5.0, vocab, dtype=torch.float64)
     rows = [base, base.flip(0), base[torch.randperm(vocab, generator=torch.Generator().manual_seed(2))]]
@@ -101,7 +110,10 @@ def test_forward_every_merge_path(order, config):
 
 
 @needs_triton
-def test_index_field_holds_large_vocabulary():
+@pytest.mark.parametrize(
+    "config", [None, triton_backend.LaneForwardConfig(groups=8, num_warps=4)], ids=["default_blocks", "lanes"]
+)
+def test_index_field_holds_large_vocabulary(config):
     """Ids above 2^16 and 2^17 survive the packed keys (V = 262 144, the largest the contract promises)."""
     vocab = 262_144
     logits = -torch.arange(vocab, dtype=torch.float32).repeat(2, 1) / vocab  # descending: later blocks are skipped
@@ -109,19 +121,20 @@ def test_index_field_holds_large_vocabulary():
     logits[1, vocab - 2] = 2.0
     logits = logits.to(DEVICE)
     labels = torch.tensor([vocab - 1, 131_073], device=DEVICE)
-    raw = triton_backend.forward(logits, labels, 3)
+    raw = triton_backend.forward(logits, labels, 3, config=config)
     assert raw.belief_ids[0].tolist() == [vocab - 1, 200_000, 70_000]
     assert raw.belief_ids[1].tolist() == [vocab - 2, 0, 1]
     _assert_forward_matches(raw, torch_chunked.forward(logits, labels, 3), logits, 3)
 
 
 @needs_triton
+@pytest.mark.parametrize("config", [SMALL_FORWARD, WIDE_LANES], ids=["small_blocks", "wide_lanes"])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32, torch.float64])
-def test_forward_dtypes(dtype):
+def test_forward_dtypes(dtype, config):
     """Statistics in float32 (float64 for float64); top-k checked by value since 16-bit data has ties."""
     logits = _logits(9, 300, dtype=dtype)
     labels = _labels(9, 300)
-    raw = triton_backend.forward(logits, labels, 20, config=SMALL_FORWARD)
+    raw = triton_backend.forward(logits, labels, 20, config=config)
     expected = torch_chunked.forward(logits, labels, 20)
     assert raw.lse.dtype == expected.lse.dtype
     tolerance = TOLERANCES[torch.float64 if dtype == torch.float64 else torch.float32]
@@ -133,8 +146,9 @@ def test_forward_dtypes(dtype):
 
 
 @needs_triton
+@pytest.mark.parametrize("kernel", ["buckets", "lanes"])
 @pytest.mark.filterwarnings("ignore:divide by zero encountered in log:RuntimeWarning")  # the interpreter's log(0)
-def test_negative_infinite_logits():
+def test_negative_infinite_logits(kernel):
     """Masked entries, a fully masked row and k above the number of finite entries: no NaN, same as torch."""
     logits = _logits(6, 150)
     generator = torch.Generator().manual_seed(3)
@@ -143,7 +157,7 @@ def test_negative_infinite_logits():
     masked[torch.arange(6, device=DEVICE), labels.clamp(min=0)] = False
     logits = logits.masked_fill(masked, float("-inf"))
     logits[3] = float("-inf")  # ignored row with no finite logit
-    raw = triton_backend.forward(logits, labels, 20, config=SMALL_FORWARD)
+    raw = triton_backend.forward(logits, labels, 20, config=SMALL_FORWARD if kernel == "buckets" else SMALL_LANES)
     expected = torch_chunked.forward(logits, labels, 20)
     torch.testing.assert_close(raw.lse, expected.lse)
     finite = torch.isfinite(raw.belief_logits)
@@ -218,12 +232,51 @@ def test_backward_inplace_and_row_stride(dtype):
 
 
 @needs_triton
-def test_forward_row_stride():
+@pytest.mark.parametrize("config", [SMALL_FORWARD, WIDE_LANES], ids=["small_blocks", "wide_lanes"])
+def test_forward_row_stride(config):
     storage = _logits(8, 333)
     view = storage[:, 5:305]
     labels = _labels(8, 300)
-    raw = triton_backend.forward(view, labels, 20, config=SMALL_FORWARD)
+    raw = triton_backend.forward(view, labels, 20, config=config)
     _assert_forward_matches(raw, torch_chunked.forward(view, labels, 20), view, 20)
+
+
+@needs_triton
+@pytest.mark.parametrize("config", [SMALL_FORWARD, SMALL_LANES], ids=["small_blocks", "small_lanes"])
+def test_forward_heavy_ties(config):
+    """Four distinct values over 300 logits: the k-th value is shared by dozens of entries in every block. Any k of
+    the tied entries may be chosen (SPEC.md); the values must be the k largest and the ids distinct and truthful."""
+    generator = torch.Generator().manual_seed(6)
+    logits = torch.randint(0, 4, (6, 300), generator=generator).to(torch.float32).to(DEVICE)
+    labels = _labels(6, 300)
+    raw = triton_backend.forward(logits, labels, 20, config=config)
+    expected = torch_chunked.forward(logits, labels, 20)
+    torch.testing.assert_close(raw.lse, expected.lse)
+    torch.testing.assert_close(
+        raw.belief_logits.sort(-1).values, expected.belief_logits.sort(-1).values, atol=0, rtol=0
+    )
+    assert (raw.belief_ids.sort(-1).values.diff(dim=-1) > 0).all()
+    torch.testing.assert_close(logits.gather(1, raw.belief_ids), raw.belief_logits, atol=0, rtol=0)
+
+
+@needs_triton
+@pytest.mark.parametrize("top_k", [200, 1024])
+def test_lanes_forward_large_k(top_k):
+    """k above the lane count (K_PAD = 256, and the contract's maximum 1024) in the per-lane kernel."""
+    logits = _logits(2, 1100)
+    labels = _labels(2, 1100)
+    raw = triton_backend.forward(logits, labels, top_k, config=triton_backend.LaneForwardConfig(groups=4, num_warps=1))
+    _assert_forward_matches(raw, torch_chunked.forward(logits, labels, top_k), logits, top_k)
+
+
+def test_forward_config_table():
+    """The per-lane kernel for many rows and small k; the bucket kernel (a row over many warps) otherwise."""
+    many, few = triton_backend.LANES_MIN_ROWS, triton_backend.LANES_MIN_ROWS - 1
+    assert isinstance(triton_backend.forward_config(128_256, 20, many), triton_backend.LaneForwardConfig)
+    assert isinstance(triton_backend.forward_config(128_256, 0, many), triton_backend.LaneForwardConfig)
+    assert isinstance(triton_backend.forward_config(128_256, 20, few), triton_backend.ForwardConfig)
+    big_k = triton_backend.LANES_MAX_TOP_K + 1
+    assert isinstance(triton_backend.forward_config(128_256, big_k, many), triton_backend.ForwardConfig)
 
 
 @needs_triton
@@ -272,6 +325,8 @@ def test_invalid_arguments():
         triton_backend.forward(logits.to(torch.int64), labels, 5)
     with pytest.raises(ValueError, match="config"):
         triton_backend.forward(logits, labels, 20, config=triton_backend.ForwardConfig(64, 16, 4))
+    with pytest.raises(ValueError, match="config.groups"):
+        triton_backend.forward(logits, labels, 20, config=triton_backend.LaneForwardConfig(3, 1))
     with pytest.raises(ValueError, match="belief_weights"):
         triton_backend.backward(
             torch.ones(4, device=DEVICE),
@@ -338,25 +393,28 @@ def test_full_size_top_k_and_lse():
 # ------------------------------------------------------------------------------------------- compiled for sm_90
 
 
-def _compile_for_hopper(kernel, signature: dict, constants: dict, num_warps: int, aligned: tuple[int, ...]):
-    """Compile without a GPU (Triton ships ptxas): catches what the interpreter accepts but the compiler rejects."""
-    import triton
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
+def _cost_model():
+    """benchmarks/triton_cost.py: compiles for sm_90 without a GPU (Triton ships ptxas) and reads the SASS."""
+    sys.path.insert(0, str(TESTS_DIR.parents[1] / "benchmarks"))
+    return importlib.import_module("triton_cost")
 
-    signature = {**signature, **{name: "constexpr" for name in constants}}
-    # Triton specialises pointers and integers divisible by 16 at launch; V = 128 256 and its row stride are.
-    attrs = {(index,): [["tt.divisibility", 16]] for index in aligned}
-    source = ASTSource(kernel, signature, constants, attrs)
-    return triton.compile(source, target=GPUTarget("cuda", 90, 32), options={"num_warps": num_warps})
+
+def _compile_for_hopper(kernel, signature: dict, constants: dict, num_warps: int, aligned: tuple[int, ...]):
+    """Catches what the interpreter accepts but the compiler rejects. ``aligned``: arguments Triton specialises as
+    multiples of 16 at launch (pointers, and V = 128 256 and its row stride)."""
+    return _cost_model().compile_for_hopper(kernel, signature, constants, num_warps, aligned)
+
+
+def _needs_ptxas():
+    triton = pytest.importorskip("triton")
+    if not (pathlib.Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "ptxas").is_file():
+        pytest.skip("this Triton has no bundled ptxas")
 
 
 @pytest.mark.skipif(INTERPRETING, reason="the interpreter's kernels cannot be compiled")
 def test_kernels_compile_for_hopper():
     """Every kernel compiles for sm_90 at the benchmark's shape, and the 16-bit loads/stores are 16 bytes wide."""
-    triton = pytest.importorskip("triton")
-    if not (pathlib.Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "ptxas").is_file():
-        pytest.skip("this Triton has no bundled ptxas")
+    _needs_ptxas()
     kernels = importlib.import_module("bs_kernels.backends.triton_kernels")
     rows = {"lse_ptr": "*fp32", "label_logits_ptr": "*fp32", "belief_logits_ptr": "*fp32", "belief_ids_ptr": "*i64"}
     forward_signature = {
@@ -401,6 +459,32 @@ def test_kernels_compile_for_hopper():
         num_warps=1,
         aligned=(),
     )
+
+
+@pytest.mark.skipif(INTERPRETING, reason="the interpreter's kernels cannot be compiled")
+@pytest.mark.parametrize("top_k", [20, 0])
+def test_lanes_forward_sass_for_hopper(top_k):
+    """The large-N forward (the per-lane kernel, default config, bf16) compiled for sm_90: no spills, 16-byte loads
+    on every path of the loop over the vocabulary, no block barrier in that loop, and a block of logits within the
+    issue budget (the loop's plain path: under 8 lane-instructions per logit; the H200's memory speed allows ~14)."""
+    _needs_ptxas()
+    cost = _cost_model()
+    kernels = importlib.import_module("bs_kernels.backends.triton_kernels")
+    config = triton_backend.LANES_DEFAULT
+    constants = triton_backend.lanes_constants(config, torch.bfloat16, top_k)
+    compiled = cost.compile_for_hopper(
+        kernels.bs_rows_forward_lanes_kernel, cost.forward_signature("bf16"), constants, config.num_warps, (0, 6, 7)
+    )
+    cubin = compiled.asm["cubin"]
+    usage = cost.resource_usage(cubin)
+    assert usage["STACK"] == 0 and usage["LOCAL"] == 0, usage
+    blocks = cost.parse_sass(cost.disassemble(cubin))
+    assert cost.count_spill_instructions(blocks) == 0
+    paths = cost.loop_paths(blocks)
+    assert paths.loop_barriers == 0
+    assert paths.paths and all(path.loads.get("LDG.E.128", 0) >= config.groups for path in paths.paths)
+    block_instructions = cost.name_lane_paths(paths)["block"][0]
+    assert block_instructions * 32 * config.num_warps / config.block_v(torch.bfloat16) < 8
 
 
 # ------------------------------------------------------------------------------------ the interpreter subprocess
