@@ -15,6 +15,8 @@ from bs_kernels import bs_token_loss, forget_logprobs
 from bs_kernels import linear as linear_module
 from bs_kernels.linear import bs_linear_loss, linear_forget_logprobs
 
+SHIPPED_CHUNK_ELEMENTS = linear_module.CHUNK_ELEMENTS  # read before the autouse fixture below shrinks it
+
 REDUCTIONS = ("sequence_mean", "token_mean", "sum", "none")
 
 
@@ -325,3 +327,21 @@ def test_bad_options(option, error):
     name = next(iter(option))
     with pytest.raises(error, match=name):
         bs_linear_loss(hidden, weight, labels, bias=bias, **option)
+
+
+@pytest.mark.parametrize(
+    "vocab_size, cuda, fp32_accumulator, expected",
+    [
+        (128_256, False, False, 261),  # CPU: as many rows as CHUNK_ELEMENTS holds
+        (128_256, True, False, 256),  # CUDA: rounded down to whole 128-row GEMM tiles
+        (128_256, True, True, 1024),  # 4x the elements where the fp32 grad_W accumulator is read and written per chunk
+        (128_256, False, True, 261),  # the accumulator rule is CUDA-only
+        (49_152, True, False, 640),  # 682 rows fit -> 640
+        (1 << 20, True, False, 32),  # fewer rows than one tile fit: no rounding (never 0 rows)
+    ],
+)
+def test_rows_per_chunk(vocab_size, cuda, fp32_accumulator, expected, monkeypatch):
+    monkeypatch.setattr(linear_module, "CHUNK_ELEMENTS", SHIPPED_CHUNK_ELEMENTS)  # not this module's tiny one
+    rows = linear_module.rows_per_chunk(100_000, vocab_size, cuda=cuda, fp32_accumulator=fp32_accumulator)
+    assert rows == expected
+    assert linear_module.rows_per_chunk(7, vocab_size, cuda=cuda, fp32_accumulator=fp32_accumulator) == 7
