@@ -6,7 +6,8 @@
 
 One table: fwd+bwd (loss.backward()) of bs_token_loss on the full [B, T, V] logits in one process, then of
 vocab_parallel_bs_token_loss on P processes each holding [B, T, V / P] (one thread per process, so P processes use
-P cores). Per rank: best and median wall time over the rounds (harness.time_bench, every rank timed in lock step),
+P cores). Per rank: best and median wall time and the median process CPU time over the rounds (harness.time_bench, every
+rank timed in lock step; the CPU time is the steadier figure on a shared machine),
 the peak resident memory above the inputs of one call (harness.measure_peak in each freshly started rank; the
 single process through harness.peak_memory, also a fresh process; the gradient of the logits is included), and the
 bytes each rank sent in one call's collectives (counted by wrapping them). On one machine the collectives go through
@@ -89,7 +90,8 @@ def rank_main(rank: int, world: int, rendezvous: str, shape: str, impl: str, rou
     dist.barrier()
     timing = time_bench(bench, CPU, rounds=rounds)
     sent = bytes_sent_per_call(bench)
-    result = dict(rank=rank, best_ms=timing.best_ms, median_ms=timing.median_ms, peak=memory.above_inputs,
+    result = dict(rank=rank, best_ms=timing.best_ms, median_ms=timing.median_ms, cpu_ms=timing.median_cpu_ms,
+                  peak=memory.above_inputs,
                   local_bytes=tensor_bytes(local), sent=sent, loss=memory.value)  # fmt: skip
     results = [None] * world
     dist.all_gather_object(results, result)
@@ -106,7 +108,8 @@ def parallel_rows(world: int, shape: str, impl: str, rounds: int) -> list[list[s
         results = json.loads(pathlib.Path(output).read_text())
     return [
         [f"vocab-parallel {impl}, P={world}, rank {r['rank']}", f"{r['best_ms']:.0f}", f"{r['median_ms']:.0f}",
-         f"{r['peak'] / MIB:.0f}", f"{r['peak'] / r['local_bytes']:.2f}", f"{r['sent'] / 1024:.1f}"]
+         f"{r['cpu_ms']:.0f}", f"{r['peak'] / MIB:.0f}", f"{r['peak'] / r['local_bytes']:.2f}",
+         f"{r['sent'] / 1024:.1f}"]
         for r in results
     ]  # fmt: skip
 
@@ -120,7 +123,8 @@ def single_row(shape: str, impl: str, rounds: int) -> list[str]:
     timing = time_bench(logits_bench(logits_provider(impl, OPTIONS), logits, labels), CPU, rounds=rounds)
     case = dict(provider=impl, batch=batch, length=length, vocab=vocab, options=OPTIONS)
     peak = peak_memory(logits_case, case, CPU).above_inputs
-    return [f"single process {impl}", f"{timing.best_ms:.0f}", f"{timing.median_ms:.0f}", f"{peak / MIB:.0f}",
+    return [f"single process {impl}", f"{timing.best_ms:.0f}", f"{timing.median_ms:.0f}", f"{timing.median_cpu_ms:.0f}",
+            f"{peak / MIB:.0f}",
             f"{peak / tensor_bytes(logits):.2f}", "0"]  # fmt: skip
 
 
@@ -150,9 +154,10 @@ def main() -> None:
     title = (f"fwd+bwd, B={batch} T={length} V={vocab} fp32, k={OPTIONS['top_k']} lam={OPTIONS['lam']}, "
              f"rounds: {args.rounds}")  # fmt: skip
     table = markdown_table(
-        ["what (per rank)", "best ms", "median ms", "peak above inputs (MiB)", "x its logits", "KiB sent per call"],
+        ["what (per rank)", "best ms", "median ms", "median CPU ms", "peak above inputs (MiB)", "x its logits",
+         "KiB sent per call"],
         rows,
-    )
+    )  # fmt: skip
     print("\n".join([header, "", title, "", *table]))
 
 
