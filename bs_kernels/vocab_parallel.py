@@ -20,11 +20,11 @@ reduction over the vocabulary that composes across shards:
      shard's labels (-1 off-shard: the label term only on the owning rank) and the belief weights placed on the
      shard's own candidate slots (weight 0 for a candidate that did not make the global top-k). The candidates are
      the ids the backend itself returned, so they are distinct, as the native and Triton backward kernels require.
+The backend contract (backends/contract.py) is therefore unchanged: every local backend (torch, native, triton) is
+the per-shard kernel as it is.
 Why one all_gather rather than Megatron's all_reduce pair (max, sum-exp) plus an all_reduce of the label logit: the
 top-k candidates must be gathered anyway, and lse and z_y ride along as 2 of the 2 + 2 k_pad columns (5% of the
 volume at k = 20), so a call pays one collective's latency instead of four.
-The backend contract (backends/contract.py) is therefore unchanged: every local backend (torch, native, triton) is
-the per-shard kernel as it is.
 
 Ties at the k-th value (SPEC.md: any k of the tied entries may be chosen) are broken towards the lower group rank
 (a stable sort over the candidates in rank order), padding slots of ranks with fewer than k_pad candidates last.
@@ -36,11 +36,16 @@ Communication per call (s = 4 bytes for float32/bfloat16/float16 logits, 8 for f
   fused linear form: the same all_gather per chunk of valid rows in forward (M * (2 + 2 * k_pad) elements over all
       chunks), and in backward one all_reduce of the [M, H] gradient of the hidden states (M = valid positions; the
       hidden states are replicated over the group, so their gradient is the sum of every shard's contribution).
-At N = 4096 rows, k = 20, fp32 that is 688 KiB per rank per call, against 1 GiB per rank for an all-gather of the
+At N = 4096 rows, k = 20, fp32 that is 672 KiB per rank per call, against about 1 GiB per rank for an all-gather of the
 logits at V = 128 256 over 2 ranks (what loss functions that need the full row do).
 
-Requirements: the same labels (and options) on every rank; every rank calls collectively. impl="reference" is
-refused (it needs the full row); compare with bs_token_loss on the gathered logits instead.
+Requirements: the same labels (and options) on every rank (not checked: that would cost a collective); every rank
+calls collectively. impl="reference" is refused (it needs the full row); compare with bs_token_loss on the gathered
+logits instead.
+Limits: the logits form gathers the statistics of ignored rows too (N counts every position; the fused form drops
+them first). The fused form always recomputes each logits chunk in backward (4 GEMMs per chunk, like linear.py's
+reduction="none" path) rather than forming the gradients in forward, and computes in its inputs' dtype even under
+torch.autocast (bs_linear_loss casts them to the autocast dtype).
 """
 
 from __future__ import annotations
@@ -491,9 +496,11 @@ def sharded_linear_loss(hidden, local_weight, local_bias, labels, shards: VocabS
     valid_ids = valid.nonzero().squeeze(-1)
     hidden_rows = hidden[torch.unravel_index(valid_ids, hidden.shape[:-1])]  # [M, H], ignored positions dropped
     sharded = _ShardedRows(_resolve_backend(impl, hidden.device, shards), options, shards)
-    row_values, token_logprobs, belief_ids, belief_probs = _VocabParallelLinearFunction.apply(
-        hidden_rows, local_weight, local_bias, rows_labels.index_select(0, valid_ids), sharded
-    )
+    # In the inputs' own dtype, autocast or not: the backward's recomputed chunks must match the forward's.
+    with torch.autocast(hidden.device.type, enabled=False):
+        row_values, token_logprobs, belief_ids, belief_probs = _VocabParallelLinearFunction.apply(
+            hidden_rows, local_weight, local_bias, rows_labels.index_select(0, valid_ids), sharded
+        )
 
     def scatter(values):  # [M, ...] -> [N, ...] with zeros on the ignored rows (differentiable)
         return values.new_zeros((valid.shape[0], *values.shape[1:])).index_put((valid,), values)
