@@ -53,7 +53,7 @@ def shard_inputs(batch: int, length: int, vocab: int, rank: int, world: int):
 def bytes_sent_per_call(bench: Bench) -> int:
     """Run one call with the package's all_gather and torch.distributed's all_reduce counted; bytes this rank sent."""
     sent = []
-    gather, reduce = vocab_parallel._all_gather_single, dist.all_reduce
+    gather, reduce = vocab_parallel.all_gather_single, dist.all_reduce
 
     def counted_gather(output, tensor, group=None):
         sent.append(tensor.numel() * tensor.element_size())
@@ -63,12 +63,12 @@ def bytes_sent_per_call(bench: Bench) -> int:
         sent.append(tensor.numel() * tensor.element_size())
         return reduce(tensor, *args, **kwargs)
 
-    vocab_parallel._all_gather_single, dist.all_reduce = counted_gather, counted_reduce
+    vocab_parallel.all_gather_single, dist.all_reduce = counted_gather, counted_reduce
     try:
         bench.reset()
         bench.run()
     finally:
-        vocab_parallel._all_gather_single, dist.all_reduce = gather, reduce
+        vocab_parallel.all_gather_single, dist.all_reduce = gather, reduce
     return sum(sent)
 
 

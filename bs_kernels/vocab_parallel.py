@@ -74,8 +74,9 @@ from .epilogue import RowOutputs, finish_rows
 from .linear import rows_per_chunk
 from .loss import BSTokenStats
 
-# all_gather_single replaces all_gather_into_tensor in recent torch; both take (output, input, group).
-_all_gather_single = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+# The one all_gather every call goes through (tests and the benchmark wrap it to count bytes): all_gather_single
+# replaces all_gather_into_tensor in recent torch; both take (output, input, group).
+all_gather_single = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
 
 
 @dataclass(frozen=True)
@@ -127,7 +128,7 @@ class VocabShards:
         world = dist.get_world_size(group)
         mine = torch.tensor([vocab_start, local_size], dtype=torch.int64, device=device)
         everyone = torch.empty(world * 2, dtype=torch.int64, device=device)
-        _all_gather_single(everyone, mine, group=group)
+        all_gather_single(everyone, mine, group=group)
         pairs = everyone.view(world, 2).tolist()
         starts, sizes = tuple(p[0] for p in pairs), tuple(p[1] for p in pairs)
         expected_start = 0
@@ -189,7 +190,7 @@ class _ShardedRows:
         floats = torch.cat([raw.lse.to(stats_dtype).unsqueeze(1), label_logits.unsqueeze(1), values], dim=1)
         packed = torch.cat([floats.contiguous().view(carrier), ids.to(carrier)], dim=1)  # [N, 2 + 2 k_pad]
         everyone = torch.empty(self.shards.world * num_rows, packed.shape[1], dtype=carrier, device=device)
-        _all_gather_single(everyone, packed, group=self.shards.group)
+        all_gather_single(everyone, packed, group=self.shards.group)
         everyone = everyone.view(self.shards.world, num_rows, -1)
         floats = everyone[..., : 2 + self.padded].contiguous().view(stats_dtype)
         return floats[..., 0], floats[..., 1], floats[..., 2:], everyone[..., 2 + self.padded :].to(torch.int64)

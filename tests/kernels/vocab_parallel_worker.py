@@ -217,16 +217,16 @@ def counted_collectives():
 
     import bs_kernels.vocab_parallel as vocab_parallel
 
-    gather_before = vocab_parallel._all_gather_single
+    gather_before = vocab_parallel.all_gather_single
     for name, original in originals.items():
         setattr(dist, name, counting(name, original))
-    vocab_parallel._all_gather_single = counting("all_gather_single", gather_before)
+    vocab_parallel.all_gather_single = counting("all_gather_single", gather_before)
     try:
         yield calls
     finally:
         for name, original in originals.items():
             setattr(dist, name, original)
-        vocab_parallel._all_gather_single = gather_before
+        vocab_parallel.all_gather_single = gather_before
 
 
 def case_communication_volume(ctx: Context) -> None:
