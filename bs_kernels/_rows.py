@@ -11,6 +11,7 @@ ignored, so the rows are a free view of the inputs; the extra column is dropped 
 
 from __future__ import annotations
 
+import sys
 from typing import NamedTuple
 
 import torch
@@ -30,6 +31,12 @@ class RowLayout(NamedTuple):
             batch, length = self.shape[0], self.shape[1] + 1
             return values.reshape(batch, length, *values.shape[1:])[:, :-1]
         return values.reshape(*self.shape, *values.shape[1:])
+
+
+def is_dtensor(value: object) -> bool:
+    """Whether ``value`` is a torch.distributed DTensor (cheap: no DTensor exists before its module is imported)."""
+    module = sys.modules.get("torch.distributed.tensor")
+    return module is not None and isinstance(value, module.DTensor)
 
 
 def check_floating(tensor: object, name: str) -> None:

@@ -53,6 +53,7 @@ from ._rows import (
     check_label_range,
     check_labels,
     check_sequence_reduction,
+    is_dtensor,
     reduce_rows,
     row_labels,
 )
@@ -498,6 +499,11 @@ def bs_linear_loss(
     if not isinstance(labels, torch.Tensor):
         raise TypeError(f"labels must be a torch.Tensor, got {type(labels).__name__}")
     check_sequence_reduction(labels, shift=shift, reduction=reduction)
+    if is_dtensor(weight):  # an lm_head sharded over the vocabulary (tensor parallelism): bs_kernels/dtensor.py
+        from .dtensor import dtensor_linear_loss
+
+        return dtensor_linear_loss(hidden, weight, bias, labels, options, impl=impl, shift=shift,
+                                   return_stats=return_stats)  # fmt: skip
     if impl == "reference":
         _check_linear_inputs(hidden, weight, bias, labels, shift, ignore_index)
         return bs_token_loss(
@@ -527,6 +533,10 @@ def linear_forget_logprobs(
     and bias (the backward recomputes each logits chunk, so any downstream use of the values works: GA, NPO, ...).
     """
     options = opts.forget_options(ignore_index=ignore_index, impl=impl)
+    if is_dtensor(weight):  # sharded over the vocabulary: bs_kernels/dtensor.py
+        from .dtensor import dtensor_linear_loss
+
+        return dtensor_linear_loss(hidden, weight, bias, labels, options, impl=impl, shift=shift, return_stats=False)
     if impl == "reference":
         _check_linear_inputs(hidden, weight, bias, labels, shift, ignore_index)
         return forget_logprobs(

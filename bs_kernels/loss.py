@@ -13,7 +13,7 @@ from torch import nn
 
 from . import _options as opts
 from ._options import BSOptions
-from ._rows import check_sequence_reduction, logits_rows, reduce_rows
+from ._rows import check_sequence_reduction, is_dtensor, logits_rows, reduce_rows
 from .autograd import backend_rows
 from .backends import get_backend, resolve_impl
 from .epilogue import RowOutputs
@@ -83,6 +83,11 @@ def bs_token_loss(
         reduction=reduction,
         impl=impl,
     )
+    if is_dtensor(logits):  # sharded over the vocabulary (tensor parallelism): bs_kernels/dtensor.py
+        from .dtensor import dtensor_token_loss
+
+        return dtensor_token_loss(logits, labels, options, impl=impl, shift=shift, return_stats=return_stats,
+                                  inplace_backward=inplace_backward)  # fmt: skip
     check_sequence_reduction(labels, shift=shift, reduction=reduction)
     rows, rows_labels, layout = logits_rows(logits, labels, shift=shift, ignore_index=options.ignore_index)
     outputs = _compute_rows(rows, rows_labels, impl, options, inplace_backward=inplace_backward)
@@ -110,6 +115,11 @@ def forget_logprobs(
     Shape: that of the (shifted) labels. The building block of GA, NPO and the evaluation metrics.
     """
     options = opts.forget_options(ignore_index=ignore_index, impl=impl)
+    if is_dtensor(logits):  # sharded over the vocabulary: bs_kernels/dtensor.py
+        from .dtensor import dtensor_token_loss
+
+        return dtensor_token_loss(logits, labels, options, impl=impl, shift=shift, return_stats=False,
+                                  inplace_backward=False)  # fmt: skip
     rows, rows_labels, layout = logits_rows(logits, labels, shift=shift, ignore_index=options.ignore_index)
     return layout.unflatten(_compute_rows(rows, rows_labels, impl, options).row_loss)
 

@@ -1,0 +1,78 @@
+"""DTensor adapter: bs_token_loss / forget_logprobs / bs_linear_loss on tensors sharded over the vocabulary.
+
+A DTensor's placement says which vocabulary range each rank holds, so nothing is communicated to learn it:
+- logits [..., V] sharded ``Shard(-1)`` (the output of ``ColwiseParallel(use_local_output=False)`` on the lm_head);
+- an lm_head weight [V, H] (and bias [V]) sharded ``Shard(0)`` (what ColwiseParallel makes of the lm_head's
+  parameters), for the fused form and patch_causal_lm.
+The shard must be on one mesh dimension with every other mesh dimension Replicate; labels (and hidden states for the
+fused form) may be plain tensors or replicated DTensors. DTensor's Shard splits like torch.chunk: ceil(V / P) ids
+per rank, the last ranks shorter or empty. The work is done on the local shards by bs_kernels/vocab_parallel.py
+(its docstring states the algorithm and the communication); ``to_local`` carries the gradient back, so the
+DTensor inputs receive their sharded gradients. Results are plain tensors, the same on every rank.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ._options import BSOptions
+from ._rows import is_dtensor
+from .vocab_parallel import VocabShards, sharded_linear_loss, sharded_token_loss
+
+
+def vocab_sharded_local(tensor, dim: int, name: str) -> tuple[torch.Tensor, VocabShards]:
+    """The local shard of a DTensor sharded on ``dim`` (the vocabulary) and the shards' layout."""
+    placements, mesh = tensor.placements, tensor.device_mesh
+    dim = dim % tensor.dim()
+    sharded_mesh_dims = [index for index, placement in enumerate(placements) if not placement.is_replicate()]
+    if len(sharded_mesh_dims) != 1 or not placements[sharded_mesh_dims[0]].is_shard(dim):
+        raise ValueError(
+            f"{name} must be a DTensor sharded over the vocabulary: Shard({dim}) on one mesh dimension and "
+            f"Replicate on the others (ColwiseParallel(use_local_output=False) on the lm_head gives this); got "
+            f"placements {placements}"
+        )
+    mesh_dim = sharded_mesh_dims[0]
+    shards = VocabShards.even_chunks(
+        tensor.shape[dim], mesh.size(mesh_dim), mesh.get_local_rank(mesh_dim), mesh.get_group(mesh_dim)
+    )
+    local = tensor.to_local()
+    if local.shape[dim] != shards.size:
+        raise ValueError(
+            f"{name}: this rank's shard has {local.shape[dim]} vocabulary entries, but an even Shard({dim}) split of "
+            f"{tensor.shape[dim]} over {shards.world} ranks gives it {shards.size}"
+        )
+    return local, shards
+
+
+def replicated_local(value, name: str):
+    """A plain tensor as it is; a DTensor's local tensor if it is replicated on every mesh dimension."""
+    if not is_dtensor(value):
+        return value
+    if not all(placement.is_replicate() for placement in value.placements):
+        raise ValueError(f"{name} must be replicated over the mesh (the same on every rank), got {value.placements}")
+    return value.to_local()
+
+
+def dtensor_token_loss(logits, labels, options: BSOptions, *, impl: str, shift: bool, return_stats: bool,
+                       inplace_backward: bool):  # fmt: skip
+    """bs_token_loss (or forget_logprobs, with its options) on logits sharded Shard(-1)."""
+    local, shards = vocab_sharded_local(logits, -1, "logits")
+    return sharded_token_loss(
+        local, replicated_local(labels, "labels"), shards, options, impl=impl, shift=shift,
+        return_stats=return_stats, inplace_backward=inplace_backward,
+    )  # fmt: skip
+
+
+def dtensor_linear_loss(hidden, weight, bias, labels, options: BSOptions, *, impl: str, shift: bool,
+                        return_stats: bool):  # fmt: skip
+    """bs_linear_loss (or linear_forget_logprobs) with the lm_head weight (and bias) sharded Shard(0)."""
+    local_weight, shards = vocab_sharded_local(weight, 0, "weight")
+    local_bias = None
+    if bias is not None:
+        local_bias, bias_shards = vocab_sharded_local(bias, 0, "bias")
+        if bias_shards != shards:
+            raise ValueError("bias must be sharded over the vocabulary like the weight (the same mesh dimension)")
+    return sharded_linear_loss(
+        replicated_local(hidden, "hidden"), local_weight, local_bias, replicated_local(labels, "labels"), shards,
+        options, impl=impl, shift=shift, return_stats=return_stats,
+    )  # fmt: skip

@@ -1,0 +1,557 @@
+"""Vocabulary-parallel BS-T: the loss on logits (or an lm_head) split over the vocabulary across a process group.
+
+Each rank p holds the logits of a contiguous vocabulary range [start_p, start_p + V_p) (Megatron's vocab-parallel
+layout; a DTensor sharded Shard(-1), as ColwiseParallel(use_local_output=False) on the lm_head produces, is adapted
+by bs_kernels/dtensor.py). The one-pass algebra of SPEC.md carries over because everything the epilogue needs is a
+reduction over the vocabulary that composes across shards:
+  1. local pass: backend.forward on the rank's own [N, V_p] shard (the unchanged backend contract) with the labels
+     moved into the shard's numbering (label - start_p where the label falls in the shard, else -1), giving per row
+     the shard's lse_p, its label logit (meaningful only on the rank that owns the label) and its top-k_p candidates,
+     k_p = min(k, V_p), k = min(top_k, V).
+  2. one all-gather of the packed per-row statistics (lse_p, masked label logit, k_pad candidate values and their
+     global ids, k_pad = max_p k_p; never the [N, V] logits):
+        lse   = logsumexp_p lse_p
+        z_y   = sum_p (z_y on rank p if p owns y else 0)
+        top-k = the k largest of the P * k_pad candidates (every global belief is some shard's local candidate,
+                since it is among that shard's k largest)
+  3. epilogue.finish_rows on these global statistics: the row values, q and the gradient coefficients, identical on
+     every rank (so every rank returns the same loss and stats).
+  4. backward on each rank from its own shard, with no communication: backend.backward with the global lse, the
+     shard's labels (-1 off-shard: the label term only on the owning rank) and the belief weights placed on the
+     shard's own candidate slots (weight 0 for a candidate that did not make the global top-k). The candidates are
+     the ids the backend itself returned, so they are distinct, as the native and Triton backward kernels require.
+The backend contract (backends/contract.py) is therefore unchanged: every local backend (torch, native, triton) is
+the per-shard kernel as it is.
+Why one all_gather rather than Megatron's all_reduce pair (max, sum-exp) plus an all_reduce of the label logit: the
+top-k candidates must be gathered anyway, and lse and z_y ride along as 2 of the 2 + 2 k_pad columns (5% of the
+volume at k = 20), so a call pays one collective's latency instead of four.
+
+Ties at the k-th value (SPEC.md: any k of the tied entries may be chosen) are broken towards the lower group rank
+(a stable sort over the candidates in rank order), padding slots of ranks with fewer than k_pad candidates last.
+
+Communication per call (s = 4 bytes for float32/bfloat16/float16 logits, 8 for float64; P = group size):
+  logits form, forward: one all_gather of N * (2 + 2 * k_pad) elements of s bytes from every rank (the candidate
+      values bit-cast beside their ids in one integer tensor); the plain-tensor form adds one all_gather of 2 int64
+      (each shard's start and size, checked to tile [0, V)). Backward: nothing.
+  fused linear form: the same all_gather per chunk of valid rows in forward (M * (2 + 2 * k_pad) elements over all
+      chunks), and in backward one all_reduce of the [M, H] gradient of the hidden states (M = valid positions; the
+      hidden states are replicated over the group, so their gradient is the sum of every shard's contribution).
+At N = 4096 rows, k = 20, fp32 that is 672 KiB per rank per call, against about 1 GiB per rank for an all-gather of the
+logits at V = 128 256 over 2 ranks (what loss functions that need the full row do).
+
+Requirements: the same labels (and options) on every rank (not checked: that would cost a collective); every rank
+calls collectively. impl="reference" is refused (it needs the full row); compare with bs_token_loss on the gathered
+logits instead.
+Limits: the logits form gathers the statistics of ignored rows too (N counts every position; the fused form drops
+them first). The fused form always recomputes each logits chunk in backward (4 GEMMs per chunk, like linear.py's
+reduction="none" path) rather than forming the gradients in forward, and computes in its inputs' dtype even under
+torch.autocast (bs_linear_loss casts them to the autocast dtype).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from types import ModuleType
+
+import torch
+import torch.distributed as dist
+from torch.autograd.function import once_differentiable
+
+from . import _options as opts
+from ._options import BSOptions
+from ._rows import (
+    RowLayout,
+    check_floating,
+    check_label_range,
+    check_labels,
+    check_sequence_reduction,
+    reduce_rows,
+    row_labels,
+)
+from .backends import get_backend, resolve_impl
+from .backends.contract import RawRowStats, compute_dtype
+from .epilogue import RowOutputs, finish_rows
+from .linear import rows_per_chunk
+from .loss import BSTokenStats
+
+# The one all_gather every call goes through (tests and the benchmark wrap it to count bytes): all_gather_single
+# replaces all_gather_into_tensor in recent torch; both take (output, input, group).
+all_gather_single = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+
+
+@dataclass(frozen=True)
+class VocabShards:
+    """Which vocabulary range every rank of ``group`` holds: rank p has ids [starts[p], starts[p] + sizes[p])."""
+
+    starts: tuple[int, ...]  # indexed by the rank within the group
+    sizes: tuple[int, ...]
+    rank: int  # this process's rank within the group
+    group: object  # a torch.distributed ProcessGroup, or None for the default group
+
+    @property
+    def vocab_size(self) -> int:
+        return sum(self.sizes)
+
+    @property
+    def start(self) -> int:
+        return self.starts[self.rank]
+
+    @property
+    def size(self) -> int:
+        return self.sizes[self.rank]
+
+    @property
+    def world(self) -> int:
+        return len(self.sizes)
+
+    def candidate_count(self, belief_count: int, rank: int) -> int:
+        """k_p = min(k, V_p): how many top-k candidates rank p contributes."""
+        return min(belief_count, self.sizes[rank])
+
+    def padded_candidates(self, belief_count: int) -> int:
+        """k_pad = max_p k_p: the per-rank width of the gathered candidates."""
+        return max(self.candidate_count(belief_count, rank) for rank in range(self.world))
+
+    @classmethod
+    def even_chunks(cls, vocab_size: int, world: int, rank: int, group) -> VocabShards:
+        """The torch.chunk split DTensor's Shard uses: ceil(V / P) ids per rank, the last ranks shorter or empty."""
+        chunk = -(-vocab_size // world)
+        starts = tuple(min(p * chunk, vocab_size) for p in range(world))
+        sizes = tuple(max(0, min(chunk, vocab_size - p * chunk)) for p in range(world))
+        return cls(starts, sizes, rank, group)
+
+    @classmethod
+    def gathered(cls, local_size: int, vocab_start: object, group, device: torch.device) -> VocabShards:
+        """Each rank's (start, size) by one all_gather of two int64, checked to tile [0, V) without gaps."""
+        if not isinstance(vocab_start, int) or isinstance(vocab_start, bool) or vocab_start < 0:
+            raise ValueError(f"vocab_start must be an int >= 0, got {vocab_start!r}")
+        world = dist.get_world_size(group)
+        mine = torch.tensor([vocab_start, local_size], dtype=torch.int64, device=device)
+        everyone = torch.empty(world * 2, dtype=torch.int64, device=device)
+        all_gather_single(everyone, mine, group=group)
+        pairs = everyone.view(world, 2).tolist()
+        starts, sizes = tuple(p[0] for p in pairs), tuple(p[1] for p in pairs)
+        expected_start = 0
+        for start, size in sorted(zip(starts, sizes)):
+            if start != expected_start:
+                raise ValueError(
+                    f"vocab_start: the shards (start, size) per rank {list(zip(starts, sizes))} do not tile the "
+                    f"vocabulary contiguously from 0 (a shard should start at {expected_start}, not {start})"
+                )
+            expected_start = start + size
+        if expected_start == 0:
+            raise ValueError("the vocabulary shards are all empty: the logits' last dimension is 0 on every rank")
+        return cls(starts, sizes, dist.get_rank(group), group)
+
+
+def shard_labels(rows_labels: torch.Tensor, shards: VocabShards) -> torch.Tensor:
+    """Global row labels [N] (-1 = ignored) -> this shard's numbering; -1 where the label lives on another rank."""
+    in_shard = (rows_labels >= shards.start) & (rows_labels < shards.start + shards.size)
+    return torch.where(in_shard, rows_labels - shards.start, torch.full_like(rows_labels, -1))
+
+
+def _carrier_dtype(stats_dtype: torch.dtype) -> torch.dtype:
+    """The integer dtype of the statistics' width: float values travel bit-cast beside the int ids in one tensor."""
+    return torch.int64 if stats_dtype == torch.float64 else torch.int32
+
+
+class _ShardedRows:
+    """Steps 1-3 on one block of rows: the global RowOutputs and, for backward, the shard's candidate ids/weights."""
+
+    def __init__(self, backend: ModuleType | None, options: BSOptions, shards: VocabShards) -> None:
+        self.backend = backend  # None on a rank whose shard is empty
+        self.options = options
+        self.shards = shards
+        self.belief_count = options.belief_count(shards.vocab_size)
+        self.padded = shards.padded_candidates(self.belief_count)
+        self.local_count = shards.candidate_count(self.belief_count, shards.rank)
+
+    def local_pass(self, logits: torch.Tensor, local_labels: torch.Tensor, stats_dtype: torch.dtype) -> RawRowStats:
+        """Step 1: the shard's lse, label logit and top-k_p, in the shard's id numbering."""
+        num_rows = logits.shape[0]
+        if self.shards.size == 0:
+            empty = torch.full((num_rows,), float("-inf"), dtype=stats_dtype, device=logits.device)
+            no_candidates = torch.empty(num_rows, 0, dtype=stats_dtype, device=logits.device)
+            return RawRowStats(empty, empty.clone(), no_candidates, no_candidates.to(torch.int64))
+        return self.backend.forward(logits, local_labels, self.local_count)
+
+    def gather(self, raw: RawRowStats, local_labels: torch.Tensor, stats_dtype: torch.dtype):
+        """Step 2's one all_gather: [P, N] lse and masked label logits, [P, N, k_pad] candidate values and ids."""
+        num_rows, device = local_labels.shape[0], local_labels.device
+        carrier = _carrier_dtype(stats_dtype)
+        padding = self.padded - self.local_count
+        values = raw.belief_logits.to(stats_dtype)
+        ids = raw.belief_ids.to(torch.int64) + self.shards.start
+        if padding:
+            values = torch.cat([values, values.new_full((num_rows, padding), float("-inf"))], dim=1)
+            ids = torch.cat([ids, ids.new_full((num_rows, padding), -1)], dim=1)
+        # Only the owner's label logit counts; the others send 0, so a sum over ranks picks the owner's value.
+        label_logits = torch.where(local_labels >= 0, raw.label_logits.to(stats_dtype), 0.0)
+        floats = torch.cat([raw.lse.to(stats_dtype).unsqueeze(1), label_logits.unsqueeze(1), values], dim=1)
+        packed = torch.cat([floats.contiguous().view(carrier), ids.to(carrier)], dim=1)  # [N, 2 + 2 k_pad]
+        everyone = torch.empty(self.shards.world * num_rows, packed.shape[1], dtype=carrier, device=device)
+        all_gather_single(everyone, packed, group=self.shards.group)
+        everyone = everyone.view(self.shards.world, num_rows, -1)
+        floats = everyone[..., : 2 + self.padded].contiguous().view(stats_dtype)
+        return floats[..., 0], floats[..., 1], floats[..., 2:], everyone[..., 2 + self.padded :].to(torch.int64)
+
+    def merge(self, lse_all, label_logits_all, values_all, ids_all) -> tuple[RawRowStats, torch.Tensor]:
+        """Step 2's combination: global RawRowStats and the chosen candidates' slots in the [P * k_pad] order."""
+        world, num_rows, padded = values_all.shape
+        lse = torch.logsumexp(lse_all, dim=0)
+        label_logits = label_logits_all.sum(0)
+        values = values_all.permute(1, 0, 2).reshape(num_rows, world * padded)
+        ids = ids_all.permute(1, 0, 2).reshape(num_rows, world * padded)
+        # Real candidates first in rank order, padding last, then a stable sort: ties go to the lower rank, and a
+        # padding slot (value -inf, id -1) is never chosen over a real candidate of value -inf.
+        counts = [self.shards.candidate_count(self.belief_count, rank) for rank in range(world)]
+        slot_rank = torch.arange(world * padded, device=values.device) // max(padded, 1)
+        slot_index = torch.arange(world * padded, device=values.device) % max(padded, 1)
+        is_real = slot_index < torch.tensor(counts, device=values.device)[slot_rank]
+        order = torch.cat([is_real.nonzero().squeeze(1), (~is_real).nonzero().squeeze(1)])
+        _, position = torch.sort(values[:, order], dim=1, descending=True, stable=True)
+        chosen_slots = order[position[:, : self.belief_count]]  # [N, k]
+        merged = RawRowStats(
+            lse=lse,
+            label_logits=label_logits,
+            belief_logits=values.gather(1, chosen_slots),
+            belief_ids=ids.gather(1, chosen_slots),
+        )
+        return merged, chosen_slots
+
+    def local_belief_weights(self, chosen_slots: torch.Tensor, belief_weights: torch.Tensor) -> torch.Tensor:
+        """The gradient coefficients of this shard's own candidates [N, k_p]: the global belief weight where the
+        candidate was chosen, 0 where it was not (step 4)."""
+        num_rows = chosen_slots.shape[0]
+        ours = (chosen_slots // max(self.padded, 1)) == self.shards.rank
+        slots = torch.where(ours, chosen_slots % max(self.padded, 1), self.padded)  # others go to a dropped column
+        weights = belief_weights.new_zeros(num_rows, self.padded + 1)
+        weights.scatter_(1, slots, torch.where(ours, belief_weights, 0.0))
+        return weights[:, : self.local_count].contiguous()
+
+    def rows(self, logits: torch.Tensor, rows_labels: torch.Tensor, local_labels: torch.Tensor):
+        """Steps 1-3: (global RowOutputs, the shard's candidate ids [N, k_p] int64, their weights [N, k_p])."""
+        stats_dtype = compute_dtype(logits.dtype)
+        raw = self.local_pass(logits, local_labels, stats_dtype)
+        merged, chosen_slots = self.merge(*self.gather(raw, local_labels, stats_dtype))
+        rows = finish_rows(merged, rows_labels, self.options)
+        local_ids = raw.belief_ids.to(torch.int64).contiguous()
+        return rows, local_ids, self.local_belief_weights(chosen_slots, rows.belief_weights)
+
+    def grad_logits(self, grad_rows, logits, local_labels, lse, local_ids, local_weights, inplace: bool):
+        """Step 4: this shard's dL/dz = grad_rows * (-pi + label term if owned + its chosen beliefs' weights)."""
+        if self.shards.size == 0:
+            return torch.zeros_like(logits)
+        return self.backend.backward(
+            grad_rows, logits, local_labels, lse, local_ids, local_weights, self.options.label_weight, inplace
+        )
+
+
+def _resolve_backend(impl: str, device: torch.device, shards: VocabShards) -> ModuleType | None:
+    name = resolve_impl(impl, device)
+    if name == "reference":
+        raise ValueError(
+            'impl="reference" needs the whole vocabulary row; vocabulary-parallel logits need a kernel backend '
+            '("auto", "torch", "native" or "triton"). To compare, gather the logits and call bs_token_loss.'
+        )
+    return get_backend(name, device) if shards.size > 0 else None
+
+
+class _VocabParallelRowsFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, logits, rows_labels, local_labels, sharded: _ShardedRows, inplace_backward: bool):
+        rows, local_ids, local_weights = sharded.rows(logits, rows_labels, local_labels)
+        ctx.save_for_backward(logits, rows_labels, local_labels, rows.lse, local_ids, local_weights)
+        ctx.sharded, ctx.inplace_backward = sharded, inplace_backward
+        ctx.mark_non_differentiable(rows.token_logprobs, rows.belief_ids, rows.belief_probs)
+        return rows.row_loss, rows.token_logprobs, rows.belief_ids, rows.belief_probs
+
+    @staticmethod
+    def backward(ctx, grad_row_loss, *unused_grads):
+        logits, rows_labels, local_labels, lse, local_ids, local_weights = ctx.saved_tensors
+        # The same on every rank (the loss is replicated), so each rank's shard gradient needs nothing from the others.
+        grad_rows = torch.where(rows_labels >= 0, grad_row_loss.to(lse.dtype), torch.zeros_like(lse)).contiguous()
+        grad = ctx.sharded.grad_logits(
+            grad_rows, logits, local_labels, lse, local_ids, local_weights, ctx.inplace_backward
+        )
+        return grad, None, None, None, None
+
+
+def _shard_rows(local_logits, labels, *, shift: bool, ignore_index: int, shards: VocabShards):
+    """Checked rows [N, V_p] of the shard, global labels [N] (-1 = ignored), shard labels [N] and the layout."""
+    check_floating(local_logits, "logits")
+    if local_logits.dim() < 1:
+        raise ValueError(f"logits must have a vocabulary dimension, got shape {tuple(local_logits.shape)}")
+    check_labels(local_logits, labels, shift=shift, name="logits")
+    check_label_range(labels, shards.vocab_size, ignore_index)
+    rows_labels, layout = row_labels(labels, shift=shift, ignore_index=ignore_index)
+    if local_logits.stride(-1) != 1:
+        local_logits = local_logits.contiguous()
+    rows = local_logits.reshape(rows_labels.shape[0], local_logits.shape[-1])
+    return rows, rows_labels, shard_labels(rows_labels, shards), layout
+
+
+def _stats(layout: RowLayout, rows: RowOutputs) -> BSTokenStats:
+    return BSTokenStats(
+        token_logprobs=layout.unflatten(rows.token_logprobs),
+        belief_ids=layout.unflatten(rows.belief_ids),
+        belief_probs=layout.unflatten(rows.belief_probs),
+    )
+
+
+def sharded_token_loss(local_logits, labels, shards: VocabShards, options: BSOptions, *, impl: str, shift: bool,
+                       return_stats: bool, inplace_backward: bool):  # fmt: skip
+    """bs_token_loss on a vocabulary shard whose layout is known (the body of both public forms and of DTensor's)."""
+    check_sequence_reduction(labels, shift=shift, reduction=options.reduction)
+    rows, rows_labels, local_labels, layout = _shard_rows(
+        local_logits, labels, shift=shift, ignore_index=options.ignore_index, shards=shards
+    )
+    sharded = _ShardedRows(_resolve_backend(impl, rows.device, shards), options, shards)
+    row_loss, token_logprobs, belief_ids, belief_probs = _VocabParallelRowsFunction.apply(
+        rows, rows_labels, local_labels, sharded, inplace_backward
+    )
+    loss = reduce_rows(row_loss, rows_labels, layout, options.reduction)
+    if not return_stats:
+        return loss
+    outputs = RowOutputs(row_loss, token_logprobs, belief_ids, belief_probs, None, None)
+    return loss, _stats(layout, outputs)
+
+
+def vocab_parallel_bs_token_loss(
+    local_logits: torch.Tensor,
+    labels: torch.Tensor,
+    vocab_start: int,
+    group=None,
+    *,
+    lam: float = 0.2,
+    top_k: int = 20,
+    ignore_index: int = opts.IGNORE_INDEX,
+    shift: bool = True,
+    reduction: str = "sequence_mean",
+    detach_belief: bool = True,
+    belief_temperature: float = 1.0,
+    impl: str = "auto",
+    return_stats: bool = False,
+    inplace_backward: bool = False,
+):
+    """:func:`bs_kernels.bs_token_loss` on logits split over the vocabulary across ``group`` (Megatron style).
+
+    Args:
+        local_logits: [B, T, V_p] (or [..., V_p] with shift=False): this rank's logits for the vocabulary ids
+            [vocab_start, vocab_start + V_p). The ranks' ranges must tile [0, V) (any sizes, V_p = 0 allowed).
+        labels: [B, T] (or [...]) global vocabulary ids, the same on every rank.
+        vocab_start: the first vocabulary id of this rank's shard.
+        group: the process group over which the vocabulary is split (None: the default group).
+        lam, top_k, ignore_index, shift, reduction, detach_belief, belief_temperature, impl, return_stats,
+            inplace_backward: as in bs_token_loss; impl names the per-shard backend ("reference" is refused).
+
+    Returns:
+        The same loss (and BSTokenStats, with global belief ids) on every rank, equal to bs_token_loss on the
+        gathered [..., V] logits; the backward writes each rank's [..., V_p] gradient without communication.
+        Communication: one all_gather of 2 int64 and one of N * (2 + 2 * k_pad) 4-byte elements (8-byte for
+        float64) per rank and call (module docstring).
+    """
+    options = opts.loss_options(
+        lam=lam, top_k=top_k, belief_temperature=belief_temperature, detach_belief=detach_belief,
+        ignore_index=ignore_index, reduction=reduction, impl=impl,
+    )  # fmt: skip
+    check_floating(local_logits, "local_logits")
+    shards = VocabShards.gathered(local_logits.shape[-1], vocab_start, group, local_logits.device)
+    return sharded_token_loss(
+        local_logits, labels, shards, options, impl=impl, shift=shift, return_stats=return_stats,
+        inplace_backward=inplace_backward,
+    )  # fmt: skip
+
+
+def vocab_parallel_forget_logprobs(
+    local_logits: torch.Tensor,
+    labels: torch.Tensor,
+    vocab_start: int,
+    group=None,
+    *,
+    ignore_index: int = opts.IGNORE_INDEX,
+    shift: bool = True,
+    impl: str = "auto",
+) -> torch.Tensor:
+    """:func:`bs_kernels.forget_logprobs` on vocabulary-split logits (arguments as vocab_parallel_bs_token_loss).
+
+    Communication: one all_gather of 2 int64 and one of 2 N elements per rank (no beliefs), none in backward.
+    """
+    options = opts.forget_options(ignore_index=ignore_index, impl=impl)
+    check_floating(local_logits, "local_logits")
+    shards = VocabShards.gathered(local_logits.shape[-1], vocab_start, group, local_logits.device)
+    return sharded_token_loss(
+        local_logits, labels, shards, options, impl=impl, shift=shift, return_stats=False, inplace_backward=False
+    )
+
+
+# ---- the fused lm_head form --------------------------------------------------------------------------------------
+
+
+def _local_chunk_logits(hidden_chunk, local_weight, local_bias):
+    """[C, H] x [V_p, H] (+ [V_p]) -> [C, V_p] contiguous logits of the shard, in the input dtype."""
+    if local_bias is None:
+        return torch.mm(hidden_chunk, local_weight.t())
+    return torch.addmm(local_bias, hidden_chunk, local_weight.t())
+
+
+def _chunk_slices(num_rows: int, shards: VocabShards):
+    # The chunking must be the same on every rank (one all_gather per chunk): size it by the widest shard.
+    step = rows_per_chunk(num_rows, max(max(shards.sizes), 1))
+    return [slice(start, start + step) for start in range(0, num_rows, step)]
+
+
+class _VocabParallelLinearFunction(torch.autograd.Function):
+    """Per-row values of ``hidden_rows @ local_weight.T`` over the sharded vocabulary; backward recomputes each chunk.
+
+    Forward per chunk of rows: the shard's logits, steps 1-3 (one all_gather); saved: O(M k) statistics.
+    Backward per chunk: the shard's logits again, step 4, then grad_h += g @ W_p, grad_W_p += g^T h, grad_b_p += 1^T g;
+    finally one all_reduce (sum) of grad_h over the group: h is shared by every shard, so dL/dh = sum_p g_p W_p.
+    """
+
+    @staticmethod
+    def forward(ctx, hidden_rows, local_weight, local_bias, rows_labels, sharded: _ShardedRows):
+        num_rows, device = hidden_rows.shape[0], hidden_rows.device
+        stats_dtype = compute_dtype(hidden_rows.dtype)
+        local_labels = shard_labels(rows_labels, sharded.shards)
+        k, k_local = sharded.belief_count, sharded.local_count
+        row_loss = torch.empty(num_rows, dtype=stats_dtype, device=device)
+        token_logprobs, lse = torch.empty_like(row_loss), torch.empty_like(row_loss)
+        belief_ids = torch.empty(num_rows, k, dtype=torch.int64, device=device)
+        belief_probs = torch.empty(num_rows, k, dtype=stats_dtype, device=device)
+        local_ids = torch.empty(num_rows, k_local, dtype=torch.int64, device=device)
+        local_weights = torch.empty(num_rows, k_local, dtype=stats_dtype, device=device)
+        for rows in _chunk_slices(num_rows, sharded.shards):
+            logits = _local_chunk_logits(hidden_rows[rows], local_weight, local_bias)
+            chunk, local_ids[rows], local_weights[rows] = sharded.rows(logits, rows_labels[rows], local_labels[rows])
+            row_loss[rows], token_logprobs[rows], lse[rows] = chunk.row_loss, chunk.token_logprobs, chunk.lse
+            belief_ids[rows], belief_probs[rows] = chunk.belief_ids, chunk.belief_probs
+            del logits
+        ctx.save_for_backward(hidden_rows, local_weight, local_bias, local_labels, lse, local_ids, local_weights)
+        ctx.sharded = sharded
+        ctx.mark_non_differentiable(token_logprobs, belief_ids, belief_probs)
+        return row_loss, token_logprobs, belief_ids, belief_probs
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_row_loss, *unused_grads):
+        hidden_rows, local_weight, local_bias, local_labels, lse, local_ids, local_weights = ctx.saved_tensors
+        sharded = ctx.sharded
+        needs_hidden, needs_weight = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        needs_bias = local_bias is not None and ctx.needs_input_grad[2]
+        accumulation = compute_dtype(local_weight.dtype)
+        grad_hidden = torch.zeros_like(hidden_rows) if needs_hidden else None
+        grad_weight = torch.zeros_like(local_weight, dtype=accumulation) if needs_weight else None
+        grad_bias = torch.zeros_like(local_bias, dtype=accumulation) if needs_bias else None
+        grad_rows = grad_row_loss.to(lse.dtype).contiguous()
+        if sharded.shards.size > 0:
+            for rows in _chunk_slices(hidden_rows.shape[0], sharded.shards):
+                hidden_chunk = hidden_rows[rows]
+                logits = _local_chunk_logits(hidden_chunk, local_weight, local_bias)
+                grad = sharded.grad_logits(
+                    grad_rows[rows], logits, local_labels[rows], lse[rows], local_ids[rows], local_weights[rows], True
+                )
+                if needs_hidden:
+                    torch.mm(grad, local_weight, out=grad_hidden[rows])
+                if needs_weight:
+                    grad_weight.addmm_(grad.t().to(accumulation), hidden_chunk.to(accumulation))
+                if needs_bias:
+                    grad_bias.add_(grad.sum(0, dtype=accumulation))
+                del logits, grad
+        if needs_hidden:
+            dist.all_reduce(grad_hidden, group=sharded.shards.group)
+        if grad_weight is not None:
+            grad_weight = grad_weight.to(local_weight.dtype)
+        if grad_bias is not None:
+            grad_bias = grad_bias.to(local_bias.dtype)
+        return grad_hidden, grad_weight, grad_bias, None, None
+
+
+def _check_shard_linear_inputs(hidden, local_weight, local_bias, labels, shift: bool) -> None:
+    check_floating(hidden, "hidden")
+    check_floating(local_weight, "weight")
+    if local_weight.dim() != 2 or hidden.dim() < 1 or hidden.shape[-1] != local_weight.shape[1]:
+        raise ValueError(
+            f"weight must be this rank's [V_p, H] rows of the lm_head with H = hidden's last dimension; got hidden "
+            f"{tuple(hidden.shape)} and weight {tuple(local_weight.shape)}"
+        )
+    if hidden.dtype != local_weight.dtype or hidden.device != local_weight.device:
+        raise TypeError(f"hidden ({hidden.dtype}, {hidden.device}) and weight ({local_weight.dtype}, "
+                        f"{local_weight.device}) must have the same dtype and device")  # fmt: skip
+    if local_bias is not None:
+        check_floating(local_bias, "bias")
+        if local_bias.shape != local_weight.shape[:1] or local_bias.dtype != local_weight.dtype:
+            raise ValueError(f"bias must be [V_p] = [{local_weight.shape[0]}] of the weight's dtype, got "
+                             f"{tuple(local_bias.shape)} {local_bias.dtype}")  # fmt: skip
+    check_labels(hidden, labels, shift=shift, name="hidden")
+
+
+def sharded_linear_loss(hidden, local_weight, local_bias, labels, shards: VocabShards, options: BSOptions, *,
+                        impl: str, shift: bool, return_stats: bool):  # fmt: skip
+    """bs_linear_loss with this rank's lm_head rows [V_p, H] (layout known); body of the plain and DTensor forms."""
+    _check_shard_linear_inputs(hidden, local_weight, local_bias, labels, shift)
+    check_sequence_reduction(labels, shift=shift, reduction=options.reduction)
+    check_label_range(labels, shards.vocab_size, options.ignore_index)
+    rows_labels, layout = row_labels(labels, shift=shift, ignore_index=options.ignore_index)
+    valid = rows_labels >= 0
+    valid_ids = valid.nonzero().squeeze(-1)
+    hidden_rows = hidden[torch.unravel_index(valid_ids, hidden.shape[:-1])]  # [M, H], ignored positions dropped
+    sharded = _ShardedRows(_resolve_backend(impl, hidden.device, shards), options, shards)
+    # In the inputs' own dtype, autocast or not: the backward's recomputed chunks must match the forward's.
+    with torch.autocast(hidden.device.type, enabled=False):
+        row_values, token_logprobs, belief_ids, belief_probs = _VocabParallelLinearFunction.apply(
+            hidden_rows, local_weight, local_bias, rows_labels.index_select(0, valid_ids), sharded
+        )
+
+    def scatter(values):  # [M, ...] -> [N, ...] with zeros on the ignored rows (differentiable)
+        return values.new_zeros((valid.shape[0], *values.shape[1:])).index_put((valid,), values)
+
+    loss = reduce_rows(scatter(row_values), rows_labels, layout, options.reduction)
+    if not return_stats:
+        return loss
+    outputs = RowOutputs(None, scatter(token_logprobs), scatter(belief_ids), scatter(belief_probs), None, None)
+    return loss, _stats(layout, outputs)
+
+
+def vocab_parallel_linear_loss(
+    hidden: torch.Tensor,
+    local_weight: torch.Tensor,
+    labels: torch.Tensor,
+    vocab_start: int,
+    group=None,
+    *,
+    local_bias: torch.Tensor | None = None,
+    lam: float = 0.2,
+    top_k: int = 20,
+    ignore_index: int = opts.IGNORE_INDEX,
+    shift: bool = True,
+    reduction: str = "sequence_mean",
+    detach_belief: bool = True,
+    belief_temperature: float = 1.0,
+    impl: str = "auto",
+    return_stats: bool = False,
+):
+    """:func:`bs_kernels.bs_linear_loss` with the lm_head split over the vocabulary (rows of the weight) across
+    ``group``; never forms more than one chunk of this rank's [C, V_p] logits.
+
+    Args:
+        hidden: [B, T, H] (or [..., H] with shift=False), the same on every rank (replicated activations).
+        local_weight: [V_p, H] this rank's rows of the lm_head weight, vocabulary ids [vocab_start, vocab_start + V_p).
+        local_bias: optional [V_p] this rank's part of the bias.
+        labels, vocab_start, group and the loss options: as in vocab_parallel_bs_token_loss (impl: the per-shard
+            backend).
+
+    Gradients: hidden's is complete (summed over the group by one all_reduce in backward), so do not all-reduce it
+    again (e.g. through Megatron's copy_to_tensor_model_parallel_region); the weight's and bias's are this rank's rows.
+    Communication: one all_gather of 2 int64, one all_gather of C * (2 + 2 * k_pad) elements per chunk in forward,
+    one all_reduce of [M, H] (M = valid positions) in backward (module docstring).
+    """
+    options = opts.loss_options(
+        lam=lam, top_k=top_k, belief_temperature=belief_temperature, detach_belief=detach_belief,
+        ignore_index=ignore_index, reduction=reduction, impl=impl,
+    )  # fmt: skip
+    check_floating(local_weight, "local_weight")
+    shards = VocabShards.gathered(local_weight.shape[0], vocab_start, group, local_weight.device)
+    return sharded_linear_loss(
+        hidden, local_weight, local_bias, labels, shards, options, impl=impl, shift=shift, return_stats=return_stats
+    )
