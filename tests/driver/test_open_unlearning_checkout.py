@@ -139,7 +139,7 @@ def runs(open_unlearning_python, tmp_path_factory) -> Path:
     script = Path(__file__).with_name("open_unlearning_checkout.py")
     result = subprocess.run(
         [open_unlearning_python, str(script), "plan", str(work / "plan.json")],
-        cwd=CHECKOUT, env=env, capture_output=True, text=True, timeout=900,
+        cwd=REPO, env=env, capture_output=True, text=True, timeout=900,
     )  # fmt: skip
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-6000:]
     return work
