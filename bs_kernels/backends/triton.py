@@ -91,7 +91,11 @@ def unavailable_reason(device: torch.device) -> str | None:
     try:
         import triton  # noqa: F401
     except ImportError as error:
-        return f'impl="triton" needs the triton package ({error}); install it with pip install "triton>=3.4"'
+        # Not a base dependency (pyproject.toml): CUDA builds of torch ship their own Triton, CPU-only ones do not.
+        return (
+            f'impl="triton" needs the triton package ({error}): a CUDA build of torch brings it; elsewhere install it '
+            'with pip install "bs-kernels[triton]" (or "triton>=3.4"; on a CPU it runs only under TRITON_INTERPRET=1)'
+        )
     if device.type == "cuda":
         if not torch.cuda.is_available():
             return 'impl="triton" was given CUDA tensors but torch.cuda.is_available() is False'

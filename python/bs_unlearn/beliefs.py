@@ -35,17 +35,21 @@ def _as_list(values) -> list[int]:
 
 
 def prompt_of(input_ids, labels, attention_mask=None) -> tuple[int, ...]:
-    """The prompt tokens (before the first counted label) of one possibly padded row (either side), as a tuple.
+    """The prompt of one possibly padded row (tensors or lists): its tokens before the first counted label, as a tuple.
 
-    Rows of a collated batch (tensors or lists) map to the same key as the unpadded example, so a belief set keyed
-    by prompt works with any collator.
+    Padding is trimmed only at the padded edge: a left-padded row loses its leading run of masked positions; the
+    right padding of a right-padded row lies after the answer and never reaches the prompt. Masked positions inside
+    the prompt are kept, so with pad == eos (open-unlearning's default for Llama-3 and SmolLM2, whose collator masks
+    every pad-valued token) the end-of-turn tokens of the prompt stay, and every collated row maps to the key of its
+    unpadded example whatever the collator and padding side.
     """
     ids, labels = _as_list(input_ids), _as_list(labels)
+    start = 0
     if attention_mask is not None:
-        keep = [bool(flag) for flag in _as_list(attention_mask)]
-        ids = [token for token, flag in zip(ids, keep) if flag]
-        labels = [label for label, flag in zip(labels, keep) if flag]
-    return tuple(prompt_ids_of({"input_ids": ids, "labels": labels}))
+        mask = _as_list(attention_mask)
+        while start < len(mask) and not mask[start]:
+            start += 1
+    return tuple(prompt_ids_of({"input_ids": ids[start:], "labels": labels[start:]}))
 
 
 def _unwrap(model):

@@ -121,3 +121,37 @@ def test_on_policy_callback_resamples_every_r_epochs():
         State.epoch = float(epoch)
         at_start.on_epoch_begin(None, State, None, model=model)
     assert at_start.refreshed_at == [0]  # off-policy: sampled once, when training starts
+
+
+def _collate_like_open_unlearning(examples: list[dict], pad_id: int, side: str) -> dict:
+    """open-unlearning's DataCollatorForSupervisedDataset: pad to the longest, attention_mask = input_ids != pad."""
+    width = max(len(example["input_ids"]) for example in examples)
+    rows, labels = [], []
+    for example in examples:
+        padding = width - len(example["input_ids"])
+        if side == "right":
+            rows.append(example["input_ids"] + [pad_id] * padding)
+            labels.append(example["labels"] + [data.IGNORE_INDEX] * padding)
+        else:
+            rows.append([pad_id] * padding + example["input_ids"])
+            labels.append([data.IGNORE_INDEX] * padding + example["labels"])
+    input_ids = torch.tensor(rows)
+    return {"input_ids": input_ids, "labels": torch.tensor(labels), "attention_mask": input_ids.ne(pad_id)}
+
+
+@pytest.mark.parametrize("side", ["right", "left"])
+def test_prompt_of_keeps_end_of_turn_tokens_when_pad_is_eos(side):
+    """pad == eos (open-unlearning's Llama-3 default): the masked eos inside a prompt stays part of its key."""
+    eos = 3
+    # system turn <eos> user turn <eos> assistant header | answer <eos>, of different lengths
+    examples = [
+        {"input_ids": [2, 10, 11, eos, 12, 13, eos, 14, 20, 21, eos], "labels": [-100] * 8 + [20, 21, eos]},
+        {"input_ids": [2, 10, eos, 15, eos, 14, 22, eos], "labels": [-100] * 6 + [22, eos]},
+    ]
+    batch = _collate_like_open_unlearning(examples, pad_id=eos, side=side)
+    assert not batch["attention_mask"].all()  # the end-of-turn tokens are masked as padding
+    for row, example in enumerate(examples):
+        key = beliefs.prompt_of(batch["input_ids"][row], batch["labels"][row], batch["attention_mask"][row])
+        assert key == beliefs.prompt_of(example["input_ids"], example["labels"], [1] * len(example["input_ids"]))
+        assert list(key) == beliefs.prompt_ids_of(example)
+        assert key.count(eos) == example["input_ids"][: len(key)].count(eos) == 2

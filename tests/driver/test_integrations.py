@@ -277,7 +277,8 @@ def test_shipped_trainer_configs_construct_their_trainer(tmp_path, name, trainer
     import bs_unlearn.integrations
     import yaml
 
-    config = yaml.safe_load((pathlib.Path(bs_unlearn.integrations.__file__).parent / "configs" / name).read_text())
+    configs = pathlib.Path(bs_unlearn.integrations.__file__).parent / "configs" / "trainer"
+    config = yaml.safe_load((configs / name).read_text())
     assert config["handler"] == trainer_class.__name__
     model, tokenizer = tiny_model_and_tokenizer()
     trainer = trainer_class(**config["method_args"], model=model, args=training_arguments(tmp_path))

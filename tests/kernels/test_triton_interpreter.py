@@ -9,6 +9,7 @@ in that subprocess (or on a CUDA machine) the direct tests below run in-process 
 from __future__ import annotations
 
 import importlib
+import importlib.util
 import os
 import pathlib
 import re
@@ -32,9 +33,15 @@ DEVICE = torch.device("cuda" if ON_CUDA else "cpu")
 TRITON_REASON = bs_kernels.unavailable_reason("triton", DEVICE)
 TESTS_DIR = pathlib.Path(__file__).resolve().parent
 
+TRITON_INSTALLED = importlib.util.find_spec("triton") is not None
+
 needs_triton = pytest.mark.skipif(
     TRITON_REASON is not None,
-    reason="runs on CUDA, or on the CPU in the TRITON_INTERPRET=1 subprocess of test_interpreter_subprocess",
+    reason=(
+        "runs on CUDA, or on the CPU in the TRITON_INTERPRET=1 subprocess of test_interpreter_subprocess"
+        if TRITON_INSTALLED
+        else TRITON_REASON or ""
+    ),
 )
 needs_cuda = pytest.mark.skipif(not ON_CUDA, reason="full-size checks need a CUDA GPU")
 
@@ -342,7 +349,10 @@ def test_invalid_arguments():
 
 def test_unavailable_reason_names_the_fix():
     """On the CPU without the interpreter the backend says how to enable it; auto never picks it for CPU tensors."""
-    if INTERPRETING:
+    if not TRITON_INSTALLED:
+        reason = triton_backend.unavailable_reason(torch.device("cpu"))
+        assert reason is not None and 'pip install "bs-kernels[triton]"' in reason
+    elif INTERPRETING:
         assert triton_backend.unavailable_reason(torch.device("cpu")) is None
     else:
         reason = triton_backend.unavailable_reason(torch.device("cpu"))
@@ -493,10 +503,8 @@ def test_lanes_forward_sass_for_hopper(top_k):
 @pytest.mark.skipif(INTERPRETING, reason="already running under the interpreter")
 def test_interpreter_subprocess():
     """Runs this module's direct tests and the shared parametrisation for impl="triton" with TRITON_INTERPRET=1."""
-    try:
-        import triton  # noqa: F401
-    except ImportError as error:
-        pytest.skip(f"triton is not installed: {error}")
+    if not TRITON_INSTALLED:
+        pytest.skip(TRITON_REASON or "triton is not installed")
     targets = [str(TESTS_DIR / "test_triton_interpreter.py")]
     shared = TESTS_DIR / "test_bs_token_loss.py"
     if shared.is_file():

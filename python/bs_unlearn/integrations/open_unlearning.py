@@ -23,9 +23,13 @@ Where the authors' code and these classes differ (on purpose):
 - The forget term and the NLL retain term never materialise the [B, T, V] logits (``bs_unlearn.objectives``' model
   terms); the values are equal.
 - A batch whose sequences have no answer token gives a forget term of 0, not NaN (SPEC.md, "Reductions").
-- BSS samples beliefs for the whole forget set before training (off-policy) and resamples the whole set from the
-  current model every ``regeneration_epochs`` epochs (on-policy), as the paper describes; the authors' code
+- BSS samples beliefs for the whole forget set when training starts (off-policy) and resamples the whole set from
+  the current model every ``regeneration_epochs`` epochs (on-policy), as the paper describes; the authors' code
   regenerates only for the micro-batch current at that step. ``regeneration_epochs=0`` (or None) is off-policy.
+- BSS samples by pure temperature sampling over the whole vocabulary (top_k 0, top_p 1), where the authors' call
+  leaves top-k / top-p to the model's generation config (generate's top-50, Llama-3-Instruct's top_p 0.9): the
+  belief set is then the model's distribution at ``temperature`` whatever checkpoint files ship, and the same as
+  the package's own driver samples (``bs_unlearn.beliefs.sample_beliefs``).
 - The KL retain term still needs both models' logits (the reference model's distribution is the target); it is
   computed row chunk by row chunk (``objectives.kl_loss``), so only its log-softmax temporaries are saved.
 
@@ -36,18 +40,24 @@ When open-unlearning is importable (its ``src/`` on ``sys.path``, package name `
 from __future__ import annotations
 
 import copy
+import logging
+import numbers
+import warnings
 
 import torch
 import torch.nn.functional as F
 from transformers import Trainer
 
 import bs_kernels
+from bs_kernels import IGNORE_INDEX
 
 from ..beliefs import BeliefRefreshCallback, prompt_of, sample_beliefs
 from ..data import end_of_turn_ids, pad_examples
 from ..objectives import answer_logprob_loss, bs_t_forget_loss, fused_labelled_calls, kl_loss, logits_of
 
 __all__ = ["BSS", "BST", "FusedLossMixin", "GradDiff", "OPEN_UNLEARNING_AVAILABLE", "fused_trainer", "register"]
+
+logger = logging.getLogger(__name__)
 
 
 def _open_unlearning_graddiff():
@@ -62,6 +72,28 @@ def _open_unlearning_graddiff():
 def _retain_loss_type_check(retain_loss_type: object) -> None:
     if retain_loss_type not in ("NLL", "KL"):
         raise ValueError(f'retain_loss_type must be "NLL" or "KL", got {retain_loss_type!r}')
+
+
+def _is_number(value: object) -> bool:
+    return isinstance(value, numbers.Real) and not isinstance(value, bool)
+
+
+def _is_count(value: object) -> bool:
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
+def _check_bst_arguments(lambda_bst, bst_mode, detach_mode, top_k, impl, retain_loss_type) -> None:
+    """The BST arguments checked under the names the caller wrote (the YAML's method_args)."""
+    if not _is_number(lambda_bst) or not 0.0 <= float(lambda_bst) <= 1.0:
+        raise ValueError(f"lambda_bst must be a number in [0, 1], got {lambda_bst!r}")
+    if bst_mode != "token":
+        raise ValueError(f'bst_mode must be "token" (sequence-level beliefs are the BSS trainer), got {bst_mode!r}')
+    if detach_mode not in _DETACH_MODES:
+        raise ValueError(f'detach_mode must be "yes" or "no" (quote it in YAML), got {detach_mode!r}')
+    if not _is_count(top_k) or top_k < 1:
+        raise ValueError(f"top_k must be an int >= 1, got {top_k!r}")
+    _retain_loss_type_check(retain_loss_type)
+    bs_kernels.BSTokenLoss(impl=impl)  # an unknown impl is refused with bs_kernels' message, which names impl
 
 
 class GradDiffOnTrainer(Trainer):
@@ -141,23 +173,34 @@ class BST(GradDiff):
     """
 
     def __init__(self, lambda_bst=0.5, bst_mode="token", detach_mode="yes", top_k=20, *args, impl="auto", **kwargs):
-        if bst_mode != "token":
-            raise ValueError(f'bst_mode must be "token" (sequence-level beliefs are the BSS trainer), got {bst_mode!r}')
-        if detach_mode not in _DETACH_MODES:
-            raise ValueError(f'detach_mode must be "yes" or "no", got {detach_mode!r}')
-        _retain_loss_type_check(kwargs.get("retain_loss_type", "NLL"))
-        # Validates lambda_bst, top_k and impl with bs_kernels' own messages before the (slow) Trainer set-up.
-        bs_kernels.BSTokenLoss(lam=lambda_bst, top_k=top_k, impl=impl)
+        # Checked before the (slow) Trainer set-up, in the names of the caller's configuration.
+        _check_bst_arguments(lambda_bst, bst_mode, detach_mode, top_k, impl, kwargs.get("retain_loss_type", "NLL"))
         super().__init__(*args, **kwargs)
-        self.lambda_bst = lambda_bst
+        self.warned_no_answer_tokens = False
+        self.lambda_bst = float(lambda_bst)
         self.bst_mode = bst_mode
         self.detach_mode = detach_mode
         self.top_k = top_k
         self.impl = impl
         self.loss_is_scaled_for_ga = False
 
+    def warn_if_no_answer_tokens(self, forget_inputs: dict) -> None:
+        """Warns once per trainer when a forget batch has no answer token (its forget term is then 0, not the
+        authors' NaN): usually prompts truncated to ``max_length`` or a chat template that swallows the answer."""
+        if self.warned_no_answer_tokens:
+            return
+        if not bool((forget_inputs["labels"][..., 1:] != IGNORE_INDEX).any()):
+            self.warned_no_answer_tokens = True
+            warnings.warn(
+                "a forget batch holds no answer token (every label is -100): its forget term is 0 (the authors' "
+                "trainer gives NaN); check max_length and the template_args (warned once)",
+                RuntimeWarning,
+                stacklevel=3,
+            )
+
     def compute_forget_loss(self, model, forget_inputs: dict) -> torch.Tensor:
         """The BS-T term of one sub-batch: mean over sequences of the per-sequence mean <t, log pi> (<= 0)."""
+        self.warn_if_no_answer_tokens(forget_inputs)
         return bs_t_forget_loss(
             model, forget_inputs, lam=self.lambda_bst, top_k=self.top_k,
             detach_belief=_DETACH_MODES[self.detach_mode], reduction="sequence_mean", impl=self.impl,
@@ -210,18 +253,18 @@ class BSS(BST):
 
     def __init__(self, lambda_bss=0.5, n_samples=3, temperature=1.0, regeneration_epochs=2, *args, bss_base="GA",
                  max_new_tokens=200, generation_batch_size=8, **kwargs):  # fmt: skip
-        if not isinstance(lambda_bss, (int, float)) or not 0.0 <= float(lambda_bss) <= 1.0:
-            raise ValueError(f"lambda_bss must be in [0, 1], got {lambda_bss!r}")
-        if not isinstance(n_samples, int) or n_samples < 1:
+        if not _is_number(lambda_bss) or not 0.0 <= float(lambda_bss) <= 1.0:
+            raise ValueError(f"lambda_bss must be a number in [0, 1], got {lambda_bss!r}")
+        if not _is_count(n_samples) or n_samples < 1:
             raise ValueError(f"n_samples must be an int >= 1, got {n_samples!r}")
-        if not isinstance(temperature, (int, float)) or temperature <= 0:
-            raise ValueError(f"temperature must be > 0, got {temperature!r}")
-        if regeneration_epochs is not None and (not isinstance(regeneration_epochs, int) or regeneration_epochs < 0):
+        if not _is_number(temperature) or temperature <= 0:
+            raise ValueError(f"temperature must be a number > 0, got {temperature!r}")
+        if regeneration_epochs is not None and (not _is_count(regeneration_epochs) or regeneration_epochs < 0):
             raise ValueError(f"regeneration_epochs must be an int >= 0 or None, got {regeneration_epochs!r}")
         if bss_base not in ("GA", "BST"):
             raise ValueError(f'bss_base must be "GA" or "BST", got {bss_base!r}')
         for name, value in (("max_new_tokens", max_new_tokens), ("generation_batch_size", generation_batch_size)):
-            if not isinstance(value, int) or value < 1:
+            if not _is_count(value) or value < 1:
                 raise ValueError(f"{name} must be an int >= 1, got {value!r}")
         super().__init__(*args, **kwargs)
         self.lambda_bss = float(lambda_bss)
@@ -232,6 +275,8 @@ class BSS(BST):
         self.max_new_tokens = max_new_tokens
         self.generation_batch_size = generation_batch_size
         self.beliefs: dict[tuple[int, ...], list[dict[str, list[int]]]] = {}
+        # One entry per sampling call: {"epoch", "step", "prompts", "on_demand"} (also logged as bss_* metrics).
+        self.sampling_calls: list[dict] = []
         self.belief_schedule = BeliefRefreshCallback(
             self._resample_all, every=self.regeneration_epochs, at_start=True
         )  # fmt: skip
@@ -251,12 +296,19 @@ class BSS(BST):
             raise ValueError("BSS samples beliefs with the tokenizer: pass processing_class= (or tokenizer=)")
         return tokenizer
 
-    def _sample(self, model, prompts: list[tuple[int, ...]]) -> None:
+    def _sample(self, model, prompts: list[tuple[int, ...]], *, on_demand: bool) -> None:
         sampled = sample_beliefs(
             model, self._tokenizer, [list(prompt) for prompt in prompts], num_samples=self.n_samples,
             temperature=self.temperature, max_new_tokens=self.max_new_tokens, batch_size=self.generation_batch_size,
         )  # fmt: skip
         self.beliefs.update(zip(prompts, sampled))
+        epoch = round(self.state.epoch or 0)
+        call = {"epoch": epoch, "step": self.state.global_step, "prompts": len(prompts), "on_demand": on_demand}
+        self.sampling_calls.append(call)
+        logger.info("BSS sampled %d beliefs for %d forget prompts (%s)", len(prompts) * self.n_samples,
+                    len(prompts), "on demand" if on_demand else f"belief set, epoch {epoch}")  # fmt: skip
+        # In the Trainer's log history (trainer_state.json) too, so a run shows when its belief set was sampled.
+        self.log({"bss_sampled_prompts": float(len(prompts)), "bss_sampled_on_demand": float(on_demand)})
 
     def forget_prompts(self) -> list[tuple[int, ...]]:
         """The distinct prompts of the training set's forget examples (open-unlearning's ``ForgetRetainDataset``
@@ -264,9 +316,11 @@ class BSS(BST):
         dataset = self.train_dataset
         if dataset is None:
             return []
-        examples = getattr(dataset, "forget", None)
-        if examples is None:
-            examples = [dataset[index]["forget"] for index in range(len(dataset))]
+        forget = getattr(dataset, "forget", None)
+        if forget is None:
+            examples = (dataset[index]["forget"] for index in range(len(dataset)))
+        else:
+            examples = (forget[index] for index in range(len(forget)))
         prompts = {}
         for example in examples:
             prompts[prompt_of(example["input_ids"], example["labels"], example.get("attention_mask"))] = None
@@ -277,7 +331,7 @@ class BSS(BST):
         if not prompts:
             return False
         self.beliefs = {}
-        self._sample(model if model is not None else self.model, prompts)
+        self._sample(model if model is not None else self.model, prompts, on_demand=False)
         return True
 
     def refresh_beliefs_for_epoch(self, epoch: int, model) -> None:
@@ -299,7 +353,7 @@ class BSS(BST):
                     f"{len(missing)} forget prompt(s) of this batch have no beliefs; in a distributed run the belief "
                     "set must be sampled before training (train_dataset must expose the forget examples)"
                 )
-            self._sample(model, missing)
+            self._sample(model, missing, on_demand=True)
         tokenizer = self._tokenizer
         pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else end_of_turn_ids(tokenizer)[0]
         batch = pad_examples([belief for prompt in prompts for belief in self.beliefs[prompt]], pad_id)
@@ -314,6 +368,7 @@ class BSS(BST):
         return answer_logprob_loss(model, batch, impl=self.impl)  # open-unlearning's GA term, -model(**batch).loss
 
     def compute_forget_loss(self, model, forget_inputs: dict) -> torch.Tensor:
+        self.warn_if_no_answer_tokens(forget_inputs)
         beliefs = self.belief_batch(model, forget_inputs)
         forget_loss = self._base_loss(model, _forward_inputs(forget_inputs))
         belief_loss = self._base_loss(model, beliefs)
