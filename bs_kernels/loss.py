@@ -15,7 +15,7 @@ from . import _options as opts
 from ._options import BSOptions
 from ._rows import check_sequence_reduction, logits_rows, reduce_rows
 from .autograd import backend_rows
-from .backends import get_backend, resolve_impl
+from .backends import resolve_impl, unavailable_reason
 from .epilogue import RowOutputs
 from .reference import reference_rows
 
@@ -35,7 +35,10 @@ def _compute_rows(
     name = resolve_impl(impl, rows.device)
     if name == "reference":
         return reference_rows(rows, rows_labels, options)
-    return backend_rows(get_backend(name, rows.device), rows, rows_labels, options, inplace_backward=inplace_backward)
+    reason = unavailable_reason(name, rows.device)
+    if reason is not None:
+        raise RuntimeError(reason)
+    return backend_rows(name, rows, rows_labels, options, inplace_backward=inplace_backward)
 
 
 def bs_token_loss(
