@@ -41,6 +41,11 @@ def _compute_rows(
     return backend_rows(name, rows, rows_labels, options, inplace_backward=inplace_backward)
 
 
+def _check_inplace_backward(inplace_backward: object) -> None:
+    if not isinstance(inplace_backward, bool):
+        raise TypeError(f"inplace_backward must be a bool, got {inplace_backward!r}")
+
+
 def bs_token_loss(
     logits: torch.Tensor,
     labels: torch.Tensor,
@@ -72,7 +77,10 @@ def bs_token_loss(
         impl: "auto", "reference", "torch", "native" or "triton".
         return_stats: also return a BSTokenStats with per-position log p(label), belief ids and belief probs.
         inplace_backward: let the backward write the gradient into the logits' storage (saves one [N, V] buffer;
-            the logits are overwritten, so only use it when nothing else needs them).
+            the logits are overwritten, so only use it when nothing else needs them). Autograd raises "modified by
+            an inplace operation" if another node saved the logits and runs later (a z-loss on the same logits, a
+            second backward with retain_graph=True). Leaf logits are overwritten too: copy them back before
+            reusing them.
 
     Returns:
         The reduced loss (float32, float64 for float64 logits), and the stats when ``return_stats``.
@@ -87,6 +95,7 @@ def bs_token_loss(
         impl=impl,
     )
     check_sequence_reduction(labels, shift=shift, reduction=reduction)
+    _check_inplace_backward(inplace_backward)
     rows, rows_labels, layout = logits_rows(logits, labels, shift=shift, ignore_index=options.ignore_index)
     outputs = _compute_rows(rows, rows_labels, impl, options, inplace_backward=inplace_backward)
     loss = reduce_rows(outputs.row_loss, rows_labels, layout, options.reduction)
