@@ -12,7 +12,6 @@ import pathlib
 import signal
 import subprocess
 import sys
-import textwrap
 
 import pytest
 from conftest import REPO_ROOT
@@ -65,7 +64,7 @@ assert len(messages) == 1 and "BS_KERNELS_BUILD_TIMEOUT" in messages[0], message
 try:
     bs_kernels.bs_token_loss(logits, labels, impl="native")
 except RuntimeError as error:
-    assert "another process" in str(error), error
+    assert "another process (pid " in str(error), error
 else:
     raise AssertionError('impl="native" ran although its build never finished')
 print("fell back")
@@ -130,22 +129,3 @@ def test_bad_build_timeout_names_the_variable(monkeypatch, value):
     monkeypatch.setenv(native.BUILD_TIMEOUT_ENV, value)
     with pytest.raises(ValueError, match=native.BUILD_TIMEOUT_ENV):
         native.build_timeout_s()
-
-
-def test_a_live_holder_is_waited_for_a_bounded_time_and_named(tmp_path):
-    script = textwrap.dedent(
-        f"""
-        import pathlib
-        from bs_kernels.backends import native
-        try:
-            with native.build_lock(pathlib.Path({str(tmp_path)!r}), timeout_s=0.3):
-                raise AssertionError("took a lock that another process holds")
-        except native.BuildLockTimeout as error:
-            print(error)
-        """
-    )
-    with native.build_lock(tmp_path, timeout_s=0):
-        message = _run(script, env=_environment(), timeout=60)
-    assert f"pid {os.getpid()}" in message and native.BUILD_TIMEOUT_ENV in message
-    with native.build_lock(tmp_path, timeout_s=0):  # released on exit from the block
-        pass
