@@ -5,9 +5,10 @@ gradient coefficients) besides the logits the caller already holds. Backward rec
 The reduction over rows happens outside, in plain PyTorch, so one Function serves every reduction.
 
 Every backend is reached through three ``torch.library.custom_op`` operators (``bs_kernels::rows_forward``,
-``rows_backward`` and the in-place ``rows_backward_``), named by the backend's impl string. To torch.compile they are
-opaque calls with the shapes of their fake implementations, so a compiled training loop traces ``bs_token_loss``
-with ``fullgraph=True`` whatever a backend does inside (host checks, a C++ call, a Triton launch). They also make
+``rows_backward`` and the in-place ``rows_backward_``) that take the impl string ("auto" included) and resolve it
+when they run. To torch.compile they are opaque calls with the shapes of their fake implementations, so a compiled
+training loop traces ``bs_token_loss`` with ``fullgraph=True`` whatever a backend does inside (building or importing
+it, host checks, a C++ call, a Triton launch). They also make
 the in-place backward safe: the operator declares that it mutates the logits, so autograd bumps their version
 counter, and any other node that saved the same logits (a z-loss, a second ``backward(retain_graph=True)``)
 raises autograd's "modified by an inplace operation" error instead of reading a gradient as if it were logits.
@@ -18,22 +19,27 @@ from __future__ import annotations
 import torch
 
 from ._options import BSOptions
-from .backends import get_backend
+from .backends import get_backend, resolve_impl
 from .backends.contract import RawRowStats, compute_dtype
 from .epilogue import RowOutputs, backward_rows, finish_rows
 
 
+def _backend(impl: str, device: torch.device):
+    """The backend module of a kernel impl or "auto"; RuntimeError with the reason when it cannot run."""
+    return get_backend(resolve_impl(impl, device), device)
+
+
 @torch.library.custom_op("bs_kernels::rows_forward", mutates_args=())
 def rows_forward(
-    logits: torch.Tensor, labels: torch.Tensor, top_k: int, backend: str
+    logits: torch.Tensor, labels: torch.Tensor, top_k: int, impl: str
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(lse [N], z_y [N], top-k logits [N, k], their int64 ids [N, k]) of backend ``backend`` (contract.py)."""
-    raw = get_backend(backend, logits.device).forward(logits, labels, top_k)
+    """(lse [N], z_y [N], top-k logits [N, k], their int64 ids [N, k]) of kernel impl ``impl`` (contract.py)."""
+    raw = _backend(impl, logits.device).forward(logits, labels, top_k)
     return raw.lse, raw.label_logits, raw.belief_logits, raw.belief_ids.to(torch.int64)
 
 
 @rows_forward.register_fake
-def _rows_forward_fake(logits, labels, top_k, backend):
+def _rows_forward_fake(logits, labels, top_k, impl):
     num_rows, stats_dtype = logits.shape[0], compute_dtype(logits.dtype)
     return (
         logits.new_empty((num_rows,), dtype=stats_dtype),
@@ -52,15 +58,15 @@ def rows_backward(
     belief_ids: torch.Tensor,
     belief_weights: torch.Tensor,
     label_weight: float,
-    backend: str,
+    impl: str,
 ) -> torch.Tensor:
     """The contract's gradient [N, V] in the logits' dtype, in a new tensor."""
-    backend_module = get_backend(backend, logits.device)
-    return backend_module.backward(grad_rows, logits, labels, lse, belief_ids, belief_weights, label_weight, False)
+    backend = _backend(impl, logits.device)
+    return backend.backward(grad_rows, logits, labels, lse, belief_ids, belief_weights, label_weight, False)
 
 
 @rows_backward.register_fake
-def _rows_backward_fake(grad_rows, logits, labels, lse, belief_ids, belief_weights, label_weight, backend):
+def _rows_backward_fake(grad_rows, logits, labels, lse, belief_ids, belief_weights, label_weight, impl):
     return torch.empty_like(logits, memory_format=torch.contiguous_format)
 
 
@@ -73,17 +79,17 @@ def rows_backward_(
     belief_ids: torch.Tensor,
     belief_weights: torch.Tensor,
     label_weight: float,
-    backend: str,
+    impl: str,
 ) -> None:
     """The contract's gradient written over ``logits`` (a backend that cannot write in place returns a copy)."""
-    backend_module = get_backend(backend, logits.device)
-    grad = backend_module.backward(grad_rows, logits, labels, lse, belief_ids, belief_weights, label_weight, True)
+    backend = _backend(impl, logits.device)
+    grad = backend.backward(grad_rows, logits, labels, lse, belief_ids, belief_weights, label_weight, True)
     if grad is not logits:
         logits.copy_(grad)
 
 
 @rows_backward_.register_fake
-def _rows_backward_inplace_fake(grad_rows, logits, labels, lse, belief_ids, belief_weights, label_weight, backend):
+def _rows_backward_inplace_fake(grad_rows, logits, labels, lse, belief_ids, belief_weights, label_weight, impl):
     return None
 
 
@@ -93,17 +99,17 @@ class BSTokenRowsFunction(torch.autograd.Function):
         ctx,
         logits: torch.Tensor,  # [N, V], unit stride along V
         labels: torch.Tensor,  # [N] int64, -1 = ignored
-        backend: str,  # the impl name of a kernel backend
+        impl: str,  # "auto" or a kernel impl, resolved by the operators
         options: BSOptions,
         inplace_backward: bool,  # the backward may overwrite the logits with their gradient
     ):
         lse, label_logits, belief_logits, belief_ids = torch.ops.bs_kernels.rows_forward(
-            logits, labels, options.belief_count(logits.shape[-1]), backend
+            logits, labels, options.belief_count(logits.shape[-1]), impl
         )
         raw = RawRowStats(lse=lse, label_logits=label_logits, belief_logits=belief_logits, belief_ids=belief_ids)
         rows = finish_rows(raw, labels, options)
         ctx.save_for_backward(logits, labels, rows.lse, rows.belief_ids, rows.belief_weights)
-        ctx.backend = backend
+        ctx.impl = impl
         ctx.label_weight = options.label_weight
         ctx.inplace_backward = inplace_backward
         ctx.mark_non_differentiable(rows.token_logprobs, rows.belief_ids, rows.belief_probs)
@@ -113,7 +119,7 @@ class BSTokenRowsFunction(torch.autograd.Function):
     def backward(ctx, grad_row_loss, *unused_grads):
         logits, labels, lse, belief_ids, belief_weights = ctx.saved_tensors
         grad_rows, lse = backward_rows(grad_row_loss, labels, lse)
-        arguments = (grad_rows, logits, labels, lse, belief_ids, belief_weights, ctx.label_weight, ctx.backend)
+        arguments = (grad_rows, logits, labels, lse, belief_ids, belief_weights, ctx.label_weight, ctx.impl)
         if ctx.inplace_backward:
             torch.ops.bs_kernels.rows_backward_(*arguments)
             return logits, None, None, None, None
@@ -121,16 +127,16 @@ class BSTokenRowsFunction(torch.autograd.Function):
 
 
 def backend_rows(
-    backend: str,
+    impl: str,
     logits: torch.Tensor,
     labels: torch.Tensor,
     options: BSOptions,
     *,
     inplace_backward: bool = False,
 ) -> RowOutputs:
-    """Per-row outputs of kernel backend ``backend`` (an impl name), differentiable w.r.t. ``logits``."""
+    """Per-row outputs of kernel impl ``impl`` (or "auto"), differentiable w.r.t. ``logits``."""
     row_loss, token_logprobs, belief_ids, belief_probs = BSTokenRowsFunction.apply(
-        logits, labels, backend, options, inplace_backward
+        logits, labels, impl, options, inplace_backward
     )
     return RowOutputs(
         row_loss=row_loss,

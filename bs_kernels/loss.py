@@ -15,7 +15,6 @@ from . import _options as opts
 from ._options import BSOptions
 from ._rows import check_sequence_reduction, logits_rows, reduce_rows
 from .autograd import backend_rows
-from .backends import resolve_impl, unavailable_reason
 from .epilogue import RowOutputs
 from .reference import reference_rows
 
@@ -32,13 +31,11 @@ def _compute_rows(
     rows: torch.Tensor, rows_labels: torch.Tensor, impl: str, options: BSOptions, *, inplace_backward: bool = False
 ) -> RowOutputs:
     """Per-row outputs of ``impl`` (resolved for the rows' device) on rows [N, V] with labels [N] (-1 = ignored)."""
-    name = resolve_impl(impl, rows.device)
-    if name == "reference":
+    if impl == "reference":
         return reference_rows(rows, rows_labels, options)
-    reason = unavailable_reason(name, rows.device)
-    if reason is not None:
-        raise RuntimeError(reason)
-    return backend_rows(name, rows, rows_labels, options, inplace_backward=inplace_backward)
+    # "auto" and the kernel impls are resolved inside the operators, when they run: never while torch.compile traces
+    # (importing or building a backend cannot be traced).
+    return backend_rows(impl, rows, rows_labels, options, inplace_backward=inplace_backward)
 
 
 def _check_inplace_backward(inplace_backward: object) -> None:

@@ -29,18 +29,11 @@ def _import(name: str) -> ModuleType:
 
 def unavailable_reason(name: str, device: torch.device) -> str | None:
     """None if backend ``name`` can run on ``device``, else why not (and how to fix it)."""
-    return _unavailable_reason(name, str(device))
-
-
-# torch.compile runs this at trace time and keeps the answer as a constant: importing a backend (or building the
-# native one) cannot be traced, and whether a backend can run does not change within a compiled region.
-@torch.compiler.assume_constant_result
-def _unavailable_reason(name: str, device: str) -> str | None:
     try:
         module = _import(name)
     except ImportError as error:
         return f'impl="{name}" cannot be imported: {error}'
-    return module.unavailable_reason(torch.device(device))
+    return module.unavailable_reason(device)
 
 
 def get_backend(name: str, device: torch.device) -> ModuleType:

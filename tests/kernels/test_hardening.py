@@ -180,12 +180,15 @@ def test_one_dimensional_logits(impl):
     )
 
 
-def test_meta_tensors_get_the_device_message():
-    logits = torch.empty(2, 5, 11, device="meta")
+@pytest.mark.parametrize("impl", ["auto", "torch", "native", "triton", "reference"])
+def test_meta_tensors_infer_shapes(impl):
+    """Meta tensors (shape inference) reach the operators' fake implementations: shapes and dtypes, no values."""
+    logits = torch.empty(2, 5, 11, device="meta", requires_grad=True)
     labels = torch.zeros(2, 5, dtype=torch.int64, device="meta")
-    with pytest.raises(RuntimeError, match='impl="native" runs on CPU tensors only, got device meta'):
-        bs_token_loss(logits, labels, impl="native")
-    assert bs_token_loss(logits, labels, impl="torch").device.type == "meta"
+    values = bs_token_loss(logits, labels, impl=impl, reduction="none")
+    assert values.device.type == "meta" and values.shape == (2, 4) and values.dtype == torch.float32
+    values.sum().backward()
+    assert logits.grad.device.type == "meta" and logits.grad.shape == logits.shape
 
 
 def test_inplace_backward_must_be_a_bool():
