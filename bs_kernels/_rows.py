@@ -30,7 +30,7 @@ class RowLayout(NamedTuple):
         if self.shift:
             batch, length = self.shape[0], self.shape[1] + 1
             return values.reshape(batch, length, *values.shape[1:])[:, :-1]
-        return values.reshape(*self.shape, *values.shape[1:])
+        return values.reshape((*self.shape, *values.shape[1:]))  # a tuple: shape () (1-D logits) is valid too
 
 
 def is_dtensor(value: object) -> bool:
@@ -70,9 +70,22 @@ def check_labels(inputs: torch.Tensor, labels: object, *, shift: bool, name: str
 
 
 def check_label_range(labels: torch.Tensor, vocab_size: int, ignore_index: int) -> None:
-    """Labels must be ignore_index or a vocabulary id; anything else would index out of bounds in a kernel."""
+    """Labels must be ignore_index or a vocabulary id; anything else would index out of bounds in a kernel.
+
+    Eager: a ValueError naming the first bad label. Under torch.compile reading a value on the host would break the
+    graph, so the same condition is an asynchronous assertion in the graph: a RuntimeError with the same text but
+    without the value, raised when the compiled code runs. Meta tensors hold no values: nothing to check.
+    """
+    if labels.device.type == "meta":
+        return
     counted = labels != ignore_index
     out_of_range = counted & ((labels < 0) | (labels >= vocab_size))
+    if torch.compiler.is_compiling():
+        torch._assert_async(
+            ~out_of_range.any(),
+            f"labels contains a value outside [0, {vocab_size}) that is not ignore_index={ignore_index}",
+        )
+        return
     if bool(out_of_range.any()):
         bad = int(labels[out_of_range][0])
         raise ValueError(

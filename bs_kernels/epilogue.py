@@ -23,7 +23,7 @@ class RowOutputs(NamedTuple):
     token_logprobs: torch.Tensor  # [N]    log p(y), 0 on ignored rows
     belief_ids: torch.Tensor  # [N, k] int64
     belief_probs: torch.Tensor  # [N, k] q, renormalised over the top k
-    lse: torch.Tensor  # [N]    finite on every row (0 where the row had no finite logit)
+    lse: torch.Tensor  # [N]    0 on ignored rows, NaN on counted rows without a distribution (see finish_rows)
     belief_weights: torch.Tensor  # [N, k] the coefficient of e_{belief_id} in dl/dz (see finish_rows)
 
 
@@ -42,12 +42,22 @@ def finish_rows(raw: RawRowStats, labels: torch.Tensor, options: BSOptions) -> R
         d/dz_w sum_v q_v (z_v - lse) [q only] = q_w / tau * ((z_w - lse) - sum_v q_v (z_v - lse))
                                               = q_w / tau * (z_w - sum_v q_v z_v).
     A belief whose logit is -inf has q_v = 0; every product with it is guarded so 0 * (-inf) never forms a NaN.
+
+    Non-finite logits on a counted row (README "Non-finite logits"): a -inf label logit gives log p(y) = -inf and
+    l = -inf (lam < 1) with the finite gradient t - pi. A row whose lse is not finite (a NaN or +inf logit, or no
+    finite logit at all) has no distribution: its l and log p(y) are NaN and the returned lse is NaN, which
+    :func:`backward_rows` turns into a NaN gradient row. Ignored rows give 0 whatever they hold.
     """
     lam, belief_temperature = options.lam, options.belief_temperature
     valid = labels >= 0
     lse = raw.lse
-    finite_lse = torch.where(torch.isfinite(lse), lse, torch.zeros_like(lse))
+    has_distribution = torch.isfinite(lse)
+    no_distribution = valid & ~has_distribution
+    nan = torch.full_like(lse, float("nan"))
+    finite_lse = torch.where(has_distribution, lse, torch.zeros_like(lse))
+    returned_lse = torch.where(no_distribution, nan, finite_lse)
     token_logprobs = torch.where(valid, raw.label_logits - lse, torch.zeros_like(lse))
+    token_logprobs = torch.where(no_distribution, nan, token_logprobs)
 
     belief_logits = raw.belief_logits
     if belief_logits.shape[-1] == 0:
@@ -57,7 +67,7 @@ def finish_rows(raw: RawRowStats, labels: torch.Tensor, options: BSOptions) -> R
             token_logprobs=token_logprobs.clone(),  # a distinct tensor: autograd marks this one non-differentiable
             belief_ids=raw.belief_ids.to(torch.int64),
             belief_probs=belief_logits.clone(),
-            lse=finite_lse,
+            lse=returned_lse,
             belief_weights=belief_logits.clone(),
         )
 
@@ -68,8 +78,10 @@ def finish_rows(raw: RawRowStats, labels: torch.Tensor, options: BSOptions) -> R
     zero = torch.zeros_like(belief_probs)
     belief_logprobs = torch.where(has_mass, belief_logits - lse.unsqueeze(-1), zero)
     belief_term = (belief_probs * belief_logprobs).sum(-1)
-    row_loss = (1.0 - lam) * token_logprobs + lam * belief_term
-    row_loss = torch.where(valid, row_loss, torch.zeros_like(row_loss))
+    # lam = 1 weighs the label by 0: skip the term, a -inf log p(y) must not make 0 * (-inf) = NaN.
+    label_term = (1.0 - lam) * token_logprobs if lam < 1.0 else torch.zeros_like(token_logprobs)
+    row_loss = torch.where(valid, label_term + lam * belief_term, torch.zeros_like(token_logprobs))
+    row_loss = torch.where(no_distribution, nan, row_loss)
 
     belief_weights = lam * belief_probs
     if not options.detach_belief:
@@ -84,6 +96,19 @@ def finish_rows(raw: RawRowStats, labels: torch.Tensor, options: BSOptions) -> R
         token_logprobs=token_logprobs,
         belief_ids=raw.belief_ids.to(torch.int64),
         belief_probs=belief_probs,
-        lse=finite_lse,
+        lse=returned_lse,
         belief_weights=belief_weights,
     )
+
+
+def backward_rows(grad_row_loss: torch.Tensor, labels: torch.Tensor, lse: torch.Tensor):
+    """The contract backward's ``grad_rows`` and ``lse`` from dL/dl [N] and finish_rows' lse [N].
+
+    grad_rows is 0 on ignored rows (l = 0 there identically, whatever the caller's weights say) and NaN on counted
+    rows without a distribution (NaN lse), so that every entry of their gradient is NaN on every backend; lse is 0
+    there, since the backends require it finite.
+    """
+    no_distribution = torch.isnan(lse)
+    grad_rows = torch.where(labels >= 0, grad_row_loss.to(lse.dtype), torch.zeros_like(lse))
+    grad_rows = torch.where(no_distribution, torch.full_like(lse, float("nan")), grad_rows).contiguous()
+    return grad_rows, torch.where(no_distribution, torch.zeros_like(lse), lse).contiguous()

@@ -59,7 +59,7 @@ from ._rows import (
 )
 from .backends import get_backend, resolve_impl
 from .backends.contract import compute_dtype
-from .epilogue import RowOutputs, finish_rows
+from .epilogue import RowOutputs, backward_rows, finish_rows
 from .loss import BSTokenStats, bs_token_loss, forget_logprobs
 
 # Elements of one logits chunk: 2^25 = 32 Mi (128 MiB in float32). Big enough that the GEMMs stay efficient (682 rows
@@ -121,6 +121,7 @@ class _ChunkPlan:
 
     def grad_logits(self, grad_rows, logits, labels, lse, belief_ids, belief_weights) -> torch.Tensor:
         """Step 3: dL/dz_i = grad_rows[i] * dl_i/dz_i for a [C, V] chunk, written over the chunk's logits."""
+        grad_rows, lse = backward_rows(grad_rows, labels, lse)  # NaN rows for logits without a distribution
         return self.backend.backward(
             grad_rows, logits, labels, lse, belief_ids, belief_weights, self.options.label_weight, True
         )
@@ -483,6 +484,11 @@ def bs_linear_loss(
     Time: 3 GEMMs per chunk (the gradients are formed in forward) except for reduction="none", which recomputes the
     logits in backward (4 GEMMs).
 
+    Under torch.compile the chunk loop (data-dependent row selection, gradients formed in forward) cannot be traced,
+    so a compiled region computes ``bs_token_loss(F.linear(hidden, weight, bias), labels, ...)`` with the same impl
+    instead: the same values and gradients, traceable with ``fullgraph=True``, but the [N, V] logits are formed
+    (and ``accumulate_in_fp32`` has nothing to accumulate). Call it outside the compiled region to keep the bound.
+
     Returns:
         The reduced loss (float32; float64 for float64 inputs), per position for reduction="none", and a
         BSTokenStats when ``return_stats``.
@@ -504,12 +510,12 @@ def bs_linear_loss(
 
         return dtensor_linear_loss(hidden, weight, bias, labels, options, impl=impl, shift=shift,
                                    return_stats=return_stats)  # fmt: skip
-    if impl == "reference":
+    if impl == "reference" or torch.compiler.is_compiling():
         _check_linear_inputs(hidden, weight, bias, labels, shift, ignore_index)
         return bs_token_loss(
             _materialised_logits(hidden, weight, bias), labels, lam=lam, top_k=top_k, ignore_index=ignore_index,
             shift=shift, reduction=reduction, detach_belief=detach_belief, belief_temperature=belief_temperature,
-            impl="reference", return_stats=return_stats,
+            impl=impl, return_stats=return_stats,
         )  # fmt: skip
     loss, stats = _linear_rows(
         hidden, weight, bias, labels, shift=shift, impl=impl, options=options, accumulate_in_fp32=accumulate_in_fp32
@@ -531,13 +537,14 @@ def linear_forget_logprobs(
 
     Shape: that of the (shifted) labels; float32 (float64 for float64 inputs); differentiable w.r.t. hidden, weight
     and bias (the backward recomputes each logits chunk, so any downstream use of the values works: GA, NPO, ...).
+    Under torch.compile the logits are formed, as for :func:`bs_linear_loss`.
     """
     options = opts.forget_options(ignore_index=ignore_index, impl=impl)
     if is_dtensor(weight):  # sharded over the vocabulary: bs_kernels/dtensor.py
         from .dtensor import dtensor_linear_loss
 
         return dtensor_linear_loss(hidden, weight, bias, labels, options, impl=impl, shift=shift, return_stats=False)
-    if impl == "reference":
+    if impl == "reference" or torch.compiler.is_compiling():
         _check_linear_inputs(hidden, weight, bias, labels, shift, ignore_index)
         return forget_logprobs(
             _materialised_logits(hidden, weight, bias), labels, ignore_index=ignore_index, shift=shift, impl=impl

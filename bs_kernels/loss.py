@@ -15,7 +15,6 @@ from . import _options as opts
 from ._options import BSOptions
 from ._rows import check_sequence_reduction, is_dtensor, logits_rows, reduce_rows
 from .autograd import backend_rows
-from .backends import get_backend, resolve_impl
 from .epilogue import RowOutputs
 from .reference import reference_rows
 
@@ -32,10 +31,16 @@ def _compute_rows(
     rows: torch.Tensor, rows_labels: torch.Tensor, impl: str, options: BSOptions, *, inplace_backward: bool = False
 ) -> RowOutputs:
     """Per-row outputs of ``impl`` (resolved for the rows' device) on rows [N, V] with labels [N] (-1 = ignored)."""
-    name = resolve_impl(impl, rows.device)
-    if name == "reference":
+    if impl == "reference":
         return reference_rows(rows, rows_labels, options)
-    return backend_rows(get_backend(name, rows.device), rows, rows_labels, options, inplace_backward=inplace_backward)
+    # "auto" and the kernel impls are resolved inside the operators, when they run: never while torch.compile traces
+    # (importing or building a backend cannot be traced).
+    return backend_rows(impl, rows, rows_labels, options, inplace_backward=inplace_backward)
+
+
+def _check_inplace_backward(inplace_backward: object) -> None:
+    if not isinstance(inplace_backward, bool):
+        raise TypeError(f"inplace_backward must be a bool, got {inplace_backward!r}")
 
 
 def bs_token_loss(
@@ -69,7 +74,10 @@ def bs_token_loss(
         impl: "auto", "reference", "torch", "native" or "triton".
         return_stats: also return a BSTokenStats with per-position log p(label), belief ids and belief probs.
         inplace_backward: let the backward write the gradient into the logits' storage (saves one [N, V] buffer;
-            the logits are overwritten, so only use it when nothing else needs them).
+            the logits are overwritten, so only use it when nothing else needs them). Autograd raises "modified by
+            an inplace operation" if another node saved the logits and runs later (a z-loss on the same logits, a
+            second backward with retain_graph=True). Leaf logits are overwritten too: copy them back before
+            reusing them.
 
     Returns:
         The reduced loss (float32, float64 for float64 logits), and the stats when ``return_stats``.
@@ -89,6 +97,7 @@ def bs_token_loss(
         return dtensor_token_loss(logits, labels, options, impl=impl, shift=shift, return_stats=return_stats,
                                   inplace_backward=inplace_backward)  # fmt: skip
     check_sequence_reduction(labels, shift=shift, reduction=reduction)
+    _check_inplace_backward(inplace_backward)
     rows, rows_labels, layout = logits_rows(logits, labels, shift=shift, ignore_index=options.ignore_index)
     outputs = _compute_rows(rows, rows_labels, impl, options, inplace_backward=inplace_backward)
     loss = reduce_rows(outputs.row_loss, rows_labels, layout, options.reduction)

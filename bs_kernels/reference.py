@@ -2,7 +2,7 @@
 
 It materialises what the authors' trainer materialises (log-softmax, the [N, V] soft target, their product), so it
 is both the specification the tests compare every backend with and the "what users had before" benchmark baseline.
-Cost: about six [N, V] float32 tensors alive in backward.
+Cost: about seven [N, V] float32 tensors alive in backward.
 """
 
 from __future__ import annotations
@@ -34,15 +34,27 @@ def reference_rows(logits: torch.Tensor, labels: torch.Tensor, options: BSOption
     # Soft target t = lam * q (on the top-k ids) + (1 - lam) * one_hot(label); zero on ignored rows.
     label_mass = ((1.0 - lam) * valid.to(z.dtype)).unsqueeze(-1)
     belief_mass = lam * belief_probs * valid.unsqueeze(-1)
-    target = torch.zeros_like(z).scatter(-1, belief_ids, belief_mass)
-    target = target.scatter_add(-1, safe_labels, label_mass)  # [N, V]
+    belief_target = torch.zeros_like(z).scatter(-1, belief_ids, belief_mass)  # [N, V]
+    label_target = torch.zeros_like(z).scatter(-1, safe_labels, label_mass)  # [N, V]
 
-    # -inf logits have log pi = -inf and t = 0 there; their product is 0, not NaN.
-    finite_log_probs = log_probs.masked_fill(torch.isneginf(log_probs), 0.0)
-    row_loss = (target * finite_log_probs).sum(-1)
+    # <t, log pi> over the support of each part of t only: where it is 0 (masked -inf entries among them) the
+    # product is 0 and so is its derivative, never 0 * (-inf) = NaN. A label whose logit is -inf has t > 0 and
+    # log pi = -inf, so l = -inf there (lam < 1); the belief part keeps its finite derivative even then.
+    def inner_product(part: torch.Tensor) -> torch.Tensor:
+        return (part * log_probs.masked_fill(part.detach() == 0, 0.0)).sum(-1)
 
+    row_loss = inner_product(label_target) + inner_product(belief_target)
     token_logprobs = torch.where(valid, log_probs.gather(-1, safe_labels).squeeze(-1), torch.zeros_like(row_loss))
+
+    # A counted row whose lse is not finite (a NaN or +inf logit, or no finite logit) has no distribution: its value
+    # and log p(y) are NaN, and so is every entry of its gradient: d(NaN * sum z)/dz = NaN, taken on those rows only
+    # (the inner where keeps the 0 * NaN of the unselected branch away from every other row).
     lse = torch.logsumexp(z, dim=-1).detach()
+    no_distribution = valid & ~torch.isfinite(lse)
+    nan = torch.full_like(row_loss, float("nan"))
+    nan_on_their_logits = nan * torch.where(no_distribution.unsqueeze(-1), z, 0.0).sum(-1)
+    row_loss = torch.where(no_distribution, nan_on_their_logits, row_loss)
+    token_logprobs = torch.where(no_distribution, nan, token_logprobs)
     return RowOutputs(
         row_loss=row_loss,
         token_logprobs=token_logprobs.detach(),

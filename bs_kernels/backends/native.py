@@ -14,6 +14,13 @@ package (bs_kernels/csrc/, put there by setup.py's build_py) in a wheel, so ever
 
 A build that fails makes ``unavailable_reason`` return why and how to rebuild; ``impl="auto"`` then resolves to
 ``"torch"`` and warns once per process, an explicit ``impl="native"`` raises RuntimeError with the same message.
+
+Concurrent builds: processes building the same key take turns on ``native-<key>/build.lock``, an ``fcntl.flock``
+lock that the OS releases when its holder exits, however it dies (SIGKILL, OOM). cpp_extension's own ``lock`` file
+is only created and removed around a build by a live process; one that a killed builder left behind would make
+every later build wait forever, so the holder of build.lock deletes any ``lock`` it finds (no live builder can own
+it then). A process waits at most $BS_KERNELS_BUILD_TIMEOUT seconds (default 600) for another's build, then treats
+the kernel as unavailable for this process, exactly as after a failed build.
 Rebuild (verbose) with ``python -m bs_kernels.backends.native``; ``BS_KERNELS_DISABLE_NATIVE=1`` turns it off.
 
 Operators (torch.ops.bs_kernels.*; fake implementations below so opcheck / torch.compile can trace them):
@@ -24,6 +31,7 @@ Operators (torch.ops.bs_kernels.*; fake implementations below so opcheck / torch
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import importlib.machinery
 import os
@@ -31,7 +39,13 @@ import pathlib
 import platform
 import sys
 import threading
+import time
 import warnings
+
+try:
+    import fcntl
+except ImportError:  # not POSIX: no inter-process build lock, cpp_extension's own lock file only
+    fcntl = None
 
 import torch
 
@@ -47,6 +61,9 @@ BUILD_ENV = "BS_KERNELS_BUILD_NATIVE"
 CACHE_ENV = "BS_KERNELS_CACHE"
 DISABLE_ENV = "BS_KERNELS_DISABLE_NATIVE"
 REBUILD_COMMAND = "python -m bs_kernels.backends.native"
+BUILD_TIMEOUT_ENV = "BS_KERNELS_BUILD_TIMEOUT"
+DEFAULT_BUILD_TIMEOUT_S = 600.0  # a cold build takes ~16 s on one free core; a loaded machine can take minutes
+BUILD_LOCK_NAME = "build.lock"  # ours, held with flock; "lock" is cpp_extension's
 
 # -O3 and -ffp-contract=fast (fused multiply-adds in the exp polynomial; -std=c++20 turns contraction off by
 # default). No -march: the source compiles AVX-512 / AVX2 variants itself and picks one at run time, so the cache
@@ -132,24 +149,85 @@ def build(
     if build_directory is None:
         build_directory = cache_root() / f"native-{build_key(source, cflags)}"
     library = build_directory / f"{EXTENSION_NAME}.so"
-    # A finished build: load it without ninja. While another process holds cpp_extension's "lock" file, go
-    # through load() below, which waits for that build instead of loading a half-written library.
-    if library.is_file() and not (build_directory / "lock").exists():
+    cpp_extension_lock = build_directory / "lock"
+    # A finished build: load it without ninja. While cpp_extension's "lock" file exists (a build in progress, or
+    # the leftover of a killed one), go through the build lock below instead of loading a half-written library.
+    if library.is_file() and not cpp_extension_lock.exists():
         torch.ops.load_library(str(library))
         return str(library)
     build_directory.mkdir(parents=True, exist_ok=True)
-    return cpp_extension.load(
-        name=EXTENSION_NAME,
-        sources=[str(source)],
-        extra_cflags=list(cflags),
-        extra_ldflags=list(LDFLAGS),
-        build_directory=str(build_directory),
-        is_python_module=False,
-        verbose=verbose,
-    )
+    with build_lock(build_directory):
+        # We hold build.lock, so no live process of ours is inside cpp_extension.load for this folder: a "lock"
+        # file here was left by a builder that died, and cpp_extension would wait for it forever.
+        cpp_extension_lock.unlink(missing_ok=True)
+        return cpp_extension.load(
+            name=EXTENSION_NAME,
+            sources=[str(source)],
+            extra_cflags=list(cflags),
+            extra_ldflags=list(LDFLAGS),
+            build_directory=str(build_directory),
+            is_python_module=False,
+            verbose=verbose,
+        )
+
+
+def build_timeout_s() -> float:
+    """How long to wait for another process's build of the same key ($BS_KERNELS_BUILD_TIMEOUT, seconds)."""
+    text = os.environ.get(BUILD_TIMEOUT_ENV, "")
+    try:
+        timeout = float(text) if text else DEFAULT_BUILD_TIMEOUT_S
+    except ValueError:
+        raise ValueError(f"{BUILD_TIMEOUT_ENV} must be a number of seconds, got {text!r}") from None
+    if not timeout >= 0:
+        raise ValueError(f"{BUILD_TIMEOUT_ENV} must be >= 0 seconds, got {text!r}")
+    return timeout
+
+
+class BuildLockTimeout(TimeoutError):
+    """Another live process held the build lock for longer than build_timeout_s()."""
+
+
+@contextlib.contextmanager
+def build_lock(build_directory: pathlib.Path, timeout_s: float | None = None):
+    """Hold ``build_directory/build.lock`` (an exclusive flock) for the duration of a build.
+
+    The OS drops a flock when the process holding it exits, so a killed builder never blocks the next one. Waits
+    at most ``timeout_s`` (default build_timeout_s()) for a live holder, then raises BuildLockTimeout naming it.
+    """
+    if fcntl is None:
+        yield
+        return
+    timeout_s = build_timeout_s() if timeout_s is None else timeout_s
+    path = build_directory / BUILD_LOCK_NAME
+    descriptor = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        deadline = time.monotonic() + timeout_s
+        while True:
+            try:
+                fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() >= deadline:
+                    holder = os.pread(descriptor, 64, 0).decode(errors="replace").strip() or "unknown"
+                    raise BuildLockTimeout(
+                        f"waited {timeout_s:g} s for the native build of another process (pid {holder}) holding "
+                        f"{path}; raise {BUILD_TIMEOUT_ENV} to wait longer"
+                    ) from None
+                time.sleep(0.1)
+        # The holder's pid, for the message of a process that times out waiting for it.
+        os.ftruncate(descriptor, 0)
+        os.pwrite(descriptor, str(os.getpid()).encode(), 0)
+        yield
+    finally:
+        os.close(descriptor)  # closing the descriptor releases the flock
 
 
 def _failure_message(error: BaseException) -> str:
+    if isinstance(error, BuildLockTimeout):
+        return (
+            f'impl="native" is unavailable in this process: {error}. impl="auto" uses impl="torch" on CPU meanwhile; '
+            "a later process loads the library once that build has finished."
+        )
     text = str(error)
     # A failed ninja build's message repeats the whole compiler command; the compiler's own "error:" lines say why.
     compiler_errors = [line.strip() for line in text.splitlines() if "error:" in line or "fatal" in line.lower()]

@@ -2,8 +2,9 @@
 
 Triton decides whether a kernel is interpreted when the @triton.jit function is created, from TRITON_INTERPRET.
 So in an ordinary CPU run, test_interpreter_subprocess starts one pytest subprocess with TRITON_INTERPRET=1 that
-runs this module's direct tests plus the shared parametrisation (tests/kernels/test_bs_token_loss.py) for impl="triton";
-in that subprocess (or on a CUDA machine) the direct tests below run in-process and the subprocess test skips.
+runs this module's direct tests plus the shared parametrisation (tests/kernels/test_bs_token_loss.py,
+test_hardening.py, test_fuzz.py) for impl="triton"; in that subprocess (or on a CUDA machine) the direct tests below
+run in-process and the subprocess test skips.
 """
 
 from __future__ import annotations
@@ -506,9 +507,9 @@ def test_interpreter_subprocess():
     if not TRITON_INSTALLED:
         pytest.skip(TRITON_REASON or "triton is not installed")
     targets = [str(TESTS_DIR / "test_triton_interpreter.py")]
-    shared = TESTS_DIR / "test_bs_token_loss.py"
-    if shared.is_file():
-        targets.append(str(shared))
+    for shared in ("test_bs_token_loss.py", "test_hardening.py", "test_fuzz.py"):
+        if (TESTS_DIR / shared).is_file():
+            targets.append(str(TESTS_DIR / shared))
     env = dict(os.environ, TRITON_INTERPRET="1", CUDA_VISIBLE_DEVICES="")
     command = [sys.executable, "-m", "pytest", *targets, "-k", "triton", "-q", "-rs", "-p", "no:cacheprovider"]
     result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=900, cwd=TESTS_DIR.parents[1])
