@@ -99,7 +99,7 @@ def _accumulation_dtype(dtype: torch.dtype, accumulate_in_fp32: bool) -> torch.d
     return torch.float32
 
 
-def _chunk_logits(hidden_chunk: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+def chunk_logits(hidden_chunk: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
     """[C, H] x [V, H] (+ [V]) -> [C, V] contiguous logits in the input dtype."""
     if bias is None:
         return torch.mm(hidden_chunk, weight.t())
@@ -251,7 +251,7 @@ class _ReducedLinearFunction(torch.autograd.Function):
         widened = needs_grads[1] and plan.accumulation_dtype != weight.dtype
         for rows in _chunks(num_rows, vocab_size, hidden_rows.device, widened):
             hidden_chunk = hidden_rows[rows]
-            logits = _chunk_logits(hidden_chunk, weight, bias)
+            logits = chunk_logits(hidden_chunk, weight, bias)
             chunk = plan.rows(logits, labels[rows])
             store.put(rows, chunk)
             if any(needs_grads):
@@ -298,7 +298,7 @@ class _RowsLinearFunction(torch.autograd.Function):
         top_k = plan.options.belief_count(vocab_size)
         store = _RowStore(num_rows, top_k, compute_dtype(hidden_rows.dtype), hidden_rows.device)
         for rows in _chunks(num_rows, vocab_size, hidden_rows.device):
-            logits = _chunk_logits(hidden_rows[rows], weight, bias)
+            logits = chunk_logits(hidden_rows[rows], weight, bias)
             store.put(rows, plan.rows(logits, labels[rows]))
             del logits
         ctx.save_for_backward(hidden_rows, weight, bias, labels, store.lse, store.belief_ids, store.belief_weights)
@@ -322,7 +322,7 @@ class _RowsLinearFunction(torch.autograd.Function):
             widened = needs_weight and plan.accumulation_dtype != weight.dtype
             for rows in _chunks(hidden_rows.shape[0], weight.shape[0], hidden_rows.device, widened):
                 hidden_chunk = hidden_rows[rows]
-                logits = _chunk_logits(hidden_chunk, weight, bias)
+                logits = chunk_logits(hidden_chunk, weight, bias)
                 grad_logits = plan.grad_logits(
                     grad_rows[rows], logits, labels[rows], lse[rows], belief_ids[rows], belief_weights[rows]
                 )
@@ -389,7 +389,7 @@ def _reduction_weights(rows_labels: torch.Tensor, layout: RowLayout, reduction: 
     return weights
 
 
-def _scatter_rows(values: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+def scatter_rows(values: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
     """[M, ...] values of the valid rows -> [N, ...] with zeros on ignored rows (differentiable)."""
     full = values.new_zeros((valid.shape[0], *values.shape[1:]))
     return full.index_put((valid,), values)
@@ -416,7 +416,7 @@ def _linear_rows(hidden, weight, bias, labels, *, shift: bool, impl: str, option
             row_values, token_logprobs, belief_ids, belief_probs = _RowsLinearFunction.apply(
                 hidden_rows, weight, bias, valid_labels, plan
             )
-        result = layout.unflatten(_scatter_rows(row_values, valid))
+        result = layout.unflatten(scatter_rows(row_values, valid))
     else:
         row_weights = _reduction_weights(rows_labels, layout, options.reduction, compute_dtype(hidden.dtype))
         grad_mode = torch.is_grad_enabled()
@@ -430,9 +430,9 @@ def _linear_rows(hidden, weight, bias, labels, *, shift: bool, impl: str, option
                 hidden_rows, weight, bias, valid_labels, row_weights.index_select(0, valid_ids), plan, needs_grads
             )
     stats = BSTokenStats(
-        token_logprobs=layout.unflatten(_scatter_rows(token_logprobs, valid)),
-        belief_ids=layout.unflatten(_scatter_rows(belief_ids, valid)),
-        belief_probs=layout.unflatten(_scatter_rows(belief_probs, valid)),
+        token_logprobs=layout.unflatten(scatter_rows(token_logprobs, valid)),
+        belief_ids=layout.unflatten(scatter_rows(belief_ids, valid)),
+        belief_probs=layout.unflatten(scatter_rows(belief_probs, valid)),
     )
     return result, stats
 

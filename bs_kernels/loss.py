@@ -13,7 +13,7 @@ from torch import nn
 
 from . import _options as opts
 from ._options import BSOptions
-from ._rows import check_sequence_reduction, is_dtensor, logits_rows, reduce_rows
+from ._rows import RowLayout, check_sequence_reduction, is_dtensor, logits_rows, reduce_rows
 from .autograd import backend_rows
 from .epilogue import RowOutputs
 from .reference import reference_rows
@@ -25,6 +25,15 @@ class BSTokenStats(NamedTuple):
     token_logprobs: torch.Tensor  # [...]    log p(label), 0 where ignored
     belief_ids: torch.Tensor  # [..., k] int64, the k most likely ids (any order)
     belief_probs: torch.Tensor  # [..., k] q: their probabilities renormalised over the k (with the temperature)
+
+    @classmethod
+    def of_rows(cls, layout: RowLayout, rows: RowOutputs) -> BSTokenStats:
+        """The statistics of [N] / [N, k] row outputs, in the (shifted) labels' shape."""
+        return cls(
+            token_logprobs=layout.unflatten(rows.token_logprobs),
+            belief_ids=layout.unflatten(rows.belief_ids),
+            belief_probs=layout.unflatten(rows.belief_probs),
+        )
 
 
 def _compute_rows(
@@ -103,12 +112,7 @@ def bs_token_loss(
     loss = reduce_rows(outputs.row_loss, rows_labels, layout, options.reduction)
     if not return_stats:
         return loss
-    stats = BSTokenStats(
-        token_logprobs=layout.unflatten(outputs.token_logprobs),
-        belief_ids=layout.unflatten(outputs.belief_ids),
-        belief_probs=layout.unflatten(outputs.belief_probs),
-    )
-    return loss, stats
+    return loss, BSTokenStats.of_rows(layout, outputs)
 
 
 def forget_logprobs(

@@ -60,7 +60,6 @@ from torch.autograd.function import once_differentiable
 from . import _options as opts
 from ._options import BSOptions
 from ._rows import (
-    RowLayout,
     check_floating,
     check_label_range,
     check_labels,
@@ -70,8 +69,8 @@ from ._rows import (
 )
 from .backends import get_backend, resolve_impl
 from .backends.contract import RawRowStats, compute_dtype
-from .epilogue import RowOutputs, finish_rows
-from .linear import rows_per_chunk
+from .epilogue import RowOutputs, backward_rows, finish_rows
+from .linear import chunk_logits, rows_per_chunk, scatter_rows
 from .loss import BSTokenStats
 
 # The one all_gather every call goes through (tests and the benchmark wrap it to count bytes): all_gather_single
@@ -238,10 +237,16 @@ class _ShardedRows:
         local_ids = raw.belief_ids.to(torch.int64).contiguous()
         return rows, local_ids, self.local_belief_weights(chosen_slots, rows.belief_weights)
 
-    def grad_logits(self, grad_rows, logits, local_labels, lse, local_ids, local_weights, inplace: bool):
-        """Step 4: this shard's dL/dz = grad_rows * (-pi + label term if owned + its chosen beliefs' weights)."""
+    def grad_logits(self, grad_row_loss, logits, rows_labels, local_labels, lse, local_ids, local_weights,
+                    inplace: bool):  # fmt: skip
+        """Step 4: this shard's dL/dz = dL/dl * (-pi + label term if owned + its chosen beliefs' weights).
+
+        dL/dl and lse go through epilogue.backward_rows, as on one process (0 on ignored rows, a NaN row where the
+        row has no distribution); both are the same on every rank, so the shard needs nothing from the others.
+        """
         if self.shards.size == 0:
             return torch.zeros_like(logits)
+        grad_rows, lse = backward_rows(grad_row_loss, rows_labels, lse)
         return self.backend.backward(
             grad_rows, logits, local_labels, lse, local_ids, local_weights, self.options.label_weight, inplace
         )
@@ -269,10 +274,8 @@ class _VocabParallelRowsFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_row_loss, *unused_grads):
         logits, rows_labels, local_labels, lse, local_ids, local_weights = ctx.saved_tensors
-        # The same on every rank (the loss is replicated), so each rank's shard gradient needs nothing from the others.
-        grad_rows = torch.where(rows_labels >= 0, grad_row_loss.to(lse.dtype), torch.zeros_like(lse)).contiguous()
         grad = ctx.sharded.grad_logits(
-            grad_rows, logits, local_labels, lse, local_ids, local_weights, ctx.inplace_backward
+            grad_row_loss, logits, rows_labels, local_labels, lse, local_ids, local_weights, ctx.inplace_backward
         )
         return grad, None, None, None, None
 
@@ -291,14 +294,6 @@ def _shard_rows(local_logits, labels, *, shift: bool, ignore_index: int, shards:
     return rows, rows_labels, shard_labels(rows_labels, shards), layout
 
 
-def _stats(layout: RowLayout, rows: RowOutputs) -> BSTokenStats:
-    return BSTokenStats(
-        token_logprobs=layout.unflatten(rows.token_logprobs),
-        belief_ids=layout.unflatten(rows.belief_ids),
-        belief_probs=layout.unflatten(rows.belief_probs),
-    )
-
-
 def sharded_token_loss(local_logits, labels, shards: VocabShards, options: BSOptions, *, impl: str, shift: bool,
                        return_stats: bool, inplace_backward: bool):  # fmt: skip
     """bs_token_loss on a vocabulary shard whose layout is known (the body of both public forms and of DTensor's)."""
@@ -314,7 +309,7 @@ def sharded_token_loss(local_logits, labels, shards: VocabShards, options: BSOpt
     if not return_stats:
         return loss
     outputs = RowOutputs(row_loss, token_logprobs, belief_ids, belief_probs, None, None)
-    return loss, _stats(layout, outputs)
+    return loss, BSTokenStats.of_rows(layout, outputs)
 
 
 def vocab_parallel_bs_token_loss(
@@ -388,13 +383,6 @@ def vocab_parallel_forget_logprobs(
 # ---- the fused lm_head form --------------------------------------------------------------------------------------
 
 
-def _local_chunk_logits(hidden_chunk, local_weight, local_bias):
-    """[C, H] x [V_p, H] (+ [V_p]) -> [C, V_p] contiguous logits of the shard, in the input dtype."""
-    if local_bias is None:
-        return torch.mm(hidden_chunk, local_weight.t())
-    return torch.addmm(local_bias, hidden_chunk, local_weight.t())
-
-
 def _chunk_slices(num_rows: int, shards: VocabShards):
     # The chunking must be the same on every rank (one all_gather per chunk): size it by the widest shard.
     step = rows_per_chunk(num_rows, max(max(shards.sizes), 1))
@@ -422,12 +410,14 @@ class _VocabParallelLinearFunction(torch.autograd.Function):
         local_ids = torch.empty(num_rows, k_local, dtype=torch.int64, device=device)
         local_weights = torch.empty(num_rows, k_local, dtype=stats_dtype, device=device)
         for rows in _chunk_slices(num_rows, sharded.shards):
-            logits = _local_chunk_logits(hidden_rows[rows], local_weight, local_bias)
+            logits = chunk_logits(hidden_rows[rows], local_weight, local_bias)
             chunk, local_ids[rows], local_weights[rows] = sharded.rows(logits, rows_labels[rows], local_labels[rows])
             row_loss[rows], token_logprobs[rows], lse[rows] = chunk.row_loss, chunk.token_logprobs, chunk.lse
             belief_ids[rows], belief_probs[rows] = chunk.belief_ids, chunk.belief_probs
             del logits
-        ctx.save_for_backward(hidden_rows, local_weight, local_bias, local_labels, lse, local_ids, local_weights)
+        ctx.save_for_backward(
+            hidden_rows, local_weight, local_bias, rows_labels, local_labels, lse, local_ids, local_weights
+        )
         ctx.sharded = sharded
         ctx.mark_non_differentiable(token_logprobs, belief_ids, belief_probs)
         return row_loss, token_logprobs, belief_ids, belief_probs
@@ -435,7 +425,9 @@ class _VocabParallelLinearFunction(torch.autograd.Function):
     @staticmethod
     @once_differentiable
     def backward(ctx, grad_row_loss, *unused_grads):
-        hidden_rows, local_weight, local_bias, local_labels, lse, local_ids, local_weights = ctx.saved_tensors
+        hidden_rows, local_weight, local_bias, rows_labels, local_labels, lse, local_ids, local_weights = (
+            ctx.saved_tensors
+        )
         sharded = ctx.sharded
         needs_hidden, needs_weight = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         needs_bias = local_bias is not None and ctx.needs_input_grad[2]
@@ -443,14 +435,14 @@ class _VocabParallelLinearFunction(torch.autograd.Function):
         grad_hidden = torch.zeros_like(hidden_rows) if needs_hidden else None
         grad_weight = torch.zeros_like(local_weight, dtype=accumulation) if needs_weight else None
         grad_bias = torch.zeros_like(local_bias, dtype=accumulation) if needs_bias else None
-        grad_rows = grad_row_loss.to(lse.dtype).contiguous()
         if sharded.shards.size > 0:
             for rows in _chunk_slices(hidden_rows.shape[0], sharded.shards):
                 hidden_chunk = hidden_rows[rows]
-                logits = _local_chunk_logits(hidden_chunk, local_weight, local_bias)
+                logits = chunk_logits(hidden_chunk, local_weight, local_bias)
                 grad = sharded.grad_logits(
-                    grad_rows[rows], logits, local_labels[rows], lse[rows], local_ids[rows], local_weights[rows], True
-                )
+                    grad_row_loss[rows], logits, rows_labels[rows], local_labels[rows], lse[rows], local_ids[rows],
+                    local_weights[rows], True,
+                )  # fmt: skip
                 if needs_hidden:
                     torch.mm(grad, local_weight, out=grad_hidden[rows])
                 if needs_weight:
@@ -503,14 +495,12 @@ def sharded_linear_loss(hidden, local_weight, local_bias, labels, shards: VocabS
             hidden_rows, local_weight, local_bias, rows_labels.index_select(0, valid_ids), sharded
         )
 
-    def scatter(values):  # [M, ...] -> [N, ...] with zeros on the ignored rows (differentiable)
-        return values.new_zeros((valid.shape[0], *values.shape[1:])).index_put((valid,), values)
-
-    loss = reduce_rows(scatter(row_values), rows_labels, layout, options.reduction)
+    loss = reduce_rows(scatter_rows(row_values, valid), rows_labels, layout, options.reduction)
     if not return_stats:
         return loss
-    outputs = RowOutputs(None, scatter(token_logprobs), scatter(belief_ids), scatter(belief_probs), None, None)
-    return loss, _stats(layout, outputs)
+    outputs = RowOutputs(None, *(scatter_rows(values, valid) for values in (token_logprobs, belief_ids, belief_probs)),
+                         None, None)  # fmt: skip
+    return loss, BSTokenStats.of_rows(layout, outputs)
 
 
 def vocab_parallel_linear_loss(

@@ -147,6 +147,28 @@ def case_minus_inf_logits(ctx: Context) -> None:
                             reduction="none")  # fmt: skip
 
 
+def case_non_finite_counted_rows(ctx: Context) -> None:
+    """Counted rows with no distribution (every logit -inf; one NaN logit on the last shard) give a NaN value and a
+    NaN gradient row on every shard, as on one process (README "Non-finite logits"); the other rows are unaffected."""
+    for impl, dtype, detach in itertools.product(ctx.impls, DTYPES, (True, False)):
+        logits, labels = make_case(dtype, seed=4)
+        logits[0, 2] = float("-inf")  # predicts labels[0, 3], a counted position
+        logits[2, 3, -1] = float("nan")  # predicts labels[2, 4]
+        full = logits.clone().requires_grad_(True)
+        expected = bs_token_loss(full, labels, impl=impl, lam=0.3, top_k=3, detach_belief=detach, reduction="none")
+        (expected_grad,) = torch.autograd.grad((expected * upstream_weights(expected)).nan_to_num().sum(), full)
+        columns = ctx.even_range(logits.shape[-1])
+        local = logits[..., columns].clone().requires_grad_(True)
+        actual = vocab_parallel_bs_token_loss(local, labels, columns.start, impl=impl, lam=0.3, top_k=3,
+                                              detach_belief=detach, reduction="none")  # fmt: skip
+        (grad,) = torch.autograd.grad((actual * upstream_weights(actual)).nan_to_num().sum(), local)
+        assert bool(actual[0, 2].isnan()) and bool(actual[2, 3].isnan()), actual
+        assert bool(grad[0, 2].isnan().all()) and bool(grad[2, 3].isnan().all()), "a no-distribution row's gradient"
+        tolerance = ctx.tolerances["float64" if dtype == torch.float64 else "float32"]
+        torch.testing.assert_close(actual, expected.detach(), equal_nan=True, **tolerance)
+        torch.testing.assert_close(grad, expected_grad[..., columns], equal_nan=True, **tolerance)
+
+
 def case_uneven_and_empty_shards(ctx: Context) -> None:
     """Any contiguous tiling (plain form), an empty shard included; DTensor's split of V = 3 over the group."""
     tilings = {2: [[0, VOCAB], [10, 1]], 4: [[4, 0, 5, 2], [1, 1, 1, 8]]}[ctx.world]
