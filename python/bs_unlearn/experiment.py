@@ -28,8 +28,27 @@ from collections.abc import Callable, Sequence
 from .config import METHODS, BeliefConfig, FinetuneConfig, ObjectiveConfig, UnlearnConfig
 from .outputs import write_json_atomic
 
-# The options a run spec may set ("bs-t:lam=0.5,lr=1e-4"): ObjectiveConfig fields, the BS-S sample count, the lr.
-RUN_OPTION_TYPES = {"lam": float, "top_k": int, "lam_s": float, "bs_s_base": str, "num_beliefs": int, "lr": float}
+
+def parse_lr_grid(text: str) -> tuple[float, ...]:
+    """'5e-4/1.5e-3' -> (5e-4, 1.5e-3): a run's own learning-rate grid (``/`` separates, since ``,`` separates
+    options)."""
+    rates = tuple(float(item) for item in text.split("/"))
+    if not all(rate > 0 and math.isfinite(rate) for rate in rates):
+        raise ValueError(f"lr_grid rates must be finite and > 0, got {text!r}")
+    return rates
+
+
+# The options a run spec may set ("bs-t:lam=0.5,lr=1e-4"): ObjectiveConfig fields, the BS-S sample count, the lr
+# (fixed) or the run's own lr grid for the matched protocol (in place of the comparison's).
+RUN_OPTION_TYPES = {
+    "lam": float,
+    "top_k": int,
+    "lam_s": float,
+    "bs_s_base": str,
+    "num_beliefs": int,
+    "lr": float,
+    "lr_grid": parse_lr_grid,
+}
 METHOD_NAMES = {"graddiff": "GA (+retain NLL)", "ga": "GA", "bs-t": "BS-T", "bs-s": "BS-S", "npo": "NPO"}
 
 Say = Callable[[str], None]
@@ -56,8 +75,12 @@ class RunSpec:
         return self.options.get("lr")
 
     @property
+    def lr_grid(self) -> tuple[float, ...] | None:
+        return self.options.get("lr_grid")
+
+    @property
     def objective_options(self) -> dict:
-        return {k: v for k, v in self.options.items() if k not in ("lr", "num_beliefs")}
+        return {k: v for k, v in self.options.items() if k not in ("lr", "lr_grid", "num_beliefs")}
 
     @property
     def label(self) -> str:
@@ -72,7 +95,7 @@ class RunSpec:
             label += f" λs={self.options.get('lam_s', ObjectiveConfig.lam_s):g} ({base_name} base)"
         else:
             shown = set()
-        extras = [f"{k}={v}" for k, v in self.options.items() if k not in shown]
+        extras = [f"{k}={format_option(v)}" for k, v in self.options.items() if k not in shown]
         return label + (f" ({', '.join(extras)})" if extras else "")
 
     @property
@@ -80,6 +103,11 @@ class RunSpec:
         """A file-name-safe form of the label (``probe_<slug>.json``)."""
         text = self.label.lower().replace(" ", "_").replace("λ", "lam").replace("+", "").replace("(", "")
         return "".join(c for c in text.replace(")", "").replace(",", "") if c.isalnum() or c in "_.=-")
+
+
+def format_option(value) -> str:
+    """A run option as a spec writes it: an lr grid as ``0.0005/0.0015``, not as a tuple."""
+    return "/".join(f"{rate:g}" for rate in value) if isinstance(value, tuple) else str(value)
 
 
 def parse_run(spec: str) -> RunSpec:
@@ -96,6 +124,8 @@ def parse_run(spec: str) -> RunSpec:
             parsed[key] = RUN_OPTION_TYPES[key](value)
         except ValueError as error:
             raise ValueError(f"--runs: bad value in {item!r}: {error}") from error
+    if "lr" in parsed and "lr_grid" in parsed:
+        raise ValueError(f"--runs: {spec!r} sets both lr and lr_grid; give one (a fixed lr or the run's grid)")
     return RunSpec(method, parsed)
 
 
@@ -351,7 +381,8 @@ def matched_stage(
     say: Say = _quiet,
     **stage_kwargs,
 ) -> tuple[object, dict]:
-    """``unlearn_stage`` at the learning rates of a grid (``spec.lr`` alone when the spec fixes one), each stopping
+    """``unlearn_stage`` at the learning rates of a grid (``spec.lr`` alone when the spec fixes one; the spec's own
+    ``lr_grid`` in place of ``learning_rates`` when it has one), each stopping
     at ``stop_at``; keeps the lr that reaches the target with the least retain damage (the probe's retain log-prob
     fall) or, if none reaches it, the run that got closest to the target.
 
@@ -363,7 +394,7 @@ def matched_stage(
     """
     if lr_search not in ("all", "ascending"):
         raise ValueError(f"lr_search must be 'all' or 'ascending', got {lr_search!r}")
-    rates = [spec.lr] if spec.lr is not None else sorted(learning_rates)
+    rates = [spec.lr] if spec.lr is not None else sorted(spec.lr_grid or learning_rates)
     if not rates:
         raise ValueError("learning_rates is empty")
     best_model, best, attempts = None, None, []
@@ -449,6 +480,8 @@ def run_comparison(
 
     if protocol not in ("matched", "steps"):
         raise ValueError(f"protocol must be 'matched' or 'steps', got {protocol!r}")
+    if protocol == "steps" and any(spec.lr_grid for spec in specs):
+        raise ValueError("--runs: lr_grid is for the matched protocol; the steps protocol takes a fixed lr=")
     model_name = names[0]
     forget_name = forget.name
     started = time.perf_counter()
@@ -524,7 +557,8 @@ def run_comparison(
         results["target_lp"] = settings.target_lp
         say(
             f"[{tag}] matched forgetting: each run stops at target lp <= {settings.target_lp:g} (cap "
-            f"{settings.max_steps} steps), lr from {', '.join(f'{lr:g}' for lr in settings.lr_grid)}"
+            f"{settings.max_steps} steps), lr from {', '.join(f'{lr:g}' for lr in settings.lr_grid)} unless a run "
+            "sets its own"
         )
     for spec in specs:
         say(f"[{tag}] unlearning with {spec.label}")

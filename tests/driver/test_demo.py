@@ -118,6 +118,18 @@ def test_stopping_rule_reports_not_reached(tiny_start):
     )
 
 
+def test_a_run_spec_lr_grid_replaces_the_comparison_grid(tiny_start):
+    model, tokenizer, stage = tiny_start
+    unreachable = ForgettingTarget(-1e6)
+    spec = ex.parse_run("ga:lr_grid=3e-3/1e-4")
+    _, run = ex.matched_stage(
+        model, tokenizer, spec, learning_rates=[0.5], stop_at=unreachable, max_steps=2, lr_search="all", **stage
+    )
+    # The spec's own rates, smallest first; the comparison's 0.5 is never tried.
+    assert [attempt["lr"] for attempt in run["attempts"]] == [1e-4, 3e-3]
+    assert run["lr"] == 3e-3
+
+
 def test_give_up_stops_a_hopeless_run_at_half_the_cap(tiny_start):
     model, tokenizer, stage = tiny_start
     hopeless = ForgettingTarget(-1e6, give_up=True)
@@ -158,6 +170,33 @@ def test_forgetting_target_and_run_specs_bad_input():
         ex.parse_run("bs-t:alpha=1")
     with pytest.raises(ValueError, match="bad value"):
         ex.parse_run("bs-t:lam=high")
+
+
+def test_run_spec_lr_grid_parsing_and_bad_input():
+    spec = ex.parse_run("bs-t:lam=1.0,lr_grid=5e-4/1.5e-3")
+    assert spec.lr_grid == (5e-4, 1.5e-3) and spec.lr is None
+    assert "lr_grid" not in spec.objective_options  # never reaches ObjectiveConfig
+    assert spec.label == "BS-T λ=1 (lr_grid=0.0005/0.0015)"
+    with pytest.raises(ValueError, match="both lr and lr_grid"):
+        ex.parse_run("ga:lr=1e-4,lr_grid=1e-4/3e-4")
+    for bad in ("0/1e-4", "1e-4/-3e-4", "1e-4/inf", "1e-4//3e-4", "fast"):
+        with pytest.raises(ValueError, match="bad value in 'lr_grid="):
+            ex.parse_run(f"ga:lr_grid={bad}")
+    # The steps protocol has no grid to replace: refused before any work.
+    with pytest.raises(ValueError, match="lr_grid is for the matched protocol"):
+        ex.run_comparison(
+            "model",
+            None,
+            None,
+            forget=None,
+            retain=None,
+            eval_sets=[],
+            specs=[spec],
+            protocol="steps",
+            settings=ex.ComparisonSettings(),
+            output=None,
+            names=("m", "d"),
+        )
     with pytest.raises(ValueError, match="protocol"):
         ex.run_comparison(
             "x", None, None, forget=None, retain=None, eval_sets=[], specs=[], protocol="fast",

@@ -14,6 +14,13 @@ from bs_unlearn.cli import main as cli_main  # noqa: E402
 from bs_unlearn.data import read_qa_records  # noqa: E402
 
 
+def test_tofu_default_runs_parse():
+    from bs_unlearn.commands.tofu import TOFU_RUNS
+
+    specs = [ex.parse_run(spec) for spec in TOFU_RUNS]
+    assert [spec.method for spec in specs] == ["graddiff", "npo", "bs-t", "bs-s"]
+
+
 def test_tofu_command_on_a_tiny_model(tofu_dir, tmp_path, capsys):
     records = []
     for _, file, _ in ex.tofu_eval_files("forget01"):
@@ -22,14 +29,26 @@ def test_tofu_command_on_a_tiny_model(tofu_dir, tmp_path, capsys):
     model = ex.build_quick_model(tmp_path / "tiny", records)
     output = tmp_path / "tofu"
     argv = ["tofu", "--tofu-dir", str(tofu_dir), "--model", model, "--output", str(output), "--retain-examples", "4"]
-    argv += ["--eval-examples", "3", "--max-steps", "2", "--lr-grid", "1e-3", "--runs", "graddiff", "bs-t:lam=1.0"]
+    argv += [
+        "--eval-examples",
+        "3",
+        "--max-steps",
+        "2",
+        "--lr-grid",
+        "1e-3",
+        "--runs",
+        "graddiff",
+        "bs-t:lam=1.0,lr_grid=2e-3",
+    ]
     assert cli_main(argv) == 0
     printed = capsys.readouterr().out
     results = json.loads((output / "results.json").read_text())
     assert results["forget_set"] == "forget01" and [run["label"] for run in results["runs"]] == [
         "GA (+retain NLL)",
-        "BS-T λ=1",
+        "BS-T λ=1 (lr_grid=0.002)",
     ]
+    # GA takes the command's --lr-grid; BS-T its own lr_grid in place of it.
+    assert [run["lr"] for run in results["runs"]] == [1e-3, 2e-3]
     forget = results["start_metrics"]["sets"]["forget01"]
     assert forget["n"] == 40  # the forget split is evaluated whole; the other sets are subsets
     assert results["start_metrics"]["sets"]["real_authors"]["n"] == 3

@@ -226,7 +226,8 @@ def register(subparsers) -> None:
         nargs="+",
         default=None,
         help=f"unlearning runs as METHOD[:opt=value,...] (matched default: {' '.join(MATCHED_RUNS)}; steps "
-        f"default: {' '.join(STEPS_RUNS)}); options: lam, top_k, lam_s, bs_s_base, num_beliefs, lr",
+        f"default: {' '.join(STEPS_RUNS)}); options: lam, top_k, lam_s, bs_s_base, num_beliefs, lr, lr_grid (matched: "
+        "the run's own grid, e.g. bs-t:lam=1.0,lr_grid=3e-4/1e-3)",
     )
     parser.add_argument("--target-lp", type=float, default=None, help="matched: forget target mean log-prob to reach")
     parser.add_argument("--max-steps", type=positive_int, default=None, help="matched: step cap per run")
