@@ -13,7 +13,7 @@ from torch import nn
 
 from . import _options as opts
 from ._options import BSOptions
-from ._rows import RowLayout, check_sequence_reduction, is_dtensor, logits_rows, reduce_rows
+from ._rows import RowLayout, check_bool, check_sequence_reduction, is_dtensor, logits_rows, reduce_rows
 from .autograd import backend_rows
 from .epilogue import RowOutputs
 from .reference import reference_rows
@@ -45,11 +45,6 @@ def _compute_rows(
     # "auto" and the kernel impls are resolved inside the operators, when they run: never while torch.compile traces
     # (importing or building a backend cannot be traced).
     return backend_rows(impl, rows, rows_labels, options, inplace_backward=inplace_backward)
-
-
-def _check_inplace_backward(inplace_backward: object) -> None:
-    if not isinstance(inplace_backward, bool):
-        raise TypeError(f"inplace_backward must be a bool, got {inplace_backward!r}")
 
 
 def bs_token_loss(
@@ -100,13 +95,13 @@ def bs_token_loss(
         reduction=reduction,
         impl=impl,
     )
+    check_bool(inplace_backward, "inplace_backward")
     if is_dtensor(logits):  # sharded over the vocabulary (tensor parallelism): bs_kernels/dtensor.py
         from .dtensor import dtensor_token_loss
 
         return dtensor_token_loss(logits, labels, options, impl=impl, shift=shift, return_stats=return_stats,
                                   inplace_backward=inplace_backward)  # fmt: skip
     check_sequence_reduction(labels, shift=shift, reduction=reduction)
-    _check_inplace_backward(inplace_backward)
     rows, rows_labels, layout = logits_rows(logits, labels, shift=shift, ignore_index=options.ignore_index)
     outputs = _compute_rows(rows, rows_labels, impl, options, inplace_backward=inplace_backward)
     loss = reduce_rows(outputs.row_loss, rows_labels, layout, options.reduction)

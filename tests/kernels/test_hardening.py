@@ -11,7 +11,7 @@ import torch
 from cases import leaf, random_case
 from conftest import TOLERANCES
 
-from bs_kernels import bs_token_loss, forget_logprobs
+from bs_kernels import bs_token_loss, forget_logprobs, vocab_parallel_bs_token_loss
 
 FLOAT64 = TOLERANCES[torch.float64]
 INPLACE_ERROR = "modified by an inplace operation"
@@ -195,3 +195,6 @@ def test_inplace_backward_must_be_a_bool():
     logits, labels = random_case(1, 4, 7)
     with pytest.raises(TypeError, match="inplace_backward"):
         bs_token_loss(logits, labels, inplace_backward="yes")
+    # The vocabulary-parallel form checks it before it looks for a process group (none exists here).
+    with pytest.raises(TypeError, match="inplace_backward"):
+        vocab_parallel_bs_token_loss(logits, labels, 0, inplace_backward="yes")
