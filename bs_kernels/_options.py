@@ -38,8 +38,7 @@ class BSOptions:
         if not (type(self.top_k) is int and self.top_k == 0 and self.lam == 0):
             check_top_k(self.top_k)
         check_belief_temperature(self.belief_temperature)
-        if not isinstance(self.detach_belief, bool):
-            raise TypeError(f"detach_belief must be a bool, got {self.detach_belief!r}")
+        check_bool(self.detach_belief, "detach_belief")
         check_ignore_index(self.ignore_index)
         check_reduction(self.reduction)
         object.__setattr__(self, "lam", float(self.lam))
@@ -94,6 +93,12 @@ def forget_options(*, ignore_index: object, impl: object) -> BSOptions:
 
 def _is_real_number(value: object) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def check_bool(value: object, name: str) -> None:
+    """A flag must be a real bool: a truthy string or tensor would silently pick a code path."""
+    if not isinstance(value, bool):
+        raise TypeError(f"{name} must be a bool, got {value!r}")
 
 
 def check_lam(lam: object) -> None:

@@ -13,7 +13,7 @@ from torch import nn
 
 from . import _options as opts
 from ._options import BSOptions
-from ._rows import RowLayout, check_bool, check_sequence_reduction, is_dtensor, logits_rows, reduce_rows
+from ._rows import RowLayout, check_sequence_reduction, is_dtensor, logits_rows, reduce_rows
 from .autograd import backend_rows
 from .epilogue import RowOutputs
 from .reference import reference_rows
@@ -95,7 +95,7 @@ def bs_token_loss(
         reduction=reduction,
         impl=impl,
     )
-    check_bool(inplace_backward, "inplace_backward")
+    opts.check_bool(inplace_backward, "inplace_backward")
     if is_dtensor(logits):  # sharded over the vocabulary (tensor parallelism): bs_kernels/dtensor.py
         from .dtensor import dtensor_token_loss
 

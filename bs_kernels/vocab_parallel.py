@@ -60,7 +60,6 @@ from torch.autograd.function import once_differentiable
 from . import _options as opts
 from ._options import BSOptions
 from ._rows import (
-    check_bool,
     check_floating,
     check_label_range,
     check_labels,
@@ -352,7 +351,7 @@ def vocab_parallel_bs_token_loss(
         ignore_index=ignore_index, reduction=reduction, impl=impl,
     )  # fmt: skip
     check_floating(local_logits, "local_logits")
-    check_bool(inplace_backward, "inplace_backward")
+    opts.check_bool(inplace_backward, "inplace_backward")
     shards = VocabShards.gathered(local_logits.shape[-1], vocab_start, group, local_logits.device)
     return sharded_token_loss(
         local_logits, labels, shards, options, impl=impl, shift=shift, return_stats=return_stats,
