@@ -11,7 +11,7 @@ Tensor parallelism: bs_token_loss / forget_logprobs accept logits that are a DTe
 vocab_start, group) and vocab_parallel_linear_loss are the plain-tensor forms (bs_kernels/vocab_parallel.py).
 """
 
-from ._options import IGNORE_INDEX, REDUCTIONS
+from ._options import IGNORE_INDEX, REDUCTIONS, check_loss_options
 from ._rows import reduce_token_values
 from .backends import resolve_impl, unavailable_reason
 from .hf import CausalLMPatch, patch_causal_lm
@@ -29,6 +29,7 @@ __all__ = [
     "CausalLMPatch",
     "bs_linear_loss",
     "bs_token_loss",
+    "check_loss_options",
     "forget_logprobs",
     "linear_forget_logprobs",
     "patch_causal_lm",

@@ -135,3 +135,29 @@ def check_impl(impl: object) -> None:
 def check_ignore_index(ignore_index: object) -> None:
     if not isinstance(ignore_index, int) or isinstance(ignore_index, bool):
         raise TypeError(f"ignore_index must be an int, got {ignore_index!r}")
+
+
+def check_loss_options(
+    *,
+    lam: object = 0.2,
+    top_k: object = 20,
+    belief_temperature: object = 1.0,
+    detach_belief: object = True,
+    ignore_index: object = IGNORE_INDEX,
+    reduction: object = "sequence_mean",
+    impl: object = "auto",
+) -> None:
+    """Check BS-T options the way every loss entry point does, without building anything.
+
+    For code that takes the options long before the first loss (a configuration, a command line): it raises the
+    same ``ValueError`` / ``TypeError``, naming the argument and the value, that ``bs_token_loss`` would.
+    """
+    loss_options(
+        lam=lam,
+        top_k=top_k,
+        belief_temperature=belief_temperature,
+        detach_belief=detach_belief,
+        ignore_index=ignore_index,
+        reduction=reduction,
+        impl=impl,
+    )
