@@ -12,6 +12,8 @@ Logits case, a loss of logits [B, T, V] and labels [B, T] (``bs_token_loss``):
   torch, native, triton   impl=...
   native:avx2      native with its kernels capped to AVX2+FMA (BS_KERNELS_NATIVE_ISA=avx2): machines without AVX-512
   native:sse2      native capped to the SSE2 baseline (BS_KERNELS_NATIVE_ISA=default)
+  native:two-pass  native without the one-pass gradient (BS_KERNELS_NATIVE_TWO_PASS=1, bs_kernels/one_pass.py):
+                   forward reads the logits, backward reads them again and writes the gradient
   triton:inplace   triton with inplace_backward=True: the gradient overwrites the logits
   liger            Liger-Kernel's hard-label cross entropy (CUDA; it writes the gradient into the logits during its
                    forward). lam = 0 makes BS-T that work plus a top-k, so it is the cost floor.
@@ -38,9 +40,11 @@ import torch.nn.functional as F
 from harness import Bench, loss_backward, tensor_bytes
 
 import bs_kernels
+from bs_kernels.one_pass import TWO_PASS_ENV
 
 LOGITS_PROVIDERS = (
-    "reference", "compile", "torch", "native", "native:avx2", "native:sse2", "triton", "triton:inplace", "liger",
+    "reference", "compile", "torch", "native", "native:two-pass", "native:avx2", "native:sse2", "triton",
+    "triton:inplace", "liger",
 )  # fmt: skip
 LINEAR_PROVIDERS = (
     "reference", "eager:torch", "eager:ce", "torch", "torch:recompute", "torch:no-fp32-acc", "native", "triton",
@@ -111,6 +115,9 @@ def logits_provider(name: str, options: dict | None = None) -> Provider:
     if base == "native" and variant in NATIVE_ISA:
         loss = functools.partial(bs_kernels.bs_token_loss, impl="native", **options)
         return Provider(name, loss, environ={"BS_KERNELS_NATIVE_ISA": NATIVE_ISA[variant]})
+    if name == "native:two-pass":
+        loss = functools.partial(bs_kernels.bs_token_loss, impl="native", **options)
+        return Provider(name, loss, environ={TWO_PASS_ENV: "1"})
     if name == "triton:inplace":
         loss = functools.partial(bs_kernels.bs_token_loss, impl="triton", inplace_backward=True, **options)
         return Provider(name, loss, overwrites_input=True)
