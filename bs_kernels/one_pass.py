@@ -4,7 +4,7 @@ Every reduction but "none" is linear in the per-row values, L = sum_i w_i l_i, w
 labels only (:func:`reduction_weights`). So when autograd will need dL/dz, the gradient w_i * dl_i/dz_i can be
 formed during forward: the native kernel writes each row's dense part -w_i * pi_i right after the row's statistics,
 while the row is still in cache (one read of the logits from memory and one write of the gradient, against one read
-in forward plus one read and one write in backward), and :func:`write_sparse_grad_` then rewrites the k + 1 sparse
+in forward plus one read and one write in backward), and the backend's ``sparse_grad_`` then rewrites the k + 1 sparse
 entries per row from the statistics and the epilogue's coefficients (O(N k)). Backward only scales the stored
 gradient by the incoming scalar (nothing to do when it is exactly 1) and hands it over; peak memory stays the
 logits plus one gradient, which is now allocated in forward instead of backward.
@@ -28,7 +28,7 @@ from ._options import BSOptions
 from ._rows import RowLayout, reduce_rows
 from .autograd import rows_backward  # noqa: F401  (registers bs_kernels::rows_backward, used below)
 from .backends import get_backend, resolve_impl
-from .backends.contract import RawRowStats, compute_dtype
+from .backends.contract import compute_dtype
 from .epilogue import RowOutputs, backward_rows, finish_rows
 
 # Benchmarks only: "1" keeps bs_token_loss on the two-pass path (forward, then backward reads the logits again), so
@@ -48,37 +48,6 @@ def reduction_weights(rows_labels: torch.Tensor, layout: RowLayout, reduction: s
     return weights
 
 
-def write_sparse_grad_(
-    grad: torch.Tensor,  # [N, V] holding -grad_rows[i] * pi_i (a forward_grad kernel's dense part)
-    grad_rows: torch.Tensor,  # [N] from backward_rows: 0 on ignored rows, NaN on rows without a distribution
-    lse: torch.Tensor,  # [N] from backward_rows (finite)
-    labels: torch.Tensor,  # [N] int64, -1 = ignored
-    raw: RawRowStats,
-    belief_ids: torch.Tensor,  # [N, k] int64
-    belief_weights: torch.Tensor,  # [N, k]
-    label_weight: float,
-) -> None:
-    """Rewrite the k + 1 sparse entries of each row as grad_rows * (coef - pi) (the contract's formula, with coef the
-    belief weight, plus label_weight on the label), in float64 and rounded once, as native_backward writes them."""
-    g = grad_rows.double()
-    lse = lse.double().unsqueeze(-1)
-    is_label = belief_ids == labels.unsqueeze(-1)  # [N, k]; belief ids are distinct, so at most one slot per row
-    coef = belief_weights.double() + label_weight * is_label.double()  # not bool * float: that is float32
-    values = g.unsqueeze(-1) * (coef - torch.exp(raw.belief_logits.double() - lse))
-    label_values = g * (label_weight - torch.exp(raw.label_logits.double().unsqueeze(-1) - lse).squeeze(-1))
-    # Where the label is a belief its slot already holds both terms: write that same value at the label's id, so the
-    # scatter's duplicate index is harmless.
-    label_in_beliefs = is_label.any(-1)
-    if belief_ids.shape[-1] > 0:
-        slot = is_label.to(torch.int8).argmax(-1, keepdim=True)
-        label_values = torch.where(label_in_beliefs, values.gather(-1, slot).squeeze(-1), label_values)
-    ids = torch.cat([belief_ids, labels.clamp(min=0).unsqueeze(-1)], dim=-1)
-    values = torch.cat([values, label_values.unsqueeze(-1)], dim=-1)
-    # Rows with grad_rows 0 (ignored) stay zero, whatever their logits hold (0 * inf would be NaN).
-    values = torch.where((g == 0).unsqueeze(-1), torch.zeros_like(values), values)
-    grad.scatter_(1, ids, values.to(compute_dtype(grad.dtype)).to(grad.dtype))
-
-
 def forward_with_grad(
     backend: ModuleType,
     logits: torch.Tensor,
@@ -89,12 +58,12 @@ def forward_with_grad(
     inplace: bool,
 ) -> tuple[RowOutputs, torch.Tensor]:
     """finish_rows' outputs of [N, V] logits and dL/dz = grad_rows[i] * dl_i/dz_i, for a backend with forward_grad
-    (native), in one pass over the logits; written into ``logits`` when ``inplace``."""
+    and sparse_grad_ (native), in one pass over the logits; written into ``logits`` when ``inplace``."""
     raw, grad = backend.forward_grad(logits, labels, options.belief_count(logits.shape[-1]), grad_rows, inplace)
     rows = finish_rows(raw, labels, options)
     sparse_grad_rows, finite_lse = backward_rows(grad_rows, labels, rows.lse)
-    write_sparse_grad_(
-        grad, sparse_grad_rows, finite_lse, labels, raw, rows.belief_ids, rows.belief_weights, options.label_weight
+    backend.sparse_grad_(
+        grad, sparse_grad_rows, labels, finite_lse, raw, rows.belief_ids, rows.belief_weights, options.label_weight
     )
     return rows, grad
 

@@ -185,3 +185,13 @@ def test_forward_grad_operators(inplace):
     arguments = (rows.clone(), row_labels, 4, torch.rand(6))
     operator = torch.ops.bs_kernels.native_forward_grad_ if inplace else torch.ops.bs_kernels.native_forward_grad
     torch.library.opcheck(operator.default, arguments)
+
+
+def test_sparse_grad_operator():
+    """opcheck of native_sparse_grad_, on the statistics of a forward."""
+    logits, labels = random_case(1, 6, 23, dtype=torch.float32)
+    rows, row_labels = logits.reshape(-1, 23), labels.reshape(-1).clamp(min=-1)
+    lse, label_logits, belief_logits, belief_ids = torch.ops.bs_kernels.native_forward(rows, row_labels, 4)
+    arguments = (rows.clone(), torch.rand(6), row_labels, lse, label_logits, belief_logits, belief_ids,
+                 torch.rand(6, 4), 0.8)  # fmt: skip
+    torch.library.opcheck(torch.ops.bs_kernels.native_sparse_grad_.default, arguments)
