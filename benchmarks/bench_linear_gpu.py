@@ -9,7 +9,7 @@ F.cross_entropy: what Hugging Face models do). Time: harness.time_bench, median 
 Memory: harness.peak_memory (torch.cuda.max_memory_allocated during one fwd+bwd above what was allocated before it)
 minus the gradients' bytes (hidden and weight, in their dtype); "no [N, V] allocation" is checked by the CUDA
 caching allocator's trace: the largest single block allocated during fwd+bwd is printed next to one [N, V] tensor.
-The last column says which GEMM formed bs_linear_loss's grad_W updates (bs_kernels.linear.weight_grad_gemm_path):
+The last column says which GEMM formed bs_linear_loss's grad_W updates (bs_kernels._weight_grad.weight_grad_gemm_path):
 the mixed bf16 x bf16 -> float32 cuBLAS GEMM, or the blocked fallback where this build lacks it.
 
     python benchmarks/bench_linear_gpu.py                  # the target shape
@@ -28,7 +28,7 @@ import torch
 from harness import GIB, markdown_row, markdown_table, peak_memory, time_bench
 from providers import LINEAR_PROVIDERS, OPTIONS, linear_case, provider_list, unavailable
 
-from bs_kernels.linear import weight_grad_gemm_path
+from bs_kernels._weight_grad import weight_grad_gemm_path
 
 DEFAULT_PROVIDERS = ("liger", "triton:no-fp32-acc", "triton", "torch:no-fp32-acc", "eager:ce")
 

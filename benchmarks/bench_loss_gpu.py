@@ -86,7 +86,7 @@ def main(argv=None) -> int:
     if args.dry_run:
         # Triton reads this when the kernels are created, i.e. at the first launch (bs_kernels imports them lazily).
         os.environ["TRITON_INTERPRET"] = "1"
-    from bs_kernels.backends import triton as triton_backend
+    from bs_kernels.backends import triton_launch as triton_backend
 
     device = torch.device("cpu" if args.dry_run else "cuda")
     if device.type == "cuda" and not torch.cuda.is_available():

@@ -32,7 +32,7 @@ from harness import MIB, Bench, loss_backward, markdown_table, measure_peak, pea
 from providers import LOGITS_SHAPES, OPTIONS, PROMPT_FRACTION, TINY_LOGITS_SHAPES, logits_case
 
 import bs_kernels
-import bs_kernels.vocab_parallel as vocab_parallel
+import bs_kernels._vocab_shards as vocab_shards
 
 SHAPES = {**LOGITS_SHAPES, **TINY_LOGITS_SHAPES}
 CPU = torch.device("cpu")
@@ -53,7 +53,7 @@ def shard_inputs(batch: int, length: int, vocab: int, rank: int, world: int):
 def bytes_sent_per_call(bench: Bench) -> int:
     """Run one call with the package's all_gather and torch.distributed's all_reduce counted; bytes this rank sent."""
     sent = []
-    gather, reduce = vocab_parallel.all_gather_single, dist.all_reduce
+    gather, reduce = vocab_shards.all_gather_single, dist.all_reduce
 
     def counted_gather(output, tensor, group=None):
         sent.append(tensor.numel() * tensor.element_size())
@@ -63,12 +63,12 @@ def bytes_sent_per_call(bench: Bench) -> int:
         sent.append(tensor.numel() * tensor.element_size())
         return reduce(tensor, *args, **kwargs)
 
-    vocab_parallel.all_gather_single, dist.all_reduce = counted_gather, counted_reduce
+    vocab_shards.all_gather_single, dist.all_reduce = counted_gather, counted_reduce
     try:
         bench.reset()
         bench.run()
     finally:
-        vocab_parallel.all_gather_single, dist.all_reduce = gather, reduce
+        vocab_shards.all_gather_single, dist.all_reduce = gather, reduce
     return sum(sent)
 
 

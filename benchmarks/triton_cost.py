@@ -483,7 +483,7 @@ def replay_lanes(groups: int, lanes: int, vec: int, top_k: int):
 
 
 def lane_variants() -> list[Variant]:
-    from bs_kernels.backends import triton as launcher
+    from bs_kernels.backends import triton_launch as launcher
 
     out = []
     for top_k in (20, 0):

@@ -17,7 +17,8 @@ import torch
 
 from ._options import BSOptions
 from ._rows import is_dtensor
-from .vocab_parallel import VocabShards, sharded_linear_loss, sharded_token_loss
+from ._vocab_shards import VocabShards
+from .vocab_parallel import sharded_linear_loss, sharded_token_loss
 
 
 def vocab_sharded_local(tensor, dim: int, name: str) -> tuple[torch.Tensor, VocabShards]:

@@ -6,34 +6,15 @@ the strides allow it), call the backend through the autograd Function (or the re
 
 from __future__ import annotations
 
-from typing import NamedTuple
-
 import torch
 from torch import nn
 
 from . import _options as opts
 from ._options import BSOptions
-from ._rows import RowLayout, check_sequence_reduction, is_dtensor, logits_rows, reduce_rows
+from ._rows import check_sequence_reduction, is_dtensor, logits_rows, reduce_rows
 from .autograd import backend_rows
-from .epilogue import RowOutputs
+from .epilogue import BSTokenStats, RowOutputs
 from .reference import reference_rows
-
-
-class BSTokenStats(NamedTuple):
-    """Per (shifted) position statistics of one pass; shapes follow the (shifted) labels, plus k for beliefs."""
-
-    token_logprobs: torch.Tensor  # [...]    log p(label), 0 where ignored
-    belief_ids: torch.Tensor  # [..., k] int64, the k most likely ids (any order)
-    belief_probs: torch.Tensor  # [..., k] q: their probabilities renormalised over the k (with the temperature)
-
-    @classmethod
-    def of_rows(cls, layout: RowLayout, rows: RowOutputs) -> BSTokenStats:
-        """The statistics of [N] / [N, k] row outputs, in the (shifted) labels' shape."""
-        return cls(
-            token_logprobs=layout.unflatten(rows.token_logprobs),
-            belief_ids=layout.unflatten(rows.belief_ids),
-            belief_probs=layout.unflatten(rows.belief_probs),
-        )
 
 
 def _compute_rows(

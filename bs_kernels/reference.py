@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import torch
 
+from ._dtypes import compute_dtype
 from ._options import BSOptions
-from .backends.contract import compute_dtype
 from .epilogue import RowOutputs
 
 

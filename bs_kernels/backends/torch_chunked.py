@@ -18,7 +18,8 @@ from __future__ import annotations
 
 import torch
 
-from .contract import RawRowStats, compute_dtype
+from .._dtypes import compute_dtype
+from .contract import RawRowStats
 
 NAME = "torch"
 

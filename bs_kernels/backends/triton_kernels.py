@@ -1,4 +1,4 @@
-# The Triton kernels of impl="triton" (launchers, validation and block sizes live in triton.py).
+# The Triton kernels of impl="triton" (launchers, validation and block sizes live in triton_launch.py).
 #
 # Forward, buckets (bs_rows_forward_kernel; the launcher's choice for few rows or k > 64), one program per row,
 # streaming the vocabulary in blocks of BLOCK_V logits (upcast to float32, or float64 for float64 input):
@@ -279,17 +279,6 @@ def _value_field(key, IS_FP64: tl.constexpr):
         return key & FP64_VALUE_MASK
     else:
         return (key >> 32).to(tl.int32)
-
-
-@triton.jit
-def _ordered_field(x, IS_FP64: tl.constexpr):
-    """The order-preserving integer of float values, comparable with _value_field (untruncated)."""
-    if IS_FP64:
-        bits = x.to(tl.int64, bitcast=True)
-        return tl.where(bits >= 0, bits, bits ^ 0x7FFFFFFFFFFFFFFF)
-    else:
-        bits = x.to(tl.int32, bitcast=True)
-        return tl.where(bits >= 0, bits, bits ^ 0x7FFFFFFF)
 
 
 @triton.jit

@@ -25,7 +25,7 @@ import bs_kernels
 from bs_kernels import bs_token_loss, forget_logprobs
 from bs_kernels._options import BSOptions
 from bs_kernels.backends import torch_chunked
-from bs_kernels.backends import triton as triton_backend
+from bs_kernels.backends import triton_launch as triton_backend
 from bs_kernels.epilogue import finish_rows
 
 INTERPRETING = os.environ.get("TRITON_INTERPRET") == "1"

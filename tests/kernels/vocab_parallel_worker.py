@@ -237,18 +237,18 @@ def counted_collectives():
 
         return wrapper
 
-    import bs_kernels.vocab_parallel as vocab_parallel
+    import bs_kernels._vocab_shards as vocab_shards
 
-    gather_before = vocab_parallel.all_gather_single
+    gather_before = vocab_shards.all_gather_single
     for name, original in originals.items():
         setattr(dist, name, counting(name, original))
-    vocab_parallel.all_gather_single = counting("all_gather_single", gather_before)
+    vocab_shards.all_gather_single = counting("all_gather_single", gather_before)
     try:
         yield calls
     finally:
         for name, original in originals.items():
             setattr(dist, name, original)
-        vocab_parallel.all_gather_single = gather_before
+        vocab_shards.all_gather_single = gather_before
 
 
 def case_communication_volume(ctx: Context) -> None:
