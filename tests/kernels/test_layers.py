@@ -31,7 +31,7 @@ LAYER_OF = {name: index for index, names in enumerate(LAYERS) for name in names}
 
 
 def module_name(path: pathlib.Path) -> str:
-    """The dotted name "backends.contract" for bs_kernels/backends/contract.py, "backends" for its __init__, "" for the root."""
+    """The dotted name: "backends.contract" for backends/contract.py, "backends" for its __init__, "" for the root."""
     parts = list(path.relative_to(PACKAGE).with_suffix("").parts)
     if parts[-1] == "__init__":
         parts.pop()
