@@ -6,15 +6,12 @@ BS_BENCH_TINY=1 pytest benchmarks/ --benchmark-only    # tiny shapes: checks tha
 
 from __future__ import annotations
 
-import pathlib
-import sys
-
 import pytest
 import torch
 
-sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
-from harness import MIB, environ, markdown_table, peak_memory, synchronized  # noqa: E402
-from providers import unavailable  # noqa: E402
+# pytest puts this folder (no __init__.py) on sys.path before it imports this file, as running a script here does.
+from harness import MIB, environ, markdown_table, peak_memory, synchronized
+from providers import unavailable
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 ROUNDS = 3

@@ -39,7 +39,6 @@ from collections.abc import Callable
 import numpy as np
 import torch
 
-REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 # H200 SXM: 132 SMs, 4 schedulers per SM each issuing one warp instruction per clock, 1.98 GHz boost, 4.8 TB/s HBM3e.
 H200 = {"sms": 132, "schedulers": 4, "clock_hz": 1.98e9, "hbm_bytes_per_s": 4.8e12}
@@ -520,7 +519,6 @@ def random_rows(vocab: int, rows: int, seed: int = 0) -> np.ndarray:
 
 def smollm2_rows(answers: int, seed: int = 0) -> np.ndarray:
     """SmolLM2-135M-Instruct's logits (V = 49 152) at the answer positions of TOFU forget10, rounded to bf16."""
-    sys.path.insert(0, str(REPO_ROOT / "python"))
     from bs_unlearn.data import read_qa_records, tokenize_qa
     from bs_unlearn.models import load_model_and_tokenizer
 
