@@ -39,7 +39,6 @@ from collections.abc import Callable
 import numpy as np
 import torch
 
-
 # H200 SXM: 132 SMs, 4 schedulers per SM each issuing one warp instruction per clock, 1.98 GHz boost, 4.8 TB/s HBM3e.
 H200 = {"sms": 132, "schedulers": 4, "clock_hz": 1.98e9, "hbm_bytes_per_s": 4.8e12}
 ROWS_AT = 8192  # N of the benchmark shape
