@@ -42,8 +42,12 @@ def main() -> None:
     parser.add_argument("--dtype", default="bfloat16")
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--providers", type=provider_list(LINEAR_PROVIDERS), default=",".join(DEFAULT_PROVIDERS),
-                        help=f"comma-separated, from {', '.join(LINEAR_PROVIDERS)}")  # fmt: skip
+    parser.add_argument(
+        "--providers",
+        type=provider_list(LINEAR_PROVIDERS),
+        default=",".join(DEFAULT_PROVIDERS),
+        help=f"comma-separated, from {', '.join(LINEAR_PROVIDERS)}",
+    )
     parser.add_argument("--dry-run", action="store_true", help="CPU under the Triton interpreter, N = 16, V = 300")
     args = parser.parse_args()
     if args.dry_run:
@@ -59,12 +63,27 @@ def main() -> None:
     device_name = torch.cuda.get_device_name() if device.type == "cuda" else "dry-run-cpu"
     if "liger" in args.providers and unavailable("liger", device) is not None:
         print(f"!!! LIGER-KERNEL IS MISSING: no liger row, no 'vs liger' ratio ({unavailable('liger', device)})")
-    print(f"\n### bs_linear_loss on {device_name}: N={rows}, H={args.hidden}, V={args.vocab}, {args.dtype}; "
-          f"one [N, V] tensor = {nv_gib:.2f} GiB")  # fmt: skip
-    case = dict(batch=args.batch, length=args.length, hidden=args.hidden, vocab=args.vocab, dtype=args.dtype,
-                device=device.type, options=OPTIONS)  # fmt: skip
-    header = ["provider", "fwd+bwd (ms)", "vs liger", "peak above inputs+grads (GiB)", "largest block (GiB)",
-              "grad_W GEMM"]  # fmt: skip
+    print(
+        f"\n### bs_linear_loss on {device_name}: N={rows}, H={args.hidden}, V={args.vocab}, {args.dtype}; "
+        f"one [N, V] tensor = {nv_gib:.2f} GiB"
+    )
+    case = dict(
+        batch=args.batch,
+        length=args.length,
+        hidden=args.hidden,
+        vocab=args.vocab,
+        dtype=args.dtype,
+        device=device.type,
+        options=OPTIONS,
+    )
+    header = [
+        "provider",
+        "fwd+bwd (ms)",
+        "vs liger",
+        "peak above inputs+grads (GiB)",
+        "largest block (GiB)",
+        "grad_W GEMM",
+    ]
     print("\n".join(markdown_table(header, [])), flush=True)  # rows follow as they are measured
     results = {}
     for name in args.providers:

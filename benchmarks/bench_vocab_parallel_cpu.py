@@ -90,9 +90,16 @@ def rank_main(rank: int, world: int, rendezvous: str, shape: str, impl: str, rou
     dist.barrier()
     timing = time_bench(bench, CPU, rounds=rounds)
     sent = bytes_sent_per_call(bench)
-    result = dict(rank=rank, best_ms=timing.best_ms, median_ms=timing.median_ms, cpu_ms=timing.median_cpu_ms,
-                  peak=memory.above_inputs,
-                  local_bytes=tensor_bytes(local), sent=sent, loss=memory.value)  # fmt: skip
+    result = dict(
+        rank=rank,
+        best_ms=timing.best_ms,
+        median_ms=timing.median_ms,
+        cpu_ms=timing.median_cpu_ms,
+        peak=memory.above_inputs,
+        local_bytes=tensor_bytes(local),
+        sent=sent,
+        loss=memory.value,
+    )
     results = [None] * world
     dist.all_gather_object(results, result)
     if rank == 0:
@@ -103,8 +110,13 @@ def rank_main(rank: int, world: int, rendezvous: str, shape: str, impl: str, rou
 def parallel_rows(world: int, shape: str, impl: str, rounds: int) -> list[list[str]]:
     with tempfile.TemporaryDirectory() as folder:
         output = os.path.join(folder, "results.json")
-        mp.start_processes(rank_main, args=(world, os.path.join(folder, "rendezvous"), shape, impl, rounds, output),
-                           nprocs=world, join=True, start_method="spawn")  # fmt: skip
+        mp.start_processes(
+            rank_main,
+            args=(world, os.path.join(folder, "rendezvous"), shape, impl, rounds, output),
+            nprocs=world,
+            join=True,
+            start_method="spawn",
+        )
         results = json.loads(pathlib.Path(output).read_text())
     return [
         [f"vocab-parallel {impl}, P={world}, rank {r['rank']}", f"{r['best_ms']:.0f}", f"{r['median_ms']:.0f}",
@@ -151,8 +163,10 @@ def main() -> None:
         f"torch {torch.__version__}, 1 thread per process; load average {load_before[0]:.1f} before, "
         f"{load_after[0]:.1f} after"
     )
-    title = (f"fwd+bwd, B={batch} T={length} V={vocab} fp32, k={OPTIONS['top_k']} lam={OPTIONS['lam']}, "
-             f"rounds: {args.rounds}")  # fmt: skip
+    title = (
+        f"fwd+bwd, B={batch} T={length} V={vocab} fp32, k={OPTIONS['top_k']} lam={OPTIONS['lam']}, "
+        f"rounds: {args.rounds}"
+    )
     table = markdown_table(
         ["what (per rank)", "best ms", "median ms", "median CPU ms", "peak above inputs (MiB)", "x its logits",
          "KiB sent per call"],

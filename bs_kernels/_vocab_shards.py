@@ -185,8 +185,9 @@ class ShardedRows:
         local_ids = raw.belief_ids.to(torch.int64).contiguous()
         return rows, local_ids, self.local_belief_weights(chosen_slots, rows.belief_weights)
 
-    def grad_logits(self, grad_row_loss, logits, rows_labels, local_labels, lse, local_ids, local_weights,
-                    inplace: bool):  # fmt: skip
+    def grad_logits(
+        self, grad_row_loss, logits, rows_labels, local_labels, lse, local_ids, local_weights, inplace: bool
+    ):
         """Step 4: this shard's dL/dz = dL/dl * (-pi + label term if owned + its chosen beliefs' weights).
 
         dL/dl and lse go through epilogue.backward_rows, as on one process (0 on ignored rows, a NaN row where the

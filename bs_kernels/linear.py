@@ -263,8 +263,7 @@ def _reduction_weights(rows_labels: torch.Tensor, layout: RowLayout, reduction: 
     return weights
 
 
-def _linear_rows(hidden, weight, bias, labels, *, shift: bool, impl: str, options: BSOptions,
-                 accumulate_in_fp32: bool):  # fmt: skip
+def _linear_rows(hidden, weight, bias, labels, *, shift: bool, impl: str, options: BSOptions, accumulate_in_fp32: bool):
     """Shared body of bs_linear_loss and linear_forget_logprobs: (loss or per-position values, stats)."""
     _check_linear_inputs(hidden, weight, bias, labels, shift, options.ignore_index)
     hidden, weight, bias = _autocast(hidden, weight, bias)
@@ -376,15 +375,24 @@ def bs_linear_loss(
     if is_dtensor(weight):  # an lm_head sharded over the vocabulary (tensor parallelism): bs_kernels/dtensor.py
         from .dtensor import dtensor_linear_loss
 
-        return dtensor_linear_loss(hidden, weight, bias, labels, options, impl=impl, shift=shift,
-                                   return_stats=return_stats)  # fmt: skip
+        return dtensor_linear_loss(
+            hidden, weight, bias, labels, options, impl=impl, shift=shift, return_stats=return_stats
+        )
     if impl == "reference" or torch.compiler.is_compiling():
         _check_linear_inputs(hidden, weight, bias, labels, shift, ignore_index)
         return bs_token_loss(
-            _materialised_logits(hidden, weight, bias), labels, lam=lam, top_k=top_k, ignore_index=ignore_index,
-            shift=shift, reduction=reduction, detach_belief=detach_belief, belief_temperature=belief_temperature,
-            impl=impl, return_stats=return_stats,
-        )  # fmt: skip
+            _materialised_logits(hidden, weight, bias),
+            labels,
+            lam=lam,
+            top_k=top_k,
+            ignore_index=ignore_index,
+            shift=shift,
+            reduction=reduction,
+            detach_belief=detach_belief,
+            belief_temperature=belief_temperature,
+            impl=impl,
+            return_stats=return_stats,
+        )
     loss, stats = _linear_rows(
         hidden, weight, bias, labels, shift=shift, impl=impl, options=options, accumulate_in_fp32=accumulate_in_fp32
     )

@@ -1,6 +1,6 @@
 """Public API: bs_token_loss, forget_logprobs and the BSTokenLoss module.
 
-Layering (shared/CONVENTIONS.md): validate arguments here, pick the backend, flatten to rows [N, V] (a view where
+Layering (CONTRIBUTING.md): validate arguments here, pick the backend, flatten to rows [N, V] (a view where
 the strides allow it), call the backend through the autograd Function (or the reference), reduce outside autograd.
 """
 
@@ -80,8 +80,15 @@ def bs_token_loss(
     if is_dtensor(logits):  # sharded over the vocabulary (tensor parallelism): bs_kernels/dtensor.py
         from .dtensor import dtensor_token_loss
 
-        return dtensor_token_loss(logits, labels, options, impl=impl, shift=shift, return_stats=return_stats,
-                                  inplace_backward=inplace_backward)  # fmt: skip
+        return dtensor_token_loss(
+            logits,
+            labels,
+            options,
+            impl=impl,
+            shift=shift,
+            return_stats=return_stats,
+            inplace_backward=inplace_backward,
+        )
     check_sequence_reduction(labels, shift=shift, reduction=reduction)
     rows, rows_labels, layout = logits_rows(logits, labels, shift=shift, ignore_index=options.ignore_index)
     outputs = _compute_rows(rows, rows_labels, impl, options, inplace_backward=inplace_backward)
@@ -107,8 +114,9 @@ def forget_logprobs(
     if is_dtensor(logits):  # sharded over the vocabulary: bs_kernels/dtensor.py
         from .dtensor import dtensor_token_loss
 
-        return dtensor_token_loss(logits, labels, options, impl=impl, shift=shift, return_stats=False,
-                                  inplace_backward=False)  # fmt: skip
+        return dtensor_token_loss(
+            logits, labels, options, impl=impl, shift=shift, return_stats=False, inplace_backward=False
+        )
     rows, rows_labels, layout = logits_rows(logits, labels, shift=shift, ignore_index=options.ignore_index)
     return layout.unflatten(_compute_rows(rows, rows_labels, impl, options).row_loss)
 

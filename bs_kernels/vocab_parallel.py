@@ -2,7 +2,7 @@
 
 Each rank p holds the logits of a contiguous vocabulary range [start_p, start_p + V_p) (Megatron's vocab-parallel
 layout; a DTensor sharded Shard(-1), as ColwiseParallel(use_local_output=False) on the lm_head produces, is adapted
-by bs_kernels/dtensor.py). The one-pass algebra of SPEC.md carries over because everything the epilogue needs is a
+by bs_kernels/dtensor.py). The one-pass algebra of docs/math.md carries over because everything the epilogue needs is a
 reduction over the vocabulary that composes across shards:
   1. local pass: backend.forward on the rank's own [N, V_p] shard (the unchanged backend contract) with the labels
      moved into the shard's numbering (label - start_p where the label falls in the shard, else -1), giving per row
@@ -21,12 +21,13 @@ reduction over the vocabulary that composes across shards:
      shard's own candidate slots (weight 0 for a candidate that did not make the global top-k). The candidates are
      the ids the backend itself returned, so they are distinct, as the native and Triton backward kernels require.
 The backend contract (backends/contract.py) is therefore unchanged: every local backend (torch, native, triton) is
-the per-shard kernel as it is.
+the per-shard kernel as it is. Steps 1-3 and the shards' layout live in _vocab_shards.py (ShardedRows, VocabShards);
+this module holds the autograd Functions and the public forms.
 Why one all_gather rather than Megatron's all_reduce pair (max, sum-exp) plus an all_reduce of the label logit: the
 top-k candidates must be gathered anyway, and lse and z_y ride along as 2 of the 2 + 2 k_pad columns (5% of the
 volume at k = 20), so a call pays one collective's latency instead of four.
 
-Ties at the k-th value (SPEC.md: any k of the tied entries may be chosen) are broken towards the lower group rank
+Ties at the k-th value (docs/math.md: any k of the tied entries may be chosen) are broken towards the lower group rank
 (a stable sort over the candidates in rank order), padding slots of ranks with fewer than k_pad candidates last.
 
 Communication per call (s = 4 bytes for float32/bfloat16/float16 logits, 8 for float64; P = group size):
@@ -102,8 +103,17 @@ def _shard_rows(local_logits, labels, *, shift: bool, ignore_index: int, shards:
     return rows, rows_labels, shard_labels(rows_labels, shards), layout
 
 
-def sharded_token_loss(local_logits, labels, shards: VocabShards, options: BSOptions, *, impl: str, shift: bool,
-                       return_stats: bool, inplace_backward: bool):  # fmt: skip
+def sharded_token_loss(
+    local_logits,
+    labels,
+    shards: VocabShards,
+    options: BSOptions,
+    *,
+    impl: str,
+    shift: bool,
+    return_stats: bool,
+    inplace_backward: bool,
+):
     """bs_token_loss on a vocabulary shard whose layout is known (the body of both public forms and of DTensor's)."""
     check_sequence_reduction(labels, shift=shift, reduction=options.reduction)
     rows, rows_labels, local_labels, layout = _shard_rows(
@@ -155,16 +165,27 @@ def vocab_parallel_bs_token_loss(
         float64) per rank and call (module docstring).
     """
     options = opts.loss_options(
-        lam=lam, top_k=top_k, belief_temperature=belief_temperature, detach_belief=detach_belief,
-        ignore_index=ignore_index, reduction=reduction, impl=impl,
-    )  # fmt: skip
+        lam=lam,
+        top_k=top_k,
+        belief_temperature=belief_temperature,
+        detach_belief=detach_belief,
+        ignore_index=ignore_index,
+        reduction=reduction,
+        impl=impl,
+    )
     check_floating(local_logits, "local_logits")
     opts.check_bool(inplace_backward, "inplace_backward")
     shards = VocabShards.gathered(local_logits.shape[-1], vocab_start, group, local_logits.device)
     return sharded_token_loss(
-        local_logits, labels, shards, options, impl=impl, shift=shift, return_stats=return_stats,
+        local_logits,
+        labels,
+        shards,
+        options,
+        impl=impl,
+        shift=shift,
+        return_stats=return_stats,
         inplace_backward=inplace_backward,
-    )  # fmt: skip
+    )
 
 
 def vocab_parallel_forget_logprobs(
@@ -249,9 +270,15 @@ class _VocabParallelLinearFunction(torch.autograd.Function):
                 hidden_chunk = hidden_rows[rows]
                 logits = chunk_logits(hidden_chunk, local_weight, local_bias)
                 grad = sharded.grad_logits(
-                    grad_row_loss[rows], logits, rows_labels[rows], local_labels[rows], lse[rows], local_ids[rows],
-                    local_weights[rows], True,
-                )  # fmt: skip
+                    grad_row_loss[rows],
+                    logits,
+                    rows_labels[rows],
+                    local_labels[rows],
+                    lse[rows],
+                    local_ids[rows],
+                    local_weights[rows],
+                    True,
+                )
                 if needs_hidden:
                     torch.mm(grad, local_weight, out=grad_hidden[rows])
                 if needs_weight:
@@ -277,18 +304,32 @@ def _check_shard_linear_inputs(hidden, local_weight, local_bias, labels, shift: 
             f"{tuple(hidden.shape)} and weight {tuple(local_weight.shape)}"
         )
     if hidden.dtype != local_weight.dtype or hidden.device != local_weight.device:
-        raise TypeError(f"hidden ({hidden.dtype}, {hidden.device}) and weight ({local_weight.dtype}, "
-                        f"{local_weight.device}) must have the same dtype and device")  # fmt: skip
+        raise TypeError(
+            f"hidden ({hidden.dtype}, {hidden.device}) and weight ({local_weight.dtype}, "
+            f"{local_weight.device}) must have the same dtype and device"
+        )
     if local_bias is not None:
         check_floating(local_bias, "bias")
         if local_bias.shape != local_weight.shape[:1] or local_bias.dtype != local_weight.dtype:
-            raise ValueError(f"bias must be [V_p] = [{local_weight.shape[0]}] of the weight's dtype, got "
-                             f"{tuple(local_bias.shape)} {local_bias.dtype}")  # fmt: skip
+            raise ValueError(
+                f"bias must be [V_p] = [{local_weight.shape[0]}] of the weight's dtype, got "
+                f"{tuple(local_bias.shape)} {local_bias.dtype}"
+            )
     check_labels(hidden, labels, shift=shift, name="hidden")
 
 
-def sharded_linear_loss(hidden, local_weight, local_bias, labels, shards: VocabShards, options: BSOptions, *,
-                        impl: str, shift: bool, return_stats: bool):  # fmt: skip
+def sharded_linear_loss(
+    hidden,
+    local_weight,
+    local_bias,
+    labels,
+    shards: VocabShards,
+    options: BSOptions,
+    *,
+    impl: str,
+    shift: bool,
+    return_stats: bool,
+):
     """bs_linear_loss with this rank's lm_head rows [V_p, H] (layout known); body of the plain and DTensor forms."""
     _check_shard_linear_inputs(hidden, local_weight, local_bias, labels, shift)
     check_sequence_reduction(labels, shift=shift, reduction=options.reduction)
@@ -307,8 +348,9 @@ def sharded_linear_loss(hidden, local_weight, local_bias, labels, shards: VocabS
     loss = reduce_rows(scatter_rows(row_values, valid), rows_labels, layout, options.reduction)
     if not return_stats:
         return loss
-    outputs = RowOutputs(None, *(scatter_rows(values, valid) for values in (token_logprobs, belief_ids, belief_probs)),
-                         None, None)  # fmt: skip
+    outputs = RowOutputs(
+        None, *(scatter_rows(values, valid) for values in (token_logprobs, belief_ids, belief_probs)), None, None
+    )
     return loss, BSTokenStats.of_rows(layout, outputs)
 
 
@@ -346,9 +388,14 @@ def vocab_parallel_linear_loss(
     one all_reduce of [M, H] (M = valid positions) in backward (module docstring).
     """
     options = opts.loss_options(
-        lam=lam, top_k=top_k, belief_temperature=belief_temperature, detach_belief=detach_belief,
-        ignore_index=ignore_index, reduction=reduction, impl=impl,
-    )  # fmt: skip
+        lam=lam,
+        top_k=top_k,
+        belief_temperature=belief_temperature,
+        detach_belief=detach_belief,
+        ignore_index=ignore_index,
+        reduction=reduction,
+        impl=impl,
+    )
     check_floating(local_weight, "local_weight")
     shards = VocabShards.gathered(local_weight.shape[0], vocab_start, group, local_weight.device)
     return sharded_linear_loss(

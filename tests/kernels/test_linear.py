@@ -163,7 +163,7 @@ def test_fully_ignored_sequences(impl, reduction):
         assert_close(grad, ref_grad, torch.float32)
     assert (grads[0][1] == 0).all()
 
-    labels[:] = -100  # nothing at all: 0 with zero gradients (SPEC.md)
+    labels[:] = -100  # nothing at all: 0 with zero gradients (docs/math.md)
     loss, _, grads = run_linear(hidden.float(), weight.float(), bias.float(), labels, impl, **options)
     assert (loss == 0).all()
     assert all((grad == 0).all() for grad in grads)
@@ -307,9 +307,17 @@ def test_chunk_bound():
         (lambda h, w, b, y: (h, w, b, y + 37), ValueError, "outside"),
         (lambda h, w, b, y: (h.long(), w, b, y), TypeError, "hidden must be a floating"),
     ],
-    ids=["H_mismatch", "dtype_mismatch", "bias_shape", "weight_1d", "labels_shape", "float_labels", "label_range",
-         "int_hidden"],
-)  # fmt: skip
+    ids=[
+        "H_mismatch",
+        "dtype_mismatch",
+        "bias_shape",
+        "weight_1d",
+        "labels_shape",
+        "float_labels",
+        "label_range",
+        "int_hidden",
+    ],
+)
 def test_bad_input(mutate, error, match):
     hidden, weight, bias, labels = make_case()
     hidden, weight, bias, labels = mutate(hidden, weight, bias, labels)
@@ -319,9 +327,14 @@ def test_bad_input(mutate, error, match):
 
 @pytest.mark.parametrize(
     "option, error",
-    [({"lam": 1.5}, ValueError), ({"top_k": 0}, ValueError), ({"reduction": "mean"}, ValueError),
-     ({"impl": "cuda"}, ValueError), ({"ignore_index": 1.0}, TypeError)],
-)  # fmt: skip
+    [
+        ({"lam": 1.5}, ValueError),
+        ({"top_k": 0}, ValueError),
+        ({"reduction": "mean"}, ValueError),
+        ({"impl": "cuda"}, ValueError),
+        ({"ignore_index": 1.0}, TypeError),
+    ],
+)
 def test_bad_options(option, error):
     hidden, weight, bias, labels = make_case()
     name = next(iter(option))
