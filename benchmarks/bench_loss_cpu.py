@@ -71,10 +71,11 @@ def fwd_bwd_table(shape: str, rounds: int, providers: list[str]) -> list[str]:
     logits, labels = logits_inputs(batch, length, vocab, torch.float32, CPU)
     copy_ms, read_ms = bandwidth_floor(logits, max(rounds, 3))
     timings = {
-        name: time_bench(logits_bench(logits_provider(name, OPTIONS), logits, labels), CPU,
-                         rounds=reference_rounds(name, rounds))
+        name: time_bench(
+            logits_bench(logits_provider(name, OPTIONS), logits, labels), CPU, rounds=reference_rounds(name, rounds)
+        )
         for name in providers
-    }  # fmt: skip
+    }
     best = {name: timing.best_ms for name, timing in timings.items()}
 
     def speedup(baseline: str, name: str, digits: int) -> str:
@@ -145,8 +146,12 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--shapes", nargs="+", default=list(LOGITS_SHAPES), choices=list(SHAPES))
     parser.add_argument("--rounds", type=int, default=7)
-    parser.add_argument("--providers", type=provider_list(PROVIDERS), default=list(PROVIDERS),
-                        help="comma-separated subset of the fwd+bwd providers (default: all)")  # fmt: skip
+    parser.add_argument(
+        "--providers",
+        type=provider_list(PROVIDERS),
+        default=list(PROVIDERS),
+        help="comma-separated subset of the fwd+bwd providers (default: all)",
+    )
     parser.add_argument("--no-forward-table", action="store_true", help="only the fwd+bwd table per shape")
     args = parser.parse_args()
     reason = native.unavailable_reason(CPU)

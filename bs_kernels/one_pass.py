@@ -24,11 +24,11 @@ from types import ModuleType
 
 import torch
 
+from ._dtypes import compute_dtype
 from ._options import BSOptions
 from ._rows import RowLayout, reduce_rows
 from .autograd import rows_backward  # noqa: F401  (registers bs_kernels::rows_backward, used below)
 from .backends import get_backend, resolve_impl
-from .backends.contract import compute_dtype
 from .epilogue import RowOutputs, backward_rows, finish_rows
 
 # Benchmarks only: "1" keeps bs_token_loss on the two-pass path (forward, then backward reads the logits again), so
