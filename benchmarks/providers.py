@@ -23,6 +23,7 @@ Linear case, a loss of hidden [B, T, H], the lm_head weight [V, H] and labels [B
   eager:ce         materialised logits, then F.cross_entropy in float32: the hard-label path of Hugging Face models
   torch, native, triton   impl=...: gradients formed in forward, 3 GEMMs per chunk
   torch:recompute  impl="torch", reduction="none", token mean taken outside: backward recomputes the logits (4 GEMMs)
+  native:two-pass  impl="native", each chunk's gradient formed by a second pass over it (BS_KERNELS_NATIVE_TWO_PASS=1)
   torch:no-fp32-acc, triton:no-fp32-acc   accumulate_in_fp32=False: grad_W summed in the weight's dtype, as Liger does
   liger            Liger-Kernel's fused linear cross entropy (CUDA)
 """
@@ -62,6 +63,7 @@ LINEAR_PROVIDERS = (
     "torch:recompute",
     "torch:no-fp32-acc",
     "native",
+    "native:two-pass",
     "triton",
     "triton:no-fp32-acc",
     "liger",
@@ -164,6 +166,9 @@ def linear_provider(name: str, options: dict | None = None) -> Provider:
     base, _, variant = name.partition(":")
     if name in ("reference", "torch", "native", "triton"):
         return Provider(name, functools.partial(bs_kernels.bs_linear_loss, impl=name, **options))
+    if name == "native:two-pass":
+        loss = functools.partial(bs_kernels.bs_linear_loss, impl="native", **options)
+        return Provider(name, loss, environ={TWO_PASS_ENV: "1"})
     if base in ("torch", "triton") and variant == "no-fp32-acc":
         return Provider(
             name, functools.partial(bs_kernels.bs_linear_loss, impl=base, accumulate_in_fp32=False, **options)

@@ -31,8 +31,8 @@ from .autograd import rows_backward  # noqa: F401  (registers bs_kernels::rows_b
 from .backends import get_backend, resolve_impl
 from .epilogue import RowOutputs, backward_rows, finish_rows
 
-# Benchmarks only: "1" keeps bs_token_loss on the two-pass path (forward, then backward reads the logits again), so
-# both can be timed side by side in one process (benchmarks/providers.py, native:two-pass).
+# Benchmarks only: "1" keeps bs_token_loss and bs_linear_loss on the two-pass path (forward, then backward reads the
+# logits again), so both can be timed side by side in one process (benchmarks/providers.py, native:two-pass).
 TWO_PASS_ENV = "BS_KERNELS_NATIVE_TWO_PASS"
 
 
@@ -68,6 +68,11 @@ def forward_with_grad(
     return rows, grad
 
 
+def has_forward_grad(backend: ModuleType) -> bool:
+    """Whether ``backend`` forms the gradient in its forward pass (native), unless TWO_PASS_ENV turns that off."""
+    return hasattr(backend, "forward_grad") and os.environ.get(TWO_PASS_ENV, "0") in ("", "0")
+
+
 def applies(logits: torch.Tensor, impl: str, options: BSOptions, inplace_backward: bool) -> bool:
     """Whether bs_token_loss on rows ``logits`` takes the one-pass path (see the module docstring)."""
     return (
@@ -78,8 +83,8 @@ def applies(logits: torch.Tensor, impl: str, options: BSOptions, inplace_backwar
         and logits.device.type == "cpu"
         and impl in ("auto", "native")
         and not torch.compiler.is_compiling()
-        and os.environ.get(TWO_PASS_ENV, "0") in ("", "0")
         and resolve_impl(impl, logits.device) == "native"
+        and has_forward_grad(get_backend("native", logits.device))
     )
 
 

@@ -195,3 +195,30 @@ def test_sparse_grad_operator():
     arguments = (rows.clone(), torch.rand(6), row_labels, lse, label_logits, belief_logits, belief_ids,
                  torch.rand(6, 4), 0.8)  # fmt: skip
     torch.library.opcheck(torch.ops.bs_kernels.native_sparse_grad_.default, arguments)
+
+
+def test_fused_linear_takes_the_one_pass(forward_grads, monkeypatch):
+    """bs_linear_loss(impl="native") writes each chunk's gradient in the chunk's forward pass, with the gradients of
+    the two-pass chunk path bit for bit (same kernel code, same row weights)."""
+    from bs_kernels import bs_linear_loss
+
+    generator = torch.Generator().manual_seed(0)
+    hidden = torch.randn(2, 9, 16, generator=generator)
+    weight = torch.randn(301, 16, generator=generator)
+    labels = torch.randint(0, 301, (2, 9), generator=generator)
+    labels[:, :2] = -100
+
+    def grads():
+        h, w = leaf(hidden), leaf(weight)
+        loss = bs_linear_loss(h, w, labels, impl="native", top_k=7)
+        loss.backward()
+        return loss.detach(), h.grad, w.grad
+
+    one = grads()
+    assert len(forward_grads) >= 1
+    monkeypatch.setenv(one_pass.TWO_PASS_ENV, "1")
+    calls = len(forward_grads)
+    two = grads()
+    assert len(forward_grads) == calls
+    for actual, expected in zip(one, two, strict=True):
+        assert torch.equal(actual, expected)
