@@ -108,9 +108,11 @@ class OnePassLossFunction(torch.autograd.Function):
     def backward(ctx, grad_loss, *unused_grads):
         grad, ctx.grad = ctx.grad, None
         if grad is not None and not torch.is_grad_enabled():
-            # The incoming gradient of a scalar loss is a 0-dim CPU tensor: comparing it costs nothing.
-            if not bool(grad_loss == 1):
-                grad.mul_(grad_loss.to(grad.dtype))
+            # The incoming gradient of a scalar loss is a 0-dim CPU tensor: reading it costs nothing. As a Python
+            # number it scales a bf16/fp16 gradient in float32 (one rounding), not after rounding itself to bf16.
+            scale = grad_loss.item()
+            if scale != 1:
+                grad.mul_(scale)
             return grad, None, None, None
         # A second backward (retain_graph=True: the first one handed the gradient over) or create_graph=True: the
         # two-pass backward, from the saved statistics.

@@ -222,3 +222,11 @@ def test_fused_linear_takes_the_one_pass(forward_grads, monkeypatch):
     assert len(forward_grads) == calls
     for actual, expected in zip(one, two, strict=True):
         assert torch.equal(actual, expected)
+
+
+def test_auto_on_cpu_takes_the_one_pass(forward_grads):
+    logits, labels = random_case(2, 5, 31)
+    _, grad = _grad(logits, labels, "auto")
+    assert len(forward_grads) == 1
+    _, expected = _grad(logits, labels, "reference")
+    torch.testing.assert_close(grad, expected, **TOLERANCES[torch.float64])
