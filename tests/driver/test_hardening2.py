@@ -1,0 +1,171 @@
+"""Issue 26 (hardening 2), the driver's share: output folders owned by their run (item 9), one-line errors where
+tracebacks were (item 14), messages that name the file and line or the argument (item 16).
+
+Runs in-process except where a second, live or SIGKILLed process is the point.
+"""
+
+from __future__ import annotations
+
+import os
+import pathlib
+import signal
+import subprocess
+import sys
+import textwrap
+
+import pytest
+from bs_unlearn import cli, outputs
+from bs_unlearn.commands.base import EXIT_BAD_INPUT
+from driver_fixtures import tiny_setup  # noqa: F401  (pytest fixture)
+
+ROOT = pathlib.Path(outputs.__file__).resolve().parents[2]  # the checkout whose bs_unlearn is under test
+
+
+def run_cli(capsys, argv: list[str]) -> tuple[int, list[str]]:
+    try:
+        status = cli.main(argv)
+    except SystemExit as exit_:  # argparse usage errors
+        status = exit_.code
+    return status, capsys.readouterr().err.strip().splitlines()
+
+
+def start_holder(code: str, tmp_path: pathlib.Path) -> tuple[subprocess.Popen, str]:
+    """A second Python process that runs ``code`` (which prints one line when it holds its folder, then sleeps);
+    returns it and the line."""
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), str(ROOT / "python")]), TMPDIR=str(tmp_path))
+    script = "import sys, time\nfrom bs_unlearn import outputs\n" + textwrap.dedent(code)
+    process = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True, env=env)
+    line = process.stdout.readline().strip()
+    assert line, "the holder process failed to start"
+    return process, line
+
+
+def kill(process: subprocess.Popen) -> None:
+    process.send_signal(signal.SIGKILL)
+    process.wait(timeout=30)
+    process.stdout.close()
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Item 9: a live run's staging folder is never removed; a dead run's is; dead runs' scratch folders are cleaned
+# --------------------------------------------------------------------------------------------------------------
+
+
+def test_a_live_runs_staging_folder_is_never_removed(tmp_path):
+    output = tmp_path / "out"
+    holder, staging = start_holder(
+        f"""
+        with outputs.atomic_output_dir({str(output)!r}, overwrite=False) as staging:
+            (staging / "model.safetensors").write_text("run A's weights")
+            print(staging, flush=True)
+            time.sleep(120)
+        """,
+        tmp_path,
+    )
+    try:
+        assert pathlib.Path(staging) == outputs.partial_dir_for(output)
+        with pytest.raises(ValueError, match=rf"being written by another run \(pid {holder.pid} on "):
+            outputs.check_output_dir(output, overwrite=False)
+        with (
+            pytest.raises(ValueError, match="being written by another run"),
+            outputs.atomic_output_dir(output, overwrite=True),
+        ):
+            pytest.fail("run B must not start")
+        assert (pathlib.Path(staging) / "model.safetensors").read_text() == "run A's weights"
+    finally:
+        kill(holder)
+    # Its owner is dead now (SIGKILL: no cleanup ran), so the leftover goes and run B saves.
+    with outputs.atomic_output_dir(output, overwrite=False) as staging_b:
+        assert not (staging_b / "model.safetensors").exists()
+        (staging_b / "run.json").write_text("{}")
+    assert sorted(p.name for p in output.iterdir()) == [".bs-unlearn-output", "run.json"]  # no owner file left
+    assert not outputs.partial_dir_for(output).exists()
+
+
+def test_unlearn_cli_refuses_an_output_a_live_run_is_writing(tiny_setup, tmp_path, capsys):  # noqa: F811
+    output = tmp_path / "out"
+    holder, staging = start_holder(
+        f"""
+        with outputs.atomic_output_dir({str(output)!r}, overwrite=False) as staging:
+            print(staging, flush=True)
+            time.sleep(120)
+        """,
+        tmp_path,
+    )
+    try:
+        argv = ["unlearn", "--method", "ga", "--forget", str(tiny_setup["forget"]), "--model", str(tiny_setup["model"])]
+        status, lines = run_cli(capsys, [*argv, "--output", str(output), "--max-steps", "1", "--no-progress"])
+        assert status == EXIT_BAD_INPUT and len(lines) == 1 and "being written by another run" in lines[0], lines
+        assert pathlib.Path(staging).is_dir() and not output.exists()
+    finally:
+        kill(holder)
+
+
+def test_dead_runs_scratch_folders_are_removed_live_ones_kept(tmp_path, monkeypatch):
+    monkeypatch.setattr("tempfile.tempdir", str(tmp_path))
+    code = """
+        with outputs.scratch_dir() as folder:
+            print(folder, flush=True)
+            time.sleep(120)
+        """
+    live, live_folder = start_holder(code, tmp_path)
+    dead, dead_folder = start_holder(code, tmp_path)  # its start leaves the live one alone
+    kill(dead)
+    old_style = tmp_path / "bs-unlearn-olderversion"  # no owner file: cannot tell, so kept
+    old_style.mkdir()
+    try:
+        assert pathlib.Path(dead_folder).is_dir() and (pathlib.Path(dead_folder) / outputs.OWNER_FILE).is_file()
+        with outputs.scratch_dir() as mine:
+            assert mine.parent == tmp_path and (mine / outputs.OWNER_FILE).is_file()
+            assert not pathlib.Path(dead_folder).exists()
+            assert pathlib.Path(live_folder).is_dir() and old_style.is_dir()
+            assert outputs.remove_dead_scratch_dirs() == []  # this process's own folder is live too
+        assert not mine.exists()
+    finally:
+        kill(live)
+    assert outputs.remove_dead_scratch_dirs(tmp_path) == [pathlib.Path(live_folder)]
+    assert old_style.is_dir()
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Item 14: output paths that cannot be created are refused before any work, in one line
+# --------------------------------------------------------------------------------------------------------------
+
+
+def test_output_name_near_the_file_name_limit(tmp_path):
+    """A 250-byte name is a valid folder name, but ".NAME.partial" is not: the staging name is shortened (one per
+    output, still recognised as a leftover); a name over 255 bytes is refused clearly."""
+    output = tmp_path / ("n" * 250)
+    staging = outputs.partial_dir_for(output)
+    assert len(staging.name) <= 255 and staging.name.startswith(".nnn") and staging.name.endswith(".partial")
+    assert outputs.partial_dir_for(tmp_path / ("n" * 249 + "m")) != staging
+    with outputs.atomic_output_dir(output, overwrite=False) as folder:
+        assert folder == staging
+        (folder / "run.json").write_text("{}")
+    assert (output / "run.json").is_file()
+    with outputs.atomic_output_dir(output, overwrite=True) as folder:  # the replace path uses ".NAME.previous" too
+        (folder / "run.json").write_text("[]")
+    assert (output / "run.json").read_text() == "[]"
+    outputs.write_json_atomic({"a": 1}, tmp_path / ("j" * 250 + ".json"))
+    with pytest.raises(ValueError, match="256 bytes long; file systems allow at most 255"):
+        outputs.check_output_dir(tmp_path / ("n" * 256), overwrite=False)
+    with pytest.raises(ValueError, match="file systems allow at most 255"):
+        outputs.check_output_file(tmp_path / ("n" * 256), overwrite=False)
+
+
+def test_output_under_a_file_is_refused(tmp_path):
+    (tmp_path / "notes.txt").write_text("x")
+    for path in (tmp_path / "notes.txt" / "out", tmp_path / "notes.txt" / "a" / "b"):
+        with pytest.raises(ValueError, match=r"cannot create output .*notes.txt is a file, not a folder"):
+            outputs.check_output_dir(path, overwrite=False)
+        with pytest.raises(ValueError, match=r"notes.txt is a file, not a folder"):
+            outputs.check_output_file(path, overwrite=False)
+
+
+def test_eval_refuses_an_output_under_a_file_before_computing(tiny_setup, tmp_path, capsys, monkeypatch):  # noqa: F811
+    (tmp_path / "notes.txt").write_text("x")
+    monkeypatch.setattr("bs_unlearn.models.load_model_and_tokenizer", lambda *a, **k: pytest.fail("loaded"))
+    argv = ["eval", "--model", str(tiny_setup["model"]), "--forget", str(tiny_setup["forget"])]
+    status, lines = run_cli(capsys, [*argv, "--output", str(tmp_path / "notes.txt" / "metrics.json")])
+    assert status == EXIT_BAD_INPUT and len(lines) == 1, lines
+    assert "notes.txt is a file, not a folder" in lines[0]
