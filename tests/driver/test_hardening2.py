@@ -6,8 +6,11 @@ Runs in-process except where a second, live or SIGKILLed process is the point.
 
 from __future__ import annotations
 
+import json
 import os
 import pathlib
+import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -16,6 +19,7 @@ import textwrap
 import pytest
 from bs_unlearn import cli, outputs
 from bs_unlearn.commands.base import EXIT_BAD_INPUT
+from bs_unlearn.models import load_model_and_tokenizer
 from driver_fixtures import tiny_setup  # noqa: F401  (pytest fixture)
 
 ROOT = pathlib.Path(outputs.__file__).resolve().parents[2]  # the checkout whose bs_unlearn is under test
@@ -169,3 +173,42 @@ def test_eval_refuses_an_output_under_a_file_before_computing(tiny_setup, tmp_pa
     status, lines = run_cli(capsys, [*argv, "--output", str(tmp_path / "notes.txt" / "metrics.json")])
     assert status == EXIT_BAD_INPUT and len(lines) == 1, lines
     assert "notes.txt is a file, not a folder" in lines[0]
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Item 14: a damaged model folder is one line naming the file, not a traceback or a multi-line report
+# --------------------------------------------------------------------------------------------------------------
+
+
+def damaged_model(tiny_setup, tmp_path, damage: str) -> pathlib.Path:  # noqa: F811
+    model = tmp_path / f"model-{damage}"
+    shutil.copytree(tiny_setup["model"], model)
+    weights = model / "model.safetensors"
+    data = weights.read_bytes()
+    if damage == "half":  # header intact, tensors cut
+        weights.write_bytes(data[: len(data) // 2])
+    elif damage == "header":  # cut inside the header
+        weights.write_bytes(data[:20])
+    elif damage == "vocab":
+        config = json.loads((model / "config.json").read_text())
+        config["vocab_size"] += 7
+        (model / "config.json").write_text(json.dumps(config))
+    return model
+
+
+@pytest.mark.parametrize(
+    "damage, message",
+    [
+        ("half", r"model.safetensors is truncated \(\d+ bytes, its header describes \d+\)"),
+        ("header", r"model.safetensors is truncated \(20 bytes\)"),
+        ("vocab", r"config.json has vocab_size=\d+ but model.safetensors holds (lm_head|model.embed_tokens).weight with \d+ rows"),
+    ],
+)
+def test_damaged_model_is_one_line(tiny_setup, tmp_path, capsys, damage, message):  # noqa: F811
+    model = damaged_model(tiny_setup, tmp_path, damage)
+    argv = ["eval", "--model", str(model), "--forget", str(tiny_setup["forget"]), "--output", str(tmp_path / "m.json")]
+    status, lines = run_cli(capsys, argv)
+    assert status == EXIT_BAD_INPUT and len(lines) == 1, lines
+    assert re.search(message, lines[0]), lines
+    with pytest.raises(ValueError, match=message):  # the library's loader says the same
+        load_model_and_tokenizer(str(model))
