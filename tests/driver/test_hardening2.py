@@ -201,7 +201,11 @@ def damaged_model(tiny_setup, tmp_path, damage: str) -> pathlib.Path:  # noqa: F
     [
         ("half", r"model.safetensors is truncated \(\d+ bytes, its header describes \d+\)"),
         ("header", r"model.safetensors is truncated \(20 bytes\)"),
-        ("vocab", r"config.json has vocab_size=\d+ but model.safetensors holds (lm_head|model.embed_tokens).weight with \d+ rows"),
+        (
+            "vocab",
+            r"config.json has vocab_size=\d+ but model.safetensors holds (lm_head|model.embed_tokens).weight "
+            r"with \d+ rows",
+        ),
     ],
 )
 def test_damaged_model_is_one_line(tiny_setup, tmp_path, capsys, damage, message):  # noqa: F811
@@ -212,3 +216,25 @@ def test_damaged_model_is_one_line(tiny_setup, tmp_path, capsys, damage, message
     assert re.search(message, lines[0]), lines
     with pytest.raises(ValueError, match=message):  # the library's loader says the same
         load_model_and_tokenizer(str(model))
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Item 17: tests find TOFU and the open-unlearning checkout through environment variables, and say which
+# --------------------------------------------------------------------------------------------------------------
+
+
+def test_data_locations_come_from_environment_variables(tmp_path):
+    tests = pathlib.Path(__file__).resolve().parents[1]
+    env = dict(os.environ, BS_TOFU_DIR=str(tmp_path / "tofu"), BS_OPEN_UNLEARNING_DIR=str(tmp_path / "ou"))
+    code = (
+        "import conftest, sys; sys.path.insert(0, 'driver'); import open_unlearning_checkout as o; "
+        "print(conftest.TOFU_DIR, o.TOFU_DIR, o.CHECKOUT)"
+    )
+    shown = subprocess.run([sys.executable, "-c", code], cwd=tests, env=env, capture_output=True, text=True, check=True)
+    assert shown.stdout.split() == [str(tmp_path / "tofu"), str(tmp_path / "tofu"), str(tmp_path / "ou")]
+    run = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-rs", "-p", "no:cacheprovider", "test_open_unlearning_checkout.py"],
+        cwd=tests / "driver", env=env, capture_output=True, text=True,
+    )  # fmt: skip
+    skipped = [line for line in run.stdout.splitlines() if line.startswith("SKIPPED")]
+    assert skipped and all("set BS_OPEN_UNLEARNING_DIR" in line for line in skipped), run.stdout
