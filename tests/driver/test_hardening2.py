@@ -238,3 +238,67 @@ def test_data_locations_come_from_environment_variables(tmp_path):
     )  # fmt: skip
     skipped = [line for line in run.stdout.splitlines() if line.startswith("SKIPPED")]
     assert skipped and all("set BS_OPEN_UNLEARNING_DIR" in line for line in skipped), run.stdout
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Item 14: the open-unlearning launcher's errors are one line naming the cause
+# --------------------------------------------------------------------------------------------------------------
+
+
+def fake_checkout(root: pathlib.Path, *, trainer: bool = True, grad_diff_import: str = "") -> pathlib.Path:
+    """A folder shaped like open-unlearning: src/train.py prints its arguments; src/trainer has a registry and a
+    GradDiff (importing ``grad_diff_import`` first, to stand for a dependency that is not installed)."""
+    src = root / "src"
+    src.mkdir(parents=True)
+    (src / "train.py").write_text(
+        "import sys\nimport trainer\nprint('TRAIN', sorted(trainer.TRAINER_REGISTRY), sys.argv[1:])\n"
+    )
+    if trainer:
+        (src / "trainer" / "unlearn").mkdir(parents=True)
+        (src / "trainer" / "__init__.py").write_text("TRAINER_REGISTRY = {}\n")
+        (src / "trainer" / "unlearn" / "__init__.py").write_text("")
+        (src / "trainer" / "unlearn" / "grad_diff.py").write_text(
+            (f"import {grad_diff_import}\n" if grad_diff_import else "")
+            + "import transformers\n\n\nclass GradDiff(transformers.Trainer):\n"
+            "    def __init__(self, *args, gamma=1.0, alpha=1.0, retain_loss_type='NLL', **kwargs):\n"
+            "        super().__init__(*args, **kwargs)\n"
+        )
+    return root
+
+
+def launch(*argv: str, cwd: pathlib.Path) -> subprocess.CompletedProcess:
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), str(ROOT / "python")]))
+    command = [sys.executable, "-m", "bs_unlearn.integrations.open_unlearning_train", *argv]
+    return subprocess.run(command, cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
+
+
+def test_launcher_errors_are_one_line(tmp_path):
+    no_trainer = fake_checkout(tmp_path / "no-trainer", trainer=False)
+    broken = fake_checkout(tmp_path / "broken", grad_diff_import="a_dependency_that_is_not_installed")
+    cases = [
+        (
+            ["--checkout", str(no_trainer), "experiment=x"],
+            f"{no_trainer} is not an open-unlearning checkout (no src/trainer",
+        ),
+        (["experiment=x", "--checkout", str(no_trainer)], f"{no_trainer} is not an open-unlearning checkout"),
+        (
+            ["--checkout", str(broken)],
+            "cannot import open-unlearning's trainer package from "
+            f"{broken / 'src'}: No module named 'a_dependency_that_is_not_installed'",
+        ),
+        (["experiment=x", "--checkout"], "--checkout needs the open-unlearning checkout directory"),
+    ]
+    for argv, message in cases:
+        run = launch(*argv, cwd=tmp_path)
+        lines = run.stderr.strip().splitlines()
+        assert run.returncode == 1 and len(lines) == 1, (argv, run.stderr)
+        assert lines[0].startswith("open_unlearning_train: error: ") and message in lines[0], (argv, lines)
+
+
+def test_launcher_takes_checkout_anywhere(tmp_path):
+    checkout = fake_checkout(tmp_path / "ou")
+    run = launch("--config-name=unlearn.yaml", "--checkout", str(checkout), "trainer=BST", cwd=tmp_path)
+    assert run.returncode == 0, run.stderr
+    out = [line for line in run.stdout.splitlines() if line.startswith("TRAIN")]
+    assert out == [f"TRAIN ['BSS', 'BST'] ['--config-name=unlearn.yaml', 'trainer=BST', 'hydra.searchpath=[file://"
+                   f"{ROOT / 'python' / 'bs_unlearn' / 'integrations' / 'configs'}]']"]  # fmt: skip
