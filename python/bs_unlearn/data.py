@@ -53,6 +53,8 @@ def read_qa_records(path: str | os.PathLike, *, max_examples: int | None = None,
         for field in REQUIRED_FIELDS:
             if not isinstance(row.get(field), str):
                 raise ValueError(f"{path} line {line_number}: missing string field {field!r}")
+        for field, value in row.items():
+            _check_encodable(value, f"{path} line {line_number}: field {field!r}")
         rows.append(row)
     if not rows:
         raise ValueError(f"data file {path} has no examples")
@@ -63,6 +65,26 @@ def read_qa_records(path: str | os.PathLike, *, max_examples: int | None = None,
             keep = np.random.default_rng(seed).permutation(len(rows))[:max_examples]
             rows = [rows[i] for i in sorted(keep)]
     return rows
+
+
+def _check_encodable(value: object, where: str) -> None:
+    """Refuse a string that is not valid Unicode text: JSON's ``\\ud800`` escapes decode to a lone surrogate, which
+    the tokenizer and every writer then fail on ("'utf-8' codec can't encode") without naming the file."""
+    if isinstance(value, str):
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError as error:
+            code = f"\\u{ord(value[error.start]):04x}"
+            raise ValueError(
+                f"{where} holds a lone surrogate ({code} at character {error.start}), which is not valid text; "
+                "fix that escape in the file"
+            ) from None
+    elif isinstance(value, list):
+        for item in value:
+            _check_encodable(item, where)
+    elif isinstance(value, dict):
+        for item in value.values():
+            _check_encodable(item, where)
 
 
 def load_qa_jsonl(path: str | os.PathLike, *, max_examples: int | None = None, seed: int = 0):

@@ -302,3 +302,32 @@ def test_launcher_takes_checkout_anywhere(tmp_path):
     out = [line for line in run.stdout.splitlines() if line.startswith("TRAIN")]
     assert out == [f"TRAIN ['BSS', 'BST'] ['--config-name=unlearn.yaml', 'trainer=BST', 'hydra.searchpath=[file://"
                    f"{ROOT / 'python' / 'bs_unlearn' / 'integrations' / 'configs'}]']"]  # fmt: skip
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Item 16: messages that name the file and line, or what the argument may be
+# --------------------------------------------------------------------------------------------------------------
+
+
+def test_lone_surrogate_names_file_line_and_field(tmp_path, capsys, tiny_setup):  # noqa: F811
+    data = tmp_path / "bad.jsonl"
+    good = json.dumps({"question": "q?", "answer": "a"})
+    data.write_text(good + "\n" + '{"question": "q?", "answer": "a", "perturbed_answer": ["ok", "x\\ud800y"]}\n')
+    from bs_unlearn.data import read_qa_records
+
+    message = r"bad.jsonl line 2: field 'perturbed_answer' holds a lone surrogate \(\\ud800 at character 1\)"
+    with pytest.raises(ValueError, match=message):
+        read_qa_records(data)
+    argv = ["eval", "--model", str(tiny_setup["model"]), "--forget", str(data), "--output", str(tmp_path / "m.json")]
+    status, lines = run_cli(capsys, argv)
+    assert status == EXIT_BAD_INPUT and len(lines) == 1 and re.search(message, lines[0]), lines
+
+
+def test_set_with_an_unknown_role_says_what_the_suffix_may_be(tmp_path, capsys, tiny_setup):  # noqa: F811
+    (tmp_path / "d").mkdir()
+    shutil.copy(tiny_setup["retain"], tmp_path / "d" / "r.jsonl")
+    for spec in (f"x={tmp_path}/d/r.jsonl:weird", "x=d/nothing.jsonl:weird"):
+        argv = ["eval", "--model", str(tiny_setup["model"]), "--set", spec, "--output", str(tmp_path / "m.json")]
+        status, lines = run_cli(capsys, argv)
+        assert status == EXIT_BAD_INPUT and len(lines) == 1, lines
+        assert "the part after ':' (the role) may be forget, retain or options, not 'weird'" in lines[0], lines
