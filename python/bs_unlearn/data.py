@@ -48,16 +48,27 @@ def read_qa_records(path: str | os.PathLike, *, max_examples: int | None = None,
             row = json.loads(line)
         except json.JSONDecodeError as error:
             raise ValueError(f"{path} line {line_number}: not valid JSON ({error.msg})") from error
-        if not isinstance(row, dict):
-            raise ValueError(f"{path} line {line_number}: expected a JSON object with question and answer")
-        for field in REQUIRED_FIELDS:
-            if not isinstance(row.get(field), str):
-                raise ValueError(f"{path} line {line_number}: missing string field {field!r}")
-        for field, value in row.items():
-            _check_encodable(value, f"{path} line {line_number}: field {field!r}")
-        rows.append(row)
+        rows.append(check_qa_record(row, f"{path} line {line_number}"))
     if not rows:
         raise ValueError(f"data file {path} has no examples")
+    return select_examples(rows, max_examples, seed=seed)
+
+
+def check_qa_record(row: object, where: str) -> dict:
+    """``row`` if it is a QA record (a dict with string ``question`` and ``answer``, all text valid Unicode), else
+    ValueError starting with ``where`` (e.g. "FILE line N")."""
+    if not isinstance(row, dict):
+        raise ValueError(f"{where}: expected a JSON object with question and answer")
+    for field in REQUIRED_FIELDS:
+        if not isinstance(row.get(field), str):
+            raise ValueError(f"{where}: missing string field {field!r}")
+    for field, value in row.items():
+        _check_encodable(value, f"{where}: field {field!r}")
+    return row
+
+
+def select_examples(rows: list[dict], max_examples: int | None, *, seed: int = 0) -> list[dict]:
+    """A seeded random subset of ``max_examples`` rows, in their order (all rows when None or enough)."""
     if max_examples is not None:
         if max_examples < 1:
             raise ValueError(f"max_examples must be >= 1, got {max_examples}")

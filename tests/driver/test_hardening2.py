@@ -331,3 +331,11 @@ def test_set_with_an_unknown_role_says_what_the_suffix_may_be(tmp_path, capsys, 
         status, lines = run_cli(capsys, argv)
         assert status == EXIT_BAD_INPUT and len(lines) == 1, lines
         assert "the part after ':' (the role) may be forget, retain or options, not 'weird'" in lines[0], lines
+
+
+def test_demo_default_output_is_ignored_by_git():
+    """Item 18: the demo's default output folder (bs-unlearn-demo/, in the current directory) is never committed."""
+    if not (ROOT / ".git").exists():
+        pytest.skip(f"{ROOT} is not a git checkout")
+    run = subprocess.run(["git", "check-ignore", "-q", "bs-unlearn-demo/table.md"], cwd=ROOT)
+    assert run.returncode == 0, "bs-unlearn-demo/ is not in .gitignore"
