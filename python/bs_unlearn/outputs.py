@@ -107,7 +107,7 @@ def _lock_unless_owned(folder: pathlib.Path):
     the dead owner's lock until closed, so that no other run takes the folder over meanwhile. ``(None, record)``
     when a live process owns it (``record``: its pid, host and start time, as far as readable)."""
     try:
-        handle = open(folder / OWNER_FILE, "r+", encoding="utf-8")  # noqa: SIM115  (returned: it holds the lock)
+        handle = open(folder / OWNER_FILE, encoding="utf-8")  # noqa: SIM115  (returned: it holds the lock)
     except FileNotFoundError:
         return None, None
     except OSError:  # unreadable: another user's, so not ours to judge
@@ -233,12 +233,15 @@ def check_output_dir(
     input (``inputs``: the model folder, data files) or a folder containing one; an existing folder without
     ``overwrite``; an existing, non-empty folder without the bs-unlearn marker (whatever ``overwrite``); a mount
     point (it cannot be renamed); an output another live run is writing (its staging folder is owned). Nothing is
-    created here."""
-    return _check_output_dir(path, overwrite=overwrite, inputs=inputs, staging_is_ours=False)
+    created here.
+
+    Only the main process checks the staging folder's owner: under torchrun the other ranks may check after rank 0
+    has created the job's own staging folder (if another run owns it, rank 0 stops the job)."""
+    return _check_output_dir(path, overwrite=overwrite, inputs=inputs, check_owner=is_main_process())
 
 
 def _check_output_dir(
-    path: str | os.PathLike, *, overwrite: bool, inputs: Iterable[str | os.PathLike], staging_is_ours: bool
+    path: str | os.PathLike, *, overwrite: bool, inputs: Iterable[str | os.PathLike], check_owner: bool
 ) -> pathlib.Path:
     final = pathlib.Path(path).expanduser().resolve()
     _check_can_create(final, path)
@@ -260,7 +263,7 @@ def _check_output_dir(
             raise ValueError(
                 f"{sibling} exists and was not written by bs-unlearn; remove it or choose another --output"
             )
-    if not staging_is_ours:
+    if check_owner:
         _check_staging_free(partial_dir_for(final), path)
     return final
 
@@ -316,7 +319,7 @@ def _move_into_place(staging: pathlib.Path, final: pathlib.Path, *, overwrite: b
         os.replace(staging, final)
         return
     # Still bs-unlearn's: nobody put files there meanwhile.
-    _check_output_dir(final, overwrite=overwrite, inputs=inputs, staging_is_ours=True)
+    _check_output_dir(final, overwrite=overwrite, inputs=inputs, check_owner=False)  # the staging folder is ours
     previous = previous_dir_for(final)
     if previous.exists():  # left by a run killed between the two renames below
         remove_own_output_dir(previous)

@@ -20,7 +20,7 @@ import pytest
 from bs_unlearn import cli, outputs
 from bs_unlearn.commands.base import EXIT_BAD_INPUT
 from bs_unlearn.models import load_model_and_tokenizer
-from driver_fixtures import tiny_setup  # noqa: F401  (pytest fixture)
+from driver_fixtures import tiny_model, tiny_setup, tiny_tokenizer  # noqa: F401  (pytest fixtures)
 
 ROOT = pathlib.Path(outputs.__file__).resolve().parents[2]  # the checkout whose bs_unlearn is under test
 
@@ -339,3 +339,26 @@ def test_demo_default_output_is_ignored_by_git():
         pytest.skip(f"{ROOT} is not a git checkout")
     run = subprocess.run(["git", "check-ignore", "-q", "bs-unlearn-demo/table.md"], cwd=ROOT)
     assert run.returncode == 0, "bs-unlearn-demo/ is not in .gitignore"
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Item 1, as the driver meets it: the reference model of NPO / KL is a deep copy of a model a fused run patched
+# --------------------------------------------------------------------------------------------------------------
+
+
+def test_reference_copy_of_a_fused_model_keeps_its_own_weights(tiny_model, tiny_tokenizer):  # noqa: F811
+    import copy
+
+    import torch
+    from bs_unlearn.objectives import answer_token_logprobs
+
+    input_ids = torch.tensor([[5, 9, 12, 7, 3, 11], [6, 8, 4, 10, 13, 2]])
+    batch = {"input_ids": input_ids, "labels": input_ids.clone(), "attention_mask": torch.ones_like(input_ids)}
+    before = answer_token_logprobs(tiny_model, batch).detach()  # patches tiny_model (the fused path)
+    reference = copy.deepcopy(tiny_model)  # what trainer.py does for NPO's / KL's reference
+    with torch.no_grad():
+        for parameter in tiny_model.parameters():  # training moves the policy
+            parameter.add_(0.5)
+    moved = answer_token_logprobs(tiny_model, batch).detach()
+    assert (moved - before).abs().max() > 1e-3
+    torch.testing.assert_close(answer_token_logprobs(reference, batch).detach(), before, atol=0, rtol=0)
