@@ -17,9 +17,7 @@ import copy
 import dataclasses
 import json
 import pathlib
-import shutil
 import sys
-import tempfile
 import time
 from dataclasses import dataclass
 
@@ -33,7 +31,7 @@ from .config import FinetuneConfig, TrainConfig, UnlearnConfig, run_inputs
 from .data import ForgetRetainCollator, ForgetRetainDataset, QACollator, QADataset, load_qa_jsonl, tokenize_dataset
 from .models import load_model_and_tokenizer
 from .objectives import UnlearnObjective, answer_mask, answer_token_logprobs, nll_loss
-from .outputs import atomic_output_dir, is_main_process
+from .outputs import atomic_output_dir, is_main_process, scratch_dir
 
 RUN_FILE = "run.json"
 
@@ -164,7 +162,6 @@ def _run(kind: str, config: TrainConfig, build, callbacks) -> RunResult:
     save_strategy="no"); only the main process touches the staging directory of the output.
     """
     main = is_main_process()
-    scratch = pathlib.Path(tempfile.mkdtemp(prefix="bs-unlearn-"))
     staging_context = (
         atomic_output_dir(
             config.output,
@@ -175,7 +172,7 @@ def _run(kind: str, config: TrainConfig, build, callbacks) -> RunResult:
         if config.output is not None
         else contextlib.nullcontext(None)
     )
-    try:
+    with scratch_dir() as scratch:
         with staging_context as staging:
             args = _training_arguments(config, scratch)
             set_seed(config.seed)
@@ -197,8 +194,6 @@ def _run(kind: str, config: TrainConfig, build, callbacks) -> RunResult:
                     }
                     (staging / RUN_FILE).write_text(json.dumps(record, indent=2) + "\n")
                 trainer.accelerator.wait_for_everyone()
-    finally:
-        shutil.rmtree(scratch, ignore_errors=True)
     if config.output is not None:
         trainer.accelerator.wait_for_everyone()  # the rename is done before any process returns
     model = trainer.accelerator.unwrap_model(trainer.model)

@@ -1,4 +1,4 @@
-"""The drop-ins inside an unmodified open-unlearning checkout (../shared/vendor/open-unlearning), run as a user would.
+"""The drop-ins inside an unmodified open-unlearning checkout ($BS_OPEN_UNLEARNING_DIR), run as a user would.
 
 open-unlearning's own entry point (src/train.py, hydra, experiment=unlearn/tofu/default) runs offline on a CPU through
 ``python -m bs_unlearn.integrations.open_unlearning_train`` (docs/integrations.md), on a tiny Llama-3-style
@@ -29,17 +29,24 @@ import venv
 from pathlib import Path
 
 import pytest
-from open_unlearning_checkout import CHECKOUT, REPO, TOFU_DIR, offline_cpu_overrides
+from open_unlearning_checkout import (
+    CHECKOUT,
+    CHECKOUT_VARIABLE,
+    REPO,
+    TOFU_DIR,
+    TOFU_DIR_VARIABLE,
+    offline_cpu_overrides,
+)
 
 pytestmark = [
     pytest.mark.open_unlearning,
     pytest.mark.skipif(
         not (CHECKOUT / "src" / "train.py").is_file(),
-        reason=f"no open-unlearning checkout at {CHECKOUT} (it lives in the shared/ folder beside the repository)",
+        reason=f"no open-unlearning checkout at {CHECKOUT}: set {CHECKOUT_VARIABLE} to one",
     ),
     pytest.mark.skipif(
         not (TOFU_DIR / "forget01.jsonl").is_file(),
-        reason=f"TOFU data not found at {TOFU_DIR} (it lives in the shared/ folder beside the repository)",
+        reason=f"TOFU data not found at {TOFU_DIR}: set {TOFU_DIR_VARIABLE} to a folder holding forget01.jsonl etc.",
     ),
 ]
 

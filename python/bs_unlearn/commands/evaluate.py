@@ -48,6 +48,12 @@ def eval_set_files(args: argparse.Namespace) -> list[tuple[str, pathlib.Path, st
         path, _, role = rest.rpartition(":") if rest.endswith((":forget", ":retain", ":options")) else (rest, "", "")
         if not equals or not name or not path:
             raise ValueError(f"--set must look like NAME=PATH[:forget|retain|options], got {spec!r}")
+        _, colon, suffix = rest.rpartition(":")
+        if not role and colon and "/" not in suffix and not pathlib.Path(rest).exists():
+            raise ValueError(
+                f"--set {spec}: no file {rest}, and the part after ':' (the role) may be forget, retain "
+                f"or options, not {suffix!r}"
+            )
         wanted.append((name, pathlib.Path(path), role or "retain"))
     if not wanted:
         raise ValueError(
