@@ -9,12 +9,13 @@ gradients (hidden, weight, bias), computed one chunk of rows at a time through t
   3. g = backend.backward(w_c, logits, ..., inplace=True)      dl/dz scaled by the row weights, written over logits
   4. grad_h[c] = g @ W;   grad_W += g.T @ h_c;   grad_b += sum_c g
 Step 4 is the chain rule through z = h W^T + b: dL/dh = dL/dz W, dL/dW = (dL/dz)^T h, dL/db = 1^T dL/dz.
-Steps 2 and 3 are _ChunkPlan's two methods: the backend and the options are fixed for the whole call.
+Steps 2 and 3 are _ChunkPlan's methods: the backend and the options are fixed for the whole call. With impl="native"
+they are one pass over the chunk (one_pass.py): the gradient is written over each row right after its statistics.
 
 Two autograd Functions, chosen by the reduction:
 - reduced (every reduction but "none"): the reductions are linear in the per-row values, L = sum_i w_i l_i, and the
-  weights w_i depend on the labels only (obtained below by differentiating reduce_token_values, so the two cannot
-  disagree). The gradients are therefore formed during forward (steps 1-4 once: 3 matmuls per chunk, like Liger's
+  weights w_i depend on the labels only (one_pass.reduction_weights differentiates reduce_token_values, so the two
+  cannot disagree). The gradients are therefore formed during forward (steps 1-4 once: 3 matmuls per chunk, like Liger's
   fused linear cross-entropy) and backward only multiplies them by the incoming scalar.
 - rows (reduction="none", linear_forget_logprobs): the caller may weight each row arbitrarily, so forward keeps the
   per-row statistics (lse, belief ids and weights: O(N k)) and backward recomputes step 1 per chunk: 4 matmuls.
@@ -45,17 +46,16 @@ import torch
 from torch.autograd.function import once_differentiable
 
 from . import _options as opts
+from . import one_pass
 from ._chunks import chunk_logits, row_chunks, scatter_rows
 from ._dtypes import compute_dtype
 from ._options import BSOptions
 from ._rows import (
-    RowLayout,
     check_floating,
     check_label_range,
     check_labels,
     check_sequence_reduction,
     is_dtensor,
-    reduce_rows,
     row_labels,
 )
 from ._weight_grad import GradAccumulators, accumulation_dtype
@@ -76,6 +76,14 @@ class _ChunkPlan:
         """Step 2 on a [C, V] chunk with labels [C]."""
         raw = self.backend.forward(logits, labels, self.options.belief_count(logits.shape[-1]))
         return finish_rows(raw, labels, self.options)
+
+    def rows_and_grad(self, logits, labels, grad_rows) -> tuple[RowOutputs, torch.Tensor]:
+        """Steps 2 and 3 with dL/dz written over the chunk's logits: in one pass over the chunk where the backend
+        can (impl="native": one_pass.forward_with_grad), else forward then backward."""
+        if one_pass.has_forward_grad(self.backend):
+            return one_pass.forward_with_grad(self.backend, logits, labels, grad_rows, self.options, inplace=True)
+        rows = self.rows(logits, labels)
+        return rows, self.grad_logits(grad_rows, logits, labels, rows.lse, rows.belief_ids, rows.belief_weights)
 
     def grad_logits(self, grad_rows, logits, labels, lse, belief_ids, belief_weights) -> torch.Tensor:
         """Step 3: dL/dz_i = grad_rows[i] * dl_i/dz_i for a [C, V] chunk, written over the chunk's logits."""
@@ -126,15 +134,13 @@ class _ReducedLinearFunction(torch.autograd.Function):
         for rows in row_chunks(num_rows, vocab_size, hidden_rows.device, widened):
             hidden_chunk = hidden_rows[rows]
             logits = chunk_logits(hidden_chunk, weight, bias)
-            chunk = plan.rows(logits, labels[rows])
-            store.put(rows, chunk)
             if any(needs_grads):
                 # dL/dz_i = w_i * dl_i/dz_i: the contract's backward with grad_rows = w.
-                weights = row_weights[rows].contiguous()
-                grad_logits = plan.grad_logits(
-                    weights, logits, labels[rows], chunk.lse, chunk.belief_ids, chunk.belief_weights
-                )
+                chunk, grad_logits = plan.rows_and_grad(logits, labels[rows], row_weights[rows].contiguous())
                 grads.add_chunk(rows, grad_logits, hidden_chunk, weight)
+            else:
+                chunk = plan.rows(logits, labels[rows])
+            store.put(rows, chunk)
             del logits
         loss = torch.dot(row_weights, store.row_loss)
         grad_hidden, grad_weight, grad_bias = grads.results(weight, bias)
@@ -251,18 +257,6 @@ def _autocast(hidden, weight, bias):
     return hidden.to(dtype), weight.to(dtype), None if bias is None else bias.to(dtype)
 
 
-def _reduction_weights(rows_labels: torch.Tensor, layout: RowLayout, reduction: str, dtype) -> torch.Tensor:
-    """w[i] = dL/dl_i for every row (flattened like the inputs), taken from the reduction itself (reduce_rows).
-
-    Every reduction but "none" is linear in the per-row values, so differentiating it once at any point (here zero)
-    gives its exact weights; the fused Function then applies L = sum_i w_i l_i, identical to the reduction.
-    """
-    with torch.enable_grad():
-        probe = torch.zeros(rows_labels.shape, dtype=dtype, device=rows_labels.device, requires_grad=True)
-        (weights,) = torch.autograd.grad(reduce_rows(probe, rows_labels, layout, reduction), probe)
-    return weights
-
-
 def _linear_rows(hidden, weight, bias, labels, *, shift: bool, impl: str, options: BSOptions, accumulate_in_fp32: bool):
     """Shared body of bs_linear_loss and linear_forget_logprobs: (loss or per-position values, stats)."""
     _check_linear_inputs(hidden, weight, bias, labels, shift, options.ignore_index)
@@ -285,7 +279,7 @@ def _linear_rows(hidden, weight, bias, labels, *, shift: bool, impl: str, option
             )
         result = layout.unflatten(scatter_rows(row_values, valid))
     else:
-        row_weights = _reduction_weights(rows_labels, layout, options.reduction, compute_dtype(hidden.dtype))
+        row_weights = one_pass.reduction_weights(rows_labels, layout, options.reduction, compute_dtype(hidden.dtype))
         grad_mode = torch.is_grad_enabled()
         needs_grads = (
             grad_mode and hidden.requires_grad,

@@ -27,6 +27,11 @@ Operators (torch.ops.bs_kernels.*; fake implementations below so opcheck / torch
     native_forward(logits[N, V], labels[N], top_k) -> (lse[N], label_logits[N], belief_logits[N, k], belief_ids[N, k])
     native_backward(grad_rows, logits, labels, lse, belief_ids, belief_weights, label_weight) -> grad[N, V]
     native_backward_(same arguments) -> ()  writes the gradient into logits
+    native_forward_grad(logits, labels, top_k, grad_rows) -> (the four forward outputs, grad[N, V]): the forward
+        and, per row while it is in cache, the dense part -grad_rows[i] * pi_i of the gradient (forward_grad below)
+    native_forward_grad_(same arguments) -> (the four forward outputs)  that dense part written into logits
+    native_sparse_grad_(grad, grad_rows, labels, lse, label_logits, belief_logits, belief_ids, belief_weights,
+        label_weight) -> ()  then the k + 1 sparse terms of each row, in place (sparse_grad_ below)
 """
 
 from __future__ import annotations
@@ -322,6 +327,43 @@ def backward(
     return torch.ops.bs_kernels.native_backward(*arguments)
 
 
+def forward_grad(
+    logits: torch.Tensor, labels: torch.Tensor, top_k: int, grad_rows: torch.Tensor, inplace: bool
+) -> tuple[RawRowStats, torch.Tensor]:
+    """forward() and, in the same pass over each row, grad[i] = -grad_rows[i] * pi_i: the contract's gradient
+    without its k + 1 sparse terms (sparse_grad_ writes those). Rows with grad_rows 0 get zeros, counted rows
+    whose lse is not finite get NaN (what backward_rows makes of them). Into ``logits`` itself when ``inplace``."""
+    _require_built()
+    if inplace and logits.stride(-1) == 1:
+        outputs = torch.ops.bs_kernels.native_forward_grad_(logits, labels, top_k, grad_rows)
+        grad = logits
+    else:
+        *outputs, grad = torch.ops.bs_kernels.native_forward_grad(logits, labels, top_k, grad_rows)
+    lse, label_logits, belief_logits, belief_ids = outputs
+    raw = RawRowStats(lse=lse, label_logits=label_logits, belief_logits=belief_logits, belief_ids=belief_ids)
+    return raw, grad
+
+
+def sparse_grad_(
+    grad: torch.Tensor,
+    grad_rows: torch.Tensor,
+    labels: torch.Tensor,
+    lse: torch.Tensor,
+    raw: RawRowStats,
+    belief_ids: torch.Tensor,
+    belief_weights: torch.Tensor,
+    label_weight: float,
+) -> None:
+    """Rewrite the k + 1 sparse entries of each row of forward_grad's ``grad`` as the contract's
+    grad_rows * (coef - pi), from the forward's statistics ``raw`` (backward's own code, so with the grad_rows and
+    lse of backward_rows the gradient equals native_backward's); rows with grad_rows 0 are left as they are."""
+    _require_built()
+    torch.ops.bs_kernels.native_sparse_grad_(
+        grad, grad_rows, labels, lse, raw.label_logits, raw.belief_logits, belief_ids, belief_weights,
+        float(label_weight),
+    )  # fmt: skip
+
+
 def _register_fakes() -> None:
     """Shape/dtype-only implementations for FakeTensor tracing (torch.compile, opcheck); registered once."""
     if getattr(_register_fakes, "done", False):
@@ -344,6 +386,18 @@ def _register_fakes() -> None:
 
     @torch.library.register_fake("bs_kernels::native_backward_")
     def _backward_inplace_fake(grad_rows, logits, labels, lse, belief_ids, belief_weights, label_weight):
+        return None
+
+    @torch.library.register_fake("bs_kernels::native_forward_grad")
+    def _forward_grad_fake(logits, labels, top_k, grad_rows):
+        return (*_forward_fake(logits, labels, top_k), logits.new_empty(logits.shape))
+
+    @torch.library.register_fake("bs_kernels::native_forward_grad_")
+    def _forward_grad_inplace_fake(logits, labels, top_k, grad_rows):
+        return _forward_fake(logits, labels, top_k)
+
+    @torch.library.register_fake("bs_kernels::native_sparse_grad_")
+    def _sparse_grad_fake(grad, grad_rows, labels, lse, label_logits, belief_logits, belief_ids, belief_weights, w):
         return None
 
     _register_fakes.done = True
