@@ -63,6 +63,7 @@ torch.autocast (bs_linear_loss casts them to the autocast dtype).
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable
 from types import ModuleType
 from typing import NamedTuple
@@ -138,7 +139,9 @@ def agree(check: Callable[[], CheckedCall], anchor: object, group) -> tuple[Chec
     try:
         checked = check()
     except Exception as error:
-        announce_failure(error, group, record_device(anchor, group))
+        # No usable group (none initialised, a bad group argument): no rank can be waiting, this error is the news.
+        with contextlib.suppress(Exception):
+            announce_failure(error, group, record_device(anchor, group))
         raise
     shards = VocabShards.agreed(
         checked.vocab_start, checked.local_size, checked.record, group, record_device(anchor, group)

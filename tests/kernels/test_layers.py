@@ -19,6 +19,7 @@ LAYERS = [
     {"backends"},  # the registry: imports the backends above by name, lazily
     {"epilogue"},
     {"reference", "autograd", "_chunks", "_weight_grad"},
+    {"_vocab_call"},
     {"_vocab_shards"},
     {"vocab_parallel"},
     {"dtensor"},  # loss.py and linear.py dispatch a DTensor to it
