@@ -31,7 +31,7 @@ Ties at the k-th value (docs/math.md: any k of the tied entries may be chosen) a
 (a stable sort over the candidates in rank order), padding slots of ranks with fewer than k_pad candidates last.
 
 Communication per call (s = 4 bytes for float32/bfloat16/float16 logits, 8 for float64; P = group size):
-  every form, first: one all_gather of the call record (below; RECORD_LENGTH = 63 int64, 504 bytes from every rank).
+  every form, first: one all_gather of the call record (below; RECORD_LENGTH = 53 int64, 424 bytes from every rank).
   logits form, forward: one all_gather of N * (2 + 2 * k_pad) elements of s bytes from every rank (the candidate
       values bit-cast beside their ids in one integer tensor); none for an empty batch (N = 0). Backward: nothing.
   fused linear form: the same all_gather per chunk of valid rows in forward (M * (2 + 2 * k_pad) elements over all

@@ -83,6 +83,7 @@ def test_call_record_names_what_differs():
         fields.update(changes)
         return call.ready_record(0, 11, call.CallRecord(**fields), torch.device("cpu")).tolist()
 
+    assert call.RECORD_LENGTH * 8 == 424  # the bytes README and vocab_parallel.py state
     assert call.disagreements([record(), record()]) == []
     found = call.disagreements([record(), record(options=BSOptions(lam=0.5, top_k=3)), record(dtype=torch.float64)])
     assert found == [
