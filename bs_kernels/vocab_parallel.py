@@ -400,10 +400,14 @@ def check_linear_call(
         )
     if local_bias is not None:
         check_floating(local_bias, "bias")
-        if local_bias.shape != local_weight.shape[:1] or local_bias.dtype != local_weight.dtype:
+        if (
+            local_bias.shape != local_weight.shape[:1]
+            or local_bias.dtype != local_weight.dtype
+            or local_bias.device != local_weight.device
+        ):
             raise ValueError(
-                f"bias must be [V_p] = [{local_weight.shape[0]}] of the weight's dtype, got "
-                f"{tuple(local_bias.shape)} {local_bias.dtype}"
+                f"bias must be [V_p] = [{local_weight.shape[0]}] of the weight's dtype and device, got "
+                f"{tuple(local_bias.shape)} {local_bias.dtype} on {local_bias.device}"
             )
     check_labels(hidden, labels, shift=shift, name="hidden")
     check_sequence_reduction(labels, shift=shift, reduction=options.reduction)

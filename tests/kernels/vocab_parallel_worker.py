@@ -500,7 +500,7 @@ def case_one_rank_rejects_its_arguments(ctx: Context) -> None:
     local = logits[..., columns]
     bad_labels = labels.clone()
     bad_labels[0, 4] = -5
-    hidden, weight, _, linear_labels = linear_case(torch.float32)
+    hidden, weight, bias, linear_labels = linear_case(torch.float32)
     sharded = DTensor.from_local(
         local, ctx.mesh, [Shard(-1)], run_check=False, shape=logits.shape, stride=logits.stride()
     )
@@ -530,6 +530,17 @@ def case_one_rank_rejects_its_arguments(ctx: Context) -> None:
             "lam must be in [0, 1]",
             lambda: vocab_parallel_linear_loss(
                 hidden, weight[columns], linear_labels, columns.start, lam=2.0 if odd else 0.2, impl=impl
+            ),
+        ),
+        (  # a bias on another device failed in the first chunk's matmul, after the ranks had started gathering
+            "bias must be [V_p]",
+            lambda: vocab_parallel_linear_loss(
+                hidden,
+                weight[columns],
+                linear_labels,
+                columns.start,
+                local_bias=bias[columns].to("meta" if odd else "cpu"),
+                impl=impl,
             ),
         ),
     ]
