@@ -1,10 +1,10 @@
-"""The vocabulary shards and the one collective of vocabulary-parallel BS-T (steps 1-3 of vocab_parallel.py).
+"""The vocabulary shards and the collectives of vocabulary-parallel BS-T (steps 1-3 of vocab_parallel.py).
 
-:class:`VocabShards` says which vocabulary range every rank holds (gathered from each rank's start and size, or
-derived from a DTensor's placement); :class:`ShardedRows` runs a shard's local pass, packs its per-row statistics
-into one all_gather, merges them into the global statistics the epilogue needs, and maps the global gradient
-coefficients back to the shard for the communication-free backward. The algorithm, its tie rule and its
-communication volume are stated in vocab_parallel.py's docstring.
+:class:`VocabShards` says which vocabulary range every rank holds, gathered in the call's first collective together
+with the call record of _vocab_call.py that every rank must agree on; :class:`ShardedRows` runs a shard's local
+pass, packs its per-row statistics into one all_gather, merges them into the global statistics the epilogue needs,
+and maps the global gradient coefficients back to the shard for the communication-free backward. The algorithm, its
+tie rule and its communication volume are stated in vocab_parallel.py's docstring.
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ import torch.distributed as dist
 
 from ._dtypes import compute_dtype
 from ._options import BSOptions
+from ._vocab_call import RECORD_LENGTH, CallRecord, disagreements, failed_record, failure_text, ready_record
 from .backends import get_backend, resolve_impl
 from .backends.contract import RawRowStats
 from .epilogue import backward_rows, finish_rows
@@ -68,16 +69,29 @@ class VocabShards:
         return cls(starts, sizes, rank, group)
 
     @classmethod
-    def gathered(cls, local_size: int, vocab_start: object, group, device: torch.device) -> VocabShards:
-        """Each rank's (start, size) by one all_gather of two int64, checked to tile [0, V) without gaps."""
-        if not isinstance(vocab_start, int) or isinstance(vocab_start, bool) or vocab_start < 0:
-            raise ValueError(f"vocab_start must be an int >= 0, got {vocab_start!r}")
-        world = dist.get_world_size(group)
-        mine = torch.tensor([vocab_start, local_size], dtype=torch.int64, device=device)
-        everyone = torch.empty(world * 2, dtype=torch.int64, device=device)
-        all_gather_single(everyone, mine, group=group)
-        pairs = everyone.view(world, 2).tolist()
-        starts, sizes = tuple(p[0] for p in pairs), tuple(p[1] for p in pairs)
+    def agreed(cls, vocab_start: int, local_size: int, call: CallRecord, group, device: torch.device) -> VocabShards:
+        """The layout from every rank's (start, size), after checking that every rank is ready and agrees.
+
+        One all_gather of RECORD_LENGTH int64 (_vocab_call.py), the call's first collective. Raises the same
+        ValueError on every rank when another rank failed a local check (its message), when the ranks disagree on
+        the call (what differs, per rank), or when the shards do not tile [0, V).
+        """
+        everyone = _gather_records(ready_record(vocab_start, local_size, call, device), group)
+        failed = [(rank, failure_text(record)) for rank, record in enumerate(everyone) if record[0] != 0]
+        if failed:
+            rank, text = failed[0]
+            raise ValueError(
+                f"vocabulary-parallel call: rank {rank} of the group rejected its arguments ({text}); "
+                f"failed ranks: {[rank for rank, _ in failed]}. No rank computed anything."
+            )
+        differences = disagreements(everyone)
+        if differences:
+            raise ValueError(
+                "vocabulary-parallel call: the ranks of the group disagree on " + "; ".join(differences) + ". Every "
+                "rank must pass the same labels, batch and options, and logits (or hidden states and lm_head rows) "
+                "of the same dtype."
+            )
+        starts, sizes = tuple(record[1] for record in everyone), tuple(record[2] for record in everyone)
         expected_start = 0
         for start, size in sorted(zip(starts, sizes)):
             if start != expected_start:
@@ -89,6 +103,34 @@ class VocabShards:
         if expected_start == 0:
             raise ValueError("the vocabulary shards are all empty: the logits' last dimension is 0 on every rank")
         return cls(starts, sizes, dist.get_rank(group), group)
+
+
+def _gather_records(record: torch.Tensor, group) -> list[list[int]]:
+    world = dist.get_world_size(group)
+    everyone = torch.empty(world * RECORD_LENGTH, dtype=torch.int64, device=record.device)
+    all_gather_single(everyone, record, group=group)
+    return everyone.view(world, RECORD_LENGTH).tolist()
+
+
+def announce_failure(error: BaseException, group, device: torch.device) -> None:
+    """Send this rank's failure record in place of its ready one, so the other ranks raise instead of waiting for
+    it in a collective; the caller then raises ``error`` itself."""
+    _gather_records(failed_record(error, device), group)
+
+
+def record_device(tensor: object, group) -> torch.device:
+    """Where this rank's record travels: beside its tensor, or (no tensor to go by) where the group's backend
+    communicates (CUDA for NCCL, else CPU)."""
+    if isinstance(tensor, torch.Tensor):
+        return tensor.device
+    if dist.get_backend(group) == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def check_vocab_start(vocab_start: object) -> None:
+    if not isinstance(vocab_start, int) or isinstance(vocab_start, bool) or vocab_start < 0:
+        raise ValueError(f"vocab_start must be an int >= 0, got {vocab_start!r}")
 
 
 def shard_labels(rows_labels: torch.Tensor, shards: VocabShards) -> torch.Tensor:
@@ -137,8 +179,9 @@ class ShardedRows:
         floats = torch.cat([raw.lse.to(stats_dtype).unsqueeze(1), label_logits.unsqueeze(1), values], dim=1)
         packed = torch.cat([floats.contiguous().view(carrier), ids.to(carrier)], dim=1)  # [N, 2 + 2 k_pad]
         everyone = torch.empty(self.shards.world * num_rows, packed.shape[1], dtype=carrier, device=device)
-        all_gather_single(everyone, packed, group=self.shards.group)
-        everyone = everyone.view(self.shards.world, num_rows, -1)
+        if num_rows > 0:  # an empty batch (N = 0 on every rank: VocabShards.agreed checked it) has nothing to send
+            all_gather_single(everyone, packed, group=self.shards.group)
+        everyone = everyone.view(self.shards.world, num_rows, packed.shape[1])
         floats = everyone[..., : 2 + self.padded].contiguous().view(stats_dtype)
         return floats[..., 0], floats[..., 1], floats[..., 2:], everyone[..., 2 + self.padded :].to(torch.int64)
 
@@ -201,11 +244,12 @@ class ShardedRows:
         )
 
 
-def shard_backend(impl: str, device: torch.device, shards: VocabShards) -> ModuleType | None:
+def shard_backend(impl: str, device: torch.device, local_size: int) -> ModuleType | None:
+    """The per-shard kernel backend (None for an empty shard); resolved before any collective, as it can fail."""
     name = resolve_impl(impl, device)
     if name == "reference":
         raise ValueError(
             'impl="reference" needs the whole vocabulary row; vocabulary-parallel logits need a kernel backend '
             '("auto", "torch", "native" or "triton"). To compare, gather the logits and call bs_token_loss.'
         )
-    return get_backend(name, device) if shards.size > 0 else None
+    return get_backend(name, device) if local_size > 0 else None
