@@ -40,7 +40,7 @@ import torch
 from transformers import TrainerCallback
 
 from .data import tokenize_qa
-from .metrics import rouge_tokens
+from .metrics.tofu import rouge_tokens
 from .outputs import write_json_atomic
 from .scoring import generate_answers, score_encodings, temperature_samples
 
