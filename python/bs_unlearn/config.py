@@ -71,9 +71,11 @@ class ObjectiveConfig:
     )
     forget_reduction: str | None = field(
         default=None,
-        metadata={"help": "forget-term reduction (default: token_mean for ga, sequence_mean for bs-t)",
-                  "choices": list(FORGET_REDUCTIONS)},
-    )  # fmt: skip
+        metadata={
+            "help": "forget-term reduction (default: token_mean for ga, sequence_mean for bs-t)",
+            "choices": list(FORGET_REDUCTIONS),
+        },
+    )
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:

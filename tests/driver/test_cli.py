@@ -140,9 +140,26 @@ def test_unlearn_options_are_generated_from_the_configs():
             if field.name not in ("objective", "beliefs", "logging_steps"):
                 assert field.name in options, f"{config_class.__name__}.{field.name} has no option"
     args = parser.parse_args(
-        ["unlearn", "--method", "bs-s", "--forget", "f.jsonl", "--output", "o", "--bs-s-base", "bs-t", "--lam", "0.7",
-         "--retain-loss", "none", "--num-beliefs", "5", "--no-progress", "--on-policy"]
-    )  # fmt: skip
+        [
+            "unlearn",
+            "--method",
+            "bs-s",
+            "--forget",
+            "f.jsonl",
+            "--output",
+            "o",
+            "--bs-s-base",
+            "bs-t",
+            "--lam",
+            "0.7",
+            "--retain-loss",
+            "none",
+            "--num-beliefs",
+            "5",
+            "--no-progress",
+            "--on-policy",
+        ]
+    )
     config = config_from_args(UnlearnConfig, args)
     assert config.objective == ObjectiveConfig(method="bs-s", bs_s_base="bs_t", lam=0.7, retain_loss=None)
     assert config.beliefs == BeliefConfig(num_beliefs=5, on_policy=True)

@@ -384,9 +384,20 @@ def test_evaluate_paper_block_and_leak_rate(tiny):
     forget = results["sets"]["forget"]
     paper, per_example = forget["paper"], forget["per_example"]
     assert set(paper) == {
-        "es", "es_convention", "em", "paraphrase_prob", "truth_ratio", "mem", "util", "agg",
-        "leak_rate", "leak_rate_original", "leak_rate_paraphrased", "leak_samples", "leak_temperature",
-    }  # fmt: skip
+        "es",
+        "es_convention",
+        "em",
+        "paraphrase_prob",
+        "truth_ratio",
+        "mem",
+        "util",
+        "agg",
+        "leak_rate",
+        "leak_rate_original",
+        "leak_rate_paraphrased",
+        "leak_samples",
+        "leak_temperature",
+    }
     assert 0 <= paper["es"] <= 1 and 0 <= paper["em"] <= 1
     assert paper["em"] == pytest.approx(np.mean(per_example["em"]))
     assert paper["es"] == pytest.approx(np.mean(per_example["es"]))

@@ -68,10 +68,16 @@ class UnlearnObjective:
         name = cfg.forget_objective
         if name == "bs_t":
             loss, stats = bs_t_forget_loss(
-                model, batch, lam=cfg.lam, top_k=cfg.top_k, belief_temperature=cfg.belief_temperature,
-                reduction=cfg.forget_reduction or DEFAULT_REDUCTION["bs_t"], impl=self.impl, return_stats=True,
+                model,
+                batch,
+                lam=cfg.lam,
+                top_k=cfg.top_k,
+                belief_temperature=cfg.belief_temperature,
+                reduction=cfg.forget_reduction or DEFAULT_REDUCTION["bs_t"],
+                impl=self.impl,
+                return_stats=True,
                 fused=self.fused_linear,
-            )  # fmt: skip
+            )
             return loss, stats.token_logprobs.detach()
         token_logprobs = self.token_logprobs(model, batch)
         if name == "ga":
