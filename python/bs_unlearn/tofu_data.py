@@ -39,7 +39,6 @@ class EvalSet:
     name: str
     records: list[dict]
     role: str = "retain"
-    extra: dict = dataclasses.field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if self.role not in EVAL_ROLES:
