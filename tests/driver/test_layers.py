@@ -125,3 +125,44 @@ def test_bs_kernels_never_imports_bs_unlearn():
 def test_every_module_has_a_layer():
     tops = {_top(path) for path in APP_FILES}
     assert tops <= set(LAYER_OF), f"modules without a layer in this test: {sorted(tops - set(LAYER_OF))}"
+
+
+def _module_of(parts) -> str | None:
+    """The file a dotted target names (a module, or a package's __init__), as a path relative to the package."""
+    for candidate in (APP.joinpath(*parts).with_suffix(".py"), APP.joinpath(*parts, "__init__.py")):
+        if parts and candidate.is_file():
+            return str(candidate.relative_to(APP))
+    return None
+
+
+def test_bs_unlearn_has_no_import_loop():
+    """No chain of imports (module-level or inside a function) leads from a module back to itself; a package's
+    __init__ importing its own modules is the one edge left out (they are loaded through it by design)."""
+    graph: dict[str, set[str]] = {}
+    for path in APP_FILES:
+        name = str(path.relative_to(APP))
+        edges = graph.setdefault(name, set())
+        for target, names, internal in _imports(path):
+            if not internal:
+                continue
+            found = [_module_of(target + [n]) for n in names] if target else []
+            found = [f for f in found if f] or [_module_of(target or names[:1])]
+            for module in filter(None, found):
+                if path.name == "__init__.py" and module.startswith(str(path.parent.relative_to(APP)) + "/"):
+                    continue
+                if module != name:
+                    edges.add(module)
+    state: dict[str, int] = {}
+
+    def visit(node: str, trail: list[str]) -> None:
+        state[node] = 1
+        for nxt in sorted(graph.get(node, ())):
+            if state.get(nxt) == 1:
+                raise AssertionError("import loop: " + " -> ".join(trail[trail.index(nxt) :] + [node, nxt]))
+            if nxt not in state:
+                visit(nxt, trail + [node])
+        state[node] = 2
+
+    for node in sorted(graph):
+        if node not in state:
+            visit(node, [])
