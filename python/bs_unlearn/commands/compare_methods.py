@@ -9,10 +9,15 @@ import dataclasses
 import pathlib
 import time
 from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING
 
 from ..experiment.settings import ComparisonSettings
 from ..outputs import is_main_process
 from .base import positive_int, require_modules
+
+if TYPE_CHECKING:  # the comparison imports torch and transformers: loaded when a command runs, not at start-up
+    from ..experiment.comparison import ComparisonData
+    from ..experiment.run_specs import RunSpec
 
 # Optional packages a comparison needs: the figures, forget quality (KS test), ROUGE-L.
 COMPARISON_MODULES = ("matplotlib", "scipy", "rouge_score")
@@ -67,8 +72,8 @@ def print_progress(message: str) -> None:
 
 
 def compare_and_report(
-    data,
-    specs: Sequence,
+    data: ComparisonData,
+    specs: Sequence[RunSpec],
     *,
     model: str,
     model_name: str,
@@ -81,9 +86,8 @@ def compare_and_report(
     say: Callable[[str], None] = print_progress,
     show: Callable[[str], None] = print,
 ) -> dict:
-    """Everything after a command's data setup: load ``model``, run the comparison on ``data`` (an
-    experiment.comparison.ComparisonData) with ``specs``, write results.json and table.md to ``output`` and show the
-    table; returns the results."""
+    """Everything after a command's data setup: load ``model``, run the comparison on ``data`` with ``specs``, write
+    results.json and table.md to ``output`` and show the table; returns the results."""
     from ..experiment.comparison import run_comparison
     from ..experiment.progress import Laps
     from ..experiment.results import write_table
