@@ -54,9 +54,12 @@ def build_checkpoint(directory: Path, tofu_dir: Path = TOFU_DIR) -> Path:
     word_level.add_special_tokens({"additional_special_tokens": CHAT_TOKENS})
     # Rebuilt around the same backend so that eos is <|eot_id|>, bos <|begin_of_text|> and there is no pad token.
     tokenizer = PreTrainedTokenizerFast(
-        tokenizer_object=word_level.backend_tokenizer, bos_token="<|begin_of_text|>", eos_token="<|eot_id|>",
-        unk_token="<unk>", additional_special_tokens=CHAT_TOKENS,
-    )  # fmt: skip
+        tokenizer_object=word_level.backend_tokenizer,
+        bos_token="<|begin_of_text|>",
+        eos_token="<|eot_id|>",
+        unk_token="<unk>",
+        additional_special_tokens=CHAT_TOKENS,
+    )
     tokenizer.chat_template = CHAT_TEMPLATE
     model = build_tiny_model(word_level, hidden_size=32, layers=2)
     model.config.pad_token_id = None
