@@ -4,11 +4,12 @@
     python benchmarks/bench_linear_cpu.py --batch 2 --length 128
     python benchmarks/bench_linear_cpu.py --batch 2 --length 32 --hidden 64 --vocab 4096 --rounds 2   # a check
 
-Providers (providers.py): reference, eager:torch, torch, native, torch:recompute by default; --providers takes any
-of providers.LINEAR_PROVIDERS (those that cannot run here are listed as skipped). Time: harness.time_bench, the
-median wall time and the median process CPU time (all threads) over --rounds after one warm-up; on a machine
-shared with other jobs the CPU time is the steadier one. Peak memory: harness.peak_memory (a fresh process per
-provider) minus the bytes of the input gradients (hidden, weight), i.e. "above inputs and their gradients".
+Providers (providers.py): reference, eager:torch, torch, native, native:two-pass, torch:recompute by default;
+--providers takes any of providers.LINEAR_PROVIDERS (those that cannot run here are listed as skipped).
+Time: harness.time_bench, the median wall time and the median process CPU time (all threads) over --rounds after
+one warm-up; on a machine shared with other jobs the CPU time is the steadier one. Peak memory:
+harness.peak_memory (a fresh process per provider) minus the bytes of the input gradients (hidden, weight), i.e.
+"above inputs and their gradients".
 Labels: the first T/8 positions ignored; k = 20, lam = 0.2, reduction "sequence_mean".
 """
 
@@ -31,7 +32,7 @@ from providers import (
 )
 
 CPU = torch.device("cpu")
-DEFAULT_PROVIDERS = ("reference", "eager:torch", "torch", "native", "torch:recompute")
+DEFAULT_PROVIDERS = ("reference", "eager:torch", "torch", "native", "native:two-pass", "torch:recompute")
 
 
 def main() -> None:
@@ -43,8 +44,12 @@ def main() -> None:
     parser.add_argument("--vocab", type=int, default=vocab)
     parser.add_argument("--dtype", default="float32")
     parser.add_argument("--rounds", type=int, default=3, help="timed rounds per provider, after one warm-up")
-    parser.add_argument("--providers", type=provider_list(LINEAR_PROVIDERS), default=",".join(DEFAULT_PROVIDERS),
-                        help=f"comma-separated, from {', '.join(LINEAR_PROVIDERS)}")  # fmt: skip
+    parser.add_argument(
+        "--providers",
+        type=provider_list(LINEAR_PROVIDERS),
+        default=",".join(DEFAULT_PROVIDERS),
+        help=f"comma-separated, from {', '.join(LINEAR_PROVIDERS)}",
+    )
     args = parser.parse_args()
 
     shape = dict(batch=args.batch, length=args.length, hidden=args.hidden, vocab=args.vocab)
@@ -77,15 +82,31 @@ def main() -> None:
                 f"{peak / reference_peak:.1%}",
             ]
         rows.append(
-            [name, f"{timing.median_ms / 1e3:.2f}", ratios[0], f"{timing.median_cpu_ms / 1e3:.2f}", ratios[1],
-             f"{peak / MIB:.0f}", ratios[2], f"{loss:.6f}"]
-        )  # fmt: skip
+            [
+                name,
+                f"{timing.median_ms / 1e3:.2f}",
+                ratios[0],
+                f"{timing.median_cpu_ms / 1e3:.2f}",
+                ratios[1],
+                f"{peak / MIB:.0f}",
+                ratios[2],
+                f"{loss:.6f}",
+            ]
+        )
     print(
         f"bs_linear_loss fwd+bwd, B={args.batch}, T={args.length}, H={args.hidden}, V={args.vocab}, {args.dtype}, "
         f"{torch.get_num_threads()} torch threads, median of {args.rounds} rounds after one warm-up"
     )
-    header = ["provider", "fwd+bwd wall (s)", "vs reference", "CPU time (s)", "vs reference",
-              "peak above inputs+grads (MiB)", "vs reference", "loss"]  # fmt: skip
+    header = [
+        "provider",
+        "fwd+bwd wall (s)",
+        "vs reference",
+        "CPU time (s)",
+        "vs reference",
+        "peak above inputs+grads (MiB)",
+        "vs reference",
+        "loss",
+    ]
     print("\n".join(markdown_table(header, rows)))
 
 

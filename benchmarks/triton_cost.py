@@ -39,8 +39,6 @@ from collections.abc import Callable
 import numpy as np
 import torch
 
-REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
-
 # H200 SXM: 132 SMs, 4 schedulers per SM each issuing one warp instruction per clock, 1.98 GHz boost, 4.8 TB/s HBM3e.
 H200 = {"sms": 132, "schedulers": 4, "clock_hz": 1.98e9, "hbm_bytes_per_s": 4.8e12}
 ROWS_AT = 8192  # N of the benchmark shape
@@ -395,7 +393,7 @@ def current_variants() -> list[Variant]:
                     LOG_BLOCK_V=block_v.bit_length() - 1,
                     LOG_BUCKETS=buckets.bit_length() - 1,
                     IS_FP64=False,
-                ),  # fmt: skip
+                ),
                 num_warps=warps,
                 block_v=block_v,
                 top_k=20,
@@ -483,7 +481,7 @@ def replay_lanes(groups: int, lanes: int, vec: int, top_k: int):
 
 
 def lane_variants() -> list[Variant]:
-    from bs_kernels.backends import triton as launcher
+    from bs_kernels.backends import triton_launch as launcher
 
     out = []
     for top_k in (20, 0):
@@ -520,11 +518,12 @@ def random_rows(vocab: int, rows: int, seed: int = 0) -> np.ndarray:
 
 def smollm2_rows(answers: int, seed: int = 0) -> np.ndarray:
     """SmolLM2-135M-Instruct's logits (V = 49 152) at the answer positions of TOFU forget10, rounded to bf16."""
-    sys.path.insert(0, str(REPO_ROOT / "python"))
     from bs_unlearn.data import read_qa_records, tokenize_qa
     from bs_unlearn.models import load_model_and_tokenizer
 
-    tofu = pathlib.Path(os.environ.get("BS_TOFU_DIR", "/work/shared/data/tofu")) / "forget10.jsonl"
+    # The TOFU folder: BS_TOFU_DIR, else shared/data/tofu beside the repository (where the tests look too).
+    default = pathlib.Path(__file__).resolve().parents[2] / "shared" / "data" / "tofu"
+    tofu = pathlib.Path(os.environ.get("BS_TOFU_DIR", default)) / "forget10.jsonl"
     model, tokenizer = load_model_and_tokenizer("default")
     model.eval()
     rows = []
@@ -598,8 +597,13 @@ def evaluate(compiled: Compiled, rows: np.ndarray) -> dict:
     hbm_s = ROWS_AT * vocab * LOGIT_BYTES / H200["hbm_bytes_per_s"]
     blocks_per_row = -(-vocab // variant.block_v)
     frequency = {name: times / len(rows) for name, times in sorted(ran.items())}
-    return dict(per_logit=per_logit, issue_ms=issue_s * 1e3, hbm_ms=hbm_s * 1e3, frequency=frequency,
-                blocks_per_row=blocks_per_row)  # fmt: skip
+    return dict(
+        per_logit=per_logit,
+        issue_ms=issue_s * 1e3,
+        hbm_ms=hbm_s * 1e3,
+        frequency=frequency,
+        blocks_per_row=blocks_per_row,
+    )
 
 
 def markdown(results: list[tuple[Compiled, str, int, dict]]) -> str:
@@ -674,8 +678,11 @@ def main(argv=None) -> int:
         for data_name, rows in data:
             result = evaluate(compiled, rows)
             results.append((compiled, data_name, rows.shape[1], result))
-            print(f"{variant.name:40s} {data_name:40s} V={rows.shape[1]:7d} {result['per_logit']:7.1f} per logit  "
-                  f"issue {result['issue_ms']:6.2f} ms  HBM {result['hbm_ms']:5.2f} ms", flush=True)  # fmt: skip
+            print(
+                f"{variant.name:40s} {data_name:40s} V={rows.shape[1]:7d} {result['per_logit']:7.1f} per logit  "
+                f"issue {result['issue_ms']:6.2f} ms  HBM {result['hbm_ms']:5.2f} ms",
+                flush=True,
+            )
     print()
     print(summary(results))
     print()
@@ -691,7 +698,7 @@ def main(argv=None) -> int:
                 vocab=v,
                 loop_barriers=c.loop_barriers,
                 **r,
-            )  # fmt: skip
+            )
             for c, d, v, r in results
         ]
         args.json.write_text(json.dumps(payload, indent=1))

@@ -1,39 +1,21 @@
 """Public API: bs_token_loss, forget_logprobs and the BSTokenLoss module.
 
-Layering (shared/CONVENTIONS.md): validate arguments here, pick the backend, flatten to rows [N, V] (a view where
+Layering (CONTRIBUTING.md): validate arguments here, pick the backend, flatten to rows [N, V] (a view where
 the strides allow it), call the backend through the autograd Function (or the reference), reduce outside autograd.
 """
 
 from __future__ import annotations
 
-from typing import NamedTuple
-
 import torch
 from torch import nn
 
 from . import _options as opts
+from . import one_pass
 from ._options import BSOptions
-from ._rows import RowLayout, check_sequence_reduction, is_dtensor, logits_rows, reduce_rows
+from ._rows import check_sequence_reduction, is_dtensor, logits_rows, reduce_rows
 from .autograd import backend_rows
-from .epilogue import RowOutputs
+from .epilogue import BSTokenStats, RowOutputs
 from .reference import reference_rows
-
-
-class BSTokenStats(NamedTuple):
-    """Per (shifted) position statistics of one pass; shapes follow the (shifted) labels, plus k for beliefs."""
-
-    token_logprobs: torch.Tensor  # [...]    log p(label), 0 where ignored
-    belief_ids: torch.Tensor  # [..., k] int64, the k most likely ids (any order)
-    belief_probs: torch.Tensor  # [..., k] q: their probabilities renormalised over the k (with the temperature)
-
-    @classmethod
-    def of_rows(cls, layout: RowLayout, rows: RowOutputs) -> BSTokenStats:
-        """The statistics of [N] / [N, k] row outputs, in the (shifted) labels' shape."""
-        return cls(
-            token_logprobs=layout.unflatten(rows.token_logprobs),
-            belief_ids=layout.unflatten(rows.belief_ids),
-            belief_probs=layout.unflatten(rows.belief_probs),
-        )
 
 
 def _compute_rows(
@@ -83,6 +65,10 @@ def bs_token_loss(
             second backward with retain_graph=True). Leaf logits are overwritten too: copy them back before
             reusing them.
 
+    On CPU with impl="native" (or "auto"), a reduced loss (not "none") of logits that require grad, without
+    inplace_backward, is computed together with its gradient in one pass over the logits (bs_kernels/one_pass.py):
+    the [N, V] gradient buffer is then allocated in forward (and held until backward) instead of in backward.
+
     Returns:
         The reduced loss (float32, float64 for float64 logits), and the stats when ``return_stats``.
     """
@@ -99,12 +85,22 @@ def bs_token_loss(
     if is_dtensor(logits):  # sharded over the vocabulary (tensor parallelism): bs_kernels/dtensor.py
         from .dtensor import dtensor_token_loss
 
-        return dtensor_token_loss(logits, labels, options, impl=impl, shift=shift, return_stats=return_stats,
-                                  inplace_backward=inplace_backward)  # fmt: skip
+        return dtensor_token_loss(
+            logits,
+            labels,
+            options,
+            impl=impl,
+            shift=shift,
+            return_stats=return_stats,
+            inplace_backward=inplace_backward,
+        )
     check_sequence_reduction(labels, shift=shift, reduction=reduction)
     rows, rows_labels, layout = logits_rows(logits, labels, shift=shift, ignore_index=options.ignore_index)
-    outputs = _compute_rows(rows, rows_labels, impl, options, inplace_backward=inplace_backward)
-    loss = reduce_rows(outputs.row_loss, rows_labels, layout, options.reduction)
+    if one_pass.applies(rows, impl, options, inplace_backward):  # a scalar loss under autograd on CPU
+        loss, outputs = one_pass.one_pass_loss(rows, rows_labels, layout, options)
+    else:
+        outputs = _compute_rows(rows, rows_labels, impl, options, inplace_backward=inplace_backward)
+        loss = reduce_rows(outputs.row_loss, rows_labels, layout, options.reduction)
     if not return_stats:
         return loss
     return loss, BSTokenStats.of_rows(layout, outputs)
@@ -126,8 +122,9 @@ def forget_logprobs(
     if is_dtensor(logits):  # sharded over the vocabulary: bs_kernels/dtensor.py
         from .dtensor import dtensor_token_loss
 
-        return dtensor_token_loss(logits, labels, options, impl=impl, shift=shift, return_stats=False,
-                                  inplace_backward=False)  # fmt: skip
+        return dtensor_token_loss(
+            logits, labels, options, impl=impl, shift=shift, return_stats=False, inplace_backward=False
+        )
     rows, rows_labels, layout = logits_rows(logits, labels, shift=shift, ignore_index=options.ignore_index)
     return layout.unflatten(_compute_rows(rows, rows_labels, impl, options).row_loss)
 

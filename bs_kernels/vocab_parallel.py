@@ -2,7 +2,7 @@
 
 Each rank p holds the logits of a contiguous vocabulary range [start_p, start_p + V_p) (Megatron's vocab-parallel
 layout; a DTensor sharded Shard(-1), as ColwiseParallel(use_local_output=False) on the lm_head produces, is adapted
-by bs_kernels/dtensor.py). The one-pass algebra of SPEC.md carries over because everything the epilogue needs is a
+by bs_kernels/dtensor.py). The one-pass algebra of docs/math.md carries over because everything the epilogue needs is a
 reduction over the vocabulary that composes across shards:
   1. local pass: backend.forward on the rank's own [N, V_p] shard (the unchanged backend contract) with the labels
      moved into the shard's numbering (label - start_p where the label falls in the shard, else -1), giving per row
@@ -21,27 +21,40 @@ reduction over the vocabulary that composes across shards:
      shard's own candidate slots (weight 0 for a candidate that did not make the global top-k). The candidates are
      the ids the backend itself returned, so they are distinct, as the native and Triton backward kernels require.
 The backend contract (backends/contract.py) is therefore unchanged: every local backend (torch, native, triton) is
-the per-shard kernel as it is.
+the per-shard kernel as it is. Steps 1-3 and the shards' layout live in _vocab_shards.py (ShardedRows, VocabShards);
+this module holds the autograd Functions and the public forms.
 Why one all_gather rather than Megatron's all_reduce pair (max, sum-exp) plus an all_reduce of the label logit: the
 top-k candidates must be gathered anyway, and lse and z_y ride along as 2 of the 2 + 2 k_pad columns (5% of the
 volume at k = 20), so a call pays one collective's latency instead of four.
 
-Ties at the k-th value (SPEC.md: any k of the tied entries may be chosen) are broken towards the lower group rank
+Ties at the k-th value (docs/math.md: any k of the tied entries may be chosen) are broken towards the lower group rank
 (a stable sort over the candidates in rank order), padding slots of ranks with fewer than k_pad candidates last.
 
 Communication per call (s = 4 bytes for float32/bfloat16/float16 logits, 8 for float64; P = group size):
+  every form, first: one all_gather of the call record (below; RECORD_LENGTH = 53 int64, 424 bytes from every rank).
   logits form, forward: one all_gather of N * (2 + 2 * k_pad) elements of s bytes from every rank (the candidate
-      values bit-cast beside their ids in one integer tensor); the plain-tensor form adds one all_gather of 2 int64
-      (each shard's start and size, checked to tile [0, V)). Backward: nothing.
+      values bit-cast beside their ids in one integer tensor); none for an empty batch (N = 0). Backward: nothing.
   fused linear form: the same all_gather per chunk of valid rows in forward (M * (2 + 2 * k_pad) elements over all
       chunks), and in backward one all_reduce of the [M, H] gradient of the hidden states (M = valid positions; the
       hidden states are replicated over the group, so their gradient is the sum of every shard's contribution).
 At N = 4096 rows, k = 20, fp32 that is 672 KiB per rank per call, against about 1 GiB per rank for an all-gather of the
 logits at V = 128 256 over 2 ranks (what loss functions that need the full row do).
 
-Requirements: the same labels (and options) on every rank (not checked: that would cost a collective); every rank
-calls collectively. impl="reference" is refused (it needs the full row); compare with bs_token_loss on the gathered
-logits instead.
+Agreement (_vocab_call.py): the call record holds each shard's start and size, the entry point, the dtype, the labels'
+shape and a checksum of their values, shift, the hidden size, top_k, lam, belief_temperature, detach_belief,
+ignore_index and reduction. Ranks that disagree on any of them raise the same ValueError, naming it with every rank's
+value, before any collective sized by the call. Every argument check that needs no other rank runs before the record
+is sent; a rank whose check fails sends a failure record (the start of its message) and raises its own error, and the
+other ranks raise a ValueError quoting it, so none waits for it. The one check that needs the group's V (labels < V)
+runs after the exchange, with the same verdict on every rank.
+What can still make ranks wait for each other until the process group's timeout (30 minutes by default; set it in
+init_process_group): a rank that never makes the call, or makes another collective call on the group first; a rank
+that fails after the exchange (out of memory, a kernel error) or skips the fused form's backward (its all_reduce); and
+on the DTensor entry (bs_token_loss, forget_logprobs, bs_linear_loss given a sharded tensor), a check the shared entry
+point makes before it dispatches here (its options, inplace_backward, and for bs_linear_loss the labels' type and the
+sequence_mean rule), which raises on the failing rank alone. Not compared: the logits' or hidden states' values (the
+fused form needs the same hidden states on every rank), impl (any backend may run each shard) and return_stats.
+impl="reference" is refused (it needs the full row); compare with bs_token_loss on the gathered logits instead.
 Limits: the logits form gathers the statistics of ignored rows too (N counts every position; the fused form drops
 them first). The fused form always recomputes each logits chunk in backward (4 GEMMs per chunk, like linear.py's
 reduction="none" path) rather than forming the gradients in forward, and computes in its inputs' dtype even under
@@ -50,16 +63,21 @@ torch.autocast (bs_linear_loss casts them to the autocast dtype).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import contextlib
+from collections.abc import Callable
 from types import ModuleType
+from typing import NamedTuple
 
 import torch
 import torch.distributed as dist
 from torch.autograd.function import once_differentiable
 
 from . import _options as opts
+from ._chunks import chunk_logits, rows_per_chunk, scatter_rows
+from ._dtypes import compute_dtype
 from ._options import BSOptions
 from ._rows import (
+    RowLayout,
     check_floating,
     check_label_range,
     check_labels,
@@ -67,204 +85,22 @@ from ._rows import (
     reduce_rows,
     row_labels,
 )
-from .backends import get_backend, resolve_impl
-from .backends.contract import RawRowStats, compute_dtype
-from .epilogue import RowOutputs, backward_rows, finish_rows
-from .linear import chunk_logits, rows_per_chunk, scatter_rows
-from .loss import BSTokenStats
-
-# The one all_gather every call goes through (tests and the benchmark wrap it to count bytes): all_gather_single
-# replaces all_gather_into_tensor in recent torch; both take (output, input, group).
-all_gather_single = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
-
-
-@dataclass(frozen=True)
-class VocabShards:
-    """Which vocabulary range every rank of ``group`` holds: rank p has ids [starts[p], starts[p] + sizes[p])."""
-
-    starts: tuple[int, ...]  # indexed by the rank within the group
-    sizes: tuple[int, ...]
-    rank: int  # this process's rank within the group
-    group: object  # a torch.distributed ProcessGroup, or None for the default group
-
-    @property
-    def vocab_size(self) -> int:
-        return sum(self.sizes)
-
-    @property
-    def start(self) -> int:
-        return self.starts[self.rank]
-
-    @property
-    def size(self) -> int:
-        return self.sizes[self.rank]
-
-    @property
-    def world(self) -> int:
-        return len(self.sizes)
-
-    def candidate_count(self, belief_count: int, rank: int) -> int:
-        """k_p = min(k, V_p): how many top-k candidates rank p contributes."""
-        return min(belief_count, self.sizes[rank])
-
-    def padded_candidates(self, belief_count: int) -> int:
-        """k_pad = max_p k_p: the per-rank width of the gathered candidates."""
-        return max(self.candidate_count(belief_count, rank) for rank in range(self.world))
-
-    @classmethod
-    def even_chunks(cls, vocab_size: int, world: int, rank: int, group) -> VocabShards:
-        """The torch.chunk split DTensor's Shard uses: ceil(V / P) ids per rank, the last ranks shorter or empty."""
-        chunk = -(-vocab_size // world)
-        starts = tuple(min(p * chunk, vocab_size) for p in range(world))
-        sizes = tuple(max(0, min(chunk, vocab_size - p * chunk)) for p in range(world))
-        return cls(starts, sizes, rank, group)
-
-    @classmethod
-    def gathered(cls, local_size: int, vocab_start: object, group, device: torch.device) -> VocabShards:
-        """Each rank's (start, size) by one all_gather of two int64, checked to tile [0, V) without gaps."""
-        if not isinstance(vocab_start, int) or isinstance(vocab_start, bool) or vocab_start < 0:
-            raise ValueError(f"vocab_start must be an int >= 0, got {vocab_start!r}")
-        world = dist.get_world_size(group)
-        mine = torch.tensor([vocab_start, local_size], dtype=torch.int64, device=device)
-        everyone = torch.empty(world * 2, dtype=torch.int64, device=device)
-        all_gather_single(everyone, mine, group=group)
-        pairs = everyone.view(world, 2).tolist()
-        starts, sizes = tuple(p[0] for p in pairs), tuple(p[1] for p in pairs)
-        expected_start = 0
-        for start, size in sorted(zip(starts, sizes)):
-            if start != expected_start:
-                raise ValueError(
-                    f"vocab_start: the shards (start, size) per rank {list(zip(starts, sizes))} do not tile the "
-                    f"vocabulary contiguously from 0 (a shard should start at {expected_start}, not {start})"
-                )
-            expected_start = start + size
-        if expected_start == 0:
-            raise ValueError("the vocabulary shards are all empty: the logits' last dimension is 0 on every rank")
-        return cls(starts, sizes, dist.get_rank(group), group)
-
-
-def shard_labels(rows_labels: torch.Tensor, shards: VocabShards) -> torch.Tensor:
-    """Global row labels [N] (-1 = ignored) -> this shard's numbering; -1 where the label lives on another rank."""
-    in_shard = (rows_labels >= shards.start) & (rows_labels < shards.start + shards.size)
-    return torch.where(in_shard, rows_labels - shards.start, torch.full_like(rows_labels, -1))
-
-
-def _carrier_dtype(stats_dtype: torch.dtype) -> torch.dtype:
-    """The integer dtype of the statistics' width: float values travel bit-cast beside the int ids in one tensor."""
-    return torch.int64 if stats_dtype == torch.float64 else torch.int32
-
-
-class _ShardedRows:
-    """Steps 1-3 on one block of rows: the global RowOutputs and, for backward, the shard's candidate ids/weights."""
-
-    def __init__(self, backend: ModuleType | None, options: BSOptions, shards: VocabShards) -> None:
-        self.backend = backend  # None on a rank whose shard is empty
-        self.options = options
-        self.shards = shards
-        self.belief_count = options.belief_count(shards.vocab_size)
-        self.padded = shards.padded_candidates(self.belief_count)
-        self.local_count = shards.candidate_count(self.belief_count, shards.rank)
-
-    def local_pass(self, logits: torch.Tensor, local_labels: torch.Tensor, stats_dtype: torch.dtype) -> RawRowStats:
-        """Step 1: the shard's lse, label logit and top-k_p, in the shard's id numbering."""
-        num_rows = logits.shape[0]
-        if self.shards.size == 0:
-            empty = torch.full((num_rows,), float("-inf"), dtype=stats_dtype, device=logits.device)
-            no_candidates = torch.empty(num_rows, 0, dtype=stats_dtype, device=logits.device)
-            return RawRowStats(empty, empty.clone(), no_candidates, no_candidates.to(torch.int64))
-        return self.backend.forward(logits, local_labels, self.local_count)
-
-    def gather(self, raw: RawRowStats, local_labels: torch.Tensor, stats_dtype: torch.dtype):
-        """Step 2's one all_gather: [P, N] lse and masked label logits, [P, N, k_pad] candidate values and ids."""
-        num_rows, device = local_labels.shape[0], local_labels.device
-        carrier = _carrier_dtype(stats_dtype)
-        padding = self.padded - self.local_count
-        values = raw.belief_logits.to(stats_dtype)
-        ids = raw.belief_ids.to(torch.int64) + self.shards.start
-        if padding:
-            values = torch.cat([values, values.new_full((num_rows, padding), float("-inf"))], dim=1)
-            ids = torch.cat([ids, ids.new_full((num_rows, padding), -1)], dim=1)
-        # Only the owner's label logit counts; the others send 0, so a sum over ranks picks the owner's value.
-        label_logits = torch.where(local_labels >= 0, raw.label_logits.to(stats_dtype), 0.0)
-        floats = torch.cat([raw.lse.to(stats_dtype).unsqueeze(1), label_logits.unsqueeze(1), values], dim=1)
-        packed = torch.cat([floats.contiguous().view(carrier), ids.to(carrier)], dim=1)  # [N, 2 + 2 k_pad]
-        everyone = torch.empty(self.shards.world * num_rows, packed.shape[1], dtype=carrier, device=device)
-        all_gather_single(everyone, packed, group=self.shards.group)
-        everyone = everyone.view(self.shards.world, num_rows, -1)
-        floats = everyone[..., : 2 + self.padded].contiguous().view(stats_dtype)
-        return floats[..., 0], floats[..., 1], floats[..., 2:], everyone[..., 2 + self.padded :].to(torch.int64)
-
-    def merge(self, lse_all, label_logits_all, values_all, ids_all) -> tuple[RawRowStats, torch.Tensor]:
-        """Step 2's combination: global RawRowStats and the chosen candidates' slots in the [P * k_pad] order."""
-        world, num_rows, padded = values_all.shape
-        lse = torch.logsumexp(lse_all, dim=0)
-        label_logits = label_logits_all.sum(0)
-        values = values_all.permute(1, 0, 2).reshape(num_rows, world * padded)
-        ids = ids_all.permute(1, 0, 2).reshape(num_rows, world * padded)
-        # Real candidates first in rank order, padding last, then a stable sort: ties go to the lower rank, and a
-        # padding slot (value -inf, id -1) is never chosen over a real candidate of value -inf.
-        counts = [self.shards.candidate_count(self.belief_count, rank) for rank in range(world)]
-        slot_rank = torch.arange(world * padded, device=values.device) // max(padded, 1)
-        slot_index = torch.arange(world * padded, device=values.device) % max(padded, 1)
-        is_real = slot_index < torch.tensor(counts, device=values.device)[slot_rank]
-        order = torch.cat([is_real.nonzero().squeeze(1), (~is_real).nonzero().squeeze(1)])
-        _, position = torch.sort(values[:, order], dim=1, descending=True, stable=True)
-        chosen_slots = order[position[:, : self.belief_count]]  # [N, k]
-        merged = RawRowStats(
-            lse=lse,
-            label_logits=label_logits,
-            belief_logits=values.gather(1, chosen_slots),
-            belief_ids=ids.gather(1, chosen_slots),
-        )
-        return merged, chosen_slots
-
-    def local_belief_weights(self, chosen_slots: torch.Tensor, belief_weights: torch.Tensor) -> torch.Tensor:
-        """The gradient coefficients of this shard's own candidates [N, k_p]: the global belief weight where the
-        candidate was chosen, 0 where it was not (step 4)."""
-        num_rows = chosen_slots.shape[0]
-        ours = (chosen_slots // max(self.padded, 1)) == self.shards.rank
-        slots = torch.where(ours, chosen_slots % max(self.padded, 1), self.padded)  # others go to a dropped column
-        weights = belief_weights.new_zeros(num_rows, self.padded + 1)
-        weights.scatter_(1, slots, torch.where(ours, belief_weights, 0.0))
-        return weights[:, : self.local_count].contiguous()
-
-    def rows(self, logits: torch.Tensor, rows_labels: torch.Tensor, local_labels: torch.Tensor):
-        """Steps 1-3: (global RowOutputs, the shard's candidate ids [N, k_p] int64, their weights [N, k_p])."""
-        stats_dtype = compute_dtype(logits.dtype)
-        raw = self.local_pass(logits, local_labels, stats_dtype)
-        merged, chosen_slots = self.merge(*self.gather(raw, local_labels, stats_dtype))
-        rows = finish_rows(merged, rows_labels, self.options)
-        local_ids = raw.belief_ids.to(torch.int64).contiguous()
-        return rows, local_ids, self.local_belief_weights(chosen_slots, rows.belief_weights)
-
-    def grad_logits(self, grad_row_loss, logits, rows_labels, local_labels, lse, local_ids, local_weights,
-                    inplace: bool):  # fmt: skip
-        """Step 4: this shard's dL/dz = dL/dl * (-pi + label term if owned + its chosen beliefs' weights).
-
-        dL/dl and lse go through epilogue.backward_rows, as on one process (0 on ignored rows, a NaN row where the
-        row has no distribution); both are the same on every rank, so the shard needs nothing from the others.
-        """
-        if self.shards.size == 0:
-            return torch.zeros_like(logits)
-        grad_rows, lse = backward_rows(grad_row_loss, rows_labels, lse)
-        return self.backend.backward(
-            grad_rows, logits, local_labels, lse, local_ids, local_weights, self.options.label_weight, inplace
-        )
-
-
-def _resolve_backend(impl: str, device: torch.device, shards: VocabShards) -> ModuleType | None:
-    name = resolve_impl(impl, device)
-    if name == "reference":
-        raise ValueError(
-            'impl="reference" needs the whole vocabulary row; vocabulary-parallel logits need a kernel backend '
-            '("auto", "torch", "native" or "triton"). To compare, gather the logits and call bs_token_loss.'
-        )
-    return get_backend(name, device) if shards.size > 0 else None
+from ._vocab_call import CallRecord
+from ._vocab_shards import (
+    ShardedRows,
+    VocabShards,
+    announce_failure,
+    check_vocab_start,
+    record_device,
+    shard_backend,
+    shard_labels,
+)
+from .epilogue import BSTokenStats, RowOutputs
 
 
 class _VocabParallelRowsFunction(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, logits, rows_labels, local_labels, sharded: _ShardedRows, inplace_backward: bool):
+    def forward(ctx, logits, rows_labels, local_labels, sharded: ShardedRows, inplace_backward: bool):
         rows, local_ids, local_weights = sharded.rows(logits, rows_labels, local_labels)
         ctx.save_for_backward(logits, rows_labels, local_labels, rows.lse, local_ids, local_weights)
         ctx.sharded, ctx.inplace_backward = sharded, inplace_backward
@@ -280,30 +116,83 @@ class _VocabParallelRowsFunction(torch.autograd.Function):
         return grad, None, None, None, None
 
 
-def _shard_rows(local_logits, labels, *, shift: bool, ignore_index: int, shards: VocabShards):
-    """Checked rows [N, V_p] of the shard, global labels [N] (-1 = ignored), shard labels [N] and the layout."""
-    check_floating(local_logits, "logits")
+class CheckedCall(NamedTuple):
+    """One rank's arguments after every check that needs no other rank (the logits or the fused form)."""
+
+    vocab_start: int
+    local_size: int
+    record: CallRecord  # what the other ranks must match
+    labels: torch.Tensor  # as given: their range is checked once the group's V is known
+    rows_labels: torch.Tensor  # [N] int64, -1 = ignored
+    layout: RowLayout
+    backend: ModuleType | None  # the per-shard kernel; None for an empty shard
+    rows: torch.Tensor | None = None  # the logits form's [N, V_p] rows
+
+
+def agree(check: Callable[[], CheckedCall], anchor: object, group) -> tuple[CheckedCall, VocabShards]:
+    """This rank's local checks, then the call's first collective (VocabShards.agreed), then the label range.
+
+    A rank whose checks fail still takes part in that collective with a failure record, so the other ranks raise
+    a ValueError quoting its message instead of waiting in an all_gather until the process group's timeout; it
+    then raises its own error. ``anchor`` is the tensor beside which the record travels.
+    """
+    try:
+        checked = check()
+    except Exception as error:
+        # No usable group (none initialised, a bad group argument): no rank can be waiting, this error is the news.
+        with contextlib.suppress(Exception):
+            announce_failure(error, group, record_device(anchor, group))
+        raise
+    shards = VocabShards.agreed(
+        checked.vocab_start, checked.local_size, checked.record, group, record_device(anchor, group)
+    )
+    # Needs the group's V; the same verdict on every rank, since their labels agree (compared by checksum).
+    check_label_range(checked.labels, shards.vocab_size, checked.record.options.ignore_index)
+    return checked, shards
+
+
+def check_local_labels(labels: torch.Tensor, ignore_index: int) -> None:
+    """The part of the label range check that needs no V: no negative label other than ignore_index."""
+    if labels.device.type == "meta":
+        return
+    negative = (labels != ignore_index) & (labels < 0)
+    if bool(negative.any()):
+        raise ValueError(
+            f"labels contains {int(labels[negative][0])}, which is negative and is not ignore_index={ignore_index}"
+        )
+
+
+def check_token_call(
+    local_logits, labels, vocab_start: int, options: BSOptions, *, impl: str, shift: bool, return_stats: bool
+) -> CheckedCall:
+    """Every check of a logits-form call that needs no other rank; the rows [N, V_p] of the shard."""
+    check_floating(local_logits, "local_logits")
+    opts.check_bool(shift, "shift")
+    opts.check_bool(return_stats, "return_stats")
+    check_vocab_start(vocab_start)
     if local_logits.dim() < 1:
         raise ValueError(f"logits must have a vocabulary dimension, got shape {tuple(local_logits.shape)}")
     check_labels(local_logits, labels, shift=shift, name="logits")
-    check_label_range(labels, shards.vocab_size, ignore_index)
-    rows_labels, layout = row_labels(labels, shift=shift, ignore_index=ignore_index)
+    check_sequence_reduction(labels, shift=shift, reduction=options.reduction)
+    check_local_labels(labels, options.ignore_index)
+    rows_labels, layout = row_labels(labels, shift=shift, ignore_index=options.ignore_index)
     if local_logits.stride(-1) != 1:
         local_logits = local_logits.contiguous()
-    rows = local_logits.reshape(rows_labels.shape[0], local_logits.shape[-1])
-    return rows, rows_labels, shard_labels(rows_labels, shards), layout
+    local_size = local_logits.shape[-1]
+    record = CallRecord("logits", local_logits.dtype, shift, 0, options, labels)
+    backend = shard_backend(impl, local_logits.device, local_size)
+    rows = local_logits.reshape(rows_labels.shape[0], local_size)
+    return CheckedCall(vocab_start, local_size, record, labels, rows_labels, layout, backend, rows)
 
 
-def sharded_token_loss(local_logits, labels, shards: VocabShards, options: BSOptions, *, impl: str, shift: bool,
-                       return_stats: bool, inplace_backward: bool):  # fmt: skip
-    """bs_token_loss on a vocabulary shard whose layout is known (the body of both public forms and of DTensor's)."""
-    check_sequence_reduction(labels, shift=shift, reduction=options.reduction)
-    rows, rows_labels, local_labels, layout = _shard_rows(
-        local_logits, labels, shift=shift, ignore_index=options.ignore_index, shards=shards
-    )
-    sharded = _ShardedRows(_resolve_backend(impl, rows.device, shards), options, shards)
+def sharded_token_loss(
+    checked: CheckedCall, shards: VocabShards, options: BSOptions, *, return_stats: bool, inplace_backward: bool
+):
+    """bs_token_loss on a vocabulary shard once the ranks agree (the body of both public forms and of DTensor's)."""
+    rows_labels, layout = checked.rows_labels, checked.layout
+    sharded = ShardedRows(checked.backend, options, shards)
     row_loss, token_logprobs, belief_ids, belief_probs = _VocabParallelRowsFunction.apply(
-        rows, rows_labels, local_labels, sharded, inplace_backward
+        checked.rows, rows_labels, shard_labels(rows_labels, shards), sharded, inplace_backward
     )
     loss = reduce_rows(row_loss, rows_labels, layout, options.reduction)
     if not return_stats:
@@ -343,20 +232,33 @@ def vocab_parallel_bs_token_loss(
     Returns:
         The same loss (and BSTokenStats, with global belief ids) on every rank, equal to bs_token_loss on the
         gathered [..., V] logits; the backward writes each rank's [..., V_p] gradient without communication.
-        Communication: one all_gather of 2 int64 and one of N * (2 + 2 * k_pad) 4-byte elements (8-byte for
-        float64) per rank and call (module docstring).
+        Communication: one all_gather of the call record (RECORD_LENGTH int64) and one of N * (2 + 2 * k_pad)
+        4-byte elements (8-byte for float64) per rank and call (module docstring).
+
+    Raises:
+        ValueError on every rank of the group when a rank's arguments fail a check (that rank raises its own error)
+        or when the ranks disagree on the labels, batch, dtype or options (module docstring, "Requirements").
     """
-    options = opts.loss_options(
-        lam=lam, top_k=top_k, belief_temperature=belief_temperature, detach_belief=detach_belief,
-        ignore_index=ignore_index, reduction=reduction, impl=impl,
-    )  # fmt: skip
-    check_floating(local_logits, "local_logits")
-    opts.check_bool(inplace_backward, "inplace_backward")
-    shards = VocabShards.gathered(local_logits.shape[-1], vocab_start, group, local_logits.device)
+
+    def check() -> CheckedCall:
+        options = opts.loss_options(
+            lam=lam,
+            top_k=top_k,
+            belief_temperature=belief_temperature,
+            detach_belief=detach_belief,
+            ignore_index=ignore_index,
+            reduction=reduction,
+            impl=impl,
+        )
+        opts.check_bool(inplace_backward, "inplace_backward")
+        return check_token_call(
+            local_logits, labels, vocab_start, options, impl=impl, shift=shift, return_stats=return_stats
+        )
+
+    checked, shards = agree(check, local_logits, group)
     return sharded_token_loss(
-        local_logits, labels, shards, options, impl=impl, shift=shift, return_stats=return_stats,
-        inplace_backward=inplace_backward,
-    )  # fmt: skip
+        checked, shards, checked.record.options, return_stats=return_stats, inplace_backward=inplace_backward
+    )
 
 
 def vocab_parallel_forget_logprobs(
@@ -371,14 +273,16 @@ def vocab_parallel_forget_logprobs(
 ) -> torch.Tensor:
     """:func:`bs_kernels.forget_logprobs` on vocabulary-split logits (arguments as vocab_parallel_bs_token_loss).
 
-    Communication: one all_gather of 2 int64 and one of 2 N elements per rank (no beliefs), none in backward.
+    Communication: one all_gather of the call record and one of 2 N elements per rank (no beliefs), none in
+    backward.
     """
-    options = opts.forget_options(ignore_index=ignore_index, impl=impl)
-    check_floating(local_logits, "local_logits")
-    shards = VocabShards.gathered(local_logits.shape[-1], vocab_start, group, local_logits.device)
-    return sharded_token_loss(
-        local_logits, labels, shards, options, impl=impl, shift=shift, return_stats=False, inplace_backward=False
-    )
+
+    def check() -> CheckedCall:
+        options = opts.forget_options(ignore_index=ignore_index, impl=impl)
+        return check_token_call(local_logits, labels, vocab_start, options, impl=impl, shift=shift, return_stats=False)
+
+    checked, shards = agree(check, local_logits, group)
+    return sharded_token_loss(checked, shards, checked.record.options, return_stats=False, inplace_backward=False)
 
 
 # ---- the fused lm_head form --------------------------------------------------------------------------------------
@@ -399,7 +303,7 @@ class _VocabParallelLinearFunction(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, hidden_rows, local_weight, local_bias, rows_labels, sharded: _ShardedRows):
+    def forward(ctx, hidden_rows, local_weight, local_bias, rows_labels, sharded: ShardedRows):
         num_rows, device = hidden_rows.shape[0], hidden_rows.device
         stats_dtype = compute_dtype(hidden_rows.dtype)
         local_labels = shard_labels(rows_labels, sharded.shards)
@@ -441,9 +345,15 @@ class _VocabParallelLinearFunction(torch.autograd.Function):
                 hidden_chunk = hidden_rows[rows]
                 logits = chunk_logits(hidden_chunk, local_weight, local_bias)
                 grad = sharded.grad_logits(
-                    grad_row_loss[rows], logits, rows_labels[rows], local_labels[rows], lse[rows], local_ids[rows],
-                    local_weights[rows], True,
-                )  # fmt: skip
+                    grad_row_loss[rows],
+                    logits,
+                    rows_labels[rows],
+                    local_labels[rows],
+                    lse[rows],
+                    local_ids[rows],
+                    local_weights[rows],
+                    True,
+                )
                 if needs_hidden:
                     torch.mm(grad, local_weight, out=grad_hidden[rows])
                 if needs_weight:
@@ -460,36 +370,72 @@ class _VocabParallelLinearFunction(torch.autograd.Function):
         return grad_hidden, grad_weight, grad_bias, None, None
 
 
-def _check_shard_linear_inputs(hidden, local_weight, local_bias, labels, shift: bool) -> None:
+def check_linear_call(
+    hidden,
+    local_weight,
+    local_bias,
+    labels,
+    vocab_start: int,
+    options: BSOptions,
+    *,
+    impl: str,
+    shift: bool,
+    return_stats: bool,
+) -> CheckedCall:
+    """Every check of a fused-form call that needs no other rank."""
     check_floating(hidden, "hidden")
     check_floating(local_weight, "weight")
+    opts.check_bool(shift, "shift")
+    opts.check_bool(return_stats, "return_stats")
+    check_vocab_start(vocab_start)
     if local_weight.dim() != 2 or hidden.dim() < 1 or hidden.shape[-1] != local_weight.shape[1]:
         raise ValueError(
             f"weight must be this rank's [V_p, H] rows of the lm_head with H = hidden's last dimension; got hidden "
             f"{tuple(hidden.shape)} and weight {tuple(local_weight.shape)}"
         )
     if hidden.dtype != local_weight.dtype or hidden.device != local_weight.device:
-        raise TypeError(f"hidden ({hidden.dtype}, {hidden.device}) and weight ({local_weight.dtype}, "
-                        f"{local_weight.device}) must have the same dtype and device")  # fmt: skip
+        raise TypeError(
+            f"hidden ({hidden.dtype}, {hidden.device}) and weight ({local_weight.dtype}, "
+            f"{local_weight.device}) must have the same dtype and device"
+        )
     if local_bias is not None:
         check_floating(local_bias, "bias")
-        if local_bias.shape != local_weight.shape[:1] or local_bias.dtype != local_weight.dtype:
-            raise ValueError(f"bias must be [V_p] = [{local_weight.shape[0]}] of the weight's dtype, got "
-                             f"{tuple(local_bias.shape)} {local_bias.dtype}")  # fmt: skip
+        if (
+            local_bias.shape != local_weight.shape[:1]
+            or local_bias.dtype != local_weight.dtype
+            or local_bias.device != local_weight.device
+        ):
+            raise ValueError(
+                f"bias must be [V_p] = [{local_weight.shape[0]}] of the weight's dtype and device, got "
+                f"{tuple(local_bias.shape)} {local_bias.dtype} on {local_bias.device}"
+            )
     check_labels(hidden, labels, shift=shift, name="hidden")
-
-
-def sharded_linear_loss(hidden, local_weight, local_bias, labels, shards: VocabShards, options: BSOptions, *,
-                        impl: str, shift: bool, return_stats: bool):  # fmt: skip
-    """bs_linear_loss with this rank's lm_head rows [V_p, H] (layout known); body of the plain and DTensor forms."""
-    _check_shard_linear_inputs(hidden, local_weight, local_bias, labels, shift)
     check_sequence_reduction(labels, shift=shift, reduction=options.reduction)
-    check_label_range(labels, shards.vocab_size, options.ignore_index)
+    check_local_labels(labels, options.ignore_index)
     rows_labels, layout = row_labels(labels, shift=shift, ignore_index=options.ignore_index)
+    local_size = local_weight.shape[0]
+    record = CallRecord("lm_head", hidden.dtype, shift, hidden.shape[-1], options, labels)
+    backend = shard_backend(impl, hidden.device, local_size)
+    return CheckedCall(vocab_start, local_size, record, labels, rows_labels, layout, backend)
+
+
+def sharded_linear_loss(
+    hidden,
+    local_weight,
+    local_bias,
+    checked: CheckedCall,
+    shards: VocabShards,
+    options: BSOptions,
+    *,
+    return_stats: bool,
+):
+    """bs_linear_loss with this rank's lm_head rows [V_p, H] once the ranks agree; body of the plain and DTensor
+    forms."""
+    rows_labels, layout = checked.rows_labels, checked.layout
     valid = rows_labels >= 0
     valid_ids = valid.nonzero().squeeze(-1)
     hidden_rows = hidden[torch.unravel_index(valid_ids, hidden.shape[:-1])]  # [M, H], ignored positions dropped
-    sharded = _ShardedRows(_resolve_backend(impl, hidden.device, shards), options, shards)
+    sharded = ShardedRows(checked.backend, options, shards)
     # In the inputs' own dtype, autocast or not: the backward's recomputed chunks must match the forward's.
     with torch.autocast(hidden.device.type, enabled=False):
         row_values, token_logprobs, belief_ids, belief_probs = _VocabParallelLinearFunction.apply(
@@ -499,8 +445,9 @@ def sharded_linear_loss(hidden, local_weight, local_bias, labels, shards: VocabS
     loss = reduce_rows(scatter_rows(row_values, valid), rows_labels, layout, options.reduction)
     if not return_stats:
         return loss
-    outputs = RowOutputs(None, *(scatter_rows(values, valid) for values in (token_logprobs, belief_ids, belief_probs)),
-                         None, None)  # fmt: skip
+    outputs = RowOutputs(
+        None, *(scatter_rows(values, valid) for values in (token_logprobs, belief_ids, belief_probs)), None, None
+    )
     return loss, BSTokenStats.of_rows(layout, outputs)
 
 
@@ -534,15 +481,34 @@ def vocab_parallel_linear_loss(
 
     Gradients: hidden's is complete (summed over the group by one all_reduce in backward), so do not all-reduce it
     again (e.g. through Megatron's copy_to_tensor_model_parallel_region); the weight's and bias's are this rank's rows.
-    Communication: one all_gather of 2 int64, one all_gather of C * (2 + 2 * k_pad) elements per chunk in forward,
-    one all_reduce of [M, H] (M = valid positions) in backward (module docstring).
+    Communication: one all_gather of the call record, one all_gather of C * (2 + 2 * k_pad) elements per chunk in
+    forward, one all_reduce of [M, H] (M = valid positions) in backward (module docstring). Errors: as
+    vocab_parallel_bs_token_loss.
     """
-    options = opts.loss_options(
-        lam=lam, top_k=top_k, belief_temperature=belief_temperature, detach_belief=detach_belief,
-        ignore_index=ignore_index, reduction=reduction, impl=impl,
-    )  # fmt: skip
-    check_floating(local_weight, "local_weight")
-    shards = VocabShards.gathered(local_weight.shape[0], vocab_start, group, local_weight.device)
+
+    def check() -> CheckedCall:
+        options = opts.loss_options(
+            lam=lam,
+            top_k=top_k,
+            belief_temperature=belief_temperature,
+            detach_belief=detach_belief,
+            ignore_index=ignore_index,
+            reduction=reduction,
+            impl=impl,
+        )
+        return check_linear_call(
+            hidden,
+            local_weight,
+            local_bias,
+            labels,
+            vocab_start,
+            options,
+            impl=impl,
+            shift=shift,
+            return_stats=return_stats,
+        )
+
+    checked, shards = agree(check, local_weight, group)
     return sharded_linear_loss(
-        hidden, local_weight, local_bias, labels, shards, options, impl=impl, shift=shift, return_stats=return_stats
+        hidden, local_weight, local_bias, checked, shards, checked.record.options, return_stats=return_stats
     )

@@ -1,4 +1,4 @@
-# The Triton kernels of impl="triton" (launchers, validation and block sizes live in triton.py).
+# The Triton kernels of impl="triton" (launchers, validation and block sizes live in triton_launch.py).
 #
 # Forward, buckets (bs_rows_forward_kernel; the launcher's choice for few rows or k > 64), one program per row,
 # streaming the vocabulary in blocks of BLOCK_V logits (upcast to float32, or float64 for float64 input):
@@ -174,9 +174,19 @@ def _merge_top(top_keys, block_top, LOG_K_PAD: tl.constexpr):
 
 @triton.jit
 def _store_row(
-    row, row_ptr, lse, top_keys, labels_ptr, lse_ptr, label_logits_ptr, belief_logits_ptr, belief_ids_ptr,
-    K: tl.constexpr, LOG_K_PAD: tl.constexpr, IS_FP64: tl.constexpr,
-):  # fmt: skip
+    row,
+    row_ptr,
+    lse,
+    top_keys,
+    labels_ptr,
+    lse_ptr,
+    label_logits_ptr,
+    belief_logits_ptr,
+    belief_ids_ptr,
+    K: tl.constexpr,
+    LOG_K_PAD: tl.constexpr,
+    IS_FP64: tl.constexpr,
+):
     """A forward's per-row outputs: lse, z_y (one scalar load) and, from top_keys (sorted descending), the belief ids
     from the low key bits and their values re-read from the logits (exact, whatever the key's value precision)."""
     compute_dtype = tl.float64 if IS_FP64 else tl.float32
@@ -267,8 +277,20 @@ def bs_rows_forward_kernel(
                         best = tl.reduce(tl.reduce(candidates, 1, _max_combine), 0, _max_combine)
 
     # A row of only -inf has running_sum = 0: lse = -inf + log(0) = -inf (epilogue.finish_rows handles it).
-    _store_row(row, row_ptr, running_max + tl.log(running_sum), top_keys, labels_ptr, lse_ptr, label_logits_ptr,
-               belief_logits_ptr, belief_ids_ptr, K, LOG_K_PAD, IS_FP64)  # fmt: skip
+    _store_row(
+        row,
+        row_ptr,
+        running_max + tl.log(running_sum),
+        top_keys,
+        labels_ptr,
+        lse_ptr,
+        label_logits_ptr,
+        belief_logits_ptr,
+        belief_ids_ptr,
+        K,
+        LOG_K_PAD,
+        IS_FP64,
+    )
 
 
 @triton.jit
@@ -282,21 +304,24 @@ def _value_field(key, IS_FP64: tl.constexpr):
 
 
 @triton.jit
-def _ordered_field(x, IS_FP64: tl.constexpr):
-    """The order-preserving integer of float values, comparable with _value_field (untruncated)."""
-    if IS_FP64:
-        bits = x.to(tl.int64, bitcast=True)
-        return tl.where(bits >= 0, bits, bits ^ 0x7FFFFFFFFFFFFFFF)
-    else:
-        bits = x.to(tl.int32, bitcast=True)
-        return tl.where(bits >= 0, bits, bits ^ 0x7FFFFFFF)
-
-
-@triton.jit
 def _lanes_block(
-    row_ptr, start, vocab_size, block_cols, lane_ids, lane_offsets, lane_max, lane_sum, top_keys, kth_key, kth_field,
-    MASKED: tl.constexpr, K: tl.constexpr, LANES: tl.constexpr, VEC: tl.constexpr, IS_FP64: tl.constexpr,
-):  # fmt: skip
+    row_ptr,
+    start,
+    vocab_size,
+    block_cols,
+    lane_ids,
+    lane_offsets,
+    lane_max,
+    lane_sum,
+    top_keys,
+    kth_key,
+    kth_field,
+    MASKED: tl.constexpr,
+    K: tl.constexpr,
+    LANES: tl.constexpr,
+    VEC: tl.constexpr,
+    IS_FP64: tl.constexpr,
+):
     """One block of bs_rows_forward_lanes_kernel's loop; MASKED: the row's partial last block (bounds-checked)."""
     compute_dtype = tl.float64 if IS_FP64 else tl.float32
     cols = start + block_cols
@@ -391,14 +416,42 @@ def bs_rows_forward_lanes_kernel(
     full_blocks_end = vocab_size - vocab_size % BLOCK_V
     for start in range(0, full_blocks_end, BLOCK_V):
         lane_max, lane_sum, top_keys, kth_key, kth_field = _lanes_block(
-            row_ptr, start, vocab_size, block_cols, lane_ids, lane_offsets, lane_max, lane_sum, top_keys, kth_key,
-            kth_field, False, K, LANES, VEC, IS_FP64,
-        )  # fmt: skip
+            row_ptr,
+            start,
+            vocab_size,
+            block_cols,
+            lane_ids,
+            lane_offsets,
+            lane_max,
+            lane_sum,
+            top_keys,
+            kth_key,
+            kth_field,
+            False,
+            K,
+            LANES,
+            VEC,
+            IS_FP64,
+        )
     if full_blocks_end < vocab_size:
         lane_max, lane_sum, top_keys, kth_key, kth_field = _lanes_block(
-            row_ptr, full_blocks_end, vocab_size, block_cols, lane_ids, lane_offsets, lane_max, lane_sum, top_keys,
-            kth_key, kth_field, True, K, LANES, VEC, IS_FP64,
-        )  # fmt: skip
+            row_ptr,
+            full_blocks_end,
+            vocab_size,
+            block_cols,
+            lane_ids,
+            lane_offsets,
+            lane_max,
+            lane_sum,
+            top_keys,
+            kth_key,
+            kth_field,
+            True,
+            K,
+            LANES,
+            VEC,
+            IS_FP64,
+        )
 
     # The lanes' partials, combined once per row. A row of only -inf has row_sum = 0: lse = -inf + log(0) = -inf.
     row_max = tl.reduce(lane_max, 0, _max_combine)
@@ -407,8 +460,20 @@ def bs_rows_forward_lanes_kernel(
     # 3. beliefs: the unsorted top sorted descending once per row (padding slots last)
     if K > 0:
         top_keys = _top_keys(tl.where(slots < K, top_keys, MIN_KEY), LOG_K_PAD, LOG_K_PAD, 1)
-    _store_row(row, row_ptr, row_max + tl.log(row_sum), top_keys, labels_ptr, lse_ptr, label_logits_ptr,
-               belief_logits_ptr, belief_ids_ptr, K, LOG_K_PAD, IS_FP64)  # fmt: skip
+    _store_row(
+        row,
+        row_ptr,
+        row_max + tl.log(row_sum),
+        top_keys,
+        labels_ptr,
+        lse_ptr,
+        label_logits_ptr,
+        belief_logits_ptr,
+        belief_ids_ptr,
+        K,
+        LOG_K_PAD,
+        IS_FP64,
+    )
 
 
 @triton.jit

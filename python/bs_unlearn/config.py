@@ -3,12 +3,14 @@
     TrainConfig      how to train (model, output, optimiser, sizes, kernel backend)
       FinetuneConfig   + the QA files to memorise
       UnlearnConfig    + forget / retain files, ``objective`` (an ObjectiveConfig), ``beliefs`` (a BeliefConfig)
-    ObjectiveConfig  the method's loss (SPEC.md, "Objectives around it")
-    BeliefConfig     how BS-S samples its belief set (SPEC.md, "BS-S")
+    ObjectiveConfig  the method's loss (docs/math.md, "Objectives")
+    BeliefConfig     how BS-S samples its belief set (docs/math.md, "BS-S")
 
-Each validates itself with an error that names the field. Importing this module imports neither torch nor
-transformers (bs_kernels, the data loaders and torch are imported where a check needs them), so building the CLI and
-rejecting a bad path (:func:`check_run_paths`) take no heavy import.
+Building a configuration checks each field on its own (an error names the field); ``validate()`` checks the whole run
+before any work: the paths first, then the settings (the kernel options and backend through bs_kernels). Neither this
+module nor building a configuration imports torch or transformers (bs_kernels is imported by the settings checks,
+after the paths), so the CLI parses, converts and refuses a bad path without a heavy import. The data files' contents
+are checked where a run reads them, once, before any model is loaded.
 """
 
 from __future__ import annotations
@@ -41,7 +43,7 @@ def _none_or(value: str) -> str | None:
 
 @dataclass(kw_only=True)
 class ObjectiveConfig:
-    """Settings of one method's loss (defaults: SPEC.md). The CLI's unlearning options are generated from it."""
+    """Settings of one method's loss (defaults: docs/math.md). The CLI's unlearning options are generated from it."""
 
     method: str = field(default="graddiff", metadata={"help": "unlearning method", "choices": sorted(METHODS)})
     retain_loss: str | None = field(
@@ -69,9 +71,11 @@ class ObjectiveConfig:
     )
     forget_reduction: str | None = field(
         default=None,
-        metadata={"help": "forget-term reduction (default: token_mean for ga, sequence_mean for bs-t)",
-                  "choices": list(FORGET_REDUCTIONS)},
-    )  # fmt: skip
+        metadata={
+            "help": "forget-term reduction (default: token_mean for ga, sequence_mean for bs-t)",
+            "choices": list(FORGET_REDUCTIONS),
+        },
+    )
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
@@ -88,10 +92,13 @@ class ObjectiveConfig:
             raise ValueError(f"lam_s must be in [0, 1], got {self.lam_s}")
         if self.beta <= 0:
             raise ValueError(f"beta must be > 0, got {self.beta}")
-        # lam, top_k, belief_temperature: validated by bs_kernels with the same messages as the loss.
+
+    def validate(self) -> None:
+        """lam, top_k and belief_temperature as the loss checks them (bs_kernels, the same messages); a separate step
+        because bs_kernels imports torch, which building a configuration must not."""
         import bs_kernels
 
-        bs_kernels.BSTokenLoss(lam=self.lam, top_k=self.top_k, belief_temperature=self.belief_temperature)
+        bs_kernels.check_loss_options(lam=self.lam, top_k=self.top_k, belief_temperature=self.belief_temperature)
 
     @property
     def forget_objective(self) -> str:
@@ -110,7 +117,7 @@ class ObjectiveConfig:
 
 @dataclass(kw_only=True)
 class BeliefConfig:
-    """How BS-S samples its belief set (SPEC.md, "BS-S"; defaults from the authors' config)."""
+    """How BS-S samples its belief set (docs/math.md, "BS-S"; defaults from the authors' config)."""
 
     num_beliefs: int = field(default=3, metadata={"help": "BS-S samples per forget prompt"})
     gen_temperature: float = field(default=1.0, metadata={"help": "BS-S sampling temperature"})
@@ -179,11 +186,15 @@ class TrainConfig:
     INPUT_FILES: ClassVar[tuple[str, ...]] = ()
 
     def validate(self) -> None:
-        """Every check, cheapest first: the paths, the settings, the data files' contents (nothing is loaded or
-        written; an error names the field)."""
+        """Every check of the run, cheapest first: the paths, then the settings (nothing is loaded or written; an
+        error names the field). The CLI calls it before its heavy imports and the run again as it starts; a
+        configuration that passed and has not changed since is not checked twice."""
+        checked = repr(self)
+        if self.__dict__.get("_checked") == checked:
+            return
         check_run_paths(type(self), vars(self))
         self.check_settings()
-        self.check_data()
+        self.__dict__["_checked"] = checked
 
     def check_settings(self) -> None:
         for name in ("batch_size", "grad_accum", "max_length", "logging_steps"):
@@ -199,16 +210,13 @@ class TrainConfig:
             raise ValueError(f"max_examples_per_file must be >= 1, got {self.max_examples_per_file}")
         check_impl_available(self.impl)
 
-    def check_data(self) -> None:
-        """The input files' contents (subclasses): bad lines and empty sets are reported before any model is loaded."""
-
 
 def check_impl_available(impl: str) -> None:
     """Refuse, before any model is loaded, an unknown backend or one that cannot run on the device a run uses (e.g.
     ``triton`` on a machine without a GPU), with bs_kernels' reason."""
     import bs_kernels
 
-    bs_kernels.BSTokenLoss(impl=impl)  # an unknown name
+    bs_kernels.check_loss_options(impl=impl)  # an unknown name
     if impl in ("auto", "reference"):
         return  # auto falls back to what runs; the reference runs everywhere
     import torch
@@ -253,20 +261,17 @@ class FinetuneConfig(TrainConfig):
     data: list[str] = field(default_factory=list, metadata={"help": "QA JSON Lines files (question, answer)"})
     INPUT_FILES: ClassVar[tuple[str, ...]] = ("data",)
 
-    def check_data(self) -> None:
-        from .data import load_qa_jsonl
-
+    def check_settings(self) -> None:
         if not self.data:
             raise ValueError("data: give at least one QA JSON Lines file")
-        for path in self.data:
-            load_qa_jsonl(path)
+        super().check_settings()
 
 
 @dataclass(kw_only=True)
 class UnlearnConfig(TrainConfig):
     """Unlearn a forget set: the training settings, the method's loss (``objective``) and BS-S sampling (``beliefs``).
 
-    Defaults: SPEC.md for the loss; lr / epochs / batch from open-unlearning's TOFU recipe.
+    Defaults: docs/math.md for the loss; lr / epochs / batch from open-unlearning's TOFU recipe.
     """
 
     forget: str = field(metadata={"help": "forget set, QA JSON Lines"})
@@ -280,12 +285,9 @@ class UnlearnConfig(TrainConfig):
     beliefs: BeliefConfig = field(default_factory=BeliefConfig)
     INPUT_FILES: ClassVar[tuple[str, ...]] = ("forget", "retain")
 
-    def check_data(self) -> None:
-        from .data import load_qa_jsonl
-
+    def check_settings(self) -> None:
         if self.objective.retain_loss is not None and self.retain is None:
             method, term = self.objective.method, self.objective.retain_loss
             raise ValueError(f"method {method!r} uses a retain term ({term}): give a retain file")
-        load_qa_jsonl(self.forget)
-        if self.retain is not None and self.objective.retain_loss is not None:
-            load_qa_jsonl(self.retain)
+        super().check_settings()
+        self.objective.validate()

@@ -48,14 +48,27 @@ def read_qa_records(path: str | os.PathLike, *, max_examples: int | None = None,
             row = json.loads(line)
         except json.JSONDecodeError as error:
             raise ValueError(f"{path} line {line_number}: not valid JSON ({error.msg})") from error
-        if not isinstance(row, dict):
-            raise ValueError(f"{path} line {line_number}: expected a JSON object with question and answer")
-        for field in REQUIRED_FIELDS:
-            if not isinstance(row.get(field), str):
-                raise ValueError(f"{path} line {line_number}: missing string field {field!r}")
-        rows.append(row)
+        rows.append(check_qa_record(row, f"{path} line {line_number}"))
     if not rows:
         raise ValueError(f"data file {path} has no examples")
+    return select_examples(rows, max_examples, seed=seed)
+
+
+def check_qa_record(row: object, where: str) -> dict:
+    """``row`` if it is a QA record (a dict with string ``question`` and ``answer``, all text valid Unicode), else
+    ValueError starting with ``where`` (e.g. "FILE line N")."""
+    if not isinstance(row, dict):
+        raise ValueError(f"{where}: expected a JSON object with question and answer")
+    for field in REQUIRED_FIELDS:
+        if not isinstance(row.get(field), str):
+            raise ValueError(f"{where}: missing string field {field!r}")
+    for field, value in row.items():
+        _check_encodable(value, f"{where}: field {field!r}")
+    return row
+
+
+def select_examples(rows: list[dict], max_examples: int | None, *, seed: int = 0) -> list[dict]:
+    """A seeded random subset of ``max_examples`` rows, in their order (all rows when None or enough)."""
     if max_examples is not None:
         if max_examples < 1:
             raise ValueError(f"max_examples must be >= 1, got {max_examples}")
@@ -63,6 +76,26 @@ def read_qa_records(path: str | os.PathLike, *, max_examples: int | None = None,
             keep = np.random.default_rng(seed).permutation(len(rows))[:max_examples]
             rows = [rows[i] for i in sorted(keep)]
     return rows
+
+
+def _check_encodable(value: object, where: str) -> None:
+    """Refuse a string that is not valid Unicode text: JSON's ``\\ud800`` escapes decode to a lone surrogate, which
+    the tokenizer and every writer then fail on ("'utf-8' codec can't encode") without naming the file."""
+    if isinstance(value, str):
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError as error:
+            code = f"\\u{ord(value[error.start]):04x}"
+            raise ValueError(
+                f"{where} holds a lone surrogate ({code} at character {error.start}), which is not valid text; "
+                "fix that escape in the file"
+            ) from None
+    elif isinstance(value, list):
+        for item in value:
+            _check_encodable(item, where)
+    elif isinstance(value, dict):
+        for item in value.values():
+            _check_encodable(item, where)
 
 
 def load_qa_jsonl(path: str | os.PathLike, *, max_examples: int | None = None, seed: int = 0):

@@ -14,12 +14,17 @@ open-unlearning trainings that tests/driver/test_open_unlearning_checkout.py pla
 from __future__ import annotations
 
 import json
+import os
 import sys
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[2]
-TOFU_DIR = REPO.parent / "shared" / "data" / "tofu"
-CHECKOUT = REPO.parent / "shared" / "vendor" / "open-unlearning"
+# Where the TOFU JSONL files and the open-unlearning checkout are: these variables, else the shared/ folder beside
+# the repository.
+TOFU_DIR_VARIABLE = "BS_TOFU_DIR"
+CHECKOUT_VARIABLE = "BS_OPEN_UNLEARNING_DIR"
+TOFU_DIR = Path(os.environ.get(TOFU_DIR_VARIABLE) or REPO.parent / "shared" / "data" / "tofu").expanduser()
+CHECKOUT = Path(os.environ.get(CHECKOUT_VARIABLE) or REPO.parent / "shared" / "vendor" / "open-unlearning").expanduser()
 
 # Llama-3's chat layout with its special tokens (what open-unlearning's Llama-3.2-1B-Instruct config expects).
 CHAT_TOKENS = ["<|begin_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"]
@@ -57,9 +62,12 @@ def build_chat_checkpoint(
     word_level.add_special_tokens({"additional_special_tokens": CHAT_TOKENS})
     # Rebuilt around the same backend so that eos is <|eot_id|>, bos <|begin_of_text|> and there is no pad token.
     tokenizer = PreTrainedTokenizerFast(
-        tokenizer_object=word_level.backend_tokenizer, bos_token="<|begin_of_text|>", eos_token="<|eot_id|>",
-        unk_token="<unk>", additional_special_tokens=CHAT_TOKENS,
-    )  # fmt: skip
+        tokenizer_object=word_level.backend_tokenizer,
+        bos_token="<|begin_of_text|>",
+        eos_token="<|eot_id|>",
+        unk_token="<unk>",
+        additional_special_tokens=CHAT_TOKENS,
+    )
     tokenizer.chat_template = chat_template
     model = build_tiny_model(word_level, hidden_size=hidden_size, layers=2)
     model.config.pad_token_id = None
@@ -150,16 +158,19 @@ def _venv_python() -> Path:
     # --system-site-packages would not see): its site-packages, .pth files included, after the venv's own.
     venv_site = subprocess.run(
         [str(python), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
-        check=True, capture_output=True, text=True,
-    ).stdout.strip()  # fmt: skip
+        check=True,
+        capture_output=True,
+        text=True,
+    ).stdout.strip()
     parent_sites = [path for path in site.getsitepackages() if Path(path).is_dir()]
     (Path(venv_site) / "_bs_kernels_parent_site.pth").write_text(
         "".join(f"import site; site.addsitedir({path!r})\n" for path in parent_sites)
     )
     install = subprocess.run(
         [str(python), "-m", "pip", "install", "--quiet", "--disable-pip-version-check", *requirements],
-        capture_output=True, text=True,
-    )  # fmt: skip
+        capture_output=True,
+        text=True,
+    )
     if install.returncode != 0:
         raise RuntimeError(f"installing the [open-unlearning] extra into {VENV} failed:\n{install.stderr[-4000:]}")
     stamp.write_text(json.dumps(requirements))
@@ -181,8 +192,14 @@ def offline_environment(work: Path) -> dict[str, str]:
     import os
 
     python_path = os.pathsep.join([str(REPO), str(REPO / "python"), os.environ.get("PYTHONPATH", "")])
-    return dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", TRANSFORMERS_OFFLINE="1",
-                HF_DATASETS_CACHE=str(work / "datasets_cache"), PYTHONPATH=python_path)  # fmt: skip
+    return dict(
+        os.environ,
+        HF_HUB_OFFLINE="1",
+        HF_DATASETS_OFFLINE="1",
+        TRANSFORMERS_OFFLINE="1",
+        HF_DATASETS_CACHE=str(work / "datasets_cache"),
+        PYTHONPATH=python_path,
+    )
 
 
 if __name__ == "__main__":

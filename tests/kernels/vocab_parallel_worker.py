@@ -21,6 +21,7 @@ import torch.distributed as dist
 
 import bs_kernels
 from bs_kernels import bs_linear_loss, bs_token_loss, forget_logprobs
+from bs_kernels._vocab_call import RECORD_LENGTH
 from bs_kernels.vocab_parallel import (
     vocab_parallel_bs_token_loss,
     vocab_parallel_forget_logprobs,
@@ -28,6 +29,7 @@ from bs_kernels.vocab_parallel import (
 )
 
 REDUCTIONS = ("sequence_mean", "token_mean", "sum", "none")
+RECORD_BYTES = 8 * RECORD_LENGTH  # the call record every call gathers first (bs_kernels/_vocab_call.py)
 DTYPES = (torch.float32, torch.float64)
 VOCAB = 11  # not divisible by 2 or 4: shards of 6, 5 and of 3, 3, 3, 2
 
@@ -86,8 +88,9 @@ def sorted_beliefs(stats):
     return ids, stats.belief_probs.gather(-1, order)
 
 
-def compare_logits_loss(ctx: Context, logits, labels, *, form: str, impl: str, shards: list[int] | None = None,
-                        **options):  # fmt: skip
+def compare_logits_loss(
+    ctx: Context, logits, labels, *, form: str, impl: str, shards: list[int] | None = None, **options
+):
     """bs_token_loss on a vocabulary shard (form "dtensor" or "plain") against the full logits: loss, stats, grad."""
     full = logits.clone().requires_grad_(True)
     expected, expected_stats = bs_token_loss(full, labels, impl=impl, return_stats=True, **options)
@@ -102,12 +105,14 @@ def compare_logits_loss(ctx: Context, logits, labels, *, form: str, impl: str, s
     if form == "dtensor":
         from torch.distributed.tensor import DTensor, Shard
 
-        sharded = DTensor.from_local(local, ctx.mesh, [Shard(-1)], run_check=False, shape=logits.shape,
-                                     stride=logits.stride())  # fmt: skip
+        sharded = DTensor.from_local(
+            local, ctx.mesh, [Shard(-1)], run_check=False, shape=logits.shape, stride=logits.stride()
+        )
         actual, stats = bs_token_loss(sharded, labels, impl=impl, return_stats=True, **options)
     else:
-        actual, stats = vocab_parallel_bs_token_loss(local, labels, columns.start, impl=impl, return_stats=True,
-                                                     **options)  # fmt: skip
+        actual, stats = vocab_parallel_bs_token_loss(
+            local, labels, columns.start, impl=impl, return_stats=True, **options
+        )
     (grad,) = torch.autograd.grad((actual * upstream_weights(actual)).sum(), local)
     ctx.close(actual, expected.detach(), "loss")
     ctx.close(grad, expected_grad[..., columns], "gradient")
@@ -126,8 +131,18 @@ def case_reductions_and_options(ctx: Context) -> None:
         ctx.impls, DTYPES, REDUCTIONS, (True, False), (1.0, 0.5), ("dtensor", "plain")
     ):
         logits, labels = make_case(dtype)
-        compare_logits_loss(ctx, logits, labels, form=form, impl=impl, lam=0.4, top_k=4, reduction=reduction,
-                            detach_belief=detach, belief_temperature=temperature)  # fmt: skip
+        compare_logits_loss(
+            ctx,
+            logits,
+            labels,
+            form=form,
+            impl=impl,
+            lam=0.4,
+            top_k=4,
+            reduction=reduction,
+            detach_belief=detach,
+            belief_temperature=temperature,
+        )
 
 
 def case_top_k_beyond_a_shard(ctx: Context) -> None:
@@ -135,16 +150,16 @@ def case_top_k_beyond_a_shard(ctx: Context) -> None:
     shard = -(-VOCAB // ctx.world)
     for impl, dtype, top_k, detach in itertools.product(ctx.impls, DTYPES, (shard + 2, 50), (True, False)):
         logits, labels = make_case(dtype, seed=1)
-        compare_logits_loss(ctx, logits, labels, form="dtensor", impl=impl, lam=0.5, top_k=top_k,
-                            detach_belief=detach)  # fmt: skip
+        compare_logits_loss(ctx, logits, labels, form="dtensor", impl=impl, lam=0.5, top_k=top_k, detach_belief=detach)
 
 
 def case_minus_inf_logits(ctx: Context) -> None:
     """-inf logits, rows with a whole shard at -inf, a fully -inf ignored sequence; no NaN, same values."""
     for impl, dtype, detach, top_k in itertools.product(ctx.impls, DTYPES, (True, False), (3, 50)):
         logits, labels = make_case(dtype, seed=2, masked=True)
-        compare_logits_loss(ctx, logits, labels, form="plain", impl=impl, lam=0.3, top_k=top_k, detach_belief=detach,
-                            reduction="none")  # fmt: skip
+        compare_logits_loss(
+            ctx, logits, labels, form="plain", impl=impl, lam=0.3, top_k=top_k, detach_belief=detach, reduction="none"
+        )
 
 
 def case_non_finite_counted_rows(ctx: Context) -> None:
@@ -159,8 +174,9 @@ def case_non_finite_counted_rows(ctx: Context) -> None:
         (expected_grad,) = torch.autograd.grad((expected * upstream_weights(expected)).nan_to_num().sum(), full)
         columns = ctx.even_range(logits.shape[-1])
         local = logits[..., columns].clone().requires_grad_(True)
-        actual = vocab_parallel_bs_token_loss(local, labels, columns.start, impl=impl, lam=0.3, top_k=3,
-                                              detach_belief=detach, reduction="none")  # fmt: skip
+        actual = vocab_parallel_bs_token_loss(
+            local, labels, columns.start, impl=impl, lam=0.3, top_k=3, detach_belief=detach, reduction="none"
+        )
         (grad,) = torch.autograd.grad((actual * upstream_weights(actual)).nan_to_num().sum(), local)
         assert bool(actual[0, 2].isnan()) and bool(actual[2, 3].isnan()), actual
         assert bool(grad[0, 2].isnan().all()) and bool(grad[2, 3].isnan().all()), "a no-distribution row's gradient"
@@ -184,8 +200,9 @@ def case_flat_rows_and_inplace(ctx: Context) -> None:
     for impl, dtype in itertools.product(ctx.impls, DTYPES):
         logits, labels = make_case(dtype, seed=4)
         flat_logits, flat_labels = logits.reshape(-1, VOCAB), labels.reshape(-1)
-        compare_logits_loss(ctx, flat_logits, flat_labels, form="plain", impl=impl, shift=False,
-                            reduction="token_mean", top_k=3)  # fmt: skip
+        compare_logits_loss(
+            ctx, flat_logits, flat_labels, form="plain", impl=impl, shift=False, reduction="token_mean", top_k=3
+        )
         columns = ctx.even_range(VOCAB)
         local = logits[..., columns].clone().requires_grad_(True)
         expected = vocab_parallel_bs_token_loss(local, labels, columns.start, impl=impl)
@@ -210,8 +227,9 @@ def case_forget_logprobs(ctx: Context) -> None:
         for form in ("dtensor", "plain"):
             local = logits[..., columns].clone().requires_grad_(True)
             if form == "dtensor":
-                sharded = DTensor.from_local(local, ctx.mesh, [Shard(-1)], run_check=False, shape=logits.shape,
-                                             stride=logits.stride())  # fmt: skip
+                sharded = DTensor.from_local(
+                    local, ctx.mesh, [Shard(-1)], run_check=False, shape=logits.shape, stride=logits.stride()
+                )
                 actual = forget_logprobs(sharded, labels, impl=impl)
             else:
                 actual = vocab_parallel_forget_logprobs(local, labels, columns.start, impl=impl)
@@ -224,8 +242,17 @@ def case_forget_logprobs(ctx: Context) -> None:
 def counted_collectives():
     """Record (name, bytes sent by this rank) of every torch.distributed collective called inside the block."""
     calls = []
-    names = ("all_gather_single", "all_gather_into_tensor", "all_gather", "all_reduce", "broadcast",
-             "reduce_scatter", "reduce_scatter_tensor", "all_to_all", "all_to_all_single")  # fmt: skip
+    names = (
+        "all_gather_single",
+        "all_gather_into_tensor",
+        "all_gather",
+        "all_reduce",
+        "broadcast",
+        "reduce_scatter",
+        "reduce_scatter_tensor",
+        "all_to_all",
+        "all_to_all_single",
+    )
     originals = {name: getattr(dist, name) for name in names if hasattr(dist, name)}
 
     def counting(name, original):
@@ -237,22 +264,23 @@ def counted_collectives():
 
         return wrapper
 
-    import bs_kernels.vocab_parallel as vocab_parallel
+    import bs_kernels._vocab_shards as vocab_shards
 
-    gather_before = vocab_parallel.all_gather_single
+    gather_before = vocab_shards.all_gather_single
     for name, original in originals.items():
         setattr(dist, name, counting(name, original))
-    vocab_parallel.all_gather_single = counting("all_gather_single", gather_before)
+    vocab_shards.all_gather_single = counting("all_gather_single", gather_before)
     try:
         yield calls
     finally:
         for name, original in originals.items():
             setattr(dist, name, original)
-        vocab_parallel.all_gather_single = gather_before
+        vocab_shards.all_gather_single = gather_before
 
 
 def case_communication_volume(ctx: Context) -> None:
-    """The bytes of the module docstring, exactly: N (2 + 2 k_pad) elements per call, nothing in backward."""
+    """The bytes of the module docstring, exactly: the call record, then N (2 + 2 k_pad) elements per call, nothing
+    in backward."""
     impl = ctx.impls[0]
     for dtype, top_k in itertools.product(DTYPES, (4, 50)):
         logits, labels = make_case(dtype, seed=6)
@@ -265,7 +293,7 @@ def case_communication_volume(ctx: Context) -> None:
             loss = vocab_parallel_bs_token_loss(local, labels, columns.start, impl=impl, top_k=top_k)
         with counted_collectives() as backward_calls:
             loss.backward()
-        expected = [("all_gather_single", 16), ("all_gather_single", num_rows * (2 + 2 * padded) * element)]
+        expected = [("all_gather_single", RECORD_BYTES), ("all_gather_single", num_rows * (2 + 2 * padded) * element)]
         assert forward_calls == expected, f"forward collectives {forward_calls}, expected {expected}"
         assert backward_calls == [], f"backward communicated: {backward_calls}"
         assert num_rows * (2 + 2 * padded) < num_rows * VOCAB or top_k >= VOCAB
@@ -296,7 +324,7 @@ def case_fused_linear_chunks_and_communication(ctx: Context) -> None:
         valid_rows = int((labels[:, 1:] != -100).sum())  # shift=True: position t predicts label t + 1
         chunk_rows = [min(4, valid_rows - start) for start in range(0, valid_rows, 4)]
         padded = min(3, -(-VOCAB // ctx.world))
-        expected = [("all_gather_single", 16)] + [
+        expected = [("all_gather_single", RECORD_BYTES)] + [
             ("all_gather_single", rows * (2 + 2 * padded) * element) for rows in chunk_rows
         ]
         assert forward_calls == expected, f"forward collectives {forward_calls}, expected {expected}"
@@ -323,20 +351,27 @@ def case_fused_linear(ctx: Context) -> None:
         hidden, weight, bias, labels = linear_case(dtype)
         options = dict(lam=0.4, top_k=ctx.world + 3, reduction=reduction, detach_belief=detach, impl=impl)
         inputs = [t.clone().requires_grad_(True) for t in (hidden, weight, bias)]
-        expected, expected_stats = bs_linear_loss(inputs[0], inputs[1], labels, bias=inputs[2], return_stats=True,
-                                                  **options)  # fmt: skip
+        expected, expected_stats = bs_linear_loss(
+            inputs[0], inputs[1], labels, bias=inputs[2], return_stats=True, **options
+        )
         expected_grads = torch.autograd.grad((expected * upstream_weights(expected)).sum(), inputs)
 
         local_hidden = hidden.clone().requires_grad_(True)
         local_weight = weight[columns].clone().requires_grad_(True)
         local_bias = bias[columns].clone().requires_grad_(True)
         if form == "dtensor":
-            actual, stats = bs_linear_loss(local_hidden, ctx.weight_dtensor(local_weight, weight), labels,
-                                           bias=ctx.weight_dtensor(local_bias, bias), return_stats=True,
-                                           **options)  # fmt: skip
+            actual, stats = bs_linear_loss(
+                local_hidden,
+                ctx.weight_dtensor(local_weight, weight),
+                labels,
+                bias=ctx.weight_dtensor(local_bias, bias),
+                return_stats=True,
+                **options,
+            )
         else:
-            actual, stats = vocab_parallel_linear_loss(local_hidden, local_weight, labels, columns.start,
-                                                       local_bias=local_bias, return_stats=True, **options)  # fmt: skip
+            actual, stats = vocab_parallel_linear_loss(
+                local_hidden, local_weight, labels, columns.start, local_bias=local_bias, return_stats=True, **options
+            )
         grads = torch.autograd.grad((actual * upstream_weights(actual)).sum(), [local_hidden, local_weight, local_bias])
         ctx.close(actual, expected.detach(), f"{form} linear loss")
         ctx.close(grads[0], expected_grads[0], f"{form} grad hidden")
@@ -372,14 +407,230 @@ def case_bad_input(ctx: Context) -> None:
             raise AssertionError(f"no error raised (expected one naming {needle!r})")
 
 
+def raised(call) -> BaseException | None:
+    """The exception ``call()`` raised (ValueError or TypeError), or None if it returned."""
+    try:
+        call()
+    except (ValueError, TypeError) as error:
+        return error
+    return None
+
+
+def assert_same_error_everywhere(ctx: Context, call, needle: str, what: str) -> None:
+    """``call()`` raises a ValueError naming ``needle`` on every rank, with the same message, within seconds."""
+    started = time.perf_counter()
+    error = raised(call)
+    seconds = time.perf_counter() - started
+    messages = [None] * ctx.world
+    dist.all_gather_object(messages, f"{type(error).__name__}: {error}")
+    assert isinstance(error, ValueError), f"{what}: rank {ctx.rank} got {error!r}, expected a ValueError"
+    assert needle in str(error), f"{what}: {error} does not name {needle!r}"
+    assert len(set(messages)) == 1, f"{what}: the ranks raised different errors: {messages}"
+    assert seconds < 20, f"{what}: took {seconds:.1f} s (a rank waited in a collective)"
+
+
+def case_ranks_that_disagree(ctx: Context) -> None:
+    """Ranks that disagree on top_k, the batch, the dtype, the labels' shape or values, shift or lam raise the same
+    ValueError naming it on every rank, in every form (issue 26, item 8): no collective of mismatched size, no value
+    read from an unfilled buffer."""
+    from torch.distributed.tensor import DTensor, Shard
+
+    impl = ctx.impls[0]
+    odd = ctx.rank == ctx.world - 1  # the one rank that differs
+    columns = ctx.even_range(VOCAB)
+
+    def plain(logits, labels, **options):
+        return lambda: vocab_parallel_bs_token_loss(logits[..., columns], labels, columns.start, impl=impl, **options)
+
+    def dtensor(logits, labels, **options):
+        sharded = DTensor.from_local(
+            logits[..., columns], ctx.mesh, [Shard(-1)], run_check=False, shape=logits.shape, stride=logits.stride()
+        )
+        return lambda: bs_token_loss(sharded, labels, impl=impl, **options)
+
+    logits, labels = make_case(torch.float32)
+    other_labels = labels.clone()
+    other_labels[2, 3] = (int(labels[2, 3]) + 1) % VOCAB
+    first_column = labels.clone()  # a position shift=True drops, but the range check reads: V + 5 on one rank only
+    first_column[0, 0] = VOCAB + 5
+    short_logits, short_labels = make_case(torch.float32, batch=2)
+    long_logits, long_labels = make_case(torch.float32, length=9)
+    cases = [
+        ("top_k", lambda form: form(logits, labels, top_k=3 if odd else 4)),
+        ("labels shape", lambda form: form(*((short_logits, short_labels) if odd else (logits, labels)))),
+        ("labels shape", lambda form: form(*((long_logits, long_labels) if odd else (logits, labels)))),
+        ("dtype", lambda form: form(logits.double() if odd else logits, labels)),
+        ("labels (a checksum", lambda form: form(logits, other_labels if odd else labels)),
+        ("labels (a checksum", lambda form: form(logits, first_column if odd else labels)),
+        ("lam", lambda form: form(logits, labels, lam=0.5 if odd else 0.2)),
+        ("shift", lambda form: form(logits, labels, shift=not odd, reduction="token_mean")),
+    ]
+    for (needle, make), form in itertools.product(cases, (plain, dtensor)):
+        assert_same_error_everywhere(ctx, make(form), needle, f"{needle} ({form.__name__} form)")
+    hidden, weight, bias, labels = linear_case(torch.float32)
+    assert_same_error_everywhere(
+        ctx,
+        lambda: vocab_parallel_linear_loss(hidden, weight[columns], labels, columns.start, impl=impl, top_k=2 + odd),
+        "top_k",
+        "top_k (fused form)",
+    )
+    assert_same_error_everywhere(
+        ctx,
+        lambda: bs_linear_loss(
+            hidden.double() if odd else hidden,
+            ctx.weight_dtensor(weight[columns].double() if odd else weight[columns], weight),
+            labels,
+            impl=impl,
+        ),
+        "dtype",
+        "dtype (DTensor fused form)",
+    )
+
+
+def case_one_rank_rejects_its_arguments(ctx: Context) -> None:
+    """A rank whose arguments fail a local check (a bad label, lam=2.0, a float label tensor, a bad vocab_start)
+    raises its own error; every other rank raises a ValueError quoting it at once, instead of waiting in an
+    all_gather until the process group's timeout (issue 26, item 10)."""
+    from torch.distributed.tensor import DTensor, Shard
+
+    impl = ctx.impls[0]
+    odd = ctx.rank == ctx.world - 1
+    columns = ctx.even_range(VOCAB)
+    logits, labels = make_case(torch.float32)
+    local = logits[..., columns]
+    bad_labels = labels.clone()
+    bad_labels[0, 4] = -5
+    hidden, weight, bias, linear_labels = linear_case(torch.float32)
+    sharded = DTensor.from_local(
+        local, ctx.mesh, [Shard(-1)], run_check=False, shape=logits.shape, stride=logits.stride()
+    )
+    calls = [
+        (
+            "lam must be in [0, 1]",
+            lambda: vocab_parallel_bs_token_loss(local, labels, columns.start, lam=2.0 if odd else 0.2, impl=impl),
+        ),
+        (
+            "labels contains -5",
+            lambda: vocab_parallel_bs_token_loss(local, bad_labels if odd else labels, columns.start, impl=impl),
+        ),
+        (
+            "labels must be an integer tensor",
+            lambda: bs_token_loss(sharded, labels.float() if odd else labels, impl=impl),
+        ),
+        (
+            "vocab_start must be an int",
+            lambda: vocab_parallel_forget_logprobs(local, labels, -1 if odd else columns.start, impl=impl),
+        ),
+        ("labels [B, T]", lambda: bs_token_loss(sharded, labels[:, :5] if odd else labels, impl=impl)),
+        (
+            "shift must be a bool",
+            lambda: vocab_parallel_bs_token_loss(local, labels, columns.start, shift="yes" if odd else True),
+        ),
+        (
+            "lam must be in [0, 1]",
+            lambda: vocab_parallel_linear_loss(
+                hidden, weight[columns], linear_labels, columns.start, lam=2.0 if odd else 0.2, impl=impl
+            ),
+        ),
+        (  # a bias on another device failed in the first chunk's matmul, after the ranks had started gathering
+            "bias must be [V_p]",
+            lambda: vocab_parallel_linear_loss(
+                hidden,
+                weight[columns],
+                linear_labels,
+                columns.start,
+                local_bias=bias[columns].to("meta" if odd else "cpu"),
+                impl=impl,
+            ),
+        ),
+    ]
+    for needle, call in calls:
+        started = time.perf_counter()
+        error = raised(call)
+        seconds = time.perf_counter() - started
+        errors = [None] * ctx.world
+        dist.all_gather_object(errors, repr(error))
+        assert error is not None and needle in str(error), f"rank {ctx.rank}: {error!r} does not name {needle!r}"
+        if not odd:
+            assert isinstance(error, ValueError) and f"rank {ctx.world - 1} " in str(error), error
+        assert len(set(errors[:-1])) == 1, f"the ranks that passed raised different errors: {errors}"
+        assert seconds < 20, f"{needle}: took {seconds:.1f} s (a rank waited in a collective)"
+    # A label >= V on one rank cannot be seen before V is known: the labels' checksum differs instead, and every
+    # rank raises the same error.
+    out_of_range = labels.clone()
+    out_of_range[0, 4] = VOCAB + 3
+    assert_same_error_everywhere(
+        ctx,
+        lambda: vocab_parallel_bs_token_loss(local, out_of_range if odd else labels, columns.start, impl=impl),
+        "labels (a checksum",
+        "a label >= V on one rank",
+    )
+    # The same bad label on every rank: the range check after the exchange, the same message everywhere.
+    assert_same_error_everywhere(
+        ctx,
+        lambda: vocab_parallel_bs_token_loss(local, out_of_range, columns.start, impl=impl),
+        f"labels contains {VOCAB + 3}",
+        "a label >= V on every rank",
+    )
+
+
+def case_empty_batch(ctx: Context) -> None:
+    """An empty batch (B = 0) gives what one process gives: 0 with a zero gradient for every reduction, an empty
+    tensor (and empty stats) for "none"; plain, DTensor and fused forms (issue 26, item 13)."""
+    from torch.distributed.tensor import DTensor, Shard
+
+    columns = ctx.even_range(VOCAB)
+    for impl, dtype, reduction in itertools.product(ctx.impls, DTYPES, REDUCTIONS):
+        logits = torch.randn(0, 5, VOCAB, dtype=dtype)
+        labels = torch.zeros(0, 5, dtype=torch.int64)
+        expected, expected_stats = bs_token_loss(
+            logits.clone().requires_grad_(True), labels, impl=impl, top_k=3, reduction=reduction, return_stats=True
+        )
+        for form in ("plain", "dtensor"):
+            local = logits[..., columns].clone().requires_grad_(True)
+            if form == "dtensor":
+                sharded = DTensor.from_local(
+                    local, ctx.mesh, [Shard(-1)], run_check=False, shape=logits.shape, stride=logits.stride()
+                )
+                actual, stats = bs_token_loss(
+                    sharded, labels, impl=impl, top_k=3, reduction=reduction, return_stats=True
+                )
+            else:
+                actual, stats = vocab_parallel_bs_token_loss(
+                    local, labels, columns.start, impl=impl, top_k=3, reduction=reduction, return_stats=True
+                )
+            assert actual.shape == expected.shape and actual.dtype == expected.dtype, (actual, expected)
+            torch.testing.assert_close(actual.detach(), expected.detach(), rtol=0, atol=0)
+            (grad,) = torch.autograd.grad(actual.sum(), local)
+            assert grad.shape == local.shape, grad.shape
+            for name in ("token_logprobs", "belief_ids", "belief_probs"):
+                assert getattr(stats, name).shape == getattr(expected_stats, name).shape, name
+        forget = vocab_parallel_forget_logprobs(logits[..., columns], labels, columns.start, impl=impl)
+        assert forget.shape == (0, 4), forget.shape
+        hidden, weight = torch.randn(0, 5, 8, dtype=dtype), torch.randn(VOCAB, 8, dtype=dtype)
+        inputs = [hidden.clone().requires_grad_(True), weight[columns].clone().requires_grad_(True)]
+        actual = vocab_parallel_linear_loss(*inputs, labels, columns.start, impl=impl, top_k=3, reduction=reduction)
+        expected = bs_linear_loss(hidden, weight, labels, impl=impl, top_k=3, reduction=reduction)
+        assert actual.shape == expected.shape, (actual, expected)
+        torch.testing.assert_close(actual.detach(), expected, rtol=0, atol=0)
+        grads = torch.autograd.grad(actual.sum(), inputs)
+        assert not bool(grads[1].any()), "an empty batch gave a non-zero weight gradient"
+
+
 def tiny_llama(dtype=torch.float64):
     import transformers
 
     torch.manual_seed(0)
     config = transformers.LlamaConfig(
-        vocab_size=37, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, max_position_embeddings=64, tie_word_embeddings=False,
-    )  # fmt: skip
+        vocab_size=37,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+        tie_word_embeddings=False,
+    )
     return transformers.LlamaForCausalLM(config).to(dtype)
 
 
@@ -428,8 +679,10 @@ CASES = {
 }
 
 
-def run(rank: int, world: int, rendezvous: str, impls: list[str], tolerances: dict, output_dir: str) -> None:
-    """Process ``rank`` of ``world``: every case; writes {case: null | traceback, "seconds": {...}} per rank."""
+def run(
+    rank: int, world: int, rendezvous: str, impls: list[str], tolerances: dict, output_dir: str, cases: list[str]
+) -> None:
+    """Process ``rank`` of ``world``: the named cases of CASES; writes {case: null | traceback, "seconds": {...}}."""
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     torch.set_num_threads(1)
     # A bounded timeout: a case that fails on one rank mid-collective ends the run with an error, not a hang.
@@ -439,7 +692,8 @@ def run(rank: int, world: int, rendezvous: str, impls: list[str], tolerances: di
     results, seconds = {}, {}
     try:
         ctx = Context(rank, world, impls, tolerances)
-        for name, case in CASES.items():
+        for name in cases:
+            case = CASES[name]
             started = time.perf_counter()
             try:
                 case(ctx)

@@ -23,7 +23,8 @@ from types import ModuleType
 
 import torch
 
-from .contract import RawRowStats, compute_dtype
+from .._dtypes import compute_dtype
+from .contract import RawRowStats
 
 NAME = "triton"
 
