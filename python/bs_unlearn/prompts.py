@@ -17,8 +17,6 @@ from __future__ import annotations
 
 import dataclasses
 
-from bs_kernels import IGNORE_INDEX
-
 __all__ = ["PromptFormat", "encode_prompt", "encode_qa", "prompt_messages"]
 
 
@@ -100,6 +98,8 @@ def encode_qa(
     open-unlearning's tokenizer call does; with one, nothing is cut).
 
     Raises ValueError when no token is left for the answer (the prompt's tokens cover the conversation's)."""
+    from bs_kernels import IGNORE_INDEX  # imported here: the CLI reads PromptFormat before torch is imported
+
     prompt_ids = encode_prompt(tokenizer, question, fmt, max_length=max_length)
     if _has_chat_template(tokenizer):
         chat_ids = _render(tokenizer, prompt_messages(question, answer, fmt), fmt, generation_prompt=False)

@@ -118,9 +118,10 @@ def test_mean_token_logprobs_and_probability():
 
 
 def test_truth_ratio_hand_computed():
-    # Example 1: perturbed length-normalised probs 0.1 and 0.3 (mean 0.2), paraphrase 0.4 -> R = 0.5.
+    # Example 1: perturbed length-normalised probs 0.1 and 0.4, their geometric mean 0.2 (TOFU's and
+    # open-unlearning's exp(-mean loss); the arithmetic mean 0.25 would give 0.625), paraphrase 0.4 -> R = 0.5.
     # Example 2: one perturbed answer at 0.6, paraphrase 0.3 -> R = 2.
-    perturbed = [[math.log(0.1), math.log(0.3)], [math.log(0.6)]]
+    perturbed = [[math.log(0.1), math.log(0.4)], [math.log(0.6)]]
     paraphrased = [math.log(0.4), math.log(0.3)]
     ratios = metrics.truth_ratio(perturbed, paraphrased)
     np.testing.assert_allclose(ratios, [0.5, 2.0], rtol=1e-12)

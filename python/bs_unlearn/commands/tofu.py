@@ -42,7 +42,7 @@ TOFU_SETTINGS = ComparisonSettings(
     unlearn=UnlearnSettings(batch_size=8, probe_every=5, probe_retain_records=20, bs_s_max_new_tokens=32),
     band_beams=3,
     band_max_new_tokens=32,
-    eval_max_new_tokens=32,
+    eval_max_new_tokens=200,
     target_lp=-3.0,
     max_steps=25,
     lr_grid=(5e-5, 1.5e-4),
