@@ -86,7 +86,7 @@ def fine_tune(source: Path, target: Path, pairs: list[tuple[str, str]], steps: i
             ],
             tokenize=True,
             date_string=DATE_STRING,
-        )  # fmt: skip
+        )
         for question, answer in pairs
     ]
     length = max(map(len, sequences))
@@ -113,13 +113,19 @@ def eval_arguments(work: Path, model: str, files: dict[str, str], retain_model: 
     from omegaconf import OmegaConf
 
     arguments = [
-        "--config-name=eval.yaml", "experiment=eval/tofu/default", f"task_name={model}",
+        "--config-name=eval.yaml",
+        "experiment=eval/tofu/default",
+        f"task_name={model}",
         f"model.model_args.pretrained_model_name_or_path={work / model}",
         f"model.tokenizer_args.pretrained_model_name_or_path={work / model}",
-        "model.model_args.attn_implementation=sdpa", "model.model_args.torch_dtype=float32",
-        "model.model_args.device_map=cpu", "forget_split=forget01", f"paths.root_dir={work}",
-        "+eval/tofu_metrics=exact_memorization", "~eval.tofu.metrics.privleak",
-    ]  # fmt: skip
+        "model.model_args.attn_implementation=sdpa",
+        "model.model_args.torch_dtype=float32",
+        "model.model_args.device_map=cpu",
+        "forget_split=forget01",
+        f"paths.root_dir={work}",
+        "+eval/tofu_metrics=exact_memorization",
+        "~eval.tofu.metrics.privleak",
+    ]
     if retain_model is not None:
         arguments.append(f"retain_logs_path={work / 'saves' / 'eval' / retain_model / 'TOFU_EVAL.json'}")
     # Every metric (and every metric it pre-computes) names its data set by the hub's config name (hf_args.name):

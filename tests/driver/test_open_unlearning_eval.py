@@ -26,17 +26,25 @@ import sys
 from pathlib import Path
 
 import pytest
-from open_unlearning_checkout import CHECKOUT, REPO, TOFU_DIR, offline_environment, open_unlearning_python
+from open_unlearning_checkout import (
+    CHECKOUT,
+    CHECKOUT_VARIABLE,
+    REPO,
+    TOFU_DIR,
+    TOFU_DIR_VARIABLE,
+    offline_environment,
+    open_unlearning_python,
+)
 
 pytestmark = [
     pytest.mark.open_unlearning,
     pytest.mark.skipif(
         not (CHECKOUT / "src" / "eval.py").is_file(),
-        reason=f"no open-unlearning checkout at {CHECKOUT} (it lives in the shared/ folder beside the repository)",
+        reason=f"no open-unlearning checkout at {CHECKOUT}: set {CHECKOUT_VARIABLE} to one",
     ),
     pytest.mark.skipif(
         not (TOFU_DIR / "forget01.jsonl").is_file(),
-        reason=f"TOFU data not found at {TOFU_DIR} (it lives in the shared/ folder beside the repository)",
+        reason=f"TOFU data not found at {TOFU_DIR}: set {TOFU_DIR_VARIABLE} to a folder holding forget01.jsonl etc.",
     ),
 ]
 
@@ -73,17 +81,33 @@ def evaluations(tmp_path_factory) -> dict:
     runner = Path(__file__).with_name("open_unlearning_eval.py")
     result = subprocess.run(
         [open_unlearning_python(), str(runner), str(work / "plan.json")],
-        cwd=REPO, env=env, capture_output=True, text=True, timeout=900,
-    )  # fmt: skip
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-6000:]
     results = {}
     for model in MODELS:
         output = work / f"{model}.json"
         retain = ["--retain-model-metrics", str(work / "retain_only.json")] if model == "unlearned" else []
         command = [
-            sys.executable, "-m", "bs_unlearn.cli", "eval", "--model", str(work / model), "--tofu-dir", str(data),
-            "--split", "forget01", "--output", str(output), "--quiet", *retain,
-        ]  # fmt: skip
+            sys.executable,
+            "-m",
+            "bs_unlearn.cli",
+            "eval",
+            "--model",
+            str(work / model),
+            "--tofu-dir",
+            str(data),
+            "--split",
+            "forget01",
+            "--output",
+            str(output),
+            "--quiet",
+            *retain,
+        ]
         ours = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
         assert ours.returncode == 0, ours.stdout[-3000:] + ours.stderr[-6000:]
         logs = work / "saves" / "eval" / model / "TOFU_EVAL.json"
