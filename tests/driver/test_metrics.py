@@ -508,3 +508,12 @@ def test_model_utility_is_none_when_a_part_is_missing(tiny):
 def test_eval_options_bad_input(kwargs, message):
     with pytest.raises(ValueError, match=message):
         metrics.EvalOptions(**kwargs)
+
+
+def test_eval_options_default_to_open_unlearning_and_refuse_a_bad_prompt_format():
+    from bs_unlearn.prompts import PromptFormat
+
+    options = metrics.EvalOptions()
+    assert options.max_new_tokens == 200 and options.prompt_format == PromptFormat()
+    with pytest.raises(TypeError, match="prompt_format"):
+        metrics.EvalOptions(prompt_format={"system_prompt": "x"})

@@ -195,3 +195,11 @@ def test_sample_answers_seeded_greedy_first_rng_restored(tiny):
     assert scoring.sample_answers(model, tokenizer, QUESTIONS, num_samples=0, max_new_tokens=6) == greedy
     with pytest.raises(ValueError, match="temperature"):
         scoring.sample_answers(model, tokenizer, QUESTIONS, num_samples=1, temperature=0.0)
+
+
+def test_attention_mask_of_masks_every_pad_token_only_when_asked():
+    # pad id 3 is also a real token inside the first sequence (pad = eos: an end-of-turn token inside a prompt).
+    batch = pad_examples([{"input_ids": [5, 3, 6]}, {"input_ids": [7]}], 3)
+    assert scoring.attention_mask_of(batch, 3, False).tolist() == [[1, 1, 1], [1, 0, 0]]
+    # open-unlearning's collator: input_ids != pad_token_id.
+    assert scoring.attention_mask_of(batch, 3, True).tolist() == [[1, 0, 1], [1, 0, 0]]
