@@ -30,6 +30,7 @@ __all__ = [
     "alt_mass_view",
     "argmax_matches",
     "attention_mask_of",
+    "clean_up_tokenization",
     "generate_answers",
     "generate_continuations",
     "mean_token_logprobs",
@@ -80,6 +81,20 @@ def attention_mask_of(batch: dict, pad_id: int, mask_pad_tokens: bool) -> torch.
     its numbers depend on it (docs/math.md, "Evaluation protocol")."""
     mask = batch["attention_mask"]
     return mask * (batch["input_ids"] != pad_id).to(mask.dtype) if mask_pad_tokens else mask
+
+
+# transformers 4.x's clean_up_tokenization, which open-unlearning's decoding applies to every tokenizer (5.x skips it
+# for BPE tokenizers), in its order.
+_CLEAN_UP = ((" .", "."), (" ?", "?"), (" !", "!"), (" ,", ","), (" ' ", "'"), (" n't", "n't"), (" 'm", "'m"))
+_CLEAN_UP += ((" 's", "'s"), (" 've", "'ve"), (" 're", "'re"))
+
+
+def clean_up_tokenization(text: str) -> str:
+    """Spaces before punctuation and English contractions removed, as open-unlearning's decoding does
+    (``clean_up_tokenization_spaces=True`` under transformers 4.x): "Kuwaiti 's father ." -> "Kuwaiti's father."."""
+    for before, after in _CLEAN_UP:
+        text = text.replace(before, after)
+    return text
 
 
 def mean_token_logprobs(token_logprobs: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
@@ -380,7 +395,7 @@ def generate_answers(
     """Decoded continuations per question (greedy unless generate_kwargs say otherwise), batched with left padding.
 
     Returns a list (one per question) of ``num_return_sequences`` strings, decoded as open-unlearning decodes them:
-    special tokens removed, tokenization spaces cleaned up ("Kuwaiti ' s" -> "Kuwaiti's"), stripped.
+    special tokens removed, :func:`clean_up_tokenization`, stripped.
     Prompts are ``data.tokenize_prompt`` (the trainer's) or, with ``prompt_format``, the evaluation's,
     open-unlearning's (``prompts.encode_prompt``, attending to no token equal to the pad id); generation is
     :func:`generate_continuations` with the tokenizer's pad id and :func:`stop_token_ids`.
@@ -402,7 +417,9 @@ def generate_answers(
     )
     return [
         [
-            tokenizer.decode(tokens, skip_special_tokens=True, clean_up_tokenization_spaces=True).strip()
+            clean_up_tokenization(
+                tokenizer.decode(tokens, skip_special_tokens=True, clean_up_tokenization_spaces=False)
+            ).strip()
             for tokens in per_prompt
         ]
         for per_prompt in continuations

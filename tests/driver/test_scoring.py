@@ -203,3 +203,12 @@ def test_attention_mask_of_masks_every_pad_token_only_when_asked():
     assert scoring.attention_mask_of(batch, 3, False).tolist() == [[1, 1, 1], [1, 0, 0]]
     # open-unlearning's collator: input_ids != pad_token_id.
     assert scoring.attention_mask_of(batch, 3, True).tolist() == [[1, 0, 1], [1, 0, 0]]
+
+
+def test_clean_up_tokenization_is_transformers_4s():
+    # What open-unlearning's decoding does on transformers 4.x, for every tokenizer (5.x skips it for BPE ones).
+    text = "Basil ' s father , born in 1956 . Do n't you 've seen ? I 'm sure ! They 're here ' s it"
+    assert (
+        scoring.clean_up_tokenization(text)
+        == "Basil's father, born in 1956. Don't you've seen? I'm sure! They're here's it"
+    )
