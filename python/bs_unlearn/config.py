@@ -233,7 +233,7 @@ class TrainConfig:
         check_int("seed", self.seed, low=0)
         steps = self.max_steps
         if steps is not None and (not isinstance(steps, numbers.Integral) or isinstance(steps, bool) or steps < 1):
-            raise ValueError(f"max_steps must be an integer >= 1 (leave it out to train for the epochs), got {steps!r}")
+            raise ValueError(f"max_steps must be >= 1, an integer (leave it out to train for epochs), got {steps!r}")
         # The Trainer ignores the epochs under max_steps, but an infinite or NaN count is still a mistake to refuse.
         check_real("epochs", self.epochs, low=0.0, low_open=self.max_steps is None)
         check_real("lr", self.lr, low=0.0, low_open=True)
