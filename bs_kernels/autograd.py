@@ -16,6 +16,8 @@ raises autograd's "modified by an inplace operation" error instead of reading a 
 
 from __future__ import annotations
 
+import functools
+
 import torch
 
 from ._dtypes import compute_dtype
@@ -23,6 +25,42 @@ from ._options import BSOptions
 from .backends import get_backend, resolve_impl
 from .backends.contract import RawRowStats
 from .epilogue import RowOutputs, backward_rows, finish_rows
+
+
+def first_order_only(backward):
+    """Wrap an autograd Function's backward: refuse a differentiable backward (create_graph=True).
+
+    The kernels' gradient is not itself differentiable (no autograd formula for it). Autograd runs a backward with
+    grad mode on exactly when create_graph=True, so the check is there: without it, a backward that returns
+    precomputed gradients would hand back a gradient silently detached from the graph (a gradient penalty would
+    get a zero second-order term), and one that calls a kernel would fail deep inside torch.
+    """
+
+    @functools.wraps(backward)
+    def checked(ctx, *grads):
+        if torch.is_grad_enabled():
+            raise RuntimeError(
+                "bs_kernels: second derivatives (backward or torch.autograd.grad with create_graph=True, double "
+                'backward) are not supported by the kernel impls ("torch", "native", "triton", and "auto"); use '
+                'impl="reference", whose gradient is differentiable'
+            )
+        return backward(ctx, *grads)
+
+    return checked
+
+
+def refuse_functorch(impl: str) -> None:
+    """torch.func transforms (grad, vmap, jacrev, ...) cannot run the kernels' autograd Functions: say so clearly.
+
+    Checked where the Function is applied, with the same condition autograd.Function.apply uses; never while
+    torch.compile traces (it handles its own transforms).
+    """
+    if not torch.compiler.is_compiling() and torch._C._are_functorch_transforms_active():
+        raise RuntimeError(
+            f'bs_kernels: torch.func transforms (grad, vmap, jacrev, ...) are not supported with impl="{impl}"; use '
+            'impl="reference" inside torch.func, or torch.autograd (loss.backward(), torch.autograd.grad) with the '
+            "kernel impls"
+        )
 
 
 def _backend(impl: str, device: torch.device):
@@ -117,6 +155,7 @@ class BSTokenRowsFunction(torch.autograd.Function):
         return rows.row_loss, rows.token_logprobs, rows.belief_ids, rows.belief_probs
 
     @staticmethod
+    @first_order_only
     def backward(ctx, grad_row_loss, *unused_grads):
         logits, labels, lse, belief_ids, belief_weights = ctx.saved_tensors
         grad_rows, lse = backward_rows(grad_row_loss, labels, lse)
@@ -135,7 +174,8 @@ def backend_rows(
     *,
     inplace_backward: bool = False,
 ) -> RowOutputs:
-    """Per-row outputs of kernel impl ``impl`` (or "auto"), differentiable w.r.t. ``logits``."""
+    """Per-row outputs of kernel impl ``impl`` (or "auto"), differentiable w.r.t. ``logits`` (first order only)."""
+    refuse_functorch(impl)
     row_loss, token_logprobs, belief_ids, belief_probs = BSTokenRowsFunction.apply(
         logits, labels, impl, options, inplace_backward
     )

@@ -42,7 +42,6 @@ from dataclasses import dataclass
 from types import ModuleType
 
 import torch
-from torch.autograd.function import once_differentiable
 
 from . import _options as opts
 from ._chunks import chunk_logits, row_chunks, scatter_rows
@@ -59,6 +58,7 @@ from ._rows import (
     row_labels,
 )
 from ._weight_grad import GradAccumulators, accumulation_dtype
+from .autograd import first_order_only, refuse_functorch
 from .backends import get_backend, resolve_impl
 from .epilogue import BSTokenStats, RowOutputs, backward_rows, finish_rows
 from .loss import bs_token_loss, forget_logprobs
@@ -143,7 +143,7 @@ class _ReducedLinearFunction(torch.autograd.Function):
         return loss, store.token_logprobs, store.belief_ids, store.belief_probs
 
     @staticmethod
-    @once_differentiable
+    @first_order_only
     def backward(ctx, grad_loss, *unused_grads):
         # L's gradients were formed in forward for dL/dL = 1; the chain rule only scales them by the incoming scalar.
         def scaled(grad):
@@ -181,7 +181,7 @@ class _RowsLinearFunction(torch.autograd.Function):
         return store.row_loss, store.token_logprobs, store.belief_ids, store.belief_probs
 
     @staticmethod
-    @once_differentiable
+    @first_order_only
     def backward(ctx, grad_row_loss, *unused_grads):
         hidden_rows, weight, bias, labels, lse, belief_ids, belief_weights = ctx.saved_tensors
         needs_hidden, needs_weight = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
@@ -266,6 +266,7 @@ def _reduction_weights(rows_labels: torch.Tensor, layout: RowLayout, reduction: 
 def _linear_rows(hidden, weight, bias, labels, *, shift: bool, impl: str, options: BSOptions, accumulate_in_fp32: bool):
     """Shared body of bs_linear_loss and linear_forget_logprobs: (loss or per-position values, stats)."""
     _check_linear_inputs(hidden, weight, bias, labels, shift, options.ignore_index)
+    refuse_functorch(impl)
     hidden, weight, bias = _autocast(hidden, weight, bias)
     rows_labels, layout = row_labels(labels, shift=shift, ignore_index=options.ignore_index)
     valid = rows_labels >= 0  # [N]
@@ -369,6 +370,7 @@ def bs_linear_loss(
         reduction=reduction,
         impl=impl,
     )
+    opts.check_flags(shift=shift, return_stats=return_stats, accumulate_in_fp32=accumulate_in_fp32)
     if not isinstance(labels, torch.Tensor):
         raise TypeError(f"labels must be a torch.Tensor, got {type(labels).__name__}")
     check_sequence_reduction(labels, shift=shift, reduction=reduction)
@@ -416,6 +418,7 @@ def linear_forget_logprobs(
     Under torch.compile the logits are formed, as for :func:`bs_linear_loss`.
     """
     options = opts.forget_options(ignore_index=ignore_index, impl=impl)
+    opts.check_flags(shift=shift)
     if is_dtensor(weight):  # sharded over the vocabulary: bs_kernels/dtensor.py
         from .dtensor import dtensor_linear_loss
 

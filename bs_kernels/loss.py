@@ -76,7 +76,7 @@ def bs_token_loss(
         reduction=reduction,
         impl=impl,
     )
-    opts.check_bool(inplace_backward, "inplace_backward")
+    opts.check_flags(shift=shift, return_stats=return_stats, inplace_backward=inplace_backward)
     if is_dtensor(logits):  # sharded over the vocabulary (tensor parallelism): bs_kernels/dtensor.py
         from .dtensor import dtensor_token_loss
 
@@ -111,6 +111,7 @@ def forget_logprobs(
     Shape: that of the (shifted) labels. The building block of GA, NPO and the evaluation metrics.
     """
     options = opts.forget_options(ignore_index=ignore_index, impl=impl)
+    opts.check_flags(shift=shift)
     if is_dtensor(logits):  # sharded over the vocabulary: bs_kernels/dtensor.py
         from .dtensor import dtensor_token_loss
 
@@ -146,6 +147,7 @@ class BSTokenLoss(nn.Module):
             reduction=reduction,
             impl=impl,
         )
+        opts.check_flags(shift=shift)
         self.lam = lam
         self.top_k = top_k
         self.ignore_index = ignore_index

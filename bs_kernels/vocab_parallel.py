@@ -174,7 +174,7 @@ def vocab_parallel_bs_token_loss(
         impl=impl,
     )
     check_floating(local_logits, "local_logits")
-    opts.check_bool(inplace_backward, "inplace_backward")
+    opts.check_flags(shift=shift, return_stats=return_stats, inplace_backward=inplace_backward)
     shards = VocabShards.gathered(local_logits.shape[-1], vocab_start, group, local_logits.device)
     return sharded_token_loss(
         local_logits,
@@ -203,6 +203,7 @@ def vocab_parallel_forget_logprobs(
     Communication: one all_gather of 2 int64 and one of 2 N elements per rank (no beliefs), none in backward.
     """
     options = opts.forget_options(ignore_index=ignore_index, impl=impl)
+    opts.check_flags(shift=shift)
     check_floating(local_logits, "local_logits")
     shards = VocabShards.gathered(local_logits.shape[-1], vocab_start, group, local_logits.device)
     return sharded_token_loss(
@@ -396,6 +397,7 @@ def vocab_parallel_linear_loss(
         reduction=reduction,
         impl=impl,
     )
+    opts.check_flags(shift=shift, return_stats=return_stats)
     check_floating(local_weight, "local_weight")
     shards = VocabShards.gathered(local_weight.shape[0], vocab_start, group, local_weight.device)
     return sharded_linear_loss(
