@@ -1,9 +1,10 @@
 // impl="native": the BS-T one-pass row kernels for CPU tensors, registered as PyTorch operators.
 //
 // Operators (namespace bs_kernels, fake implementations in bs_kernels/backends/native.py):
-//   native_forward(logits[N, V], labels[N] int64, top_k) -> (lse[N], label_logits[N], belief_logits[N, k],
-//                                                             belief_ids[N, k] int64)
-//   native_backward(grad_rows[N], logits, labels, lse, belief_ids, belief_weights[N, k], label_weight) -> grad[N, V]
+//   native_forward(logits[N, V], labels[N] int64, top_k) -> (row_max[N], log_sum[N], label_logits[N],
+//                                                             belief_logits[N, k], belief_ids[N, k] int64)
+//   native_backward(grad_rows[N], logits, labels, row_max, log_sum, belief_ids, belief_weights[N, k], label_weight)
+//       -> grad[N, V]
 //   native_backward_(... same, logits mutated ...) -> ()    the gradient overwrites the logits (inplace_backward)
 // Statistics are float32 (float64 for float64 logits); the gradient has the logits' dtype.
 //
@@ -16,12 +17,13 @@
 //      ascending order (every element enters) it costs ~20 ns per element.
 //   3. online log-sum-exp: m = max(m, c) (rescaling the running sum by exp(m_old - m) when m grows), then
 //      sum += sum_i exp(x_i - m). One exp per element, all arguments <= 0, so nothing overflows.
-//   4. lse = m + log(sum), label logit = z[y] (one load).
+//   4. row_max = m and log_sum = log(sum), kept apart (lse = m + log_sum would round to the ulp of m: at |z| = 1e4
+//      that is 5e-4 in every log-probability), label logit = z[y] (one load).
 // Backward, per row (the contract in bs_kernels/backends/contract.py):
-//   grad = g * (-pi + label_weight * e_y + sum_j w_j * e_{id_j}),  pi = exp(z - lse)
-//   The -g * pi part is written chunk by chunk; the k + 1 sparse terms are then rewritten as single values
-//   g * (coef - exp(z_p - lse)) from the logits gathered before the row was overwritten (inplace), so every
-//   element is rounded to the output dtype once.
+//   grad = g * (-pi + label_weight * e_y + sum_j w_j * e_{id_j}),  pi = exp((z - m) - log_sum)
+//   The -g * pi part is written chunk by chunk as (-g * exp(-log_sum)) * exp(z - m), the first factor once per row;
+//   the k + 1 sparse terms are then rewritten as single values g * (coef - exp((z_p - m) - log_sum)) from the
+//   logits gathered before the row was overwritten (inplace), so every element is rounded to the output dtype once.
 // The exp: Cody-Waite range reduction x = n ln2 + r, |r| <= ln2 / 2, a degree-6 polynomial (the Cephes expf
 // coefficients, relative error ~1e-7) and 2^n assembled in the exponent bits. Arguments below -88 give exactly 0
 // (so -inf logits never make a NaN). It is written with GCC vector extensions and compiled three times, at the
@@ -431,7 +433,8 @@ struct ForwardArgs {
   int64_t vocab_size;
   const int64_t* labels;
   int64_t top_k;
-  acc_type<scalar_t>* lse;
+  acc_type<scalar_t>* row_max;
+  acc_type<scalar_t>* log_sum;
   acc_type<scalar_t>* label_logits;
   acc_type<scalar_t>* belief_logits;  // [N, top_k]
   int64_t* belief_ids;                // [N, top_k]
@@ -463,8 +466,9 @@ BS_ALWAYS_INLINE void forward_rows_impl(const ForwardArgs<scalar_t>& args, int64
       }
       running_sum += chunk_sum_exp<W>(x, count, running_max);
     }
-    // All -inf: log(0) = -inf, so lse = -inf (the epilogue treats a non-finite lse as an empty row).
-    args.lse[row] = static_cast<acc_t>(static_cast<double>(running_max) + std::log(running_sum));
+    // All -inf: m = -inf and log(0) = -inf (the epilogue treats a non-finite m or log_sum as an empty row).
+    args.row_max[row] = running_max;
+    args.log_sum[row] = static_cast<acc_t>(std::log(running_sum));
     const int64_t label = args.labels[row];
     args.label_logits[row] = label >= 0 ? static_cast<acc_t>(z[label]) : acc_t(0);
   }
@@ -479,7 +483,8 @@ struct BackwardArgs {
   int64_t grad_row_stride;
   int64_t vocab_size;
   const int64_t* labels;
-  const acc_type<scalar_t>* lse;
+  const acc_type<scalar_t>* row_max;
+  const acc_type<scalar_t>* log_sum;
   const int64_t* belief_ids;               // [N, top_k]
   const acc_type<scalar_t>* belief_weights;  // [N, top_k]
   int64_t top_k;
@@ -503,7 +508,10 @@ BS_ALWAYS_INLINE void backward_rows_impl(const BackwardArgs<scalar_t>& args, int
     const int64_t label = args.labels[row];
     const int64_t* ids = args.belief_ids + row * args.top_k;
     const acc_t* weights = args.belief_weights + row * args.top_k;
-    const acc_t lse = args.lse[row];
+    const acc_t row_max = args.row_max[row];
+    const double log_sum = static_cast<double>(args.log_sum[row]);
+    // -g * pi = (-g * exp(-log_sum)) * exp(z - m); exp(-log_sum) <= 1, so the factor cannot overflow.
+    const acc_t dense_scale = static_cast<acc_t>(-static_cast<double>(grad_row) * std::exp(-log_sum));
 
     int64_t label_slot = -1;  // the belief slot holding the label, if any (belief ids are distinct)
     for (int64_t j = 0; j < args.top_k; ++j) {
@@ -521,20 +529,20 @@ BS_ALWAYS_INLINE void backward_rows_impl(const BackwardArgs<scalar_t>& args, int
       const int64_t count = std::min(kChunk, args.vocab_size - start);
       const acc_t* x = widen_chunk<scalar_t>(z + start, count, buffer);
       if constexpr (std::is_same<scalar_t, acc_t>::value) {
-        chunk_scaled_exp<W>(x, count, lse, -grad_row, out + start);
+        chunk_scaled_exp<W>(x, count, row_max, dense_scale, out + start);
       } else {
-        chunk_scaled_exp<W>(x, count, lse, -grad_row, buffer);
+        chunk_scaled_exp<W>(x, count, row_max, dense_scale, buffer);
         narrow_chunk<scalar_t>(buffer, count, out + start);
       }
     }
     // 2. The sparse terms: out_p = g * (coef_p - pi_p), with coef = w_j on beliefs (+ label_weight on the label).
     for (int64_t j = 0; j < args.top_k; ++j) {
       const double coef = static_cast<double>(weights[j]) + (j == label_slot ? args.label_weight : 0.0);
-      const double pi = std::exp(static_cast<double>(sparse_logits[j]) - static_cast<double>(lse));
+      const double pi = std::exp((static_cast<double>(sparse_logits[j]) - row_max) - log_sum);
       out[ids[j]] = static_cast<scalar_t>(static_cast<acc_t>(static_cast<double>(grad_row) * (coef - pi)));
     }
     if (label >= 0 && label_slot < 0) {
-      const double pi = std::exp(static_cast<double>(sparse_logits[args.top_k]) - static_cast<double>(lse));
+      const double pi = std::exp((static_cast<double>(sparse_logits[args.top_k]) - row_max) - log_sum);
       out[label] = static_cast<scalar_t>(static_cast<acc_t>(static_cast<double>(grad_row) * (args.label_weight - pi)));
     }
   }
@@ -695,9 +703,9 @@ at::Tensor unit_stride_rows(const at::Tensor& logits) {
   return logits.size(1) == 1 || logits.stride(1) == 1 ? logits : logits.contiguous();
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> native_forward(const at::Tensor& logits_in,
-                                                                           const at::Tensor& labels_in,
-                                                                           int64_t top_k) {
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> native_forward(const at::Tensor& logits_in,
+                                                                                       const at::Tensor& labels_in,
+                                                                                       int64_t top_k) {
   check_logits(logits_in, "logits");
   const at::Tensor logits = unit_stride_rows(logits_in);
   const int64_t num_rows = logits.size(0);
@@ -708,7 +716,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> native_forward(const 
   const at::Tensor labels = labels_in.contiguous();
 
   const auto stats_options = logits.options().dtype(compute_dtype(logits.scalar_type()));
-  at::Tensor lse = at::empty({num_rows}, stats_options);
+  at::Tensor row_max = at::empty({num_rows}, stats_options);
+  at::Tensor log_sum = at::empty({num_rows}, stats_options);
   at::Tensor label_logits = at::empty({num_rows}, stats_options);
   at::Tensor belief_logits = at::empty({num_rows, top_k}, stats_options);
   at::Tensor belief_ids = at::empty({num_rows, top_k}, logits.options().dtype(at::kLong));
@@ -721,29 +730,31 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> native_forward(const 
                                      vocab_size,
                                      labels.const_data_ptr<int64_t>(),
                                      top_k,
-                                     lse.mutable_data_ptr<acc_t>(),
+                                     row_max.mutable_data_ptr<acc_t>(),
+                                     log_sum.mutable_data_ptr<acc_t>(),
                                      label_logits.mutable_data_ptr<acc_t>(),
                                      belief_logits.mutable_data_ptr<acc_t>(),
                                      belief_ids.mutable_data_ptr<int64_t>()};
     const auto rows = forward_rows_for<scalar_t>(isa);
     parallel_over_rows(num_rows, vocab_size, [&](int64_t begin, int64_t end) { rows(args, begin, end); });
   });
-  return {lse, label_logits, belief_logits, belief_ids};
+  return {row_max, log_sum, label_logits, belief_logits, belief_ids};
 }
 
 void backward_into(const at::Tensor& grad_rows_in, const at::Tensor& logits, const at::Tensor& labels_in,
-                   const at::Tensor& lse_in, const at::Tensor& belief_ids_in, const at::Tensor& belief_weights_in,
-                   double label_weight, const at::Tensor& grad) {
+                   const at::Tensor& row_max_in, const at::Tensor& log_sum_in, const at::Tensor& belief_ids_in,
+                   const at::Tensor& belief_weights_in, double label_weight, const at::Tensor& grad) {
   const int64_t num_rows = logits.size(0);
   const int64_t vocab_size = logits.size(1);
   const auto stats_dtype = compute_dtype(logits.scalar_type());
   check_rows(grad_rows_in, "grad_rows", num_rows, stats_dtype);
   check_rows(labels_in, "labels", num_rows, at::kLong);
-  check_rows(lse_in, "lse", num_rows, stats_dtype);
+  check_rows(row_max_in, "row_max", num_rows, stats_dtype);
+  check_rows(log_sum_in, "log_sum", num_rows, stats_dtype);
   check_rows(belief_ids_in, "belief_ids", num_rows, at::kLong);
   check_rows(belief_weights_in, "belief_weights", num_rows, stats_dtype);
-  TORCH_CHECK(grad_rows_in.dim() == 1 && labels_in.dim() == 1 && lse_in.dim() == 1,
-              "grad_rows, labels and lse must be [N]");
+  TORCH_CHECK(grad_rows_in.dim() == 1 && labels_in.dim() == 1 && row_max_in.dim() == 1 && log_sum_in.dim() == 1,
+              "grad_rows, labels, row_max and log_sum must be [N]");
   TORCH_CHECK(belief_ids_in.dim() == 2 && belief_weights_in.sizes() == belief_ids_in.sizes(),
               "belief_ids and belief_weights must both be [N, k], got ", belief_ids_in.sizes(), " and ",
               belief_weights_in.sizes());
@@ -751,7 +762,8 @@ void backward_into(const at::Tensor& grad_rows_in, const at::Tensor& logits, con
   TORCH_CHECK(top_k <= vocab_size, "belief_ids has k = ", top_k, " > V = ", vocab_size);
   const at::Tensor grad_rows = grad_rows_in.contiguous();
   const at::Tensor labels = labels_in.contiguous();
-  const at::Tensor lse = lse_in.contiguous();
+  const at::Tensor row_max = row_max_in.contiguous();
+  const at::Tensor log_sum = log_sum_in.contiguous();
   const at::Tensor belief_ids = belief_ids_in.contiguous();
   const at::Tensor belief_weights = belief_weights_in.contiguous();
   const Isa isa = select_isa();
@@ -765,7 +777,8 @@ void backward_into(const at::Tensor& grad_rows_in, const at::Tensor& logits, con
                                       grad.stride(0),
                                       vocab_size,
                                       labels.const_data_ptr<int64_t>(),
-                                      lse.const_data_ptr<acc_t>(),
+                                      row_max.const_data_ptr<acc_t>(),
+                                      log_sum.const_data_ptr<acc_t>(),
                                       belief_ids.const_data_ptr<int64_t>(),
                                       belief_weights.const_data_ptr<acc_t>(),
                                       top_k,
@@ -795,24 +808,24 @@ void advise_huge_pages(void* data, size_t bytes) {
 }
 
 at::Tensor native_backward(const at::Tensor& grad_rows, const at::Tensor& logits_in, const at::Tensor& labels,
-                           const at::Tensor& lse, const at::Tensor& belief_ids, const at::Tensor& belief_weights,
-                           double label_weight) {
+                           const at::Tensor& row_max, const at::Tensor& log_sum, const at::Tensor& belief_ids,
+                           const at::Tensor& belief_weights, double label_weight) {
   check_logits(logits_in, "logits");
   const at::Tensor logits = unit_stride_rows(logits_in);
   at::Tensor grad = at::empty(logits.sizes(), logits.options());  // contiguous
   advise_huge_pages(grad.data_ptr(), grad.nbytes());
-  backward_into(grad_rows, logits, labels, lse, belief_ids, belief_weights, label_weight, grad);
+  backward_into(grad_rows, logits, labels, row_max, log_sum, belief_ids, belief_weights, label_weight, grad);
   return grad;
 }
 
 void native_backward_inplace(const at::Tensor& grad_rows, const at::Tensor& logits, const at::Tensor& labels,
-                             const at::Tensor& lse, const at::Tensor& belief_ids, const at::Tensor& belief_weights,
-                             double label_weight) {
+                             const at::Tensor& row_max, const at::Tensor& log_sum, const at::Tensor& belief_ids,
+                             const at::Tensor& belief_weights, double label_weight) {
   check_logits(logits, "logits");
   TORCH_CHECK(logits.size(1) == 1 || logits.stride(1) == 1,
               "native_backward_ writes into logits, whose rows must have unit stride along V; got strides ",
               logits.strides());
-  backward_into(grad_rows, logits, labels, lse, belief_ids, belief_weights, label_weight, logits);
+  backward_into(grad_rows, logits, labels, row_max, log_sum, belief_ids, belief_weights, label_weight, logits);
 }
 
 std::string native_isa() { return isa_name(select_isa()); }
@@ -822,13 +835,13 @@ std::string native_isa() { return isa_name(select_isa()); }
 
 // FRAGMENT: other backends (Triton) may define operators in the same namespace from Python.
 TORCH_LIBRARY_FRAGMENT(bs_kernels, m) {
-  m.def("native_forward(Tensor logits, Tensor labels, int top_k) -> (Tensor, Tensor, Tensor, Tensor)");
+  m.def("native_forward(Tensor logits, Tensor labels, int top_k) -> (Tensor, Tensor, Tensor, Tensor, Tensor)");
   m.def(
-      "native_backward(Tensor grad_rows, Tensor logits, Tensor labels, Tensor lse, Tensor belief_ids, "
-      "Tensor belief_weights, float label_weight) -> Tensor");
+      "native_backward(Tensor grad_rows, Tensor logits, Tensor labels, Tensor row_max, Tensor log_sum, "
+      "Tensor belief_ids, Tensor belief_weights, float label_weight) -> Tensor");
   m.def(
-      "native_backward_(Tensor grad_rows, Tensor(a!) logits, Tensor labels, Tensor lse, Tensor belief_ids, "
-      "Tensor belief_weights, float label_weight) -> ()");
+      "native_backward_(Tensor grad_rows, Tensor(a!) logits, Tensor labels, Tensor row_max, Tensor log_sum, "
+      "Tensor belief_ids, Tensor belief_weights, float label_weight) -> ()");
   m.def("native_isa() -> str", &bs_kernels_native::native_isa);
 }
 

@@ -24,8 +24,9 @@ the kernel as unavailable for this process, exactly as after a failed build.
 Rebuild (verbose) with ``python -m bs_kernels.backends.native``; ``BS_KERNELS_DISABLE_NATIVE=1`` turns it off.
 
 Operators (torch.ops.bs_kernels.*; fake implementations below so opcheck / torch.compile can trace them):
-    native_forward(logits[N, V], labels[N], top_k) -> (lse[N], label_logits[N], belief_logits[N, k], belief_ids[N, k])
-    native_backward(grad_rows, logits, labels, lse, belief_ids, belief_weights, label_weight) -> grad[N, V]
+    native_forward(logits[N, V], labels[N], top_k)
+        -> (row_max[N], log_sum[N], label_logits[N], belief_logits[N, k], belief_ids[N, k])
+    native_backward(grad_rows, logits, labels, row_max, log_sum, belief_ids, belief_weights, label_weight) -> grad
     native_backward_(same arguments) -> ()  writes the gradient into logits
 """
 
@@ -299,15 +300,15 @@ def _require_built() -> None:
 def forward(logits: torch.Tensor, labels: torch.Tensor, top_k: int) -> RawRowStats:
     """One pass per row; see bs_kernels/backends/contract.py. logits [N, V], labels [N] int64 (-1 = ignored)."""
     _require_built()
-    lse, label_logits, belief_logits, belief_ids = torch.ops.bs_kernels.native_forward(logits, labels, top_k)
-    return RawRowStats(lse=lse, label_logits=label_logits, belief_logits=belief_logits, belief_ids=belief_ids)
+    return RawRowStats(*torch.ops.bs_kernels.native_forward(logits, labels, top_k))
 
 
 def backward(
     grad_rows: torch.Tensor,
     logits: torch.Tensor,
     labels: torch.Tensor,
-    lse: torch.Tensor,
+    row_max: torch.Tensor,
+    log_sum: torch.Tensor,
     belief_ids: torch.Tensor,
     belief_weights: torch.Tensor,
     label_weight: float,
@@ -315,7 +316,7 @@ def backward(
 ) -> torch.Tensor:
     """grad [N, V] in the logits' dtype (the contract's formula); written into ``logits`` when ``inplace``."""
     _require_built()
-    arguments = (grad_rows, logits, labels, lse, belief_ids, belief_weights, float(label_weight))
+    arguments = (grad_rows, logits, labels, row_max, log_sum, belief_ids, belief_weights, float(label_weight))
     if inplace and logits.stride(-1) == 1:
         torch.ops.bs_kernels.native_backward_(*arguments)
         return logits
@@ -334,16 +335,17 @@ def _register_fakes() -> None:
         return (
             logits.new_empty((num_rows,), dtype=stats_dtype),
             logits.new_empty((num_rows,), dtype=stats_dtype),
+            logits.new_empty((num_rows,), dtype=stats_dtype),
             logits.new_empty((num_rows, top_k), dtype=stats_dtype),
             logits.new_empty((num_rows, top_k), dtype=torch.int64),
         )
 
     @torch.library.register_fake("bs_kernels::native_backward")
-    def _backward_fake(grad_rows, logits, labels, lse, belief_ids, belief_weights, label_weight):
+    def _backward_fake(grad_rows, logits, labels, row_max, log_sum, belief_ids, belief_weights, label_weight):
         return logits.new_empty(logits.shape)
 
     @torch.library.register_fake("bs_kernels::native_backward_")
-    def _backward_inplace_fake(grad_rows, logits, labels, lse, belief_ids, belief_weights, label_weight):
+    def _backward_inplace_fake(grad_rows, logits, labels, row_max, log_sum, belief_ids, belief_weights, label_weight):
         return None
 
     _register_fakes.done = True
