@@ -48,7 +48,8 @@
 #      The top is sorted once per row at the end (bitonic, K_PAD keys).
 #   Compiled for sm_90 (bf16, k = 20, 4 groups x 32 lanes x 8 = 1024 logits per step, 1 warp): 59 registers, no
 #   spills, no BAR in the loop; ~7 lane-instructions per logit per block plus ~40 per lane visited and ~23 per key
-#   accepted, ~9-11 per logit in all on random rows (benchmarks/triton_cost.py, benchmarks/RESULTS.md).
+#   accepted, ~9-11 per logit in all on random rows (benchmarks/triton_cost.py, benchmarks/RESULTS.md; measured
+#   before step 1 subtracted m first, which adds one FADD per logit).
 #   Limits as above; one warp per row needs many rows to fill a GPU (the launcher keeps the bucket kernel for few).
 #
 # Backward, grid (row, column block), two launches:
