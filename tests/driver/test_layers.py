@@ -15,7 +15,7 @@ KERNELS = ROOT / "bs_kernels"
 # modules are layered too ("metrics.tofu"): a package name alone ("objectives") stands for all of its modules.
 LAYERS = [
     {"prompts"},
-    {"data", "models", "outputs", "tiny_model", "tofu_data"},
+    {"data", "loss_guard", "models", "outputs", "tiny_model", "tofu_data", "tofu_source"},
     {"config"},
     {"scoring"},
     {"metrics.tofu"},
