@@ -7,8 +7,8 @@ import pathlib
 from collections.abc import Callable
 
 from ..outputs import write_json_atomic
-from .settings import ComparisonSettings
 from .seed_tables import SEEDS_CAPTION, paired_table, seeds_table
+from .settings import ComparisonSettings
 from .tables import matched_table, steps_table
 
 RESULTS_FILE = "results.json"
