@@ -1,5 +1,5 @@
 """Intervals for comparisons over seeds: a method's mean over seeds with its 95 % t interval, and the paired
-difference of two methods with a bootstrap interval over questions and seeds (docs/math.md, "Seeds and intervals").
+difference of two methods with a bootstrap interval over questions and seeds (docs/tofu.md, "Seeds and intervals").
 
     t_interval([0.31, 0.35, 0.29])                     -> (mean, low, high); low = high = None below 2 values
     paired_bootstrap(a, b)                             a, b: seeds x questions, the same questions at the same seeds
