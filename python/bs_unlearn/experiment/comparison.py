@@ -289,6 +289,9 @@ class _Context:
                 f"[{tag}]   forget p {start['forget_prob']:.3f} -> {end['forget_prob']:.3f}, retain p "
                 f"{end['retain_prob']:.3f} ({self.laps(f'unlearn {spec.label}'):.0f} s)"
             )
+        # Finished runs this call did not ask for stay in results.json (a narrower --runs / --seeds loses nothing).
+        asked = {(spec.label, seed) for seed in seeds for spec in specs}
+        results["runs"] += [run for key, run in done.items() if key not in asked]
 
 
 def _plot(results: dict, settings: ComparisonSettings, output: pathlib.Path, data_name: str) -> None:
