@@ -129,7 +129,16 @@ def run_tofu(
         "seed": finetune_seed,
     }
     say(f"[tofu] hashing {model_name} (the cache key of its fine-tuned models)")
-    built = _Builder(model, files_sha256(model_input_path(model)), recipe, cache, data, say)
+    model_sha256 = files_sha256(model_input_path(model))
+    if model_input_path(model).is_file():  # a .gguf: transformers cannot save a model loaded from it; its HF copy
+        from ..models import convert_gguf
+
+        converted = cache / f"gguf-{model_sha256[:32]}"
+        if not (converted / "config.json").is_file():
+            say(f"[tofu] converting {model} to a Hugging Face folder in the cache")
+            convert_gguf(model_input_path(model), converted)
+        model = str(converted)
+    built = _Builder(model, model_sha256, recipe, cache, data, say)
     start_dir = start or built.model_dir("start", data.forget.records + data.retain.records)
     retain_dir = retain_only or built.model_dir("retain-only", data.retain.records)
     del built
