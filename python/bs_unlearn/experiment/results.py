@@ -32,7 +32,11 @@ def write_table(
     if len(tables) > 1:
         text += "\n" + SEEDS_CAPTION + "\n\n" + seeds_table(results, markdown=True) + "\n"
         paired = paired_table(results, markdown=True)
-        text += f"\n{paired}\n" if paired else "\n(no GradDiff run: no paired differences)\n"
+        text += (
+            f"\n{paired}\n"
+            if paired
+            else "\n(no paired differences: they need a GradDiff run and another method at the same seeds)\n"
+        )
     path = pathlib.Path(output) / TABLE_FILE
     path.write_text(text, encoding="utf-8")
     for warning in results.get("start_warnings", []):
