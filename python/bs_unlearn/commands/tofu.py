@@ -108,12 +108,16 @@ def run_tofu(
     inputs = [model_input_path(model), *(p for p in (start, retain_only) if p is not None)]
     if not is_hub_id(tofu):
         inputs.append(pathlib.Path(tofu).expanduser())
+    from ..tofu_data import tofu_eval_sets
+
+    # Read before the output folder is made: a bad source or split is refused with nothing written.
+    eval_sets = tofu_eval_sets(tofu, split, max_examples=eval_examples, retain_examples=retain_examples, seed=0)
     output_path = pathlib.Path(output).expanduser()
     resuming = not overwrite and is_own_output(output_path) and (output_path / "results.json").is_file()
     # --overwrite starts afresh; an earlier output of this command is continued (its settings checked below).
     output = prepare_output_dir(output, overwrite=overwrite or resuming, inputs=inputs, replace=overwrite)
 
-    data = _tofu_data(tofu, split, output, retain_examples=retain_examples, eval_examples=eval_examples)
+    data = _tofu_data(eval_sets, split, output)
     from ..experiment.comparison import run_comparison
     from ..experiment.model_cache import files_sha256
     from ..experiment.progress import Laps
@@ -191,14 +195,13 @@ def run_tofu(
     return results
 
 
-def _tofu_data(tofu, split: str, output: pathlib.Path, *, retain_examples, eval_examples):
+def _tofu_data(eval_sets: list, split: str, output: pathlib.Path):
     """The comparison's data: the forget split, the retain facts = the retain evaluation set's questions (trained on
     and evaluated), the evaluation sets; the training files written under ``output``/data."""
     from ..data import write_qa_records
     from ..experiment.comparison import ComparisonData
-    from ..tofu_data import QASplit, tofu_eval_sets
+    from ..tofu_data import QASplit
 
-    eval_sets = tofu_eval_sets(tofu, split, max_examples=eval_examples, retain_examples=retain_examples, seed=0)
     forget_set = next(s for s in eval_sets if s.role == "forget")
     retain_set = next(s for s in eval_sets if s.role == "retain")
     # The trainers read question and answer; retain_perturbed's facts are retain99's (all 400 of them).

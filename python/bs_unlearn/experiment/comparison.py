@@ -107,6 +107,7 @@ def run_comparison(
     else:
         context.evaluate_start(start_model, results)
     band = results["belief_band"] = resume.get("belief_band") or context.belief_band(start_model, results)
+    save_results(results, output)  # a comparison killed in its first run keeps the start's metrics and band
     context.unlearn_each(start_model, band, specs, results, resume.get("runs", []))
     _plot(results, settings, output, data.name)
     laps("plot")
