@@ -22,7 +22,7 @@ import pathlib
 
 from ..experiment.settings import ComparisonSettings, UnlearnSettings
 from ..models import check_model_path, model_input_path
-from ..outputs import is_own_output, prepare_output_dir
+from ..outputs import check_output_dir, is_own_output, prepare_output_dir
 from ..tofu_data import TOFU_SPLITS
 from .base import positive_int
 from .compare_methods import (
@@ -110,10 +110,11 @@ def run_tofu(
         inputs.append(pathlib.Path(tofu).expanduser())
     from ..tofu_data import tofu_eval_sets
 
-    # Read before the output folder is made: a bad source or split is refused with nothing written.
-    eval_sets = tofu_eval_sets(tofu, split, max_examples=eval_examples, retain_examples=retain_examples, seed=0)
     output_path = pathlib.Path(output).expanduser()
     resuming = not overwrite and is_own_output(output_path) and (output_path / "results.json").is_file()
+    check_output_dir(output, overwrite=overwrite or resuming, inputs=inputs)
+    # Read before the output folder is made: a bad source or split is refused with nothing written.
+    eval_sets = tofu_eval_sets(tofu, split, max_examples=eval_examples, retain_examples=retain_examples, seed=0)
     # --overwrite starts afresh; an earlier output of this command is continued (its settings checked below).
     output = prepare_output_dir(output, overwrite=overwrite or resuming, inputs=inputs, replace=overwrite)
 
