@@ -104,6 +104,8 @@ def run_comparison(
     start_model = context.fine_tune_start(base_model, results, start_model, retain_only_model)
     if "start_metrics" in resume:
         results["start_metrics"], results["start"] = resume["start_metrics"], resume["start"]
+        if "start_warnings" in resume:
+            results["start_warnings"] = resume["start_warnings"]
     else:
         context.evaluate_start(start_model, results)
     band = results["belief_band"] = resume.get("belief_band") or context.belief_band(start_model, results)
