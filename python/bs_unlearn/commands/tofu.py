@@ -143,7 +143,7 @@ def run_tofu(
             say(f"[tofu] converting {model} to a Hugging Face folder in the cache")
             convert_gguf(model_input_path(model), converted)
         model = str(converted)
-    built = _Builder(model, model_sha256, recipe, cache, data, say)
+    built = _Builder(model, model_sha256, recipe, cache, say)
     start_dir = start or built.model_dir("start", data.forget.records + data.retain.records)
     retain_dir = retain_only or built.model_dir("retain-only", data.retain.records)
     del built
@@ -214,19 +214,16 @@ def _tofu_data(eval_sets: list, split: str, output: pathlib.Path):
     return ComparisonData(name, forget, retain, eval_sets)
 
 
+@dataclasses.dataclass
 class _Builder:
     """Fine-tunes the base model into the cache when a key's model is not there (the base model loaded once)."""
 
-    def __init__(self, model: str, model_sha256: str, recipe: dict, cache: pathlib.Path, data, say) -> None:
-        self.model, self.model_sha256, self.recipe, self.cache, self.data, self.say = (
-            model,
-            model_sha256,
-            recipe,
-            cache,
-            data,
-            say,
-        )
-        self.base = None
+    model: str
+    model_sha256: str
+    recipe: dict
+    cache: pathlib.Path
+    say: object
+    base: tuple | None = None
 
     def model_dir(self, role: str, records: list[dict]) -> pathlib.Path:
         from ..experiment.model_cache import cached_model, model_key
