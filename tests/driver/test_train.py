@@ -177,3 +177,53 @@ def test_overwrite_replaces_a_previous_run(tiny_setup, tmp_path):  # noqa: F811
     assert not (output / "marker").exists() and (output / "run.json").is_file() and (output / "config.json").is_file()
     assert is_own_output(output)  # and so replaceable again
     assert sorted(p.name for p in tmp_path.iterdir()) == ["run"]
+
+
+class _GradientsBeforeTheStep(TrainerCallback):
+    """Keeps a copy of every gradient at the first optimizer step."""
+
+    def __init__(self) -> None:
+        self.grads: dict[str, torch.Tensor] = {}
+
+    def on_pre_optimizer_step(self, args, state, control, model=None, **kwargs):
+        if not self.grads:
+            self.grads = {name: p.grad.detach().clone() for name, p in model.named_parameters() if p.grad is not None}
+
+
+@pytest.mark.parametrize("kind", ["finetune", "unlearn"])
+def test_training_step_fused_by_default_equals_materialised(tiny_setup, kind):  # noqa: F811
+    """The fused lm_head loss is the default; one training step's loss and gradients equal the materialised path's
+    within the float32 tolerance; the step timer splits the step into its phases."""
+    from bs_unlearn.step_timing import PHASES, StepTimer
+    from conftest import TOLERANCES
+
+    runs = {}
+    for fused in (True, False):
+        model, tokenizer = _load(tiny_setup["model"])
+        common = dict(model=str(tiny_setup["model"]), max_steps=1, batch_size=4, lr=1e-3, progress=False)
+        if kind == "finetune":
+            config = FinetuneConfig(data=[str(tiny_setup["forget"])], **common)
+        else:
+            config = UnlearnConfig(
+                objective=ObjectiveConfig(method="graddiff"),
+                forget=str(tiny_setup["forget"]),
+                retain=str(tiny_setup["retain"]),
+                **common,
+            )
+        assert config.fused_linear  # the default
+        config.fused_linear = fused
+        gradients, timer = _GradientsBeforeTheStep(), StepTimer()
+        run = (finetune if kind == "finetune" else unlearn)(
+            config, model=model, tokenizer=tokenizer, callbacks=[timer, gradients]
+        )
+        assert run.summary["fused_linear"] is fused
+        loss = next(entry["loss"] for entry in run.log_history if "loss" in entry)
+        runs[fused] = (loss, gradients.grads, timer.to_dict())
+    (fused_loss, fused_grads, timing), (loss, grads, _) = runs[True], runs[False]
+    tolerance = TOLERANCES[torch.float32]
+    assert fused_loss == pytest.approx(loss, abs=tolerance["atol"], rel=tolerance["rtol"])
+    assert fused_grads.keys() == grads.keys() and grads
+    for name, grad in grads.items():
+        torch.testing.assert_close(fused_grads[name], grad, **tolerance, msg=name)
+    assert timing["steps"] == 1
+    assert all(timing["seconds"][phase] > 0 for phase in PHASES if phase != "probe")

@@ -16,6 +16,7 @@ from collections.abc import Sequence
 
 from ..data import write_qa_records
 from ..metrics.evaluation import EvalOptions
+from ..objectives.model_terms import fused_supported
 from ..plotting import plot_forgetting_axis, plot_probe_runs
 from ..probe import ForgettingTarget, write_probe_json
 from ..tofu_data import EvalSet, QASplit
@@ -23,7 +24,8 @@ from .belief_band_stage import belief_band_stage
 from .evaluate_stage import evaluate_stage, forget_summary
 from .finetune_stage import finetune_stage
 from .matched_stage import matched_stage
-from .progress import Laps, Say, quiet
+from .profile import Profile
+from .progress import Say, quiet
 from .results import save_results
 from .run_specs import RunSpec
 from .settings import PROTOCOLS, ComparisonSettings
@@ -63,7 +65,7 @@ def run_comparison(
     seed: int = 0,
     say: Say = quiet,
     tag: str = "demo",
-    laps: Laps | None = None,
+    laps: Profile | None = None,
     extras: dict | None = None,
 ) -> dict:
     """Fine-tune ``base_model`` on forget + retain, then unlearn with every spec from that start; returns the results.
@@ -73,11 +75,13 @@ def run_comparison(
     ``settings.lr_grid`` chosen by :func:`matched_stage` (``settings.lr_search``), and is evaluated with the leak rate
     and forget quality. ``protocol="steps"``: each run takes ``settings.unlearn_steps`` steps at
     ``settings.unlearn_lr`` (or the spec's lr). Writes one probe JSON per run, the plots and results.json (after every
-    run and at the end) to ``output``. ``laps``: the timings so far (e.g. the model's loading); ``extras``: entries
-    added to the results as they are.
+    run and at the end) to ``output``. ``laps``: the stage profile so far (e.g. the model's loading; results.json's
+    ``profile``); ``extras``: entries added to the results as they are.
     """
     check_comparison(specs, protocol)
-    laps = laps or Laps()
+    laps = laps or Profile()
+    fused = settings.fused_linear and fused_supported(base_model)
+    laps.notes["fused_linear"] = "on" if fused else ("off" if not settings.fused_linear else "unsupported model")
     matched = protocol == "matched"
     results: dict = {"model": model_name, "data": data.name, "protocol": protocol, "forget_set": data.forget.name}
     results["seed"] = seed
@@ -91,6 +95,7 @@ def run_comparison(
     _plot(results, settings, output, data.name)
     laps("plot")
     results["timings_seconds"] = laps.with_total()
+    results["profile"] = laps.to_dict()
     save_results(results, output)
     return results
 
@@ -107,7 +112,7 @@ class _Context:
     seed: int
     say: Say
     tag: str
-    laps: Laps
+    laps: Profile
     matched: bool
     retain_model_metrics: dict | None = None  # set once the retain-only model is evaluated (matched protocol)
 
@@ -132,18 +137,31 @@ class _Context:
             batch_size=settings.finetune_batch_size,
             seed=self.seed,
             tokenizer=self.tokenizer,
+            fused_linear=settings.fused_linear,
             say=say,
         )
         facts = len(data.forget.records) + len(data.retain.records)
         say(f"[{tag}] fine-tuning on {facts} facts for {settings.finetune_epochs:g} epochs")
         retain_only_base = copy.deepcopy(base_model) if matched else None  # both models start from the same weights
-        start_model = finetune_stage(self.model_spec, [data.forget.path, data.retain.path], model=base_model, **recipe)
+        start_model = finetune_stage(
+            self.model_spec,
+            [data.forget.path, data.retain.path],
+            model=base_model,
+            step_timer=self.laps.step_timer("finetune"),
+            **recipe,
+        )
         say(f"[{tag}] fine-tuned ({self.laps('finetune'):.0f} s)")
         if matched:
             say(f"[{tag}] retain-only model: the same recipe on the {len(data.retain.records)} retain facts")
             scratch = self.output / "retain-only-data"
             retain_only_path = write_qa_records(data.retain.records, scratch / "retain.jsonl")
-            retain_only = finetune_stage(self.model_spec, [retain_only_path], model=retain_only_base, **recipe)
+            retain_only = finetune_stage(
+                self.model_spec,
+                [retain_only_path],
+                model=retain_only_base,
+                step_timer=self.laps.step_timer("retain_only"),
+                **recipe,
+            )
             shutil.rmtree(scratch)
             # Forget quality and the reference rows need only its forget-set metrics (truth ratios, Mem, leak rate).
             forget_sets = [eval_set for eval_set in data.eval_sets if eval_set.role == "forget"]
@@ -192,6 +210,7 @@ class _Context:
             settings=dataclasses.replace(settings.unlearn, seed=self.seed),
             model_spec=self.model_spec,
             names=(results["model"], self.data.name),
+            fused_linear=settings.fused_linear,
             say=say,
         )
         results["runs"] = []
@@ -205,6 +224,7 @@ class _Context:
             )
         for spec in specs:
             say(f"[{tag}] unlearning with {spec.label}")
+            stage["step_timer"] = self.laps.step_timer(f"unlearn {spec.label}")
             if matched:
                 unlearned, run = matched_stage(
                     start_model,
@@ -221,6 +241,7 @@ class _Context:
                 unlearned, run = unlearn_stage(
                     start_model, self.tokenizer, spec, lr=lr, max_steps=settings.unlearn_steps, **stage
                 )
+            unlearn_seconds = self.laps(f"unlearn {spec.label}")
             run["metrics"] = self.evaluate(unlearned, self.data.eval_sets)
             run["end"] = forget_summary(run["metrics"], self.data.forget.name)
             del unlearned
@@ -232,7 +253,7 @@ class _Context:
             start, end = results["start"], run["end"]
             say(
                 f"[{tag}]   forget p {start['forget_prob']:.3f} -> {end['forget_prob']:.3f}, retain p "
-                f"{end['retain_prob']:.3f} ({self.laps(f'unlearn {spec.label}'):.0f} s)"
+                f"{end['retain_prob']:.3f} ({unlearn_seconds + self.laps(f'evaluate {spec.label}'):.0f} s)"
             )
 
 

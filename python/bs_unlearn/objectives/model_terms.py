@@ -47,6 +47,12 @@ def _fused_model(model, fused: bool = True) -> bool:
     return True
 
 
+def fused_supported(model) -> bool:
+    """Whether the losses of ``model`` can run without materialised logits (``patch_causal_lm`` supports its
+    architecture; patching it once on the way, as every fused call does)."""
+    return _fused_model(model, True)
+
+
 def _model_inputs(batch: dict) -> dict:
     """The forward arguments of a batch (open-unlearning batches may carry extra keys such as ``index``)."""
     for name in ("input_ids", "labels"):
