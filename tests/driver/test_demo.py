@@ -48,6 +48,25 @@ def test_demo_quick_matched_end_to_end(tmp_path, capsys):
             assert 0.0 <= paper[key] <= 1.0, key
         assert 0.0 <= paper["forget_quality"] <= 1.0
     assert "retain-only" in printed
+    # The stage profile: every stage with its seconds and memory, each training stage's step phases, printed too.
+    profile = results["profile"]
+    stages = [stage["stage"] for stage in profile["stages"]]
+    expected = ["load", "finetune", "retain_only", "evaluate_start", "belief_band"]
+    expected += [f"{kind} {label}" for label in labels for kind in ("unlearn", "evaluate")] + ["plot"]
+    assert stages == expected
+    for stage in profile["stages"]:
+        assert stage["seconds"] >= 0 and stage["rss_start_mib"] > 0 and stage["rss_end_mib"] > 0
+        assert stage["peak_mib"] is None or stage["peak_mib"] >= stage["rss_end_mib"]
+    assert profile["process_peak_mib"] >= max(stage["rss_end_mib"] for stage in profile["stages"])
+    assert list(profile["steps"]) == ["finetune", "retain_only"] + [f"unlearn {label}" for label in labels]
+    for name, timer in profile["steps"].items():
+        assert timer["steps"] > 0 and timer["seconds"]["forward"] > 0, name
+    assert sum(run["steps"] for run in results["runs"]) <= sum(
+        attempt["steps"] for run in results["runs"] for attempt in run["attempts"]
+    )
+    assert all("abandoned_step" in attempt for run in results["runs"] for attempt in run["attempts"])
+    assert profile["fused_linear"] == "on"
+    assert "stage profile" in printed and "seconds per step" in printed
     for name in ("forgetting.png", "squeeze.png"):
         assert (output / name).stat().st_size > 10_000
     assert len(list(output.glob("probe_*.json"))) == 3

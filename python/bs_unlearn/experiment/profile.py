@@ -41,7 +41,8 @@ def _reset_peak() -> bool:
 
 
 def process_peak_mib() -> float:
-    """The process's peak RSS since it started, in MiB (ru_maxrss: KiB on Linux, bytes on macOS)."""
+    """The process's peak RSS in MiB since it started or since the peak was last reset (ru_maxrss: KiB on Linux,
+    bytes on macOS)."""
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return round(peak / (1024 * 1024 if sys.platform == "darwin" else 1024), 1)
 
@@ -62,6 +63,8 @@ class Profile(Laps):
         seconds = super().__call__(name)
         peak = _status_mib("VmHWM") if self._peak_resets else None
         rss = _status_mib("VmRSS")
+        if peak is not None and rss is not None:
+            peak = max(peak, rss)  # the kernel updates the peak lazily: it may lag the RSS just read
         self.stages.append(
             {"stage": name, "seconds": seconds, "rss_start_mib": self._rss_start, "rss_end_mib": rss, "peak_mib": peak}
         )
@@ -77,7 +80,8 @@ class Profile(Laps):
         return {
             "stages": list(self.stages),
             "total_seconds": self.with_total()["total"],
-            "process_peak_mib": process_peak_mib(),
+            # The resets also reset ru_maxrss: the process's peak is the largest of the stages' and the current one.
+            "process_peak_mib": max([process_peak_mib(), *(stage["peak_mib"] or 0.0 for stage in self.stages)]),
             "steps": {name: timer.to_dict() for name, timer in self.timers.items()},
             **self.notes,
         }
@@ -90,20 +94,20 @@ def _mib(value) -> str:
 def profile_lines(profile: dict) -> list[str]:
     """A results.json ``profile`` as text: a line per stage (seconds, GiB at start / end / peak), then per training
     stage the seconds per step of each phase."""
-    lines = [f"{'stage':<28} {'seconds':>8} {'GiB start':>9} {'GiB end':>8} {'GiB peak':>8}"]
+    lines = [f"{'stage':<40} {'seconds':>8} {'GiB start':>9} {'GiB end':>8} {'GiB peak':>8}"]
     for stage in profile["stages"]:
         lines.append(
-            f"{stage['stage'][:28]:<28} {stage['seconds']:>8.1f} {_mib(stage['rss_start_mib']):>9} "
+            f"{stage['stage'][:40]:<40} {stage['seconds']:>8.1f} {_mib(stage['rss_start_mib']):>9} "
             f"{_mib(stage['rss_end_mib']):>8} {_mib(stage['peak_mib']):>8}"
         )
     process_peak = _mib(profile["process_peak_mib"])
-    lines.append(f"{'total':<28} {profile['total_seconds']:>8.1f} (process peak {process_peak} GiB)")
+    lines.append(f"{'total':<40} {profile['total_seconds']:>8.1f} (process peak {process_peak} GiB)")
     if profile.get("steps"):
-        lines.append(f"{'seconds per step':<28} {'steps':>6} " + " ".join(f"{phase:>9}" for phase in PHASES))
+        lines.append(f"{'seconds per step':<40} {'steps':>6} " + " ".join(f"{phase:>9}" for phase in PHASES))
         for name, timer in profile["steps"].items():
             per_step = timer["seconds_per_step"]
             lines.append(
-                f"{name[:28]:<28} {timer['steps']:>6} " + " ".join(f"{per_step[phase]:>9.3f}" for phase in PHASES)
+                f"{name[:40]:<40} {timer['steps']:>6} " + " ".join(f"{per_step[phase]:>9.3f}" for phase in PHASES)
             )
     for key in ("fused_linear",):
         if key in profile:
