@@ -115,6 +115,6 @@ class StepTimer(TrainerCallback):
         per_step = {name: round(value / self.steps, 4) if self.steps else 0.0 for name, value in self.seconds.items()}
         return {
             "steps": self.steps,
-            "seconds": {name: round(value, 2) for name, value in self.seconds.items()},
+            "seconds": {name: round(value, 4) for name, value in self.seconds.items()},
             "seconds_per_step": per_step,
         }

@@ -227,3 +227,28 @@ def test_training_step_fused_by_default_equals_materialised(tiny_setup, kind):  
         torch.testing.assert_close(fused_grads[name], grad, **tolerance, msg=name)
     assert timing["steps"] == 1
     assert all(timing["seconds"][phase] > 0 for phase in PHASES if phase != "probe")
+
+
+def test_release_training_state_frees_the_optimizer_and_reference(tiny_setup):  # noqa: F811
+    """What the pipeline keeps of a finished run is its model: the optimizer (with its state), the schedule and the
+    frozen reference model are gone once released, not when a garbage collection happens to run."""
+    import weakref
+
+    from bs_unlearn.trainer import release_training_state
+
+    config = UnlearnConfig(
+        objective=ObjectiveConfig(method="npo"),
+        forget=str(tiny_setup["forget"]),
+        retain=str(tiny_setup["retain"]),
+        model=str(tiny_setup["model"]),
+        max_steps=2,
+        batch_size=2,
+        progress=False,
+    )
+    result = unlearn(config)
+    trainer = result.trainer
+    held = [weakref.ref(obj) for obj in (trainer.optimizer, trainer.lr_scheduler, trainer.ref_model)]
+    del trainer
+    release_training_state(result)
+    assert result.trainer is None and all(ref() is None for ref in held)
+    assert isinstance(result.model, torch.nn.Module)

@@ -44,8 +44,9 @@ def add_comparison_arguments(parser: argparse.ArgumentParser, *, runs_default, r
         "--no-fused-linear",
         dest="fused_linear",
         action="store_false",
-        help="train and score through materialised [B, T, V] logits (default: from hidden states and the lm_head "
-        "weight in row chunks, wherever the model's architecture allows; the same numbers within float tolerance)",
+        help="train and run the squeezing probe through materialised [B, T, V] logits (default: from hidden states "
+        "and the lm_head weight in row chunks, wherever the model's architecture allows; the same numbers within "
+        "float tolerance)",
     )
 
 
