@@ -344,6 +344,7 @@ class SqueezeProbe(TrainerCallback):
             "stop_at": None if self.stop_at is None else {"target_lp": self.stop_at.target_lp},
             "reached_step": self.reached_step,
             "abandoned_step": self.abandoned_step,
+            "checks": [list(check) for check in self.checks],  # every stopping check: what the give-up rule saw
         }
 
     def save(self) -> None:

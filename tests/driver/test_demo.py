@@ -163,6 +163,8 @@ def test_give_up_stops_a_hopeless_run_at_the_first_projection(tiny_start):
     # The first projection needs the start and two checks: step 2 of 8, not half the cap (4).
     assert run["reached"] is False and run["abandoned_step"] == 2 and run["steps"] == 2
     assert run["probe"]["records"][-1]["step"] == 2
+    checks = run["probe"]["checks"]  # what the rule saw: the start record, then every step's check
+    assert [step for step, _ in checks] == [0, 1, 2] and checks[0][1] == run["probe"]["records"][0]["target_lp"]
     # A reachable target is never given up on: the start record is reused, the run stops where it reaches it.
     _, free = unlearn_stage(model, tokenizer, parse_run("ga"), lr=3e-3, max_steps=6, **stage)
     start = free["probe"]["records"][0]
