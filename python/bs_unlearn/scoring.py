@@ -23,7 +23,7 @@ import torch
 from bs_kernels import IGNORE_INDEX, bs_token_loss, forget_logprobs
 
 from .data import end_of_turn_ids, pad_examples, tokenize_prompt, tokenize_qa
-from .objectives.model_terms import fused_supported
+from .fused import fused_supported
 
 __all__ = [
     "SequenceScores",

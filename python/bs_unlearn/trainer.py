@@ -30,9 +30,9 @@ import bs_kernels
 from .beliefs import BeliefRefreshCallback, EpochCallback, prompt_ids_of, sample_beliefs
 from .config import FinetuneConfig, TrainConfig, UnlearnConfig, run_inputs
 from .data import ForgetRetainCollator, ForgetRetainDataset, QACollator, QADataset, read_qa_records, tokenize_dataset
+from .fused import fused_supported
 from .models import load_model_and_tokenizer
 from .objectives import UnlearnObjective, answer_mask, answer_token_logprobs, nll_loss
-from .objectives.model_terms import fused_supported
 from .outputs import atomic_output_dir, is_main_process, scratch_dir
 from .step_timing import StepTimer
 

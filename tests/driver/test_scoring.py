@@ -11,7 +11,7 @@ pytest.importorskip("transformers")
 
 from bs_unlearn import metrics, scoring  # noqa: E402
 from bs_unlearn.data import pad_examples, tokenize_prompt, tokenize_qa  # noqa: E402
-from bs_unlearn.objectives.model_terms import fused_supported  # noqa: E402
+from bs_unlearn.fused import fused_supported  # noqa: E402
 from bs_unlearn.tiny_model import build_tiny_model, build_tiny_tokenizer  # noqa: E402
 from conftest import TOLERANCES  # noqa: E402
 

@@ -15,8 +15,8 @@ import shutil
 from collections.abc import Sequence
 
 from ..data import write_qa_records
+from ..fused import fused_supported
 from ..metrics.evaluation import EvalOptions
-from ..objectives.model_terms import fused_supported
 from ..plotting import plot_forgetting_axis, plot_probe_runs
 from ..probe import ForgettingTarget, write_probe_json
 from ..tofu_data import EvalSet, QASplit
