@@ -284,7 +284,8 @@ def forward_signature(dtype: str = "bf16") -> dict[str, str]:
     return {
         "logits_ptr": f"*{dtype}",
         "labels_ptr": "*i64",
-        "lse_ptr": "*fp32",
+        "row_max_ptr": "*fp32",
+        "log_sum_ptr": "*fp32",
         "label_logits_ptr": "*fp32",
         "belief_logits_ptr": "*fp32",
         "belief_ids_ptr": "*i64",
@@ -306,7 +307,7 @@ class Variant:
     # (row of float32 values, vocab) -> Counter of path names run on that row (a "name:r" key counts r rounds)
     replay: Callable[[np.ndarray], Counter]
     signature: dict = dataclasses.field(default_factory=forward_signature)
-    aligned: tuple[int, ...] = (0, 6, 7)
+    aligned: tuple[int, ...] = (0, 7, 8)
 
 
 def name_bucket_paths(paths: KernelPaths) -> dict[str, tuple[int, int]]:

@@ -156,16 +156,17 @@ class ShardedRows:
         self.local_count = shards.candidate_count(self.belief_count, shards.rank)
 
     def local_pass(self, logits: torch.Tensor, local_labels: torch.Tensor, stats_dtype: torch.dtype) -> RawRowStats:
-        """Step 1: the shard's lse, label logit and top-k_p, in the shard's id numbering."""
+        """Step 1: the shard's max and log_sum, label logit and top-k_p, in the shard's id numbering."""
         num_rows = logits.shape[0]
         if self.shards.size == 0:
             empty = torch.full((num_rows,), float("-inf"), dtype=stats_dtype, device=logits.device)
             no_candidates = torch.empty(num_rows, 0, dtype=stats_dtype, device=logits.device)
-            return RawRowStats(empty, empty.clone(), no_candidates, no_candidates.to(torch.int64))
+            return RawRowStats(empty, empty.clone(), empty.clone(), no_candidates, no_candidates.to(torch.int64))
         return self.backend.forward(logits, local_labels, self.local_count)
 
     def gather(self, raw: RawRowStats, local_labels: torch.Tensor, stats_dtype: torch.dtype):
-        """Step 2's one all_gather: [P, N] lse and masked label logits, [P, N, k_pad] candidate values and ids."""
+        """Step 2's one all_gather: [P, N] maxes, log_sums and masked label logits, [P, N, k_pad] candidate values
+        and ids."""
         num_rows, device = local_labels.shape[0], local_labels.device
         carrier = _carrier_dtype(stats_dtype)
         padding = self.padded - self.local_count
@@ -176,19 +177,27 @@ class ShardedRows:
             ids = torch.cat([ids, ids.new_full((num_rows, padding), -1)], dim=1)
         # Only the owner's label logit counts; the others send 0, so a sum over ranks picks the owner's value.
         label_logits = torch.where(local_labels >= 0, raw.label_logits.to(stats_dtype), 0.0)
-        floats = torch.cat([raw.lse.to(stats_dtype).unsqueeze(1), label_logits.unsqueeze(1), values], dim=1)
-        packed = torch.cat([floats.contiguous().view(carrier), ids.to(carrier)], dim=1)  # [N, 2 + 2 k_pad]
+        per_row = [raw.row_max.to(stats_dtype), raw.log_sum.to(stats_dtype), label_logits]
+        floats = torch.cat([*(column.unsqueeze(1) for column in per_row), values], dim=1)
+        packed = torch.cat([floats.contiguous().view(carrier), ids.to(carrier)], dim=1)  # [N, 3 + 2 k_pad]
         everyone = torch.empty(self.shards.world * num_rows, packed.shape[1], dtype=carrier, device=device)
         if num_rows > 0:  # an empty batch (N = 0 on every rank: VocabShards.agreed checked it) has nothing to send
             all_gather_single(everyone, packed, group=self.shards.group)
         everyone = everyone.view(self.shards.world, num_rows, packed.shape[1])
-        floats = everyone[..., : 2 + self.padded].contiguous().view(stats_dtype)
-        return floats[..., 0], floats[..., 1], floats[..., 2:], everyone[..., 2 + self.padded :].to(torch.int64)
+        floats = everyone[..., : 3 + self.padded].contiguous().view(stats_dtype)
+        ids_all = everyone[..., 3 + self.padded :].to(torch.int64)
+        return floats[..., 0], floats[..., 1], floats[..., 2], floats[..., 3:], ids_all
 
-    def merge(self, lse_all, label_logits_all, values_all, ids_all) -> tuple[RawRowStats, torch.Tensor]:
+    def merge(self, max_all, log_sum_all, label_logits_all, values_all, ids_all) -> tuple[RawRowStats, torch.Tensor]:
         """Step 2's combination: global RawRowStats and the chosen candidates' slots in the [P * k_pad] order."""
         world, num_rows, padded = values_all.shape
-        lse = torch.logsumexp(lse_all, dim=0)
+        # m = max over the shards that hold mass, log_sum = log sum_p exp((m_p - m) + log_sum_p): every difference
+        # is between two maxes, never through a rounded lse_p (backends/contract.py). A shard without mass
+        # (log_sum_p = -inf: empty, or all -inf) must not set m, whatever shift its backend reported.
+        has_mass = log_sum_all > float("-inf")
+        row_max = torch.where(has_mass, max_all, float("-inf")).amax(0)
+        shift = torch.where(torch.isfinite(row_max), row_max, torch.zeros_like(row_max))
+        log_sum = torch.logsumexp(torch.where(has_mass, max_all - shift, 0.0) + log_sum_all, dim=0)
         label_logits = label_logits_all.sum(0)
         values = values_all.permute(1, 0, 2).reshape(num_rows, world * padded)
         ids = ids_all.permute(1, 0, 2).reshape(num_rows, world * padded)
@@ -202,7 +211,8 @@ class ShardedRows:
         _, position = torch.sort(values[:, order], dim=1, descending=True, stable=True)
         chosen_slots = order[position[:, : self.belief_count]]  # [N, k]
         merged = RawRowStats(
-            lse=lse,
+            row_max=shift,
+            log_sum=log_sum,
             label_logits=label_logits,
             belief_logits=values.gather(1, chosen_slots),
             belief_ids=ids.gather(1, chosen_slots),
@@ -229,18 +239,35 @@ class ShardedRows:
         return rows, local_ids, self.local_belief_weights(chosen_slots, rows.belief_weights)
 
     def grad_logits(
-        self, grad_row_loss, logits, rows_labels, local_labels, lse, local_ids, local_weights, inplace: bool
+        self,
+        grad_row_loss,
+        logits,
+        rows_labels,
+        local_labels,
+        row_max,
+        log_sum,
+        local_ids,
+        local_weights,
+        inplace: bool,
     ):
         """Step 4: this shard's dL/dz = dL/dl * (-pi + label term if owned + its chosen beliefs' weights).
 
-        dL/dl and lse go through epilogue.backward_rows, as on one process (0 on ignored rows, a NaN row where the
+        dL/dl and row_max go through epilogue.backward_rows, as on one process (0 on ignored rows, a NaN row where the
         row has no distribution); both are the same on every rank, so the shard needs nothing from the others.
         """
         if self.shards.size == 0:
             return torch.zeros_like(logits)
-        grad_rows, lse = backward_rows(grad_row_loss, rows_labels, lse)
+        grad_rows, row_max = backward_rows(grad_row_loss, rows_labels, row_max)
         return self.backend.backward(
-            grad_rows, logits, local_labels, lse, local_ids, local_weights, self.options.label_weight, inplace
+            grad_rows,
+            logits,
+            local_labels,
+            row_max,
+            log_sum,
+            local_ids,
+            local_weights,
+            self.options.label_weight,
+            inplace,
         )
 
 

@@ -81,7 +81,7 @@ def bs_token_loss(
         reduction=reduction,
         impl=impl,
     )
-    opts.check_bool(inplace_backward, "inplace_backward")
+    opts.check_flags(shift=shift, return_stats=return_stats, inplace_backward=inplace_backward)
     if is_dtensor(logits):  # sharded over the vocabulary (tensor parallelism): bs_kernels/dtensor.py
         from .dtensor import dtensor_token_loss
 
@@ -97,7 +97,7 @@ def bs_token_loss(
     check_sequence_reduction(labels, shift=shift, reduction=reduction)
     rows, rows_labels, layout = logits_rows(logits, labels, shift=shift, ignore_index=options.ignore_index)
     if one_pass.applies(rows, impl, options, inplace_backward):  # a scalar loss under autograd on CPU
-        loss, outputs = one_pass.one_pass_loss(rows, rows_labels, layout, options)
+        loss, outputs = one_pass.one_pass_loss(rows, rows_labels, layout, options, impl)
     else:
         outputs = _compute_rows(rows, rows_labels, impl, options, inplace_backward=inplace_backward)
         loss = reduce_rows(outputs.row_loss, rows_labels, layout, options.reduction)
@@ -119,6 +119,7 @@ def forget_logprobs(
     Shape: that of the (shifted) labels. The building block of GA, NPO and the evaluation metrics.
     """
     options = opts.forget_options(ignore_index=ignore_index, impl=impl)
+    opts.check_flags(shift=shift)
     if is_dtensor(logits):  # sharded over the vocabulary: bs_kernels/dtensor.py
         from .dtensor import dtensor_token_loss
 
@@ -154,6 +155,7 @@ class BSTokenLoss(nn.Module):
             reduction=reduction,
             impl=impl,
         )
+        opts.check_flags(shift=shift)
         self.lam = lam
         self.top_k = top_k
         self.ignore_index = ignore_index

@@ -13,8 +13,9 @@ Where it is not used (bs_token_loss keeps the two-pass path of autograd.py): red
 (the caller weighs rows freely), inplace_backward=True (the gradient must not overwrite the logits before backward:
 anything that reads them between forward and backward would read a gradient), no gradient needed, a backend other
 than native, and inside torch.compile (its backward must stay a traced function of saved tensors).
-A second backward (retain_graph=True) or create_graph=True recomputes the gradient the two-pass way, from the saved
-statistics, so it is correct and independent of the first, and double backward raises the two-pass path's error.
+A second backward (retain_graph=True) recomputes the gradient the two-pass way, from the saved statistics, so it is
+correct and independent of the first; create_graph=True and torch.func transforms raise the two-pass path's errors
+(autograd.first_order_only, autograd.refuse_functorch).
 """
 
 from __future__ import annotations
@@ -27,7 +28,11 @@ import torch
 from ._dtypes import compute_dtype
 from ._options import BSOptions
 from ._rows import RowLayout, reduce_rows
-from .autograd import rows_backward  # noqa: F401  (registers bs_kernels::rows_backward, used below)
+from .autograd import (
+    first_order_only,
+    refuse_functorch,
+    rows_backward,  # noqa: F401  (registers bs_kernels::rows_backward, used below)
+)
 from .backends import get_backend, resolve_impl
 from .epilogue import RowOutputs, backward_rows, finish_rows
 
@@ -61,9 +66,17 @@ def forward_with_grad(
     and sparse_grad_ (native), in one pass over the logits; written into ``logits`` when ``inplace``."""
     raw, grad = backend.forward_grad(logits, labels, options.belief_count(logits.shape[-1]), grad_rows, inplace)
     rows = finish_rows(raw, labels, options)
-    sparse_grad_rows, finite_lse = backward_rows(grad_rows, labels, rows.lse)
+    sparse_grad_rows, row_max = backward_rows(grad_rows, labels, rows.row_max)
     backend.sparse_grad_(
-        grad, sparse_grad_rows, labels, finite_lse, raw, rows.belief_ids, rows.belief_weights, options.label_weight
+        grad,
+        sparse_grad_rows,
+        labels,
+        row_max,
+        rows.log_sum,
+        raw,
+        rows.belief_ids,
+        rows.belief_weights,
+        options.label_weight,
     )
     return rows, grad
 
@@ -98,42 +111,47 @@ class OnePassLossFunction(torch.autograd.Function):
             get_backend("native", logits.device), logits, labels, row_weights, options, inplace=False
         )
         loss = reduce_rows(rows.row_loss, labels, layout, options.reduction)
-        ctx.save_for_backward(logits, labels, rows.lse, rows.belief_ids, rows.belief_weights, row_weights)
+        ctx.save_for_backward(
+            logits, labels, rows.row_max, rows.log_sum, rows.belief_ids, rows.belief_weights, row_weights
+        )
         ctx.label_weight = options.label_weight
         ctx.grad = grad  # not saved_tensors: backward hands it over and drops this reference
         ctx.mark_non_differentiable(rows.token_logprobs, rows.belief_ids, rows.belief_probs)
         return loss, rows.token_logprobs, rows.belief_ids, rows.belief_probs
 
     @staticmethod
+    @first_order_only
     def backward(ctx, grad_loss, *unused_grads):
         grad, ctx.grad = ctx.grad, None
-        if grad is not None and not torch.is_grad_enabled():
+        if grad is not None:
             # The incoming gradient of a scalar loss is a 0-dim CPU tensor: reading it costs nothing. As a Python
             # number it scales a bf16/fp16 gradient in float32 (one rounding), not after rounding itself to bf16.
             scale = grad_loss.item()
             if scale != 1:
                 grad.mul_(scale)
             return grad, None, None, None
-        # A second backward (retain_graph=True: the first one handed the gradient over) or create_graph=True: the
-        # two-pass backward, from the saved statistics.
-        del grad
-        logits, labels, lse, belief_ids, belief_weights, row_weights = ctx.saved_tensors
-        grad_rows, lse = backward_rows(row_weights * grad_loss, labels, lse)
+        # A second backward (retain_graph=True: the first one handed the gradient over): the two-pass backward, from
+        # the saved statistics.
+        logits, labels, row_max, log_sum, belief_ids, belief_weights, row_weights = ctx.saved_tensors
+        grad_rows, row_max = backward_rows(row_weights * grad_loss, labels, row_max)
         grad = torch.ops.bs_kernels.rows_backward(
-            grad_rows, logits, labels, lse, belief_ids, belief_weights, ctx.label_weight, "native"
+            grad_rows, logits, labels, row_max, log_sum, belief_ids, belief_weights, ctx.label_weight, "native"
         )
         return grad, None, None, None
 
 
-def one_pass_loss(logits: torch.Tensor, labels: torch.Tensor, layout: RowLayout, options: BSOptions):
-    """(reduced loss, RowOutputs with the stats; row_loss, lse and belief_weights None) of rows [N, V], labels [N]."""
+def one_pass_loss(logits: torch.Tensor, labels: torch.Tensor, layout: RowLayout, options: BSOptions, impl: str):
+    """(reduced loss, RowOutputs with the stats; row_loss, row_max, log_sum and belief_weights None) of rows [N, V],
+    labels [N]; ``impl`` ("native" or "auto") only names the impl in errors."""
+    refuse_functorch(impl)
     loss, token_logprobs, belief_ids, belief_probs = OnePassLossFunction.apply(logits, labels, layout, options)
     outputs = RowOutputs(
         row_loss=None,
         token_logprobs=token_logprobs,
         belief_ids=belief_ids,
         belief_probs=belief_probs,
-        lse=None,
+        row_max=None,
+        log_sum=None,
         belief_weights=None,
     )
     return loss, outputs

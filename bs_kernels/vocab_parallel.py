@@ -6,38 +6,39 @@ by bs_kernels/dtensor.py). The one-pass algebra of docs/math.md carries over bec
 reduction over the vocabulary that composes across shards:
   1. local pass: backend.forward on the rank's own [N, V_p] shard (the unchanged backend contract) with the labels
      moved into the shard's numbering (label - start_p where the label falls in the shard, else -1), giving per row
-     the shard's lse_p, its label logit (meaningful only on the rank that owns the label) and its top-k_p candidates,
-     k_p = min(k, V_p), k = min(top_k, V).
-  2. one all-gather of the packed per-row statistics (lse_p, masked label logit, k_pad candidate values and their
-     global ids, k_pad = max_p k_p; never the [N, V] logits):
-        lse   = logsumexp_p lse_p
+     the shard's max m_p and log_sum_p = log sum exp(z - m_p), its label logit (meaningful only on the rank that
+     owns the label) and its top-k_p candidates, k_p = min(k, V_p), k = min(top_k, V).
+  2. one all-gather of the packed per-row statistics (m_p, log_sum_p, masked label logit, k_pad candidate values
+     and their global ids, k_pad = max_p k_p; never the [N, V] logits):
+        m, log_sum = max_p m_p, log sum_p exp((m_p - m) + log_sum_p)   (over the shards that hold mass)
         z_y   = sum_p (z_y on rank p if p owns y else 0)
         top-k = the k largest of the P * k_pad candidates (every global belief is some shard's local candidate,
                 since it is among that shard's k largest)
   3. epilogue.finish_rows on these global statistics: the row values, q and the gradient coefficients, identical on
      every rank (so every rank returns the same loss and stats).
-  4. backward on each rank from its own shard, with no communication: backend.backward with the global lse, the
-     shard's labels (-1 off-shard: the label term only on the owning rank) and the belief weights placed on the
-     shard's own candidate slots (weight 0 for a candidate that did not make the global top-k). The candidates are
-     the ids the backend itself returned, so they are distinct, as the native and Triton backward kernels require.
-The backend contract (backends/contract.py) is therefore unchanged: every local backend (torch, native, triton) is
-the per-shard kernel as it is. Steps 1-3 and the shards' layout live in _vocab_shards.py (ShardedRows, VocabShards);
-this module holds the autograd Functions and the public forms.
+  4. backward on each rank from its own shard, with no communication: backend.backward with the global m and
+     log_sum, the shard's labels (-1 off-shard: the label term only on the owning rank) and the belief weights
+     placed on the shard's own candidate slots (weight 0 for a candidate that did not make the global top-k). The
+     candidates are the ids the backend itself returned, so they are distinct, as the native and Triton backward
+     kernels require.
+The backend contract (backends/contract.py) is therefore the one-process one: every local backend (torch, native,
+triton) is the per-shard kernel as it is. Steps 1-3 and the shards' layout live in _vocab_shards.py (ShardedRows,
+VocabShards); this module holds the autograd Functions and the public forms.
 Why one all_gather rather than Megatron's all_reduce pair (max, sum-exp) plus an all_reduce of the label logit: the
-top-k candidates must be gathered anyway, and lse and z_y ride along as 2 of the 2 + 2 k_pad columns (5% of the
-volume at k = 20), so a call pays one collective's latency instead of four.
+top-k candidates must be gathered anyway, and m, log_sum and z_y ride along as 3 of the 3 + 2 k_pad columns (7% of
+the volume at k = 20), so a call pays one collective's latency instead of four.
 
 Ties at the k-th value (docs/math.md: any k of the tied entries may be chosen) are broken towards the lower group rank
 (a stable sort over the candidates in rank order), padding slots of ranks with fewer than k_pad candidates last.
 
 Communication per call (s = 4 bytes for float32/bfloat16/float16 logits, 8 for float64; P = group size):
   every form, first: one all_gather of the call record (below; RECORD_LENGTH = 53 int64, 424 bytes from every rank).
-  logits form, forward: one all_gather of N * (2 + 2 * k_pad) elements of s bytes from every rank (the candidate
+  logits form, forward: one all_gather of N * (3 + 2 * k_pad) elements of s bytes from every rank (the candidate
       values bit-cast beside their ids in one integer tensor); none for an empty batch (N = 0). Backward: nothing.
-  fused linear form: the same all_gather per chunk of valid rows in forward (M * (2 + 2 * k_pad) elements over all
+  fused linear form: the same all_gather per chunk of valid rows in forward (M * (3 + 2 * k_pad) elements over all
       chunks), and in backward one all_reduce of the [M, H] gradient of the hidden states (M = valid positions; the
       hidden states are replicated over the group, so their gradient is the sum of every shard's contribution).
-At N = 4096 rows, k = 20, fp32 that is 672 KiB per rank per call, against about 1 GiB per rank for an all-gather of the
+At N = 4096 rows, k = 20, fp32 that is 688 KiB per rank per call, against about 1 GiB per rank for an all-gather of the
 logits at V = 128 256 over 2 ranks (what loss functions that need the full row do).
 
 Agreement (_vocab_call.py): the call record holds each shard's start and size, the entry point, the dtype, the labels'
@@ -70,7 +71,6 @@ from typing import NamedTuple
 
 import torch
 import torch.distributed as dist
-from torch.autograd.function import once_differentiable
 
 from . import _options as opts
 from ._chunks import chunk_logits, rows_per_chunk, scatter_rows
@@ -95,6 +95,7 @@ from ._vocab_shards import (
     shard_backend,
     shard_labels,
 )
+from .autograd import first_order_only, refuse_functorch
 from .epilogue import BSTokenStats, RowOutputs
 
 
@@ -102,16 +103,25 @@ class _VocabParallelRowsFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, logits, rows_labels, local_labels, sharded: ShardedRows, inplace_backward: bool):
         rows, local_ids, local_weights = sharded.rows(logits, rows_labels, local_labels)
-        ctx.save_for_backward(logits, rows_labels, local_labels, rows.lse, local_ids, local_weights)
+        ctx.save_for_backward(logits, rows_labels, local_labels, rows.row_max, rows.log_sum, local_ids, local_weights)
         ctx.sharded, ctx.inplace_backward = sharded, inplace_backward
         ctx.mark_non_differentiable(rows.token_logprobs, rows.belief_ids, rows.belief_probs)
         return rows.row_loss, rows.token_logprobs, rows.belief_ids, rows.belief_probs
 
     @staticmethod
+    @first_order_only
     def backward(ctx, grad_row_loss, *unused_grads):
-        logits, rows_labels, local_labels, lse, local_ids, local_weights = ctx.saved_tensors
+        logits, rows_labels, local_labels, row_max, log_sum, local_ids, local_weights = ctx.saved_tensors
         grad = ctx.sharded.grad_logits(
-            grad_row_loss, logits, rows_labels, local_labels, lse, local_ids, local_weights, ctx.inplace_backward
+            grad_row_loss,
+            logits,
+            rows_labels,
+            local_labels,
+            row_max,
+            log_sum,
+            local_ids,
+            local_weights,
+            ctx.inplace_backward,
         )
         return grad, None, None, None, None
 
@@ -167,8 +177,8 @@ def check_token_call(
 ) -> CheckedCall:
     """Every check of a logits-form call that needs no other rank; the rows [N, V_p] of the shard."""
     check_floating(local_logits, "local_logits")
-    opts.check_bool(shift, "shift")
-    opts.check_bool(return_stats, "return_stats")
+    opts.check_flags(shift=shift, return_stats=return_stats)
+    refuse_functorch(impl)
     check_vocab_start(vocab_start)
     if local_logits.dim() < 1:
         raise ValueError(f"logits must have a vocabulary dimension, got shape {tuple(local_logits.shape)}")
@@ -197,7 +207,7 @@ def sharded_token_loss(
     loss = reduce_rows(row_loss, rows_labels, layout, options.reduction)
     if not return_stats:
         return loss
-    outputs = RowOutputs(row_loss, token_logprobs, belief_ids, belief_probs, None, None)
+    outputs = RowOutputs(row_loss, token_logprobs, belief_ids, belief_probs, None, None, None)
     return loss, BSTokenStats.of_rows(layout, outputs)
 
 
@@ -232,7 +242,7 @@ def vocab_parallel_bs_token_loss(
     Returns:
         The same loss (and BSTokenStats, with global belief ids) on every rank, equal to bs_token_loss on the
         gathered [..., V] logits; the backward writes each rank's [..., V_p] gradient without communication.
-        Communication: one all_gather of the call record (RECORD_LENGTH int64) and one of N * (2 + 2 * k_pad)
+        Communication: one all_gather of the call record (RECORD_LENGTH int64) and one of N * (3 + 2 * k_pad)
         4-byte elements (8-byte for float64) per rank and call (module docstring).
 
     Raises:
@@ -250,7 +260,7 @@ def vocab_parallel_bs_token_loss(
             reduction=reduction,
             impl=impl,
         )
-        opts.check_bool(inplace_backward, "inplace_backward")
+        opts.check_flags(inplace_backward=inplace_backward)
         return check_token_call(
             local_logits, labels, vocab_start, options, impl=impl, shift=shift, return_stats=return_stats
         )
@@ -273,7 +283,7 @@ def vocab_parallel_forget_logprobs(
 ) -> torch.Tensor:
     """:func:`bs_kernels.forget_logprobs` on vocabulary-split logits (arguments as vocab_parallel_bs_token_loss).
 
-    Communication: one all_gather of the call record and one of 2 N elements per rank (no beliefs), none in
+    Communication: one all_gather of the call record and one of 3 N elements per rank (no beliefs), none in
     backward.
     """
 
@@ -309,7 +319,7 @@ class _VocabParallelLinearFunction(torch.autograd.Function):
         local_labels = shard_labels(rows_labels, sharded.shards)
         k, k_local = sharded.belief_count, sharded.local_count
         row_loss = torch.empty(num_rows, dtype=stats_dtype, device=device)
-        token_logprobs, lse = torch.empty_like(row_loss), torch.empty_like(row_loss)
+        token_logprobs, row_max, log_sum = (torch.empty_like(row_loss) for _ in range(3))
         belief_ids = torch.empty(num_rows, k, dtype=torch.int64, device=device)
         belief_probs = torch.empty(num_rows, k, dtype=stats_dtype, device=device)
         local_ids = torch.empty(num_rows, k_local, dtype=torch.int64, device=device)
@@ -317,20 +327,21 @@ class _VocabParallelLinearFunction(torch.autograd.Function):
         for rows in _chunk_slices(num_rows, sharded.shards):
             logits = chunk_logits(hidden_rows[rows], local_weight, local_bias)
             chunk, local_ids[rows], local_weights[rows] = sharded.rows(logits, rows_labels[rows], local_labels[rows])
-            row_loss[rows], token_logprobs[rows], lse[rows] = chunk.row_loss, chunk.token_logprobs, chunk.lse
+            row_loss[rows], token_logprobs[rows] = chunk.row_loss, chunk.token_logprobs
+            row_max[rows], log_sum[rows] = chunk.row_max, chunk.log_sum
             belief_ids[rows], belief_probs[rows] = chunk.belief_ids, chunk.belief_probs
             del logits
         ctx.save_for_backward(
-            hidden_rows, local_weight, local_bias, rows_labels, local_labels, lse, local_ids, local_weights
+            hidden_rows, local_weight, local_bias, rows_labels, local_labels, row_max, log_sum, local_ids, local_weights
         )
         ctx.sharded = sharded
         ctx.mark_non_differentiable(token_logprobs, belief_ids, belief_probs)
         return row_loss, token_logprobs, belief_ids, belief_probs
 
     @staticmethod
-    @once_differentiable
+    @first_order_only
     def backward(ctx, grad_row_loss, *unused_grads):
-        hidden_rows, local_weight, local_bias, rows_labels, local_labels, lse, local_ids, local_weights = (
+        hidden_rows, local_weight, local_bias, rows_labels, local_labels, row_max, log_sum, local_ids, local_weights = (
             ctx.saved_tensors
         )
         sharded = ctx.sharded
@@ -349,7 +360,8 @@ class _VocabParallelLinearFunction(torch.autograd.Function):
                     logits,
                     rows_labels[rows],
                     local_labels[rows],
-                    lse[rows],
+                    row_max[rows],
+                    log_sum[rows],
                     local_ids[rows],
                     local_weights[rows],
                     True,
@@ -385,8 +397,8 @@ def check_linear_call(
     """Every check of a fused-form call that needs no other rank."""
     check_floating(hidden, "hidden")
     check_floating(local_weight, "weight")
-    opts.check_bool(shift, "shift")
-    opts.check_bool(return_stats, "return_stats")
+    opts.check_flags(shift=shift, return_stats=return_stats)
+    refuse_functorch(impl)
     check_vocab_start(vocab_start)
     if local_weight.dim() != 2 or hidden.dim() < 1 or hidden.shape[-1] != local_weight.shape[1]:
         raise ValueError(
@@ -446,7 +458,7 @@ def sharded_linear_loss(
     if not return_stats:
         return loss
     outputs = RowOutputs(
-        None, *(scatter_rows(values, valid) for values in (token_logprobs, belief_ids, belief_probs)), None, None
+        None, *(scatter_rows(values, valid) for values in (token_logprobs, belief_ids, belief_probs)), None, None, None
     )
     return loss, BSTokenStats.of_rows(layout, outputs)
 
@@ -481,7 +493,7 @@ def vocab_parallel_linear_loss(
 
     Gradients: hidden's is complete (summed over the group by one all_reduce in backward), so do not all-reduce it
     again (e.g. through Megatron's copy_to_tensor_model_parallel_region); the weight's and bias's are this rank's rows.
-    Communication: one all_gather of the call record, one all_gather of C * (2 + 2 * k_pad) elements per chunk in
+    Communication: one all_gather of the call record, one all_gather of C * (3 + 2 * k_pad) elements per chunk in
     forward, one all_reduce of [M, H] (M = valid positions) in backward (module docstring). Errors: as
     vocab_parallel_bs_token_loss.
     """

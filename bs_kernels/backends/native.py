@@ -27,14 +27,15 @@ the kernel as unavailable for this process, exactly as after a failed build.
 Rebuild (verbose) with ``python -m bs_kernels.backends.native``; ``BS_KERNELS_DISABLE_NATIVE=1`` turns it off.
 
 Operators (torch.ops.bs_kernels.*; fake implementations below so opcheck / torch.compile can trace them):
-    native_forward(logits[N, V], labels[N], top_k) -> (lse[N], label_logits[N], belief_logits[N, k], belief_ids[N, k])
-    native_backward(grad_rows, logits, labels, lse, belief_ids, belief_weights, label_weight) -> grad[N, V]
+    native_forward(logits[N, V], labels[N], top_k)
+        -> (row_max[N], log_sum[N], label_logits[N], belief_logits[N, k], belief_ids[N, k])
+    native_backward(grad_rows, logits, labels, row_max, log_sum, belief_ids, belief_weights, label_weight) -> grad
     native_backward_(same arguments) -> ()  writes the gradient into logits
-    native_forward_grad(logits, labels, top_k, grad_rows) -> (the four forward outputs, grad[N, V]): the forward
+    native_forward_grad(logits, labels, top_k, grad_rows) -> (the five forward outputs, grad[N, V]): the forward
         and, per row while it is in cache, the dense part -grad_rows[i] * pi_i of the gradient (forward_grad below)
-    native_forward_grad_(same arguments) -> (the four forward outputs)  that dense part written into logits
-    native_sparse_grad_(grad, grad_rows, labels, lse, label_logits, belief_logits, belief_ids, belief_weights,
-        label_weight) -> ()  then the k + 1 sparse terms of each row, in place (sparse_grad_ below)
+    native_forward_grad_(same arguments) -> (the five forward outputs)  that dense part written into logits
+    native_sparse_grad_(grad, grad_rows, labels, row_max, log_sum, label_logits, belief_logits, belief_ids,
+        belief_weights, label_weight) -> ()  then the k + 1 sparse terms of each row, in place (sparse_grad_ below)
 """
 
 from __future__ import annotations
@@ -384,15 +385,15 @@ def _require_built() -> None:
 def forward(logits: torch.Tensor, labels: torch.Tensor, top_k: int) -> RawRowStats:
     """One pass per row; see bs_kernels/backends/contract.py. logits [N, V], labels [N] int64 (-1 = ignored)."""
     _require_built()
-    lse, label_logits, belief_logits, belief_ids = torch.ops.bs_kernels.native_forward(logits, labels, top_k)
-    return RawRowStats(lse=lse, label_logits=label_logits, belief_logits=belief_logits, belief_ids=belief_ids)
+    return RawRowStats(*torch.ops.bs_kernels.native_forward(logits, labels, top_k))
 
 
 def backward(
     grad_rows: torch.Tensor,
     logits: torch.Tensor,
     labels: torch.Tensor,
-    lse: torch.Tensor,
+    row_max: torch.Tensor,
+    log_sum: torch.Tensor,
     belief_ids: torch.Tensor,
     belief_weights: torch.Tensor,
     label_weight: float,
@@ -400,7 +401,7 @@ def backward(
 ) -> torch.Tensor:
     """grad [N, V] in the logits' dtype (the contract's formula); written into ``logits`` when ``inplace``."""
     _require_built()
-    arguments = (grad_rows, logits, labels, lse, belief_ids, belief_weights, float(label_weight))
+    arguments = (grad_rows, logits, labels, row_max, log_sum, belief_ids, belief_weights, float(label_weight))
     if inplace and logits.stride(-1) == 1:
         torch.ops.bs_kernels.native_backward_(*arguments)
         return logits
@@ -411,24 +412,24 @@ def forward_grad(
     logits: torch.Tensor, labels: torch.Tensor, top_k: int, grad_rows: torch.Tensor, inplace: bool
 ) -> tuple[RawRowStats, torch.Tensor]:
     """forward() and, in the same pass over each row, grad[i] = -grad_rows[i] * pi_i: the contract's gradient
-    without its k + 1 sparse terms (sparse_grad_ writes those). Rows with grad_rows 0 get zeros, counted rows
-    whose lse is not finite get NaN (what backward_rows makes of them). Into ``logits`` itself when ``inplace``."""
+    without its k + 1 sparse terms (sparse_grad_ writes those), pi_i = exp((z - m) - log_sum) as in backward. Rows
+    with grad_rows 0 get zeros, counted rows whose m or log_sum is not finite get NaN (what backward_rows makes of
+    them). Into ``logits`` itself when ``inplace``."""
     _require_built()
     if inplace and logits.stride(-1) == 1:
         outputs = torch.ops.bs_kernels.native_forward_grad_(logits, labels, top_k, grad_rows)
         grad = logits
     else:
         *outputs, grad = torch.ops.bs_kernels.native_forward_grad(logits, labels, top_k, grad_rows)
-    lse, label_logits, belief_logits, belief_ids = outputs
-    raw = RawRowStats(lse=lse, label_logits=label_logits, belief_logits=belief_logits, belief_ids=belief_ids)
-    return raw, grad
+    return RawRowStats(*outputs), grad
 
 
 def sparse_grad_(
     grad: torch.Tensor,
     grad_rows: torch.Tensor,
     labels: torch.Tensor,
-    lse: torch.Tensor,
+    row_max: torch.Tensor,
+    log_sum: torch.Tensor,
     raw: RawRowStats,
     belief_ids: torch.Tensor,
     belief_weights: torch.Tensor,
@@ -436,10 +437,11 @@ def sparse_grad_(
 ) -> None:
     """Rewrite the k + 1 sparse entries of each row of forward_grad's ``grad`` as the contract's
     grad_rows * (coef - pi), from the forward's statistics ``raw`` (backward's own code, so with the grad_rows and
-    lse of backward_rows the gradient equals native_backward's); rows with grad_rows 0 are left as they are."""
+    row_max of backward_rows and the epilogue's log_sum the gradient equals native_backward's); rows with
+    grad_rows 0 are left as they are."""
     _require_built()
     torch.ops.bs_kernels.native_sparse_grad_(
-        grad, grad_rows, labels, lse, raw.label_logits, raw.belief_logits, belief_ids, belief_weights,
+        grad, grad_rows, labels, row_max, log_sum, raw.label_logits, raw.belief_logits, belief_ids, belief_weights,
         float(label_weight),
     )  # fmt: skip
 
@@ -456,16 +458,17 @@ def _register_fakes() -> None:
         return (
             logits.new_empty((num_rows,), dtype=stats_dtype),
             logits.new_empty((num_rows,), dtype=stats_dtype),
+            logits.new_empty((num_rows,), dtype=stats_dtype),
             logits.new_empty((num_rows, top_k), dtype=stats_dtype),
             logits.new_empty((num_rows, top_k), dtype=torch.int64),
         )
 
     @torch.library.register_fake("bs_kernels::native_backward")
-    def _backward_fake(grad_rows, logits, labels, lse, belief_ids, belief_weights, label_weight):
+    def _backward_fake(grad_rows, logits, labels, row_max, log_sum, belief_ids, belief_weights, label_weight):
         return logits.new_empty(logits.shape)
 
     @torch.library.register_fake("bs_kernels::native_backward_")
-    def _backward_inplace_fake(grad_rows, logits, labels, lse, belief_ids, belief_weights, label_weight):
+    def _backward_inplace_fake(grad_rows, logits, labels, row_max, log_sum, belief_ids, belief_weights, label_weight):
         return None
 
     @torch.library.register_fake("bs_kernels::native_forward_grad")
@@ -477,7 +480,9 @@ def _register_fakes() -> None:
         return _forward_fake(logits, labels, top_k)
 
     @torch.library.register_fake("bs_kernels::native_sparse_grad_")
-    def _sparse_grad_fake(grad, grad_rows, labels, lse, label_logits, belief_logits, belief_ids, belief_weights, w):
+    def _sparse_grad_fake(
+        grad, grad_rows, labels, row_max, log_sum, label_logits, belief_logits, belief_ids, belief_weights, w
+    ):
         return None
 
     _register_fakes.done = True

@@ -15,6 +15,8 @@ are checked where a run reads them, once, before any model is loaded.
 
 from __future__ import annotations
 
+import math
+import numbers
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import ClassVar
@@ -39,6 +41,28 @@ DEFAULT_REDUCTION = {"ga": "token_mean", "bs_t": "sequence_mean"}
 
 def _none_or(value: str) -> str | None:
     return None if value == "none" else value
+
+
+def check_real(name: str, value: object, *, low: float, high: float = math.inf, low_open: bool = False) -> None:
+    """Refuse ``value`` unless it is a finite real number in [low, high] ((low, high] with ``low_open``), with an
+    error naming ``name``: NaN passes every comparison a plain range check makes, and an infinite lr or weight trains
+    a model of NaN weights."""
+    is_real = isinstance(value, numbers.Real) and not isinstance(value, bool)
+    if is_real and math.isfinite(value) and (value > low if low_open else value >= low) and value <= high:
+        return
+    if not math.isfinite(low):
+        bounds = f"<= {high:g}"
+    elif math.isfinite(high):
+        bounds = f"in {'(' if low_open else '['}{low:g}, {high:g}]"
+    else:
+        bounds = f"{'>' if low_open else '>='} {low:g}"
+    raise ValueError(f"{name} must be a finite number {bounds}, got {value!r}")
+
+
+def check_int(name: str, value: object, *, low: int) -> None:
+    """Refuse ``value`` unless it is an integer (not a bool, not a float such as NaN) >= ``low``, naming ``name``."""
+    if not isinstance(value, numbers.Integral) or isinstance(value, bool) or value < low:
+        raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")
 
 
 @dataclass(kw_only=True)
@@ -88,14 +112,20 @@ class ObjectiveConfig:
             raise ValueError(f"bs_s_base must be one of {FORGET_OBJECTIVES}, got {self.bs_s_base!r}")
         if self.forget_reduction is not None and self.forget_reduction not in FORGET_REDUCTIONS:
             raise ValueError(f"forget_reduction must be one of {FORGET_REDUCTIONS}, got {self.forget_reduction!r}")
-        if not 0.0 <= self.lam_s <= 1.0:
-            raise ValueError(f"lam_s must be in [0, 1], got {self.lam_s}")
-        if self.beta <= 0:
-            raise ValueError(f"beta must be > 0, got {self.beta}")
+        self.check_values()
+
+    def check_values(self) -> None:
+        """The weights, beta and lam_s: finite and in range (lam, top_k and belief_temperature: ``validate``)."""
+        check_real("forget_weight", self.forget_weight, low=0.0)
+        check_real("retain_weight", self.retain_weight, low=0.0)
+        check_real("beta", self.beta, low=0.0, low_open=True)
+        check_real("lam_s", self.lam_s, low=0.0, high=1.0)
 
     def validate(self) -> None:
-        """lam, top_k and belief_temperature as the loss checks them (bs_kernels, the same messages); a separate step
-        because bs_kernels imports torch, which building a configuration must not."""
+        """Every value again (a field may have been set after building), then lam, top_k and belief_temperature as
+        the loss checks them (bs_kernels, the same messages); a separate step because bs_kernels imports torch, which
+        building a configuration must not."""
+        self.check_values()
         import bs_kernels
 
         bs_kernels.check_loss_options(lam=self.lam, top_k=self.top_k, belief_temperature=self.belief_temperature)
@@ -127,12 +157,12 @@ class BeliefConfig:
     regen_every: int = field(default=2, metadata={"help": "on-policy resampling period in epochs"})
 
     def __post_init__(self) -> None:
+        self.check_values()
+
+    def check_values(self) -> None:
         for name in ("num_beliefs", "max_new_tokens", "gen_batch_size", "regen_every"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise ValueError(f"{name} must be an int >= 1, got {value!r}")
-        if not isinstance(self.gen_temperature, (int, float)) or self.gen_temperature <= 0:
-            raise ValueError(f"gen_temperature must be > 0, got {self.gen_temperature!r}")
+            check_int(name, getattr(self, name), low=1)
+        check_real("gen_temperature", self.gen_temperature, low=0.0, low_open=True)
 
     def sample_kwargs(self) -> dict:
         """The keyword arguments of :func:`sample_beliefs` for this configuration."""
@@ -202,16 +232,18 @@ class TrainConfig:
 
     def check_settings(self) -> None:
         for name in ("batch_size", "grad_accum", "max_length", "logging_steps"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        if self.max_steps is not None and (isinstance(self.max_steps, bool) or self.max_steps < 1):
-            raise ValueError(f"max_steps must be >= 1 (leave it out to train for the epochs), got {self.max_steps}")
-        if self.max_steps is None and self.epochs <= 0:
-            raise ValueError(f"epochs must be > 0 (or max_steps >= 1), got epochs={self.epochs}")
-        if self.lr <= 0:
-            raise ValueError(f"lr must be > 0, got {self.lr}")
-        if self.max_examples_per_file is not None and self.max_examples_per_file < 1:
-            raise ValueError(f"max_examples_per_file must be >= 1, got {self.max_examples_per_file}")
+            check_int(name, getattr(self, name), low=1)
+        check_int("warmup_steps", self.warmup_steps, low=0)
+        check_int("seed", self.seed, low=0)
+        steps = self.max_steps
+        if steps is not None and (not isinstance(steps, numbers.Integral) or isinstance(steps, bool) or steps < 1):
+            raise ValueError(f"max_steps must be >= 1, an integer (leave it out to train for epochs), got {steps!r}")
+        # The Trainer ignores the epochs under max_steps, but an infinite or NaN count is still a mistake to refuse.
+        check_real("epochs", self.epochs, low=0.0, low_open=self.max_steps is None)
+        check_real("lr", self.lr, low=0.0, low_open=True)
+        check_real("weight_decay", self.weight_decay, low=0.0)
+        if self.max_examples_per_file is not None:
+            check_int("max_examples_per_file", self.max_examples_per_file, low=1)
         check_impl_available(self.impl)
 
 
@@ -294,4 +326,5 @@ class UnlearnConfig(TrainConfig):
             method, term = self.objective.method, self.objective.retain_loss
             raise ValueError(f"method {method!r} uses a retain term ({term}): give a retain file")
         super().check_settings()
+        self.beliefs.check_values()
         self.objective.validate()

@@ -29,7 +29,7 @@ import os
 import pathlib
 import re
 
-from .data import check_qa_record, read_qa_records, select_examples
+from .data import check_qa_record, check_scored_fields_shared, read_qa_records, select_examples
 
 TOFU_HF_ID = "locuslab/TOFU"
 
@@ -89,9 +89,11 @@ def load_split(source: str | os.PathLike, name: str, *, max_examples: int | None
         if jsonl.is_file():  # this project's layout: read with its line numbers
             return read_qa_records(jsonl, max_examples=max_examples, seed=seed)
         rows, where = _folder_rows(folder, name)
-    records = [check_qa_record(row, f"{where} row {index}") for index, row in enumerate(rows, start=1)]
+    places = [f"{where} row {index}" for index in range(1, len(rows) + 1)]
+    records = [check_qa_record(row, place) for row, place in zip(rows, places)]
     if not records:
         raise ValueError(f"TOFU split {name} from {where} has no examples")
+    check_scored_fields_shared(records, places)
     return select_examples(records, max_examples, seed=seed)
 
 

@@ -31,6 +31,7 @@ from .beliefs import BeliefRefreshCallback, EpochCallback, prompt_ids_of, sample
 from .config import FinetuneConfig, TrainConfig, UnlearnConfig, run_inputs
 from .data import ForgetRetainCollator, ForgetRetainDataset, QACollator, QADataset, read_qa_records, tokenize_dataset
 from .fused import fused_supported
+from .loss_guard import StopOnNonFiniteLoss
 from .models import load_model_and_tokenizer
 from .objectives import UnlearnObjective, answer_mask, answer_token_logprobs, nll_loss
 from .outputs import atomic_output_dir, is_main_process, scratch_dir
@@ -158,6 +159,7 @@ def _training_arguments(config: TrainConfig, work_dir: pathlib.Path) -> Training
         num_train_epochs=config.epochs,
         max_steps=config.max_steps if config.max_steps is not None else -1,  # -1: the Trainer's "use the epochs"
         logging_steps=config.logging_steps,
+        logging_nan_inf_filter=False,  # a NaN loss is logged as NaN, for StopOnNonFiniteLoss to stop the run
         save_strategy="no",
         report_to=[],
         seed=config.seed,
@@ -204,7 +206,7 @@ def _run(kind: str, config: TrainConfig, build, callbacks) -> RunResult:
         with staging_context as staging:
             args = _training_arguments(config, scratch)
             set_seed(config.seed)
-            trainer = build(args, list(callbacks or []))
+            trainer = build(args, [StopOnNonFiniteLoss(), *(callbacks or [])])
             start = time.perf_counter()
             trainer.train()
             seconds = time.perf_counter() - start

@@ -70,10 +70,15 @@ def _labels(rows: int, vocab: int, seed: int = 1) -> torch.Tensor:
     return labels.to(DEVICE)
 
 
+def _lse(raw):
+    """The row's logsumexp from a forward's max and log_sum (-inf for a row of -inf, whatever the shift)."""
+    return raw.row_max + raw.log_sum
+
+
 def _assert_forward_matches(raw, expected, logits, top_k):
     """lse and z_y against the torch backend; beliefs: the exact top-k as sets (tie-free data), values by id."""
     tolerance = TOLERANCES[logits.dtype if logits.dtype == torch.float64 else torch.float32]
-    torch.testing.assert_close(raw.lse, expected.lse, **tolerance)
+    torch.testing.assert_close(_lse(raw), _lse(expected), **tolerance)
     torch.testing.assert_close(raw.label_logits, expected.label_logits, atol=0, rtol=0)
     assert raw.belief_ids.shape == (logits.shape[0], top_k) and raw.belief_ids.dtype == torch.int64
     torch.testing.assert_close(raw.belief_ids.sort(-1).values, expected.belief_ids.sort(-1).values, atol=0, rtol=0)
@@ -144,9 +149,9 @@ def test_forward_dtypes(dtype, config):
     labels = _labels(9, 300)
     raw = triton_backend.forward(logits, labels, 20, config=config)
     expected = torch_chunked.forward(logits, labels, 20)
-    assert raw.lse.dtype == expected.lse.dtype
+    assert raw.log_sum.dtype == expected.log_sum.dtype == raw.row_max.dtype
     tolerance = TOLERANCES[torch.float64 if dtype == torch.float64 else torch.float32]
-    torch.testing.assert_close(raw.lse, expected.lse, **tolerance)
+    torch.testing.assert_close(_lse(raw), _lse(expected), **tolerance)
     torch.testing.assert_close(raw.label_logits, expected.label_logits, atol=0, rtol=0)
     torch.testing.assert_close(raw.belief_logits.sort(-1).values, expected.belief_logits.sort(-1).values)
     assert (raw.belief_ids.sort(-1).values.diff(dim=-1) > 0).all()  # k distinct ids per row
@@ -167,14 +172,14 @@ def test_negative_infinite_logits(kernel):
     logits[3] = float("-inf")  # ignored row with no finite logit
     raw = triton_backend.forward(logits, labels, 20, config=SMALL_FORWARD if kernel == "buckets" else SMALL_LANES)
     expected = torch_chunked.forward(logits, labels, 20)
-    torch.testing.assert_close(raw.lse, expected.lse)
+    torch.testing.assert_close(_lse(raw), _lse(expected))
     finite = torch.isfinite(raw.belief_logits)
     assert (finite.sum(-1) == torch.isfinite(logits).sum(-1).clamp(max=20)).all()
     torch.testing.assert_close(raw.belief_logits.sort(-1).values, expected.belief_logits.sort(-1).values)
 
     rows = finish_rows(raw, labels, BSOptions(lam=0.2, detach_belief=False))
-    grad_rows = torch.where(labels >= 0, torch.ones_like(rows.lse), torch.zeros_like(rows.lse))
-    args = (grad_rows, logits, labels, rows.lse, rows.belief_ids, rows.belief_weights, 0.8)
+    grad_rows = torch.where(labels >= 0, torch.ones_like(rows.log_sum), torch.zeros_like(rows.log_sum))
+    args = (grad_rows, logits, labels, rows.row_max, rows.log_sum, rows.belief_ids, rows.belief_weights, 0.8)
     grad = triton_backend.backward(*args, False, config=SMALL_BACKWARD)
     assert torch.isfinite(grad).all()
     torch.testing.assert_close(grad, torch_chunked.backward(*args, False))
@@ -189,9 +194,18 @@ def _backward_case(dtype, rows=10, vocab=300, top_k=20, label_in_beliefs=True):
     raw = torch_chunked.forward(logits, labels, top_k)
     rows_out = finish_rows(raw, labels, BSOptions(lam=0.2, detach_belief=False))
     generator = torch.Generator().manual_seed(4)
-    grad_rows = torch.rand(rows, generator=generator, dtype=rows_out.lse.dtype).to(DEVICE) + 0.5
+    grad_rows = torch.rand(rows, generator=generator, dtype=rows_out.log_sum.dtype).to(DEVICE) + 0.5
     grad_rows = torch.where(labels >= 0, grad_rows, torch.zeros_like(grad_rows))
-    args = (grad_rows, logits, labels, rows_out.lse, rows_out.belief_ids, rows_out.belief_weights, 0.8)
+    args = (
+        grad_rows,
+        logits,
+        labels,
+        rows_out.row_max,
+        rows_out.log_sum,
+        rows_out.belief_ids,
+        rows_out.belief_weights,
+        0.8,
+    )
     return logits, args
 
 
@@ -211,9 +225,9 @@ def test_backward_matches_torch_backend(dtype):
 def test_backward_exact_against_float64():
     """float32 logits: every entry within float32 rounding of grad_row * (t - pi) built densely in float64."""
     logits, args = _backward_case(torch.float32)
-    grad_rows, _, labels, lse, belief_ids, belief_weights, label_weight = args
+    grad_rows, _, labels, row_max, log_sum, belief_ids, belief_weights, label_weight = args
     valid = (labels >= 0).double()
-    pi = torch.exp(logits.double() - lse.double().unsqueeze(1))
+    pi = torch.exp(logits.double() - (row_max.double() + log_sum.double()).unsqueeze(1))
     target = torch.zeros_like(pi).scatter_add_(1, belief_ids, belief_weights.double())
     target[torch.arange(len(labels), device=DEVICE), labels.clamp(min=0)] += label_weight * valid
     expected = grad_rows.double().unsqueeze(1) * (target - pi)
@@ -260,7 +274,7 @@ def test_forward_heavy_ties(config):
     labels = _labels(6, 300)
     raw = triton_backend.forward(logits, labels, 20, config=config)
     expected = torch_chunked.forward(logits, labels, 20)
-    torch.testing.assert_close(raw.lse, expected.lse)
+    torch.testing.assert_close(_lse(raw), _lse(expected))
     torch.testing.assert_close(
         raw.belief_logits.sort(-1).values, expected.belief_logits.sort(-1).values, atol=0, rtol=0
     )
@@ -428,7 +442,13 @@ def test_kernels_compile_for_hopper():
     """Every kernel compiles for sm_90 at the benchmark's shape, and the 16-bit loads/stores are 16 bytes wide."""
     _needs_ptxas()
     kernels = importlib.import_module("bs_kernels.backends.triton_kernels")
-    rows = {"lse_ptr": "*fp32", "label_logits_ptr": "*fp32", "belief_logits_ptr": "*fp32", "belief_ids_ptr": "*i64"}
+    rows = {
+        "row_max_ptr": "*fp32",
+        "log_sum_ptr": "*fp32",
+        "label_logits_ptr": "*fp32",
+        "belief_logits_ptr": "*fp32",
+        "belief_ids_ptr": "*i64",
+    }
     forward_signature = {
         "logits_ptr": "*bf16",
         "labels_ptr": "*i64",
@@ -441,10 +461,10 @@ def test_kernels_compile_for_hopper():
         forward_signature,
         dict(K=20, LOG_K_PAD=5, LOG_BLOCK_V=12, LOG_BUCKETS=8, IS_FP64=False),
         num_warps=16,
-        aligned=(0, 6, 7),
+        aligned=(0, 7, 8),
     )
     assert "ld.global.v4" in forward.asm["ptx"]
-    forward_fp64 = {**forward_signature, "logits_ptr": "*fp64", **{name: "*fp64" for name in list(rows)[:3]}}
+    forward_fp64 = {**forward_signature, "logits_ptr": "*fp64", **{name: "*fp64" for name in list(rows)[:4]}}
     _compile_for_hopper(
         kernels.bs_rows_forward_kernel,
         forward_fp64,
@@ -454,14 +474,15 @@ def test_kernels_compile_for_hopper():
     )
     backward = _compile_for_hopper(
         kernels.bs_rows_backward_kernel,
-        {"grad_ptr": "*bf16", "logits_ptr": "*bf16", "lse_ptr": "*fp32", "grad_rows_ptr": "*fp32"}
+        {"grad_ptr": "*bf16", "logits_ptr": "*bf16", "row_max_ptr": "*fp32", "log_sum_ptr": "*fp32"}
+        | {"grad_rows_ptr": "*fp32"}
         | {"vocab_size": "i32", "logits_row_stride": "i32", "grad_row_stride": "i32"},
         dict(BLOCK_V=4096),
         num_warps=8,
-        aligned=(0, 1, 4, 5, 6),
+        aligned=(0, 1, 5, 6, 7),
     )
     assert "st.global.v4" in backward.asm["ptx"] and "ld.global.v4" in backward.asm["ptx"]
-    per_row = ("lse_ptr", "grad_rows_ptr", "label_coefs_ptr", "label_logits_ptr")
+    per_row = ("row_max_ptr", "log_sum_ptr", "grad_rows_ptr", "label_coefs_ptr", "label_logits_ptr")
     _compile_for_hopper(
         kernels.bs_rows_backward_fixup_kernel,
         {"grad_ptr": "*bf16", "labels_ptr": "*i64", **{name: "*fp32" for name in per_row}}
@@ -508,7 +529,7 @@ def test_interpreter_subprocess():
     if not TRITON_INSTALLED:
         pytest.skip(TRITON_REASON or "triton is not installed")
     targets = [str(TESTS_DIR / "test_triton_interpreter.py")]
-    for shared in ("test_bs_token_loss.py", "test_hardening.py", "test_fuzz.py"):
+    for shared in ("test_bs_token_loss.py", "test_hardening.py", "test_hardening2.py", "test_fuzz.py"):
         if (TESTS_DIR / shared).is_file():
             targets.append(str(TESTS_DIR / shared))
     env = dict(os.environ, TRITON_INTERPRET="1", CUDA_VISIBLE_DEVICES="")

@@ -5,7 +5,7 @@ from __future__ import annotations
 import dataclasses
 import math
 
-from ..config import METHODS, ObjectiveConfig
+from ..config import METHODS, ObjectiveConfig, check_int, check_real
 
 
 def parse_lr_grid(text: str) -> tuple[float, ...]:
@@ -17,15 +17,27 @@ def parse_lr_grid(text: str) -> tuple[float, ...]:
     return rates
 
 
+def _checked(name: str, convert, check, **bounds):
+    """A run option's parser: ``convert`` the text, then ``check`` its range (an error names the option), so a NaN
+    or infinite value is refused when the spec is read, not after minutes of runs before it."""
+
+    def parse(text: str):
+        value = convert(text)
+        check(name, value, **bounds)
+        return value
+
+    return parse
+
+
 # The options a run spec may set ("bs-t:lam=0.5,lr=1e-4"): ObjectiveConfig fields, the BS-S sample count, the lr
 # (fixed) or the run's own lr grid for the matched protocol (in place of the comparison's).
 RUN_OPTION_TYPES = {
-    "lam": float,
-    "top_k": int,
-    "lam_s": float,
+    "lam": _checked("lam", float, check_real, low=0.0, high=1.0),
+    "top_k": _checked("top_k", int, check_int, low=1),
+    "lam_s": _checked("lam_s", float, check_real, low=0.0, high=1.0),
     "bs_s_base": str,
-    "num_beliefs": int,
-    "lr": float,
+    "num_beliefs": _checked("num_beliefs", int, check_int, low=1),
+    "lr": _checked("lr", float, check_real, low=0.0, low_open=True),
     "lr_grid": parse_lr_grid,
 }
 METHOD_NAMES = {"graddiff": "GA (+retain NLL)", "ga": "GA", "bs-t": "BS-T", "bs-s": "BS-S", "npo": "NPO"}

@@ -4,6 +4,9 @@ the whole comparison. Light to import (the commands build their defaults from it
 from __future__ import annotations
 
 import dataclasses
+import math
+
+from ..config import check_real
 
 
 @dataclasses.dataclass
@@ -42,6 +45,16 @@ class ComparisonSettings:
     leak_samples: int = 2
     # the losses and the probe's scoring from hidden states and the lm_head weight where the model supports it
     fused_linear: bool = True
+
+    def __post_init__(self) -> None:
+        """The float settings finite and in range (``--target-lp nan`` or ``--lr-grid inf`` would otherwise run the
+        whole comparison for a target no run reaches, or on NaN weights)."""
+        for name in ("finetune_epochs", "finetune_lr", "unlearn_lr"):
+            check_real(name, getattr(self, name), low=0.0, low_open=True)
+        for rate in self.lr_grid:
+            check_real("lr_grid", rate, low=0.0, low_open=True)
+        # A mean log-prob is < 0: a target above 0 would be "reached" before the first step.
+        check_real("target_lp", self.target_lp, low=-math.inf, high=0.0)
 
 
 PROTOCOLS = ("matched", "steps")

@@ -98,13 +98,21 @@ def _mean_probability(mean_logprobs) -> float | None:
 
 
 def _perturbed_lists(records: Sequence[dict]) -> list[list[str]] | None:
+    """Each record's perturbed answers; None for a set without them (no truth ratio). A record without usable ones
+    in a set that has them is an error: dropping the set's truth ratio for it would change the results silently
+    (``data.check_qa_record`` refuses such records as a file is read; records built in code reach this check)."""
+    if all(record.get("perturbed_answer") is None for record in records):
+        return None
     lists = []
-    for record in records:
+    for index, record in enumerate(records):
         perturbed = record.get("perturbed_answer")
         if isinstance(perturbed, str):
             perturbed = [perturbed]
-        if not perturbed:
-            return None
+        if not perturbed or not all(isinstance(answer, str) and answer.strip() for answer in perturbed):
+            raise ValueError(
+                f"record {index + 1} ({record['question'][:60]!r}): perturbed_answer "
+                f"{record.get('perturbed_answer')!r} has no answer to score, so its set has no truth ratio"
+            )
         lists.append(list(perturbed))
     return lists
 
