@@ -16,14 +16,14 @@ KERNELS = ROOT / "bs_kernels"
 LAYERS = [
     {"data", "loss_guard", "models", "outputs", "tiny_model", "tofu_data", "tofu_source"},
     {"config"},
-    {"scoring"},
+    {"scoring", "fused", "step_timing"},
     {"metrics.tofu"},
     {"metrics.paper", "metrics.leak"},
     {"metrics.evaluation", "metrics.table"},
     {"metrics"},  # the package's __init__: its public names
     {"objectives"},
     {"beliefs", "trainer", "probe", "plotting"},
-    {"experiment.progress", "experiment.settings", "experiment.run_specs"},
+    {"experiment.progress", "experiment.settings", "experiment.run_specs", "experiment.profile"},
     {"experiment.finetune_stage", "experiment.belief_band_stage", "experiment.unlearn_stage"},
     {"experiment.evaluate_stage", "experiment.matched_stage", "experiment.tables"},
     {"experiment.results"},

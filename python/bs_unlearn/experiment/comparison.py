@@ -18,6 +18,7 @@ import shutil
 from collections.abc import Sequence
 
 from ..data import write_qa_records
+from ..fused import fused_supported
 from ..metrics.evaluation import EvalOptions
 from ..plotting import plot_forgetting_axis, plot_probe_runs
 from ..probe import ForgettingTarget, write_probe_json
@@ -26,7 +27,8 @@ from .belief_band_stage import belief_band_stage
 from .evaluate_stage import evaluate_stage, forget_summary
 from .finetune_stage import finetune_stage
 from .matched_stage import matched_stage
-from .progress import Laps, Say, quiet
+from .profile import Profile
+from .progress import Say, quiet
 from .results import save_results
 from .run_specs import RunSpec
 from .settings import PROTOCOLS, ComparisonSettings
@@ -66,7 +68,7 @@ def run_comparison(
     seed: int = 0,
     say: Say = quiet,
     tag: str = "demo",
-    laps: Laps | None = None,
+    laps: Profile | None = None,
     extras: dict | None = None,
     seeds: Sequence[int] | None = None,
     start_model=None,
@@ -80,8 +82,8 @@ def run_comparison(
     ``settings.lr_grid`` chosen by :func:`matched_stage` (``settings.lr_search``), and is evaluated with the leak rate
     and forget quality. ``protocol="steps"``: each run takes ``settings.unlearn_steps`` steps at
     ``settings.unlearn_lr`` (or the spec's lr). Writes one probe JSON per run, the plots and results.json (after every
-    run and at the end) to ``output``. ``laps``: the timings so far (e.g. the model's loading); ``extras``: entries
-    added to the results as they are.
+    run and at the end) to ``output``. ``laps``: the stage profile so far (e.g. the model's loading; results.json's
+    ``profile``); ``extras``: entries added to the results as they are.
 
     ``seeds``: the seeds of the unlearning runs (default: ``seed``), each spec run once per seed; a seed sets the
     unlearning batches only, ``seed`` the fine-tuning and evaluation. ``start_model`` / ``retain_only_model``: built
@@ -90,7 +92,9 @@ def run_comparison(
     label and seed) are kept, not recomputed.
     """
     check_comparison(specs, protocol)
-    laps = laps or Laps()
+    laps = laps or Profile()
+    fused = settings.fused_linear and fused_supported(base_model)
+    laps.notes["fused_linear"] = "on" if fused else ("off" if not settings.fused_linear else "unsupported model")
     matched = protocol == "matched"
     resume = resume or {}
     results: dict = {"model": model_name, "data": data.name, "protocol": protocol, "forget_set": data.forget.name}
@@ -114,6 +118,7 @@ def run_comparison(
     _plot(results, settings, output, data.name)
     laps("plot")
     results["timings_seconds"] = laps.with_total()
+    results["profile"] = laps.to_dict()
     save_results(results, output)
     return results
 
@@ -130,7 +135,7 @@ class _Context:
     seed: int
     say: Say
     tag: str
-    laps: Laps
+    laps: Profile
     matched: bool
     retain_model_metrics: dict | None = None  # set once the retain-only model is evaluated (matched protocol)
 
@@ -161,14 +166,20 @@ class _Context:
             batch_size=settings.finetune_batch_size,
             seed=self.seed,
             tokenizer=self.tokenizer,
+            fused_linear=settings.fused_linear,
             say=say,
         )
         if start_model is None:
             facts = len(data.forget.records) + len(data.retain.records)
             say(f"[{tag}] fine-tuning on {facts} facts for {settings.finetune_epochs:g} epochs")
             retain_only_base = copy.deepcopy(base_model) if matched else None  # both start from the same weights
-            paths = [data.forget.path, data.retain.path]
-            start_model = finetune_stage(self.model_spec, paths, model=base_model, **recipe)
+            start_model = finetune_stage(
+                self.model_spec,
+                [data.forget.path, data.retain.path],
+                model=base_model,
+                step_timer=self.laps.step_timer("finetune"),
+                **recipe,
+            )
             say(f"[{tag}] fine-tuned ({self.laps('finetune'):.0f} s)")
         else:
             retain_only_base = base_model
@@ -176,7 +187,13 @@ class _Context:
             say(f"[{tag}] retain-only model: the same recipe on the {len(data.retain.records)} retain facts")
             scratch = self.output / "retain-only-data"
             retain_only_path = write_qa_records(data.retain.records, scratch / "retain.jsonl")
-            retain_only = finetune_stage(self.model_spec, [retain_only_path], model=retain_only_base, **recipe)
+            retain_only = finetune_stage(
+                self.model_spec,
+                [retain_only_path],
+                model=retain_only_base,
+                step_timer=self.laps.step_timer("retain_only"),
+                **recipe,
+            )
             shutil.rmtree(scratch)
             self._evaluate_retain_only(retain_only, results)
         return start_model
@@ -239,6 +256,7 @@ class _Context:
             settings=dataclasses.replace(settings.unlearn, seed=self.seed),
             model_spec=self.model_spec,
             names=(results["model"], self.data.name),
+            fused_linear=settings.fused_linear,
             say=say,
         )
         results["runs"] = []
@@ -261,6 +279,8 @@ class _Context:
                 continue
             stage["settings"] = dataclasses.replace(settings.unlearn, seed=seed)  # a seed: the unlearning batches
             say(f"[{tag}] unlearning with {spec.label}" + (f", seed {seed}" if len(seeds) > 1 else ""))
+            name = spec.label + (f", seed {seed}" if len(seeds) > 1 else "")  # the profile's stage names
+            stage["step_timer"] = self.laps.step_timer(f"unlearn {name}")
             if matched:
                 unlearned, run = matched_stage(
                     start_model,
@@ -278,6 +298,7 @@ class _Context:
                     start_model, self.tokenizer, spec, lr=lr, max_steps=settings.unlearn_steps, **stage
                 )
             run["seed"] = seed
+            unlearn_seconds = self.laps(f"unlearn {name}")
             run["metrics"] = self.evaluate(unlearned, self.data.eval_sets)
             run["end"] = forget_summary(run["metrics"], self.data.forget.name)
             del unlearned
@@ -290,7 +311,7 @@ class _Context:
             start, end = results["start"], run["end"]
             say(
                 f"[{tag}]   forget p {start['forget_prob']:.3f} -> {end['forget_prob']:.3f}, retain p "
-                f"{end['retain_prob']:.3f} ({self.laps(f'unlearn {spec.label}'):.0f} s)"
+                f"{end['retain_prob']:.3f} ({unlearn_seconds + self.laps(f'evaluate {name}'):.0f} s)"
             )
         # Finished runs this call did not ask for stay in results.json (a narrower --runs / --seeds loses nothing).
         asked = {(spec.label, seed) for seed in seeds for spec in specs}
