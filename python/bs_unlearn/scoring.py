@@ -23,6 +23,7 @@ import torch
 from bs_kernels import IGNORE_INDEX, bs_token_loss, forget_logprobs
 
 from .data import end_of_turn_ids, pad_examples, tokenize_prompt, tokenize_qa
+from .fused import fused_supported
 from .prompts import PromptFormat, encode_prompt, encode_qa
 
 __all__ = [
@@ -183,8 +184,9 @@ def score_encodings(
     memorization: bool = False,
     impl: str = "auto",
     mask_pad_tokens: bool = False,
+    fused: bool = True,
 ) -> SequenceScores:
-    """Mean per-token log p(answer | prompt) per sequence, with the fused ``forget_logprobs``.
+    """Mean per-token log p(answer | prompt) per sequence, by default without the [B, T, V] logits.
 
     Args:
         encodings: ``data.tokenize_qa`` outputs: ``input_ids`` (prompt + answer) and ``labels`` (IGNORE_INDEX on the
@@ -197,6 +199,9 @@ def score_encodings(
             prediction"), the answer's last position is left out when its label is a stop token
             (:func:`stop_token_ids`): an answer of T content tokens plus end-of-turn gives T values.
         mask_pad_tokens: attend to no token equal to the pad id (:func:`attention_mask_of`), as open-unlearning does.
+        fused: one ``bs_linear_loss`` pass from the last hidden state and the lm_head weight (:func:`_fused_views`)
+            wherever ``bs_kernels.patch_causal_lm`` supports the model; False (or an unsupported model): the
+            materialised logits with ``forget_logprobs`` (:func:`_materialised_views`). The same values either way.
     """
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
@@ -221,29 +226,78 @@ def score_encodings(
             input_ids, attention_mask, labels = (
                 batch[key].to(device) for key in ("input_ids", "attention_mask", "labels")
             )
-            logits = model(input_ids=input_ids, attention_mask=attention_mask).logits
-            token_lp = forget_logprobs(logits, labels, impl=impl)  # [B, T-1], 0 where ignored
+            views = _batch_views(model, input_ids, attention_mask, labels, token_view_top_k, memorization, impl, fused)
+            token_lp, p_lab, others, batch_matches = views
             valid = labels[:, 1:] != IGNORE_INDEX
             batch_mean = mean_token_logprobs(token_lp, valid)
             mean_lp[index] = batch_mean.double().cpu().numpy()
             counts[index] = valid.sum(-1).cpu().numpy()
             if token_view_top_k:
-                p_lab, others = alt_mass_view(logits, labels, token_view_top_k)
                 n = valid.sum(-1).clamp(min=1)
                 p_label[index] = (p_lab.sum(-1) / n).double().cpu().numpy()
                 alt_mass[index] = (others.sum(-1) / n).double().cpu().numpy()
             if memorization:
-                batch_matches = argmax_matches(logits, labels, impl=impl).cpu()
+                batch_matches = batch_matches.cpu()
                 shifted_labels = labels[:, 1:].cpu()
                 for row, i in enumerate(index):
                     positions = torch.nonzero(valid[row].cpu()).flatten()
                     if positions.numel() and int(shifted_labels[row, positions[-1]]) in stops:
                         positions = positions[:-1]
                     matches[i] = batch_matches[row, positions].numpy().astype(bool)
-            del logits
     finally:
         model.train(was_training)
     return SequenceScores(mean_lp, counts, p_label, alt_mass, matches)
+
+
+def _batch_views(model, input_ids, attention_mask, labels, token_view_top_k, memorization, impl, fused):
+    """One batch's [B, T-1] per-token log p(label), and (else None) p(label) / alt mass / argmax == label."""
+    if fused and fused_supported(model):
+        return _fused_views(model, input_ids, attention_mask, labels, token_view_top_k, memorization, impl)
+    return _materialised_views(model, input_ids, attention_mask, labels, token_view_top_k, memorization, impl)
+
+
+def _materialised_views(model, input_ids, attention_mask, labels, token_view_top_k, memorization, impl):
+    logits = model(input_ids=input_ids, attention_mask=attention_mask).logits
+    token_lp = forget_logprobs(logits, labels, impl=impl)  # [B, T-1], 0 where ignored
+    p_lab, others = alt_mass_view(logits, labels, token_view_top_k) if token_view_top_k else (None, None)
+    matches = argmax_matches(logits, labels, impl=impl) if memorization else None
+    return token_lp, p_lab, others, matches
+
+
+def _fused_views(model, input_ids, attention_mask, labels, token_view_top_k, memorization, impl):
+    """The views of :func:`_materialised_views` from one fused pass's statistics (no [B, T, V] logits).
+
+    The pass keeps, per position, log p(label), the ids H of the k = top_k + 1 most likely tokens and q, their
+    probabilities renormalised over H. With lam = 1 its value is sum_H q_v log p_v = sum_H q_v log q_v + log S, S the
+    mass of H, so S = exp(value - sum_H q log q) and p_v = S q_v: the top-(k) raw probabilities, from which
+    :func:`alt_mass_view`'s sum follows exactly. The argmax is the id of the largest q (as :func:`argmax_matches`).
+    """
+    vocab = model.get_output_embeddings().weight.shape[0]
+    top_k = min(token_view_top_k + 1, vocab) if token_view_top_k else 1
+    options = dict(lam=1.0, top_k=top_k, reduction="none", return_stats=True, impl=impl)
+    output = model(input_ids=input_ids, attention_mask=attention_mask, labels=labels, use_cache=False, bs_loss=options)
+    stats = output.bs_stats
+    token_lp = stats.token_logprobs
+    shifted_labels = labels[:, 1:]
+    valid = shifted_labels != IGNORE_INDEX
+    p_lab = others = matches = None
+    if token_view_top_k:
+        q = stats.belief_probs.float()
+        log_mass = output.loss.float() - torch.xlogy(q, q).sum(-1)  # log S per position
+        top_probs = q * torch.exp(log_mass).unsqueeze(-1)
+        is_label = stats.belief_ids == shifted_labels.clamp(min=0).unsqueeze(-1)
+        others = top_probs.masked_fill(is_label, 0).sum(-1)
+        # The label outside H: the least likely of H is one too many (H holds every token when V <= top_k).
+        if top_k > token_view_top_k:
+            least = top_probs.min(dim=-1).values
+            others = others - torch.where(is_label.any(-1), torch.zeros_like(others), least)
+        zero = torch.zeros_like(others)
+        p_lab = torch.where(valid, torch.exp(token_lp.float()), zero)
+        others = torch.where(valid, others, zero)
+    if memorization:
+        best = stats.belief_probs.argmax(dim=-1, keepdim=True)
+        matches = (stats.belief_ids.gather(-1, best).squeeze(-1) == shifted_labels) & valid
+    return token_lp, p_lab, others, matches
 
 
 def score_answers(
