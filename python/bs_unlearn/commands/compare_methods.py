@@ -93,20 +93,29 @@ def compare_and_report(
     seed: int,
     tag: str,
     extras: dict | None = None,
+    prepare: Callable | None = None,
     say: Callable[[str], None] = print_progress,
     show: Callable[[str], None] = print,
 ) -> dict:
     """Everything after a command's data setup: load ``model``, run the comparison on ``data`` with ``specs``, write
-    results.json and table.md to ``output`` and show the table and the stage profile; returns the results."""
+    results.json and table.md to ``output`` and show the table and the stage profile; returns the results.
+
+    ``prepare(laps, say)``, where the command brings its models itself (TOFU's cached start and retain-only models),
+    returns (model spec, base model or None, tokenizer, more keywords of run_comparison) in place of the loading."""
     from ..experiment.comparison import run_comparison
     from ..experiment.profile import Profile, show_profile
     from ..experiment.results import write_table
     from ..models import load_model_and_tokenizer
 
     laps = Profile()
-    say(f"[{tag}] loading {model_name}")
-    base_model, tokenizer = load_model_and_tokenizer(model)
-    laps("load")
+    more: dict = {}
+    if prepare is None:
+        say(f"[{tag}] loading {model_name}")
+        base_model, tokenizer = load_model_and_tokenizer(model)
+        laps("load")
+    else:
+        model, base_model, tokenizer, more = prepare(laps, say)
+    more["extras"] = {**(extras or {}), **more.get("extras", {})}
     results = run_comparison(
         model,
         base_model,
@@ -121,7 +130,7 @@ def compare_and_report(
         say=say,
         tag=tag,
         laps=laps,
-        extras=extras,
+        **more,
     )
     write_table(results, settings, output, show=show)
     figures = ", ".join(path.name for path in sorted(output.glob("*.png")))

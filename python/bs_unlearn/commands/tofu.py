@@ -28,6 +28,7 @@ from .base import positive_int
 from .compare_methods import (
     add_comparison_arguments,
     check_can_start,
+    compare_and_report,
     model_name_of,
     print_progress,
     settings_from_args,
@@ -119,81 +120,75 @@ def run_tofu(
     output = prepare_output_dir(output, overwrite=overwrite or resuming, inputs=inputs, replace=overwrite)
 
     data = _tofu_data(eval_sets, split, output)
-    from ..experiment.comparison import run_comparison
     from ..experiment.model_cache import files_sha256
-    from ..experiment.progress import Laps
-    from ..experiment.results import write_table
     from ..models import load_model_and_tokenizer
 
-    laps = Laps()
     model_name = model_name_of(model)
-    recipe = {
-        "epochs": settings.finetune_epochs,
-        "lr": settings.finetune_lr,
-        "batch_size": settings.finetune_batch_size,
-        "seed": finetune_seed,
-    }
-    say(f"[tofu] hashing {model_name} (the cache key of its fine-tuned models)")
-    model_sha256 = files_sha256(model_input_path(model))
-    if model_input_path(model).is_file():  # a .gguf: transformers cannot save a model loaded from it; its HF copy
-        from ..models import convert_gguf
 
-        converted = cache / f"gguf-{model_sha256[:32]}"
-        if not (converted / "config.json").is_file():
-            say(f"[tofu] converting {model} to a Hugging Face folder in the cache")
-            convert_gguf(model_input_path(model), converted)
-        model = str(converted)
-    built = _Builder(model, model_sha256, recipe, cache, say)
-    start_dir = start or built.model_dir("start", data.forget.records + data.retain.records)
-    retain_dir = retain_only or built.model_dir("retain-only", data.retain.records)
-    del built
-    laps("models")
-    fingerprint = {
-        "settings": dataclasses.asdict(settings),
-        "data": data.name,
-        "eval_sizes": {s.name: len(s.records) for s in data.eval_sets},
-        "start": files_sha256(start_dir) if start else start_dir.name,
-        "retain_only": files_sha256(retain_dir) if retain_only else retain_dir.name,
-        "finetune_seed": finetune_seed,
-    }
-    fingerprint = json.loads(json.dumps(fingerprint))  # as results.json holds it (tuples as lists)
-    previous = _previous_results(output, fingerprint) if resuming else None
+    def prepare(laps, say):
+        """The start and retain-only models (from the cache, built there once, or given), and what resumes."""
+        nonlocal model
+        recipe = {
+            "epochs": settings.finetune_epochs,
+            "lr": settings.finetune_lr,
+            "batch_size": settings.finetune_batch_size,
+            "seed": finetune_seed,
+        }
+        say(f"[tofu] hashing {model_name} (the cache key of its fine-tuned models)")
+        model_sha256 = files_sha256(model_input_path(model))
+        if model_input_path(model).is_file():  # a .gguf: transformers cannot save a model loaded from it; its HF copy
+            from ..models import convert_gguf
 
-    say(f"[tofu] loading the start model {start_dir}")
-    start_model, tokenizer = load_model_and_tokenizer(str(start_dir))
-    retain_model, _ = load_model_and_tokenizer(str(retain_dir))
-    laps("load")
-    extras = {
-        "fingerprint": fingerprint,
-        "start_model": str(start_dir),
-        "retain_only_model": str(retain_dir),
-        "eval_sizes": fingerprint["eval_sizes"],
-        "eval_subsets": retain_examples is not None or eval_examples is not None,
-        "seeds_table": True,
-    }
-    results = run_comparison(
-        model,
-        None,
-        tokenizer,
+            converted = cache / f"gguf-{model_sha256[:32]}"
+            if not (converted / "config.json").is_file():
+                say(f"[tofu] converting {model} to a Hugging Face folder in the cache")
+                convert_gguf(model_input_path(model), converted)
+            model = str(converted)
+        built = _Builder(model, model_sha256, recipe, cache, say)
+        start_dir = start or built.model_dir("start", data.forget.records + data.retain.records)
+        retain_dir = retain_only or built.model_dir("retain-only", data.retain.records)
+        del built
+        laps("models")
+        fingerprint = {
+            "settings": dataclasses.asdict(settings),
+            "data": data.name,
+            "eval_sizes": {s.name: len(s.records) for s in data.eval_sets},
+            "start": files_sha256(start_dir) if start else start_dir.name,
+            "retain_only": files_sha256(retain_dir) if retain_only else retain_dir.name,
+            "finetune_seed": finetune_seed,
+        }
+        fingerprint = json.loads(json.dumps(fingerprint))  # as results.json holds it (tuples as lists)
+        previous = _previous_results(output, fingerprint) if resuming else None
+
+        say(f"[tofu] loading the start model {start_dir}")
+        start_model, tokenizer = load_model_and_tokenizer(str(start_dir))
+        retain_model, _ = load_model_and_tokenizer(str(retain_dir))
+        laps("load")
+        extras = {
+            "fingerprint": fingerprint,
+            "start_model": str(start_dir),
+            "retain_only_model": str(retain_dir),
+            "eval_sizes": fingerprint["eval_sizes"],
+            "eval_subsets": retain_examples is not None or eval_examples is not None,
+            "seeds_table": True,
+        }
+        comparison = dict(extras=extras, seeds=seeds, start_model=start_model, retain_only_model=retain_model)
+        return model, None, tokenizer, dict(comparison, resume=previous)
+
+    return compare_and_report(
         data,
         specs,
+        model=model,
+        model_name=model_name,
         protocol="matched",
         settings=settings,
         output=output,
-        model_name=model_name,
         seed=finetune_seed,
-        say=say,
         tag="tofu",
-        laps=laps,
-        extras=extras,
-        seeds=seeds,
-        start_model=start_model,
-        retain_only_model=retain_model,
-        resume=previous,
+        prepare=prepare,
+        say=say,
+        show=show,
     )
-    write_table(results, settings, output, show=show)
-    show(f"[tofu] wrote results.json, table.md and the figures in {output}")
-    return results
 
 
 def _tofu_data(eval_sets: list, split: str, output: pathlib.Path):

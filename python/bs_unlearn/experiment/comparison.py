@@ -93,7 +93,7 @@ def run_comparison(
     """
     check_comparison(specs, protocol)
     laps = laps or Profile()
-    fused = settings.fused_linear and fused_supported(base_model)
+    fused = settings.fused_linear and fused_supported(base_model if start_model is None else start_model)
     laps.notes["fused_linear"] = "on" if fused else ("off" if not settings.fused_linear else "unsupported model")
     matched = protocol == "matched"
     resume = resume or {}
