@@ -14,6 +14,7 @@ KERNELS = ROOT / "bs_kernels"
 # bs_unlearn's layers, lowest first; a module may import from its own layer and the ones before it. A package's
 # modules are layered too ("metrics.tofu"): a package name alone ("objectives") stands for all of its modules.
 LAYERS = [
+    {"prompts"},
     {"data", "loss_guard", "models", "outputs", "tiny_model", "tofu_data", "tofu_source"},
     {"config"},
     {"scoring", "fused", "step_timing"},

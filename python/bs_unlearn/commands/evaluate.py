@@ -16,8 +16,11 @@ import pathlib
 from ..config import check_impl_available
 from ..models import check_model_path, model_input_path
 from ..outputs import check_output_file, check_readable_file, is_main_process, write_json_atomic
+from ..prompts import PromptFormat
 from ..tofu_data import TOFU_SPLITS, tofu_eval_splits
 from .base import positive_int, require_modules
+
+PROMPT_DEFAULTS = PromptFormat()
 
 
 def eval_set_files(args: argparse.Namespace) -> list[tuple[str, pathlib.Path | None, str]]:
@@ -111,6 +114,7 @@ def handle(args: argparse.Namespace) -> int:
         tokenizer,
         sets,
         EvalOptions(
+            prompt_format=PromptFormat(system_prompt=args.system_prompt or None, date_string=args.date_string or None),
             batch_size=args.batch_size,
             max_new_tokens=args.max_new_tokens,
             generate=not args.no_generate,
@@ -135,7 +139,7 @@ def register(subparsers) -> None:
             "Evaluate a model on TOFU-format QA sets: answer probability (exp of the mean per-token log-prob), "
             "paraphrased-answer probability, ROUGE-L recall of greedy answers, truth ratio on perturbed answers, "
             "model utility over the non-forget sets, and forget quality (KS test) against a retain-only model's "
-            "metrics JSON."
+            "metrics JSON; as open-unlearning's TOFU evaluation computes them, fluency left out."
         ),
     )
     parser.add_argument("--model", default="default", help="HF model directory, .gguf file, or 'default' (SmolLM2)")
@@ -161,7 +165,20 @@ def register(subparsers) -> None:
     parser.add_argument("--max-examples", type=positive_int, default=None, help="seeded random subset of each set")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--batch-size", type=positive_int, default=16)
-    parser.add_argument("--max-new-tokens", type=positive_int, default=64, help="greedy answer length for ROUGE-L")
+    parser.add_argument(
+        "--max-new-tokens", type=positive_int, default=200, help="most tokens of a greedy answer (ROUGE-L)"
+    )
+    parser.add_argument(
+        "--system-prompt",
+        default=PROMPT_DEFAULTS.system_prompt,
+        help="system turn of the chat template's prompts ('' for none; default: open-unlearning's)",
+    )
+    parser.add_argument(
+        "--date-string",
+        default=PROMPT_DEFAULTS.date_string,
+        help="date_string passed to the chat template ('' to pass none: a template that prints the date prints "
+        "the day's; default: open-unlearning's)",
+    )
     parser.add_argument("--no-generate", action="store_true", help="skip generation (no ROUGE-L, so no model utility)")
     parser.add_argument("--impl", default="auto", help="bs_kernels backend for the log-probs")
     parser.add_argument("--quiet", action="store_true", help="no progress lines")

@@ -22,7 +22,8 @@ from collections.abc import Callable, Sequence
 from ..outputs import atomic_output_dir, is_own_output, write_json_atomic
 
 # Raise when the fine-tuning recipe's code (finetune_stage, trainer.finetune) changes what a key's model would be.
-RECIPE_VERSION = 1
+# 2: chat prompts carry the evaluation's system prompt and date_string (data.TRAINING_PROMPT_FORMAT).
+RECIPE_VERSION = 2
 MODEL_INFO = "bs-unlearn-model.json"
 
 
