@@ -4,10 +4,10 @@ All metadata lives in pyproject.toml. The C++ kernel is csrc/bs_token_native.cpp
 its compiled library:
 
 - Just in time (the default): nothing is compiled here. ``build_py`` copies csrc/*.cpp into the package
-  (bs_kernels/csrc/) so a wheel ships the source, and bs_kernels.backends.native compiles it at first use with
+  (bs_kernels/csrc/) so a wheel ships the source, and bs_kernels.backends.native_build compiles it at first use with
   torch.utils.cpp_extension and ninja (cached per source, flags and torch version). The build system needs only
   setuptools, so ``pip install .`` / ``pip install -e .`` never download torch into an isolated build environment.
-  An editable install copies nothing: native.py reads the repository's csrc/ directly.
+  An editable install copies nothing: native_build.py reads the repository's csrc/ directly.
 - Ahead of time: ``BS_KERNELS_BUILD_NATIVE=1 pip wheel --no-build-isolation --no-deps .`` (or ``pip install``)
   also compiles the kernel into the wheel as bs_kernels/_native_<key>.<abi>.so, with the flags of the
   just-in-time build, against the torch installed in this environment (hence ``--no-build-isolation``). native.py
@@ -75,15 +75,15 @@ def _native_extension() -> dict:
             f"`{BUILD_ENV}=1 pip wheel --no-build-isolation --no-deps .`"
         ) from error
     sys.path.insert(0, str(HERE))  # the flags and the build key come from the package being built
-    from bs_kernels.backends import native
+    from bs_kernels.backends.native_build import CFLAGS, LDFLAGS, SOURCE_NAME, build_key, prebuilt_name
 
-    key = native.build_key(HERE / CSRC / native.SOURCE_NAME)
+    key = build_key(HERE / CSRC / SOURCE_NAME)
     extension = CppExtension(
-        name=f"bs_kernels.{native.prebuilt_name(key)}",
-        sources=[f"{CSRC}/{native.SOURCE_NAME}"],
+        name=f"bs_kernels.{prebuilt_name(key)}",
+        sources=[f"{CSRC}/{SOURCE_NAME}"],
         # -g0: Python's own CFLAGS ask for debug information, which would make the library 15 times larger.
-        extra_compile_args=["-std=c++20", *native.CFLAGS, "-g0"],
-        extra_link_args=list(native.LDFLAGS),
+        extra_compile_args=["-std=c++20", *CFLAGS, "-g0"],
+        extra_link_args=list(LDFLAGS),
     )
     return {"ext_modules": [extension], "cmdclass": {"build_ext": BuildExtension}}
 

@@ -18,15 +18,9 @@ import torch
 
 from ._options import BSOptions
 from ._rows import is_dtensor
+from ._vocab_checks import CheckedCall, agree, check_linear_call, check_token_call
 from ._vocab_shards import VocabShards
-from .vocab_parallel import (
-    CheckedCall,
-    agree,
-    check_linear_call,
-    check_token_call,
-    sharded_linear_loss,
-    sharded_token_loss,
-)
+from .vocab_parallel import sharded_linear_loss, sharded_token_loss
 
 
 def vocab_placement(tensor, dim: int, name: str) -> VocabShards:

@@ -25,7 +25,7 @@ import torch
 from conftest import REPO_ROOT
 
 import bs_kernels
-from bs_kernels.backends import native
+from bs_kernels.backends import native, native_build
 
 NATIVE_REASON = native.unavailable_reason(torch.device("cpu"))
 needs_native = pytest.mark.skipif(NATIVE_REASON is not None, reason=str(NATIVE_REASON))
@@ -43,7 +43,7 @@ def _setuptools_reason() -> str | None:
 
 
 needs_wheel_build = pytest.mark.skipif(_setuptools_reason() is not None, reason=str(_setuptools_reason()))
-CPP_NAME = f"bs_kernels/csrc/{native.SOURCE_NAME}"
+CPP_NAME = f"bs_kernels/csrc/{native_build.SOURCE_NAME}"
 
 # Run in a fresh interpreter with the extracted wheel first on sys.path: the package, its source and the library
 # it loads must all come from there. argv: site folder, "prebuilt" or "jit".
@@ -58,10 +58,10 @@ if mode == "prebuilt":
         raise AssertionError("a just-in-time build was started although the wheel holds a prebuilt library")
     cpp_extension.load = refuse
 import bs_kernels
-from bs_kernels.backends import native
+from bs_kernels.backends import native, native_build
 assert pathlib.Path(bs_kernels.__file__).is_relative_to(site), bs_kernels.__file__
-assert native.SOURCE.is_relative_to(site), native.SOURCE
-assert (native.prebuilt_library() is not None) == (mode == "prebuilt"), native.prebuilt_library()
+assert native_build.SOURCE.is_relative_to(site), native_build.SOURCE
+assert (native_build.prebuilt_library() is not None) == (mode == "prebuilt"), native_build.prebuilt_library()
 reason = native.unavailable_reason(torch.device("cpu"))
 assert reason is None, reason
 logits = torch.randn(2, 5, 11, dtype=torch.float64, requires_grad=True)
@@ -87,9 +87,9 @@ def _source_copy(tmp_path: pathlib.Path) -> pathlib.Path:
 
 
 def _build_wheel(tree: pathlib.Path, out: pathlib.Path, *, ahead_of_time: bool) -> pathlib.Path:
-    env = {key: value for key, value in os.environ.items() if key != native.BUILD_ENV}
+    env = {key: value for key, value in os.environ.items() if key != native_build.BUILD_ENV}
     if ahead_of_time:
-        env[native.BUILD_ENV] = "1"
+        env[native_build.BUILD_ENV] = "1"
     command = [sys.executable, "-m", "pip", "wheel", "--no-build-isolation", "--no-deps", "--no-index", "-q"]
     completed = subprocess.run(
         [*command, "-w", str(out), str(tree)], env=env, cwd=tree, capture_output=True, text=True, timeout=600
@@ -105,7 +105,7 @@ def _run_from(wheel: pathlib.Path, tmp_path: pathlib.Path, mode: str, cache: pat
         archive.extractall(site)
     env = dict(os.environ, OMP_NUM_THREADS="1")
     if cache is not None:
-        env[native.CACHE_ENV] = str(cache)
+        env[native_build.CACHE_ENV] = str(cache)
     completed = subprocess.run(
         [sys.executable, "-c", CHECK_SCRIPT, str(site), mode],
         env=env,
@@ -123,9 +123,9 @@ def _run_from(wheel: pathlib.Path, tmp_path: pathlib.Path, mode: str, cache: pat
 def test_source_tree_uses_the_repository_csrc():
     if not pathlib.Path(bs_kernels.__file__).resolve().is_relative_to(REPO_ROOT):
         pytest.skip(f"bs_kernels is imported from {bs_kernels.__file__}, not from this source tree")
-    assert native.SOURCE == REPO_ROOT / "csrc" / native.SOURCE_NAME
+    assert native_build.SOURCE == REPO_ROOT / "csrc" / native_build.SOURCE_NAME
     assert not (REPO_ROOT / CPP_NAME).exists(), "the C++ source lives in csrc/ only; bs_kernels/csrc/ is a build copy"
-    assert native.prebuilt_library() is None
+    assert native_build.prebuilt_library() is None
 
 
 @needs_native
@@ -135,13 +135,13 @@ def test_regular_wheel_ships_the_source_and_builds_it_just_in_time(tmp_path):
     assert wheel.name.endswith("-py3-none-any.whl"), wheel.name
     with zipfile.ZipFile(wheel) as archive:
         names = archive.namelist()
-        assert archive.read(CPP_NAME) == native.SOURCE.read_bytes()
+        assert archive.read(CPP_NAME) == native_build.SOURCE.read_bytes()
     assert not [name for name in names if name.endswith(".so")], names
     # The wheel's copy of the source is found and keyed like the tree's (same bytes, same build key), so the
     # library comes from this process's build cache, which the other native tests fill: a second 15-20 s compile
     # would test the compiler, not the wheel. The ahead-of-time test below does compile from a wheel.
     library = _run_from(wheel, tmp_path, "jit")
-    assert pathlib.Path(library).resolve().is_relative_to(native.cache_root().resolve()), library
+    assert pathlib.Path(library).resolve().is_relative_to(native_build.cache_root().resolve()), library
 
 
 @needs_native
@@ -153,10 +153,10 @@ def test_regular_wheel_ships_the_source_and_builds_it_just_in_time(tmp_path):
 def test_ahead_of_time_wheel_runs_without_compiling(tmp_path):
     wheel = _build_wheel(_source_copy(tmp_path), tmp_path / "wheel", ahead_of_time=True)
     assert "-none-any" not in wheel.name, f"a wheel with a compiled library must be platform-specific: {wheel.name}"
-    prebuilt = f"bs_kernels/{native.prebuilt_name(native.build_key(native.SOURCE))}"
+    prebuilt = f"bs_kernels/{native_build.prebuilt_name(native_build.build_key(native_build.SOURCE))}"
     with zipfile.ZipFile(wheel) as archive:
         names = archive.namelist()
-        assert archive.read(CPP_NAME) == native.SOURCE.read_bytes()
+        assert archive.read(CPP_NAME) == native_build.SOURCE.read_bytes()
     assert [name for name in names if name.startswith(prebuilt) and name.endswith(".so")], names
     cache = tmp_path / "empty-cache"
     cache.mkdir()

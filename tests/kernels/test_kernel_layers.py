@@ -14,7 +14,7 @@ PACKAGE = ROOT / "bs_kernels"
 # bs_kernels' layers, lowest first; a module may import from its own layer and the ones before it.
 LAYERS = [
     {"_options", "_dtypes"},
-    {"_rows", "backends.contract"},
+    {"_rows", "backends.contract", "backends.native_build"},  # native_build: the C++ kernel's build and cache
     {"backends.torch_chunked", "backends.native", "backends.triton_kernels", "backends.triton_launch"},
     {"backends"},  # the registry: imports the backends above by name, lazily
     {"epilogue"},
@@ -22,6 +22,7 @@ LAYERS = [
     {"one_pass"},  # the native one-pass gradient: loss.py and linear.py use it
     {"_vocab_call"},
     {"_vocab_shards"},
+    {"_vocab_checks"},  # a rank's local checks, then the agreement step: before any other collective
     {"vocab_parallel"},
     {"dtensor"},  # loss.py and linear.py dispatch a DTensor to it
     {"loss"},

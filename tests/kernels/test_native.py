@@ -15,7 +15,7 @@ import torch
 
 import bs_kernels
 from bs_kernels._options import BSOptions
-from bs_kernels.backends import native, resolve_impl, torch_chunked
+from bs_kernels.backends import native, native_build, resolve_impl, torch_chunked
 from bs_kernels.epilogue import finish_rows
 
 NATIVE_REASON = native.unavailable_reason(torch.device("cpu"))
@@ -215,8 +215,8 @@ def test_source_compiles_with_warnings_as_errors(tmp_path):
     from torch.utils import cpp_extension
 
     includes = [f"-isystem{path}" for path in cpp_extension.include_paths()]
-    command = [os.environ.get("CXX", "c++"), "-std=c++20", "-fPIC", *native.CFLAGS, "-Werror", *includes]
-    command += ["-c", str(native.SOURCE), "-o", str(tmp_path / "kernel.o")]
+    command = [os.environ.get("CXX", "c++"), "-std=c++20", "-fPIC", *native_build.CFLAGS, "-Werror", *includes]
+    command += ["-c", str(native_build.SOURCE), "-o", str(tmp_path / "kernel.o")]
     completed = subprocess.run(command, capture_output=True, text=True, check=False)
     assert completed.returncode == 0, completed.stderr[-4000:]
 
@@ -233,14 +233,14 @@ def test_disabled_by_environment(monkeypatch):
 
 
 def test_cache_folder_and_key(monkeypatch, tmp_path):
-    monkeypatch.setenv(native.CACHE_ENV, str(tmp_path))
-    assert native.cache_root() == tmp_path
+    monkeypatch.setenv(native_build.CACHE_ENV, str(tmp_path))
+    assert native_build.cache_root() == tmp_path
     source = tmp_path / "kernel.cpp"
     source.write_text("int x;\n")
-    key = native.build_key(source)
-    assert native.build_key(source, native.CFLAGS + ("-Werror",)) != key
+    key = native_build.build_key(source)
+    assert native_build.build_key(source, native_build.CFLAGS + ("-Werror",)) != key
     source.write_text("int y;\n")
-    assert native.build_key(source) != key
+    assert native_build.build_key(source) != key
 
 
 @pytest.fixture
@@ -248,9 +248,9 @@ def broken_build(monkeypatch, tmp_path):
     """The process state of a machine whose compiler rejects the source: a real (failing) build in tmp_path."""
     broken_source = tmp_path / "bs_token_native.cpp"
     broken_source.write_text('#error "simulated build failure"\n')
-    monkeypatch.setenv(native.CACHE_ENV, str(tmp_path / "cache"))
+    monkeypatch.setenv(native_build.CACHE_ENV, str(tmp_path / "cache"))
     monkeypatch.delenv(native.DISABLE_ENV, raising=False)
-    monkeypatch.setattr(native, "SOURCE", broken_source)
+    monkeypatch.setattr(native_build, "SOURCE", broken_source)
     monkeypatch.setattr(native, "_library_path", None)
     monkeypatch.setattr(native, "_build_error", None)
     monkeypatch.setattr(native, "_warned", False)
@@ -265,7 +265,7 @@ def test_auto_falls_back_to_torch_with_one_warning(broken_build):
         again = bs_kernels.bs_token_loss(logits, labels, impl="auto")
     assert len([w for w in record if issubclass(w.category, RuntimeWarning)]) == 1
     message = str(record[0].message)
-    assert "simulated build failure" in message and native.REBUILD_COMMAND in message
+    assert "simulated build failure" in message and native_build.REBUILD_COMMAND in message
     expected = bs_kernels.bs_token_loss(logits, labels, impl="torch")
     torch.testing.assert_close(loss, expected)
     torch.testing.assert_close(again, expected)
@@ -278,7 +278,7 @@ def test_explicit_native_raises_with_the_reason(broken_build):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         reason = bs_kernels.unavailable_reason("native", torch.device("cpu"))
-    assert reason is not None and native.REBUILD_COMMAND in reason
+    assert reason is not None and native_build.REBUILD_COMMAND in reason
     with pytest.raises(RuntimeError, match="simulated build failure"):
         bs_kernels.bs_token_loss(torch.randn(1, 3, 7), torch.randint(0, 7, (1, 3)), impl="native")
 

@@ -17,37 +17,37 @@ import sys
 import pytest
 from conftest import REPO_ROOT
 
-from bs_kernels.backends import native
+from bs_kernels.backends import native_build
 
-pytestmark = pytest.mark.skipif(native.fcntl is None, reason="the build lock needs fcntl (POSIX)")
+pytestmark = pytest.mark.skipif(native_build.fcntl is None, reason="the build lock needs fcntl (POSIX)")
 
 # Stands in for cpp_extension.load's build: takes cpp_extension's lock file the way FileBaton does, then "compiles"
 # until it is killed. argv: build folder, source.
 KILLED_BUILDER = """
 import os, pathlib, sys, time
 from torch.utils import cpp_extension
-from bs_kernels.backends import native
+from bs_kernels.backends import native_build
 def compile_forever(**kwargs):
     os.close(os.open(os.path.join(kwargs["build_directory"], "lock"), os.O_CREAT | os.O_EXCL))
     print("building", flush=True)
     time.sleep(600)
 cpp_extension.load = compile_forever
-native.build(pathlib.Path(sys.argv[2]), build_directory=pathlib.Path(sys.argv[1]))
+native_build.build(pathlib.Path(sys.argv[2]), build_directory=pathlib.Path(sys.argv[1]))
 """
 
 LATER_BUILD = """
 import pathlib, sys
-from bs_kernels.backends import native
-print(native.build(pathlib.Path(sys.argv[2]), build_directory=pathlib.Path(sys.argv[1])))
+from bs_kernels.backends import native_build
+print(native_build.build(pathlib.Path(sys.argv[2]), build_directory=pathlib.Path(sys.argv[1])))
 """
 
 # Holds the build lock of this process's native-<key> folder (under $BS_KERNELS_CACHE) like a live, slow builder.
 LIVE_BUILDER = """
 import time
-from bs_kernels.backends import native
-folder = native.cache_root() / f"native-{native.build_key(native.SOURCE)}"
+from bs_kernels.backends import native_build
+folder = native_build.cache_root() / f"native-{native_build.build_key(native_build.SOURCE)}"
 folder.mkdir(parents=True, exist_ok=True)
-with native.build_lock(folder):
+with native_build.build_lock(folder):
     print("building", flush=True)
     time.sleep(600)
 """
@@ -55,10 +55,10 @@ with native.build_lock(folder):
 # Builds (or loads) the library with warnings recorded; prints each RuntimeWarning, then the library's path.
 WARNED_BUILD = """
 import pathlib, sys, warnings
-from bs_kernels.backends import native
+from bs_kernels.backends import native_build
 with warnings.catch_warnings(record=True) as caught:
     warnings.simplefilter("always")
-    path = native.build(pathlib.Path(sys.argv[2]), build_directory=pathlib.Path(sys.argv[1]))
+    path = native_build.build(pathlib.Path(sys.argv[2]), build_directory=pathlib.Path(sys.argv[1]))
 for warning in caught:
     if issubclass(warning.category, RuntimeWarning):
         print("warning:", warning.message)
@@ -127,7 +127,7 @@ def test_a_killed_build_does_not_block_the_next(tmp_path):
     assert not (folder / "lock").exists()
 
 
-@pytest.mark.skipif(native.prebuilt_library() is not None, reason="a prebuilt library is loaded without building")
+@pytest.mark.skipif(native_build.prebuilt_library() is not None, reason="a prebuilt library is loaded without building")
 def test_a_slow_build_elsewhere_times_out_and_auto_falls_back(tmp_path):
     env = _environment(BS_KERNELS_CACHE=str(tmp_path / "cache"), BS_KERNELS_BUILD_TIMEOUT="1")
     builder = _start(LIVE_BUILDER, env=env)
@@ -140,9 +140,9 @@ def test_a_slow_build_elsewhere_times_out_and_auto_falls_back(tmp_path):
 
 @pytest.mark.parametrize("value", ["soon", "-1", "nan"])
 def test_bad_build_timeout_names_the_variable(monkeypatch, value):
-    monkeypatch.setenv(native.BUILD_TIMEOUT_ENV, value)
-    with pytest.raises(ValueError, match=native.BUILD_TIMEOUT_ENV):
-        native.build_timeout_s()
+    monkeypatch.setenv(native_build.BUILD_TIMEOUT_ENV, value)
+    with pytest.raises(ValueError, match=native_build.BUILD_TIMEOUT_ENV):
+        native_build.build_timeout_s()
 
 
 @pytest.mark.parametrize("damage", ["truncated", "empty"])
@@ -153,7 +153,7 @@ def test_a_damaged_cached_library_is_rebuilt(tmp_path, damage):
     source.write_text("int bs_kernels_build_lock_probe() { return 1; }\n")
     folder = tmp_path / "native-probe"
     library = pathlib.Path(_run(LATER_BUILD, str(folder), str(source), env=_environment(), timeout=120).split()[-1])
-    record = native.library_record(library)
+    record = native_build.library_record(library)
     assert record.is_file(), "the build wrote no size/sha256 record beside the library"
     intact = library.read_bytes()
     library.write_bytes(intact[: len(intact) // 2] if damage == "truncated" else b"")
@@ -161,7 +161,7 @@ def test_a_damaged_cached_library_is_rebuilt(tmp_path, damage):
     lines = _run(WARNED_BUILD, str(folder), str(source), env=_environment(), timeout=120).strip().splitlines()
     warned = [line for line in lines if line.startswith("warning:")]
     assert len(warned) == 1 and "rebuilding" in warned[0] and str(library) in warned[0], lines
-    assert pathlib.Path(lines[-1]) == library and native.library_problem(library) is None
+    assert pathlib.Path(lines[-1]) == library and native_build.library_problem(library) is None
     # The rebuilt library is loaded by the next process without a rebuild or a warning.
     lines = _run(WARNED_BUILD, str(folder), str(source), env=_environment(), timeout=120).strip().splitlines()
     assert lines == [str(library)], lines
@@ -170,13 +170,13 @@ def test_a_damaged_cached_library_is_rebuilt(tmp_path, damage):
 def test_library_problem_names_what_differs(tmp_path):
     library = tmp_path / "bs_kernels_native.so"
     library.write_bytes(b"\x7fELF" + bytes(range(256)) * 8)
-    assert "no readable size/sha256 record" in native.library_problem(library)
-    native.write_library_record(library)
-    assert native.library_problem(library) is None
+    assert "no readable size/sha256 record" in native_build.library_problem(library)
+    native_build.write_library_record(library)
+    assert native_build.library_problem(library) is None
     content = library.read_bytes()
     library.write_bytes(content[:100])
-    assert native.library_problem(library) == f"it has 100 bytes where its build wrote {len(content)}"
+    assert native_build.library_problem(library) == f"it has 100 bytes where its build wrote {len(content)}"
     library.write_bytes(content[:-1] + b"x")
-    assert native.library_problem(library) == "its sha256 differs from the one its build recorded"
-    native.library_record(library).write_text("garbage")
-    assert "no readable size/sha256 record" in native.library_problem(library)
+    assert native_build.library_problem(library) == "its sha256 differs from the one its build recorded"
+    native_build.library_record(library).write_text("garbage")
+    assert "no readable size/sha256 record" in native_build.library_problem(library)
