@@ -43,8 +43,12 @@ def main() -> None:
     parser.add_argument("--vocab", type=int, default=vocab)
     parser.add_argument("--dtype", default="float32")
     parser.add_argument("--rounds", type=int, default=3, help="timed rounds per provider, after one warm-up")
-    parser.add_argument("--providers", type=provider_list(LINEAR_PROVIDERS), default=",".join(DEFAULT_PROVIDERS),
-                        help=f"comma-separated, from {', '.join(LINEAR_PROVIDERS)}")  # fmt: skip
+    parser.add_argument(
+        "--providers",
+        type=provider_list(LINEAR_PROVIDERS),
+        default=",".join(DEFAULT_PROVIDERS),
+        help=f"comma-separated, from {', '.join(LINEAR_PROVIDERS)}",
+    )
     args = parser.parse_args()
 
     shape = dict(batch=args.batch, length=args.length, hidden=args.hidden, vocab=args.vocab)
@@ -77,15 +81,31 @@ def main() -> None:
                 f"{peak / reference_peak:.1%}",
             ]
         rows.append(
-            [name, f"{timing.median_ms / 1e3:.2f}", ratios[0], f"{timing.median_cpu_ms / 1e3:.2f}", ratios[1],
-             f"{peak / MIB:.0f}", ratios[2], f"{loss:.6f}"]
-        )  # fmt: skip
+            [
+                name,
+                f"{timing.median_ms / 1e3:.2f}",
+                ratios[0],
+                f"{timing.median_cpu_ms / 1e3:.2f}",
+                ratios[1],
+                f"{peak / MIB:.0f}",
+                ratios[2],
+                f"{loss:.6f}",
+            ]
+        )
     print(
         f"bs_linear_loss fwd+bwd, B={args.batch}, T={args.length}, H={args.hidden}, V={args.vocab}, {args.dtype}, "
         f"{torch.get_num_threads()} torch threads, median of {args.rounds} rounds after one warm-up"
     )
-    header = ["provider", "fwd+bwd wall (s)", "vs reference", "CPU time (s)", "vs reference",
-              "peak above inputs+grads (MiB)", "vs reference", "loss"]  # fmt: skip
+    header = [
+        "provider",
+        "fwd+bwd wall (s)",
+        "vs reference",
+        "CPU time (s)",
+        "vs reference",
+        "peak above inputs+grads (MiB)",
+        "vs reference",
+        "loss",
+    ]
     print("\n".join(markdown_table(header, rows)))
 
 

@@ -9,7 +9,7 @@ F.cross_entropy: what Hugging Face models do). Time: harness.time_bench, median 
 Memory: harness.peak_memory (torch.cuda.max_memory_allocated during one fwd+bwd above what was allocated before it)
 minus the gradients' bytes (hidden and weight, in their dtype); "no [N, V] allocation" is checked by the CUDA
 caching allocator's trace: the largest single block allocated during fwd+bwd is printed next to one [N, V] tensor.
-The last column says which GEMM formed bs_linear_loss's grad_W updates (bs_kernels.linear.weight_grad_gemm_path):
+The last column says which GEMM formed bs_linear_loss's grad_W updates (bs_kernels._weight_grad.weight_grad_gemm_path):
 the mixed bf16 x bf16 -> float32 cuBLAS GEMM, or the blocked fallback where this build lacks it.
 
     python benchmarks/bench_linear_gpu.py                  # the target shape
@@ -28,7 +28,7 @@ import torch
 from harness import GIB, markdown_row, markdown_table, peak_memory, time_bench
 from providers import LINEAR_PROVIDERS, OPTIONS, linear_case, provider_list, unavailable
 
-from bs_kernels.linear import weight_grad_gemm_path
+from bs_kernels._weight_grad import weight_grad_gemm_path
 
 DEFAULT_PROVIDERS = ("liger", "triton:no-fp32-acc", "triton", "torch:no-fp32-acc", "eager:ce")
 
@@ -42,8 +42,12 @@ def main() -> None:
     parser.add_argument("--dtype", default="bfloat16")
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--providers", type=provider_list(LINEAR_PROVIDERS), default=",".join(DEFAULT_PROVIDERS),
-                        help=f"comma-separated, from {', '.join(LINEAR_PROVIDERS)}")  # fmt: skip
+    parser.add_argument(
+        "--providers",
+        type=provider_list(LINEAR_PROVIDERS),
+        default=",".join(DEFAULT_PROVIDERS),
+        help=f"comma-separated, from {', '.join(LINEAR_PROVIDERS)}",
+    )
     parser.add_argument("--dry-run", action="store_true", help="CPU under the Triton interpreter, N = 16, V = 300")
     args = parser.parse_args()
     if args.dry_run:
@@ -59,12 +63,27 @@ def main() -> None:
     device_name = torch.cuda.get_device_name() if device.type == "cuda" else "dry-run-cpu"
     if "liger" in args.providers and unavailable("liger", device) is not None:
         print(f"!!! LIGER-KERNEL IS MISSING: no liger row, no 'vs liger' ratio ({unavailable('liger', device)})")
-    print(f"\n### bs_linear_loss on {device_name}: N={rows}, H={args.hidden}, V={args.vocab}, {args.dtype}; "
-          f"one [N, V] tensor = {nv_gib:.2f} GiB")  # fmt: skip
-    case = dict(batch=args.batch, length=args.length, hidden=args.hidden, vocab=args.vocab, dtype=args.dtype,
-                device=device.type, options=OPTIONS)  # fmt: skip
-    header = ["provider", "fwd+bwd (ms)", "vs liger", "peak above inputs+grads (GiB)", "largest block (GiB)",
-              "grad_W GEMM"]  # fmt: skip
+    print(
+        f"\n### bs_linear_loss on {device_name}: N={rows}, H={args.hidden}, V={args.vocab}, {args.dtype}; "
+        f"one [N, V] tensor = {nv_gib:.2f} GiB"
+    )
+    case = dict(
+        batch=args.batch,
+        length=args.length,
+        hidden=args.hidden,
+        vocab=args.vocab,
+        dtype=args.dtype,
+        device=device.type,
+        options=OPTIONS,
+    )
+    header = [
+        "provider",
+        "fwd+bwd (ms)",
+        "vs liger",
+        "peak above inputs+grads (GiB)",
+        "largest block (GiB)",
+        "grad_W GEMM",
+    ]
     print("\n".join(markdown_table(header, [])), flush=True)  # rows follow as they are measured
     results = {}
     for name in args.providers:

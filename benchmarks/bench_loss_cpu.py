@@ -51,10 +51,11 @@ def fwd_bwd_table(shape: str, rounds: int) -> list[str]:
     batch, length, vocab = SHAPES[shape]
     logits, labels = logits_inputs(batch, length, vocab, torch.float32, CPU)
     timings = {
-        name: time_bench(logits_bench(logits_provider(name, OPTIONS), logits, labels), CPU,
-                         rounds=reference_rounds(name, rounds))
+        name: time_bench(
+            logits_bench(logits_provider(name, OPTIONS), logits, labels), CPU, rounds=reference_rounds(name, rounds)
+        )
         for name in PROVIDERS
-    }  # fmt: skip
+    }
     best = {name: timing.best_ms for name, timing in timings.items()}
     rows = []
     for name, timing in timings.items():

@@ -56,8 +56,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--lam", type=float, default=0.2)
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--repeat", type=int, default=10)
-    parser.add_argument("--providers", type=provider_list(PROVIDERS), default=",".join(PROVIDERS),
-                        help=f"comma-separated, from {', '.join(PROVIDERS)}")  # fmt: skip
+    parser.add_argument(
+        "--providers",
+        type=provider_list(PROVIDERS),
+        default=",".join(PROVIDERS),
+        help=f"comma-separated, from {', '.join(PROVIDERS)}",
+    )
     parser.add_argument("--no-sweep", action="store_true", help="skip the Triton block-size sweep")
     parser.add_argument("--out", type=pathlib.Path, default=None, help="results folder")
     parser.add_argument(
@@ -88,7 +92,7 @@ def main(argv=None) -> int:
     if args.dry_run:
         # Triton reads this when the kernels are created, i.e. at the first launch (bs_kernels imports them lazily).
         os.environ["TRITON_INTERPRET"] = "1"
-    from bs_kernels.backends import triton as triton_backend
+    from bs_kernels.backends import triton_launch as triton_backend
 
     device = torch.device("cpu" if args.dry_run else "cuda")
     if device.type == "cuda" and not torch.cuda.is_available():
@@ -277,8 +281,12 @@ def _sweep(triton_backend, base, labels, logits_bytes, args, results: list[dict]
         buckets = min(block, max(padded_k, block // 16))
         configs.append(triton_backend.ForwardConfig(block_v=block, buckets=buckets, num_warps=warps))
     for config in configs[:1] + configs[4:5] if args.dry_run else configs:
-        timed("forward", config, lambda config=config: triton_backend.forward(rows, row_labels, top_k, config=config),
-              logits_bytes)  # fmt: skip
+        timed(
+            "forward",
+            config,
+            lambda config=config: triton_backend.forward(rows, row_labels, top_k, config=config),
+            logits_bytes,
+        )
 
     _few_rows_sweep(triton_backend, rows, row_labels, top_k, args, timed)
 

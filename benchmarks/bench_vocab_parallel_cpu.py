@@ -32,7 +32,7 @@ from harness import MIB, Bench, loss_backward, markdown_table, measure_peak, pea
 from providers import LOGITS_SHAPES, OPTIONS, PROMPT_FRACTION, TINY_LOGITS_SHAPES, logits_case
 
 import bs_kernels
-import bs_kernels.vocab_parallel as vocab_parallel
+import bs_kernels._vocab_shards as vocab_shards
 
 SHAPES = {**LOGITS_SHAPES, **TINY_LOGITS_SHAPES}
 CPU = torch.device("cpu")
@@ -53,7 +53,7 @@ def shard_inputs(batch: int, length: int, vocab: int, rank: int, world: int):
 def bytes_sent_per_call(bench: Bench) -> int:
     """Run one call with the package's all_gather and torch.distributed's all_reduce counted; bytes this rank sent."""
     sent = []
-    gather, reduce = vocab_parallel.all_gather_single, dist.all_reduce
+    gather, reduce = vocab_shards.all_gather_single, dist.all_reduce
 
     def counted_gather(output, tensor, group=None):
         sent.append(tensor.numel() * tensor.element_size())
@@ -63,12 +63,12 @@ def bytes_sent_per_call(bench: Bench) -> int:
         sent.append(tensor.numel() * tensor.element_size())
         return reduce(tensor, *args, **kwargs)
 
-    vocab_parallel.all_gather_single, dist.all_reduce = counted_gather, counted_reduce
+    vocab_shards.all_gather_single, dist.all_reduce = counted_gather, counted_reduce
     try:
         bench.reset()
         bench.run()
     finally:
-        vocab_parallel.all_gather_single, dist.all_reduce = gather, reduce
+        vocab_shards.all_gather_single, dist.all_reduce = gather, reduce
     return sum(sent)
 
 
@@ -90,9 +90,16 @@ def rank_main(rank: int, world: int, rendezvous: str, shape: str, impl: str, rou
     dist.barrier()
     timing = time_bench(bench, CPU, rounds=rounds)
     sent = bytes_sent_per_call(bench)
-    result = dict(rank=rank, best_ms=timing.best_ms, median_ms=timing.median_ms, cpu_ms=timing.median_cpu_ms,
-                  peak=memory.above_inputs,
-                  local_bytes=tensor_bytes(local), sent=sent, loss=memory.value)  # fmt: skip
+    result = dict(
+        rank=rank,
+        best_ms=timing.best_ms,
+        median_ms=timing.median_ms,
+        cpu_ms=timing.median_cpu_ms,
+        peak=memory.above_inputs,
+        local_bytes=tensor_bytes(local),
+        sent=sent,
+        loss=memory.value,
+    )
     results = [None] * world
     dist.all_gather_object(results, result)
     if rank == 0:
@@ -103,8 +110,13 @@ def rank_main(rank: int, world: int, rendezvous: str, shape: str, impl: str, rou
 def parallel_rows(world: int, shape: str, impl: str, rounds: int) -> list[list[str]]:
     with tempfile.TemporaryDirectory() as folder:
         output = os.path.join(folder, "results.json")
-        mp.start_processes(rank_main, args=(world, os.path.join(folder, "rendezvous"), shape, impl, rounds, output),
-                           nprocs=world, join=True, start_method="spawn")  # fmt: skip
+        mp.start_processes(
+            rank_main,
+            args=(world, os.path.join(folder, "rendezvous"), shape, impl, rounds, output),
+            nprocs=world,
+            join=True,
+            start_method="spawn",
+        )
         results = json.loads(pathlib.Path(output).read_text())
     return [
         [f"vocab-parallel {impl}, P={world}, rank {r['rank']}", f"{r['best_ms']:.0f}", f"{r['median_ms']:.0f}",
@@ -151,8 +163,10 @@ def main() -> None:
         f"torch {torch.__version__}, 1 thread per process; load average {load_before[0]:.1f} before, "
         f"{load_after[0]:.1f} after"
     )
-    title = (f"fwd+bwd, B={batch} T={length} V={vocab} fp32, k={OPTIONS['top_k']} lam={OPTIONS['lam']}, "
-             f"rounds: {args.rounds}")  # fmt: skip
+    title = (
+        f"fwd+bwd, B={batch} T={length} V={vocab} fp32, k={OPTIONS['top_k']} lam={OPTIONS['lam']}, "
+        f"rounds: {args.rounds}"
+    )
     table = markdown_table(
         ["what (per rank)", "best ms", "median ms", "median CPU ms", "peak above inputs (MiB)", "x its logits",
          "KiB sent per call"],

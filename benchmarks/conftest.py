@@ -6,15 +6,12 @@ BS_BENCH_TINY=1 pytest benchmarks/ --benchmark-only    # tiny shapes: checks tha
 
 from __future__ import annotations
 
-import pathlib
-import sys
-
 import pytest
 import torch
 
-sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
-from harness import MIB, environ, markdown_table, peak_memory, synchronized  # noqa: E402
-from providers import unavailable  # noqa: E402
+# pytest puts this folder (no __init__.py) on sys.path before it imports this file, as running a script here does.
+from harness import MIB, environ, markdown_table, peak_memory, synchronized
+from providers import unavailable
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 ROUNDS = 3
@@ -52,9 +49,15 @@ def measure(benchmark):
         peak = peak_memory(factory, dict(provider=provider, **kwargs), DEVICE).above_inputs - grad_bytes
         benchmark.extra_info.update(peak_mib=peak / MIB, logits_mib=logits_bytes / MIB)
         _ROWS.append(
-            dict(case=case, shape=shape, provider=provider, median_ms=benchmark.stats.stats.median * 1e3,
-                 peak_mib=peak / MIB, peak_vs_logits=peak / logits_bytes)
-        )  # fmt: skip
+            dict(
+                case=case,
+                shape=shape,
+                provider=provider,
+                median_ms=benchmark.stats.stats.median * 1e3,
+                peak_mib=peak / MIB,
+                peak_vs_logits=peak / logits_bytes,
+            )
+        )
 
     return run
 
@@ -68,9 +71,16 @@ def pytest_terminal_summary(terminalreporter):
     for row in sorted(_ROWS, key=lambda r: (r["case"], r["shape"], r["median_ms"])):
         speedup = reference_ms.get((row["case"], row["shape"]), float("nan")) / row["median_ms"]
         rows.append(
-            [row["case"], row["shape"], row["provider"], f"{row['median_ms']:.1f}", f"{speedup:.2f}x",
-             f"{row['peak_mib']:.1f}", f"{row['peak_vs_logits']:.2f}"]
-        )  # fmt: skip
+            [
+                row["case"],
+                row["shape"],
+                row["provider"],
+                f"{row['median_ms']:.1f}",
+                f"{speedup:.2f}x",
+                f"{row['peak_mib']:.1f}",
+                f"{row['peak_vs_logits']:.2f}",
+            ]
+        )
     header = ["case", "shape", "provider", "median ms", "vs reference", "peak MiB", "x logits"]
     for line in markdown_table(header, rows):
         terminalreporter.write_line(line)

@@ -258,8 +258,9 @@ def peak_memory(
 def _peak_memory_child(request_json: str) -> None:
     request = json.loads(request_json)
     path = pathlib.Path(request["file"])
-    sys.path.insert(0, str(path.parent))
-    module = importlib.import_module(path.stem)
+    if path.parent.resolve() != HERE:
+        raise ValueError(f"peak_memory's factory must live in {HERE}, not in {path}")
+    module = importlib.import_module(path.stem)  # this process runs harness.py as a script: its folder is on sys.path
     bench = getattr(module, request["name"])(**request["kwargs"])
     print(json.dumps(dataclasses.asdict(measure_peak(bench, "cpu"))))
 

@@ -40,12 +40,28 @@ from harness import Bench, loss_backward, tensor_bytes
 import bs_kernels
 
 LOGITS_PROVIDERS = (
-    "reference", "compile", "torch", "native", "native:avx2", "native:sse2", "triton", "triton:inplace", "liger",
-)  # fmt: skip
+    "reference",
+    "compile",
+    "torch",
+    "native",
+    "native:avx2",
+    "native:sse2",
+    "triton",
+    "triton:inplace",
+    "liger",
+)
 LINEAR_PROVIDERS = (
-    "reference", "eager:torch", "eager:ce", "torch", "torch:recompute", "torch:no-fp32-acc", "native", "triton",
-    "triton:no-fp32-acc", "liger",
-)  # fmt: skip
+    "reference",
+    "eager:torch",
+    "eager:ce",
+    "torch",
+    "torch:recompute",
+    "torch:no-fp32-acc",
+    "native",
+    "triton",
+    "triton:no-fp32-acc",
+    "liger",
+)
 OPTIONS = {"lam": 0.2, "top_k": 20}
 NATIVE_ISA = {"avx2": "avx2", "sse2": "default"}  # variant -> BS_KERNELS_NATIVE_ISA
 
@@ -244,8 +260,9 @@ def logits_case(provider: str, batch: int, length: int, vocab: int, dtype="float
     return logits_bench(logits_provider(provider, options), logits, labels)
 
 
-def linear_case(provider: str, batch: int, length: int, hidden: int, vocab: int, dtype="float32", device="cpu",
-                options=None):  # fmt: skip
+def linear_case(
+    provider: str, batch: int, length: int, hidden: int, vocab: int, dtype="float32", device="cpu", options=None
+):
     """A Bench from plain arguments: what harness.peak_memory rebuilds in a fresh process."""
     inputs = linear_inputs(batch, length, hidden, vocab, _dtype(dtype), device)
     return linear_bench(linear_provider(provider, options), *inputs)

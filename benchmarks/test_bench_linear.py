@@ -23,6 +23,16 @@ SHAPES = TINY_LINEAR_SHAPES if tiny() else LINEAR_SHAPES
 def test_linear_fwd_bwd(measure, shape, provider):
     batch, length, hidden, vocab = SHAPES[shape]
     measure(
-        "linear", shape_id(shape, SHAPES[shape]), provider, linear_case, logits_bytes=batch * length * vocab * 4,
-        above_grads=True, batch=batch, length=length, hidden=hidden, vocab=vocab, device=DEVICE.type, options=OPTIONS,
-    )  # fmt: skip
+        "linear",
+        shape_id(shape, SHAPES[shape]),
+        provider,
+        linear_case,
+        logits_bytes=batch * length * vocab * 4,
+        above_grads=True,
+        batch=batch,
+        length=length,
+        hidden=hidden,
+        vocab=vocab,
+        device=DEVICE.type,
+        options=OPTIONS,
+    )

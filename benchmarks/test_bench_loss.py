@@ -23,6 +23,14 @@ SHAPES = TINY_LOGITS_SHAPES if tiny() else LOGITS_SHAPES
 def test_logits_fwd_bwd(measure, shape, provider):
     batch, length, vocab = SHAPES[shape]
     measure(
-        "logits", shape_id(shape, SHAPES[shape]), provider, logits_case, logits_bytes=batch * length * vocab * 4,
-        batch=batch, length=length, vocab=vocab, device=DEVICE.type, options=OPTIONS,
-    )  # fmt: skip
+        "logits",
+        shape_id(shape, SHAPES[shape]),
+        provider,
+        logits_case,
+        logits_bytes=batch * length * vocab * 4,
+        batch=batch,
+        length=length,
+        vocab=vocab,
+        device=DEVICE.type,
+        options=OPTIONS,
+    )

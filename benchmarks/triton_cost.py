@@ -17,7 +17,7 @@ lower bound) exceeds its HBM time (one read of the bf16 logits at 4.8 TB/s): abo
 (27.8 for the backward, which reads and writes).
 
 The launcher table has one row per (V, k, N) for N = 256 to 8192 and k = 0, 20, 100: every forward path's cost, the
-launcher's choice (bold) with its bytes in flight by the launcher's own model (bs_kernels/backends/triton.py;
+launcher's choice (bold) with its bytes in flight by the launcher's own model (bs_kernels/backends/triton_launch.py;
 the bucket kernel's by the same rule at its registers) and the split forward's merge traffic, and the backward.
 
 The numbers are a static estimate, not a measurement: no latency, no occupancy, no memory-system model; they say
@@ -43,8 +43,6 @@ from collections.abc import Callable
 
 import numpy as np
 import torch
-
-REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 # H200 SXM: 132 SMs, 4 schedulers per SM each issuing one warp instruction per clock, 1.98 GHz boost, 4.8 TB/s HBM3e.
 H200 = {"sms": 132, "schedulers": 4, "clock_hz": 1.98e9, "hbm_bytes_per_s": 4.8e12}
@@ -317,18 +315,38 @@ def signature(kernel_name: str, dtype: str = "bf16") -> tuple[dict[str, str], tu
         }
         return types, (0, 1, 2, 3, 4, 5, 6)
     if kernel_name == "bs_rows_merge_kernel":
-        types = {"logits_ptr": f"*{dtype}", "labels_ptr": "*i64", **partials, **rows, "logits_row_stride": "i32",
-                 "slices": "i32"}  # fmt: skip
+        types = {
+            "logits_ptr": f"*{dtype}",
+            "labels_ptr": "*i64",
+            **partials,
+            **rows,
+            "logits_row_stride": "i32",
+            "slices": "i32",
+        }
         return types, tuple(range(10))
     if kernel_name == "bs_rows_backward_kernel":
-        types = {"grad_ptr": f"*{dtype}", "logits_ptr": f"*{dtype}", "lse_ptr": stats, "grad_rows_ptr": stats,
-                 "vocab_size": "i32", "logits_row_stride": "i32", "grad_row_stride": "i32"}  # fmt: skip
+        types = {
+            "grad_ptr": f"*{dtype}",
+            "logits_ptr": f"*{dtype}",
+            "lse_ptr": stats,
+            "grad_rows_ptr": stats,
+            "vocab_size": "i32",
+            "logits_row_stride": "i32",
+            "grad_row_stride": "i32",
+        }
         return types, (0, 1, 2, 3, 4, 5, 6)
     if kernel_name == "bs_rows_backward_fixup_kernel":
         per_row = ("lse_ptr", "grad_rows_ptr", "label_coefs_ptr", "label_logits_ptr")
-        types = {"grad_ptr": f"*{dtype}", "labels_ptr": "*i64", **{name: stats for name in per_row},
-                 "belief_ids_ptr": "*i64", "belief_weights_ptr": stats, "belief_logits_ptr": stats,
-                 "grad_row_stride": "i32", "K": "i32"}  # fmt: skip
+        types = {
+            "grad_ptr": f"*{dtype}",
+            "labels_ptr": "*i64",
+            **{name: stats for name in per_row},
+            "belief_ids_ptr": "*i64",
+            "belief_weights_ptr": stats,
+            "belief_logits_ptr": stats,
+            "grad_row_stride": "i32",
+            "K": "i32",
+        }
         return types, ()
     raise ValueError(f"unknown kernel {kernel_name!r}")
 
@@ -357,29 +375,38 @@ def launch(kernel_name: str, constants: dict, num_warps: int, dtype: str = "bf16
 
 def config_launches(config, top_k: int, vocab_size: int, dtype: str = "bf16") -> list[Launch]:
     """The forward kernels a launcher config starts (the split forward: its kernel and its merge)."""
-    from bs_kernels.backends import triton as launcher
+    from bs_kernels.backends import triton_launch as launcher
 
     torch_dtype = _TYPES[dtype]
     if isinstance(config, launcher.SplitForwardConfig):
         slice_len = config.slice_len(vocab_size, torch_dtype)
         slices = -(-vocab_size // slice_len)
         return [
-            launch("bs_rows_forward_split_kernel", launcher.lanes_constants(config.lanes, torch_dtype, top_k),
-                   config.lanes.num_warps, dtype),
+            launch(
+                "bs_rows_forward_split_kernel",
+                launcher.lanes_constants(config.lanes, torch_dtype, top_k),
+                config.lanes.num_warps,
+                dtype,
+            ),
             launch("bs_rows_merge_kernel", launcher.merge_constants(slices, torch_dtype, top_k), 1, dtype),
-        ]  # fmt: skip
+        ]
     if isinstance(config, launcher.LaneForwardConfig):
         constants = launcher.lanes_constants(config, torch_dtype, top_k)
         return [launch("bs_rows_forward_lanes_kernel", constants, config.num_warps, dtype)]
     log = lambda value: value.bit_length() - 1  # noqa: E731
     padded_k = 1 << max(0, (top_k - 1).bit_length())
-    constants = dict(K=top_k, LOG_K_PAD=log(padded_k), LOG_BLOCK_V=log(config.block_v),
-                     LOG_BUCKETS=log(config.buckets), IS_FP64=dtype == "fp64")  # fmt: skip
+    constants = dict(
+        K=top_k,
+        LOG_K_PAD=log(padded_k),
+        LOG_BLOCK_V=log(config.block_v),
+        LOG_BUCKETS=log(config.buckets),
+        IS_FP64=dtype == "fp64",
+    )
     return [launch("bs_rows_forward_kernel", constants, config.num_warps, dtype)]
 
 
 def backward_launches(vocab_size: int, top_k: int, dtype: str = "bf16") -> list[Launch]:
-    from bs_kernels.backends import triton as launcher
+    from bs_kernels.backends import triton_launch as launcher
 
     config = launcher.backward_config(vocab_size)
     padded_k = 1 << max(0, (top_k - 1).bit_length())
@@ -393,7 +420,7 @@ def launcher_launches() -> list[Launch]:
     """Every kernel the launcher can pick, by representative: the per-lane forward at k = 0, 1, 20, 64, 128 (K_PAD 1
     to 128), the split forward and its merge (2 and 16 slices) at k <= 64, the bucket forward at k = 129 and 1024
     (K_PAD 256 to the largest), the backward; bf16, and fp32 / fp64 (other loads and key packing) at k = 20."""
-    from bs_kernels.backends import triton as launcher
+    from bs_kernels.backends import triton_launch as launcher
 
     out: list[Launch] = []
     for dtype in ("bf16", "fp32", "fp64"):
@@ -578,7 +605,7 @@ def replay_lanes(groups: int, lanes: int, vec: int, top_k: int, slices: int = 1)
 
 
 def _config_name(config, top_k: int) -> str:
-    from bs_kernels.backends import triton as launcher
+    from bs_kernels.backends import triton_launch as launcher
 
     if isinstance(config, launcher.SplitForwardConfig):
         return f"split-V k={top_k} {config.slices} slices x {config.lanes.groups} groups"
@@ -589,7 +616,7 @@ def _config_name(config, top_k: int) -> str:
 
 def config_variant(config, top_k: int) -> Variant:
     """The cost-model variant of a launcher config (bf16)."""
-    from bs_kernels.backends import triton as launcher
+    from bs_kernels.backends import triton_launch as launcher
 
     name = _config_name(config, top_k)
     if isinstance(config, launcher.SplitForwardConfig):
@@ -603,16 +630,30 @@ def config_variant(config, top_k: int) -> Variant:
         def merge(vocab: int, config=config) -> Launch:
             return config_launches(config, top_k, vocab)[1]
 
-        return Variant(name, split, lanes.block_v(torch.bfloat16), top_k, name_lane_paths,
-                       replay_lanes(lanes.groups, 32 * lanes.num_warps, vec, top_k, config.slices), programs,
-                       merge)  # fmt: skip
+        return Variant(
+            name,
+            split,
+            lanes.block_v(torch.bfloat16),
+            top_k,
+            name_lane_paths,
+            replay_lanes(lanes.groups, 32 * lanes.num_warps, vec, top_k, config.slices),
+            programs,
+            merge,
+        )
     (kernel,) = config_launches(config, top_k, 1 << 20)
     if isinstance(config, launcher.LaneForwardConfig):
         vec = config.vector(torch.bfloat16)
-        return Variant(name, kernel, config.block_v(torch.bfloat16), top_k, name_lane_paths,
-                       replay_lanes(config.groups, 32 * config.num_warps, vec, top_k))  # fmt: skip
-    return Variant(name, kernel, config.block_v, top_k, name_bucket_paths,
-                   replay_buckets(config.block_v, config.buckets, top_k))  # fmt: skip
+        return Variant(
+            name,
+            kernel,
+            config.block_v(torch.bfloat16),
+            top_k,
+            name_lane_paths,
+            replay_lanes(config.groups, 32 * config.num_warps, vec, top_k),
+        )
+    return Variant(
+        name, kernel, config.block_v, top_k, name_bucket_paths, replay_buckets(config.block_v, config.buckets, top_k)
+    )
 
 
 ROWS = (256, 512, 1024, 2048, 4096, 8192)
@@ -621,7 +662,7 @@ TOP_KS = (0, 20, 100)
 
 def table_configs(vocabs: tuple[int, ...]) -> dict[tuple[int, int, int], dict[str, object]]:
     """(V, k, N) -> the forward configs costed for it: the launcher's choice and the alternatives."""
-    from bs_kernels.backends import triton as launcher
+    from bs_kernels.backends import triton_launch as launcher
 
     out = {}
     for vocab in vocabs:
@@ -650,11 +691,12 @@ def random_rows(vocab: int, rows: int, seed: int = 0) -> np.ndarray:
 
 def smollm2_rows(answers: int, seed: int = 0) -> np.ndarray:
     """SmolLM2-135M-Instruct's logits (V = 49 152) at the answer positions of TOFU forget10, rounded to bf16."""
-    sys.path.insert(0, str(REPO_ROOT / "python"))
     from bs_unlearn.data import read_qa_records, tokenize_qa
     from bs_unlearn.models import load_model_and_tokenizer
 
-    tofu = pathlib.Path(os.environ.get("BS_TOFU_DIR", "/work/shared/data/tofu")) / "forget10.jsonl"
+    # The TOFU folder: BS_TOFU_DIR, else shared/data/tofu beside the repository (where the tests look too).
+    default = pathlib.Path(__file__).resolve().parents[2] / "shared" / "data" / "tofu"
+    tofu = pathlib.Path(os.environ.get("BS_TOFU_DIR", default)) / "forget10.jsonl"
     model, tokenizer = load_model_and_tokenizer("default")
     model.eval()
     rows = []
@@ -701,8 +743,9 @@ def compile_launch(kernel_launch: Launch, capability: int = 90) -> Compiled:
         kernels = __import__("bs_kernels.backends.triton_kernels", fromlist=["_"])
         kernel = getattr(kernels, kernel_launch.kernel_name)
         types, aligned = signature(kernel_launch.kernel_name, kernel_launch.dtype)
-        compiled = compile_kernel(kernel, types, kernel_launch.constants_dict, kernel_launch.num_warps, aligned,
-                                  capability)  # fmt: skip
+        compiled = compile_kernel(
+            kernel, types, kernel_launch.constants_dict, kernel_launch.num_warps, aligned, capability
+        )
         cubin = compiled.asm["cubin"]
         blocks = parse_sass(disassemble(cubin))
         wide = any(op.startswith("LDG") and op.endswith(".128") for block in blocks for op in block.instructions)
@@ -769,7 +812,7 @@ def bucket_in_flight(compiled: Compiled, config, rows: int) -> int:
 
 
 def in_flight(config, rows: int, compiled: Compiled) -> int:
-    from bs_kernels.backends import triton as launcher
+    from bs_kernels.backends import triton_launch as launcher
 
     if isinstance(config, launcher.ForwardConfig):
         return bucket_in_flight(compiled, config, rows)
@@ -778,7 +821,7 @@ def in_flight(config, rows: int, compiled: Compiled) -> int:
 
 def merge_traffic(config, vocab: int, top_k: int) -> float:
     """The split forward's partials (written, then read by the merge) over the logits' bytes; 0 for the others."""
-    from bs_kernels.backends import triton as launcher
+    from bs_kernels.backends import triton_launch as launcher
 
     if not isinstance(config, launcher.SplitForwardConfig):
         return 0.0
@@ -855,8 +898,10 @@ def main(argv=None) -> int:
         elif name == "smollm2":
             rows = smollm2_rows(args.answers)
             rows = rows[np.random.default_rng(0).permutation(len(rows))[: args.max_rows]]
-            data += [("SmolLM2 on TOFU, V = 49,152", rows),
-                     ("SmolLM2 rows laid end to end, V = 128,256", widen_rows(rows, 128_256))]  # fmt: skip
+            data += [
+                ("SmolLM2 on TOFU, V = 49,152", rows),
+                ("SmolLM2 rows laid end to end, V = 128,256", widen_rows(rows, 128_256)),
+            ]
         else:
             raise SystemExit(f"--data: unknown data model {name!r} (random, smollm2)")
     data.sort(key=lambda item: item[1].shape[1])
@@ -876,8 +921,11 @@ def main(argv=None) -> int:
         for data_name, rows in data:
             if rows.shape[1] in vocab_set:
                 results[name, data_name] = evaluate(cost, rows)
-                print(f"{name:48s} {data_name:44s} {results[name, data_name]['per_logit']:6.1f} per logit  "
-                      f"{results[name, data_name]['frequency']}", flush=True)  # fmt: skip
+                print(
+                    f"{name:48s} {data_name:44s} {results[name, data_name]['per_logit']:6.1f} per logit  "
+                    f"{results[name, data_name]['frequency']}",
+                    flush=True,
+                )
     backward = {(vocab, top_k): backward_per_logit(vocab, top_k)[0] for vocab in vocabs for top_k in TOP_KS}
     named_data = [(name, rows.shape[1]) for name, rows in data]
     print()

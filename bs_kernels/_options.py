@@ -19,7 +19,7 @@ IMPLS = ("auto", "reference", "torch", "native", "triton")
 
 @dataclass(frozen=True)
 class BSOptions:
-    """What defines a BS-T loss (shared/SPEC.md): target t = lam * q + (1 - lam) * e_y, and how it is reduced.
+    """What defines a BS-T loss (docs/math.md): target t = lam * q + (1 - lam) * e_y, and how it is reduced.
 
     ``top_k = 0`` (only with ``lam = 0``) means no beliefs at all: the row value is the forget log-prob log p(y);
     that is :meth:`forget_logprobs`, never a user's choice (the public functions require top_k >= 1).

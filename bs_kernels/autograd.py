@@ -18,9 +18,10 @@ from __future__ import annotations
 
 import torch
 
+from ._dtypes import compute_dtype
 from ._options import BSOptions
 from .backends import get_backend, resolve_impl
-from .backends.contract import RawRowStats, compute_dtype
+from .backends.contract import RawRowStats
 from .epilogue import RowOutputs, backward_rows, finish_rows
 
 

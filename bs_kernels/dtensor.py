@@ -17,7 +17,8 @@ import torch
 
 from ._options import BSOptions
 from ._rows import is_dtensor
-from .vocab_parallel import VocabShards, sharded_linear_loss, sharded_token_loss
+from ._vocab_shards import VocabShards
+from .vocab_parallel import sharded_linear_loss, sharded_token_loss
 
 
 def vocab_sharded_local(tensor, dim: int, name: str) -> tuple[torch.Tensor, VocabShards]:
@@ -53,18 +54,26 @@ def replicated_local(value, name: str):
     return value.to_local()
 
 
-def dtensor_token_loss(logits, labels, options: BSOptions, *, impl: str, shift: bool, return_stats: bool,
-                       inplace_backward: bool):  # fmt: skip
+def dtensor_token_loss(
+    logits, labels, options: BSOptions, *, impl: str, shift: bool, return_stats: bool, inplace_backward: bool
+):
     """bs_token_loss (or forget_logprobs, with its options) on logits sharded Shard(-1)."""
     local, shards = vocab_sharded_local(logits, -1, "logits")
     return sharded_token_loss(
-        local, replicated_local(labels, "labels"), shards, options, impl=impl, shift=shift,
-        return_stats=return_stats, inplace_backward=inplace_backward,
-    )  # fmt: skip
+        local,
+        replicated_local(labels, "labels"),
+        shards,
+        options,
+        impl=impl,
+        shift=shift,
+        return_stats=return_stats,
+        inplace_backward=inplace_backward,
+    )
 
 
-def dtensor_linear_loss(hidden, weight, bias, labels, options: BSOptions, *, impl: str, shift: bool,
-                        return_stats: bool):  # fmt: skip
+def dtensor_linear_loss(
+    hidden, weight, bias, labels, options: BSOptions, *, impl: str, shift: bool, return_stats: bool
+):
     """bs_linear_loss (or linear_forget_logprobs) with the lm_head weight (and bias) sharded Shard(0)."""
     local_weight, shards = vocab_sharded_local(weight, 0, "weight")
     local_bias = None
@@ -73,6 +82,13 @@ def dtensor_linear_loss(hidden, weight, bias, labels, options: BSOptions, *, imp
         if bias_shards != shards:
             raise ValueError("bias must be sharded over the vocabulary like the weight (the same mesh dimension)")
     return sharded_linear_loss(
-        replicated_local(hidden, "hidden"), local_weight, local_bias, replicated_local(labels, "labels"), shards,
-        options, impl=impl, shift=shift, return_stats=return_stats,
-    )  # fmt: skip
+        replicated_local(hidden, "hidden"),
+        local_weight,
+        local_bias,
+        replicated_local(labels, "labels"),
+        shards,
+        options,
+        impl=impl,
+        shift=shift,
+        return_stats=return_stats,
+    )

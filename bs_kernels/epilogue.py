@@ -3,7 +3,8 @@
 A backend's forward (backends/contract.py) yields per row only lse, the label's logit and the top-k (value, id)
 pairs. Everything that depends on lam, the belief temperature or the stop-gradient is computed here, on [N] and
 [N, k] tensors in plain PyTorch, so that the kernels stay small and the -inf guards exist in one place. The
-autograd Function (autograd.py) and the fused linear loss (linear.py) both call :func:`finish_rows`.
+autograd Function (autograd.py) and the fused linear loss (linear.py) both call :func:`finish_rows`;
+:class:`BSTokenStats` is what the public functions return of its row outputs, in the labels' shape.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from typing import NamedTuple
 import torch
 
 from ._options import BSOptions
+from ._rows import RowLayout
 from .backends.contract import RawRowStats
 
 
@@ -25,6 +27,23 @@ class RowOutputs(NamedTuple):
     belief_probs: torch.Tensor  # [N, k] q, renormalised over the top k
     lse: torch.Tensor  # [N]    0 on ignored rows, NaN on counted rows without a distribution (see finish_rows)
     belief_weights: torch.Tensor  # [N, k] the coefficient of e_{belief_id} in dl/dz (see finish_rows)
+
+
+class BSTokenStats(NamedTuple):
+    """Per (shifted) position statistics of one pass; shapes follow the (shifted) labels, plus k for beliefs."""
+
+    token_logprobs: torch.Tensor  # [...]    log p(label), 0 where ignored
+    belief_ids: torch.Tensor  # [..., k] int64, the k most likely ids (any order)
+    belief_probs: torch.Tensor  # [..., k] q: their probabilities renormalised over the k (with the temperature)
+
+    @classmethod
+    def of_rows(cls, layout: RowLayout, rows: RowOutputs) -> BSTokenStats:
+        """The statistics of [N] / [N, k] row outputs, in the (shifted) labels' shape."""
+        return cls(
+            token_logprobs=layout.unflatten(rows.token_logprobs),
+            belief_ids=layout.unflatten(rows.belief_ids),
+            belief_probs=layout.unflatten(rows.belief_probs),
+        )
 
 
 def finish_rows(raw: RawRowStats, labels: torch.Tensor, options: BSOptions) -> RowOutputs:

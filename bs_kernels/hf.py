@@ -47,7 +47,7 @@ _LOSS_OPTIONS = frozenset(
         "impl",
         "return_stats",
         "accumulate_in_fp32",
-    }  # fmt: skip
+    }
 )
 # Arguments of the causal LM's forward that concern its logits or its own loss, never the decoder.
 _HEAD_ARGUMENTS = ("labels", "logits_to_keep", "num_logits_to_keep", "return_dict", "shift_labels")

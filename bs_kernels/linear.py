@@ -24,10 +24,10 @@ is why every reduction but "none" takes the reduced path.
 
 Memory bound (beyond the inputs, their gradients and the [M, H] copy of the M valid hidden rows), whatever N is,
 with C = max(1, CHUNK_ELEMENTS // V) rows per chunk (CUDA: a multiple of GEMM_ROW_TILE rows, and FP32_ACCUMULATOR_CHUNKS
-times more rows where grad_W goes to a float32 accumulator; see rows_per_chunk):
+times more rows where grad_W goes to a float32 accumulator; see _chunks.rows_per_chunk):
   one [C, V] logits chunk in the input dtype (<= CHUNK_ELEMENTS * itemsize: 128 MiB float32, 64 MiB bf16)
   + the backend's workspace on it (torch backend: one float32 workspace of at most 2^24 elements, 64 MiB)
-  + on CPU with a bf16/fp16 weight, the float32 upcast of the gradient chunk (128 MiB; see _add_weight_grad)
+  + on CPU with a bf16/fp16 weight, the float32 upcast of the gradient chunk (128 MiB; see _weight_grad.add_weight_grad)
   + the float32 [V, H] grad_W accumulator for a bf16/fp16 weight with accumulate_in_fp32=True (the default).
 Measured at the shape above (fp32): 314-380 MiB above inputs and gradients, against 4.6 GiB for the eager path.
 Ignored positions are removed before step 1, so they cost neither time nor memory.
@@ -38,7 +38,6 @@ vocabulary blocks would need a second backend entry point.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
 from dataclasses import dataclass
 from types import ModuleType
 
@@ -46,6 +45,8 @@ import torch
 from torch.autograd.function import once_differentiable
 
 from . import _options as opts
+from ._chunks import chunk_logits, row_chunks, scatter_rows
+from ._dtypes import compute_dtype
 from ._options import BSOptions
 from ._rows import (
     RowLayout,
@@ -57,53 +58,10 @@ from ._rows import (
     reduce_rows,
     row_labels,
 )
+from ._weight_grad import GradAccumulators, accumulation_dtype
 from .backends import get_backend, resolve_impl
-from .backends.contract import compute_dtype
-from .epilogue import RowOutputs, backward_rows, finish_rows
-from .loss import BSTokenStats, bs_token_loss, forget_logprobs
-
-# Elements of one logits chunk: 2^25 = 32 Mi (128 MiB in float32). Big enough that the GEMMs stay efficient (682 rows
-# at V = 49 152, 261 rows at V = 128 256, where each chunk re-reads W), small enough that the temporaries stay a
-# small fraction of what the eager path holds (its [N, V] logits, gradient and loss temporaries).
-CHUNK_ELEMENTS = 1 << 25
-# CUDA: chunks of a multiple of GEMM_ROW_TILE rows (cuBLAS tiles are 64-256 rows: 261 rows at V = 128 256 would waste
-# up to ~30% of the last tile row's work), and FP32_ACCUMULATOR_CHUNKS times larger chunks when grad_W goes to the
-# float32 accumulator: every chunk's mixed GEMM reads and writes the whole [V, H] float32 accumulator (2.1 GB at
-# V = 128 256, H = 4096), so 4x fewer chunks cut that traffic 4x, for a larger logits chunk (256 MiB in bf16).
-GEMM_ROW_TILE = 128
-FP32_ACCUMULATOR_CHUNKS = 4
-
-
-def rows_per_chunk(num_rows: int, vocab_size: int, *, cuda: bool = False, fp32_accumulator: bool = False) -> int:
-    """Rows C per chunk so that a [C, V] logits block has at most CHUNK_ELEMENTS elements (at least one row); on CUDA
-    rounded down to a multiple of GEMM_ROW_TILE rows where that many fit, FP32_ACCUMULATOR_CHUNKS x the elements
-    when a float32 grad_W accumulator is used."""
-    elements = CHUNK_ELEMENTS * (FP32_ACCUMULATOR_CHUNKS if cuda and fp32_accumulator else 1)
-    rows = elements // max(vocab_size, 1)
-    if cuda and rows >= GEMM_ROW_TILE:
-        rows -= rows % GEMM_ROW_TILE
-    return max(1, min(num_rows, rows))
-
-
-def _chunks(num_rows: int, vocab_size: int, device: torch.device, fp32_accumulator: bool = False) -> Iterator[slice]:
-    """The row slices of consecutive chunks, rows_per_chunk rows each (the last may be shorter)."""
-    step = rows_per_chunk(num_rows, vocab_size, cuda=device.type == "cuda", fp32_accumulator=fp32_accumulator)
-    for start in range(0, num_rows, step):
-        yield slice(start, start + step)
-
-
-def _accumulation_dtype(dtype: torch.dtype, accumulate_in_fp32: bool) -> torch.dtype:
-    """float32 for bf16/fp16 weights when asked (the default), else the weight's own dtype (float64 stays float64)."""
-    if dtype == torch.float64 or not accumulate_in_fp32:
-        return dtype
-    return torch.float32
-
-
-def chunk_logits(hidden_chunk: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    """[C, H] x [V, H] (+ [V]) -> [C, V] contiguous logits in the input dtype."""
-    if bias is None:
-        return torch.mm(hidden_chunk, weight.t())
-    return torch.addmm(bias, hidden_chunk, weight.t())
+from .epilogue import BSTokenStats, RowOutputs, backward_rows, finish_rows
+from .loss import bs_token_loss, forget_logprobs
 
 
 @dataclass(frozen=True)
@@ -125,90 +83,6 @@ class _ChunkPlan:
         return self.backend.backward(
             grad_rows, logits, labels, lse, belief_ids, belief_weights, self.options.label_weight, True
         )
-
-
-# Whether CUDA's mixed-precision GEMM (bf16/fp16 operands, float32 output: torch.addmm(..., out_dtype=)) works in
-# this build; set to False on the first failure, after which the blocked fallback below is used.
-_cuda_mixed_gemm_works = True
-# Which of _add_weight_grad's GEMMs ran last (benchmarks report it beside their timings): None before the first.
-_last_weight_grad_gemm: str | None = None
-
-
-def weight_grad_gemm_path() -> str | None:
-    """How the last grad_W update was formed: "same dtype", "cuda mixed (addmm out_dtype)", "cuda blocked fallback
-    (bf16 partial products)" or "cpu upcast"; None before any fused-linear backward."""
-    return _last_weight_grad_gemm
-
-
-def _add_weight_grad(accumulator, grad_logits, hidden_chunk, *, first: bool) -> None:
-    """accumulator [V, H] (=, or += when not first) grad_logits[C, V].T @ hidden_chunk[C, H].
-
-    Same dtype: one GEMM straight into the accumulator. A low-precision chunk with a float32 accumulator:
-    - CUDA: one GEMM with bf16/fp16 operands accumulating into the float32 output (cuBLAS, via out_dtype), no
-      rounding of the partial product; if this build lacks it, blocks of the vocabulary whose bf16 partial products
-      are rounded once before the float32 sum (bounded temporaries, like Liger's float32 accumulation mode).
-    - CPU: the chunk is upcast (a [C, V] float32 temporary, within the chunk bound) and multiplied in float32, so the
-      sum over chunks is exact float32 accumulation: CPU BLAS offers no bf16 x bf16 -> float32 GEMM here.
-    """
-    global _cuda_mixed_gemm_works, _last_weight_grad_gemm
-    beta = 0.0 if first else 1.0  # beta = 0 ignores the (uninitialised) accumulator, NaNs included
-    if accumulator.dtype == grad_logits.dtype:
-        _last_weight_grad_gemm = "same dtype"
-        torch.addmm(accumulator, grad_logits.t(), hidden_chunk, beta=beta, out=accumulator)
-        return
-    if accumulator.device.type == "cuda":
-        if first:  # the mixed GEMM below is used with its default beta = 1 only, so start from zeros
-            accumulator.zero_()
-        if _cuda_mixed_gemm_works:
-            try:
-                torch.addmm(accumulator, grad_logits.t(), hidden_chunk, out_dtype=accumulator.dtype, out=accumulator)
-                _last_weight_grad_gemm = "cuda mixed (addmm out_dtype)"
-                return
-            except (RuntimeError, TypeError, NotImplementedError):
-                _cuda_mixed_gemm_works = False
-        _last_weight_grad_gemm = "cuda blocked fallback (bf16 partial products)"
-        block = max(1, CHUNK_ELEMENTS // max(hidden_chunk.shape[1], 1))
-        for start in range(0, accumulator.shape[0], block):
-            columns = slice(start, start + block)
-            accumulator[columns].add_(torch.mm(grad_logits[:, columns].t(), hidden_chunk))
-        return
-    _last_weight_grad_gemm = "cpu upcast"
-    torch.addmm(
-        accumulator,
-        grad_logits.t().to(accumulator.dtype),
-        hidden_chunk.to(accumulator.dtype),
-        beta=beta,
-        out=accumulator,
-    )
-
-
-class _GradAccumulators:
-    """Where step 4 writes: grad_h rows [M, H], grad_W [V, H] and grad_b [V] (float32 for low-precision weights)."""
-
-    def __init__(
-        self, hidden_rows, weight, bias, accumulation_dtype, needs_hidden: bool, needs_weight: bool, needs_bias: bool
-    ) -> None:
-        self.hidden = torch.empty_like(hidden_rows) if needs_hidden else None
-        # grad_W starts unwritten: the first chunk stores its product, later chunks add theirs (no [V, H] memset).
-        self.weight = torch.empty_like(weight, dtype=accumulation_dtype) if needs_weight else None
-        self.weight_written = False
-        self.bias = torch.zeros_like(bias, dtype=accumulation_dtype) if needs_bias else None
-
-    def add_chunk(self, rows: slice, grad_logits, hidden_chunk, weight) -> None:
-        if self.hidden is not None:
-            torch.mm(grad_logits, weight, out=self.hidden[rows])
-        if self.weight is not None:
-            _add_weight_grad(self.weight, grad_logits, hidden_chunk, first=not self.weight_written)
-            self.weight_written = True
-        if self.bias is not None:
-            self.bias.add_(grad_logits.sum(0, dtype=self.bias.dtype))
-
-    def results(self, weight, bias):
-        if self.weight is not None and not self.weight_written:  # no valid row at all: the gradient is zero
-            self.weight.zero_()
-        grad_weight = None if self.weight is None else self.weight.to(weight.dtype)
-        grad_bias = None if self.bias is None else self.bias.to(bias.dtype)
-        return self.hidden, grad_weight, grad_bias
 
 
 class _RowStore:
@@ -247,9 +121,9 @@ class _ReducedLinearFunction(torch.autograd.Function):
     ):
         num_rows, vocab_size = hidden_rows.shape[0], weight.shape[0]
         store = _RowStore(num_rows, plan.options.belief_count(vocab_size), row_weights.dtype, hidden_rows.device)
-        grads = _GradAccumulators(hidden_rows, weight, bias, plan.accumulation_dtype, *needs_grads)
+        grads = GradAccumulators(hidden_rows, weight, bias, plan.accumulation_dtype, *needs_grads)
         widened = needs_grads[1] and plan.accumulation_dtype != weight.dtype
-        for rows in _chunks(num_rows, vocab_size, hidden_rows.device, widened):
+        for rows in row_chunks(num_rows, vocab_size, hidden_rows.device, widened):
             hidden_chunk = hidden_rows[rows]
             logits = chunk_logits(hidden_chunk, weight, bias)
             chunk = plan.rows(logits, labels[rows])
@@ -297,7 +171,7 @@ class _RowsLinearFunction(torch.autograd.Function):
         num_rows, vocab_size = hidden_rows.shape[0], weight.shape[0]
         top_k = plan.options.belief_count(vocab_size)
         store = _RowStore(num_rows, top_k, compute_dtype(hidden_rows.dtype), hidden_rows.device)
-        for rows in _chunks(num_rows, vocab_size, hidden_rows.device):
+        for rows in row_chunks(num_rows, vocab_size, hidden_rows.device):
             logits = chunk_logits(hidden_rows[rows], weight, bias)
             store.put(rows, plan.rows(logits, labels[rows]))
             del logits
@@ -313,14 +187,14 @@ class _RowsLinearFunction(torch.autograd.Function):
         needs_hidden, needs_weight = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         needs_bias = bias is not None and ctx.needs_input_grad[2]
         plan = ctx.plan
-        grads = _GradAccumulators(
+        grads = GradAccumulators(
             hidden_rows, weight, bias, plan.accumulation_dtype, needs_hidden, needs_weight, needs_bias
         )
         grad_rows = grad_row_loss.to(lse.dtype).contiguous()
         # The recomputed chunk must match forward's: no autocast (forward ran with it off, on already-cast inputs).
         with gathered_parameter(weight), torch.autocast(hidden_rows.device.type, enabled=False):
             widened = needs_weight and plan.accumulation_dtype != weight.dtype
-            for rows in _chunks(hidden_rows.shape[0], weight.shape[0], hidden_rows.device, widened):
+            for rows in row_chunks(hidden_rows.shape[0], weight.shape[0], hidden_rows.device, widened):
                 hidden_chunk = hidden_rows[rows]
                 logits = chunk_logits(hidden_chunk, weight, bias)
                 grad_logits = plan.grad_logits(
@@ -389,14 +263,7 @@ def _reduction_weights(rows_labels: torch.Tensor, layout: RowLayout, reduction: 
     return weights
 
 
-def scatter_rows(values: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
-    """[M, ...] values of the valid rows -> [N, ...] with zeros on ignored rows (differentiable)."""
-    full = values.new_zeros((valid.shape[0], *values.shape[1:]))
-    return full.index_put((valid,), values)
-
-
-def _linear_rows(hidden, weight, bias, labels, *, shift: bool, impl: str, options: BSOptions,
-                 accumulate_in_fp32: bool):  # fmt: skip
+def _linear_rows(hidden, weight, bias, labels, *, shift: bool, impl: str, options: BSOptions, accumulate_in_fp32: bool):
     """Shared body of bs_linear_loss and linear_forget_logprobs: (loss or per-position values, stats)."""
     _check_linear_inputs(hidden, weight, bias, labels, shift, options.ignore_index)
     hidden, weight, bias = _autocast(hidden, weight, bias)
@@ -407,7 +274,7 @@ def _linear_rows(hidden, weight, bias, labels, *, shift: bool, impl: str, option
     hidden_rows = hidden[torch.unravel_index(valid_ids, hidden.shape[:-1])]  # [M, H]
     valid_labels = rows_labels.index_select(0, valid_ids)  # [M]
     backend = get_backend(resolve_impl(impl, hidden.device), hidden.device)
-    plan = _ChunkPlan(backend, options, _accumulation_dtype(weight.dtype, accumulate_in_fp32))
+    plan = _ChunkPlan(backend, options, accumulation_dtype(weight.dtype, accumulate_in_fp32))
 
     # Inputs are already in the autocast dtype (_autocast); the chunk GEMMs and statistics must not be recast.
     no_autocast = torch.autocast(hidden.device.type, enabled=False)
@@ -508,15 +375,24 @@ def bs_linear_loss(
     if is_dtensor(weight):  # an lm_head sharded over the vocabulary (tensor parallelism): bs_kernels/dtensor.py
         from .dtensor import dtensor_linear_loss
 
-        return dtensor_linear_loss(hidden, weight, bias, labels, options, impl=impl, shift=shift,
-                                   return_stats=return_stats)  # fmt: skip
+        return dtensor_linear_loss(
+            hidden, weight, bias, labels, options, impl=impl, shift=shift, return_stats=return_stats
+        )
     if impl == "reference" or torch.compiler.is_compiling():
         _check_linear_inputs(hidden, weight, bias, labels, shift, ignore_index)
         return bs_token_loss(
-            _materialised_logits(hidden, weight, bias), labels, lam=lam, top_k=top_k, ignore_index=ignore_index,
-            shift=shift, reduction=reduction, detach_belief=detach_belief, belief_temperature=belief_temperature,
-            impl=impl, return_stats=return_stats,
-        )  # fmt: skip
+            _materialised_logits(hidden, weight, bias),
+            labels,
+            lam=lam,
+            top_k=top_k,
+            ignore_index=ignore_index,
+            shift=shift,
+            reduction=reduction,
+            detach_belief=detach_belief,
+            belief_temperature=belief_temperature,
+            impl=impl,
+            return_stats=return_stats,
+        )
     loss, stats = _linear_rows(
         hidden, weight, bias, labels, shift=shift, impl=impl, options=options, accumulate_in_fp32=accumulate_in_fp32
     )

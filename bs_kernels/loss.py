@@ -1,39 +1,20 @@
 """Public API: bs_token_loss, forget_logprobs and the BSTokenLoss module.
 
-Layering (shared/CONVENTIONS.md): validate arguments here, pick the backend, flatten to rows [N, V] (a view where
+Layering (CONTRIBUTING.md): validate arguments here, pick the backend, flatten to rows [N, V] (a view where
 the strides allow it), call the backend through the autograd Function (or the reference), reduce outside autograd.
 """
 
 from __future__ import annotations
-
-from typing import NamedTuple
 
 import torch
 from torch import nn
 
 from . import _options as opts
 from ._options import BSOptions
-from ._rows import RowLayout, check_sequence_reduction, is_dtensor, logits_rows, reduce_rows
+from ._rows import check_sequence_reduction, is_dtensor, logits_rows, reduce_rows
 from .autograd import backend_rows
-from .epilogue import RowOutputs
+from .epilogue import BSTokenStats, RowOutputs
 from .reference import reference_rows
-
-
-class BSTokenStats(NamedTuple):
-    """Per (shifted) position statistics of one pass; shapes follow the (shifted) labels, plus k for beliefs."""
-
-    token_logprobs: torch.Tensor  # [...]    log p(label), 0 where ignored
-    belief_ids: torch.Tensor  # [..., k] int64, the k most likely ids (any order)
-    belief_probs: torch.Tensor  # [..., k] q: their probabilities renormalised over the k (with the temperature)
-
-    @classmethod
-    def of_rows(cls, layout: RowLayout, rows: RowOutputs) -> BSTokenStats:
-        """The statistics of [N] / [N, k] row outputs, in the (shifted) labels' shape."""
-        return cls(
-            token_logprobs=layout.unflatten(rows.token_logprobs),
-            belief_ids=layout.unflatten(rows.belief_ids),
-            belief_probs=layout.unflatten(rows.belief_probs),
-        )
 
 
 def _compute_rows(
@@ -99,8 +80,15 @@ def bs_token_loss(
     if is_dtensor(logits):  # sharded over the vocabulary (tensor parallelism): bs_kernels/dtensor.py
         from .dtensor import dtensor_token_loss
 
-        return dtensor_token_loss(logits, labels, options, impl=impl, shift=shift, return_stats=return_stats,
-                                  inplace_backward=inplace_backward)  # fmt: skip
+        return dtensor_token_loss(
+            logits,
+            labels,
+            options,
+            impl=impl,
+            shift=shift,
+            return_stats=return_stats,
+            inplace_backward=inplace_backward,
+        )
     check_sequence_reduction(labels, shift=shift, reduction=reduction)
     rows, rows_labels, layout = logits_rows(logits, labels, shift=shift, ignore_index=options.ignore_index)
     outputs = _compute_rows(rows, rows_labels, impl, options, inplace_backward=inplace_backward)
@@ -126,8 +114,9 @@ def forget_logprobs(
     if is_dtensor(logits):  # sharded over the vocabulary: bs_kernels/dtensor.py
         from .dtensor import dtensor_token_loss
 
-        return dtensor_token_loss(logits, labels, options, impl=impl, shift=shift, return_stats=False,
-                                  inplace_backward=False)  # fmt: skip
+        return dtensor_token_loss(
+            logits, labels, options, impl=impl, shift=shift, return_stats=False, inplace_backward=False
+        )
     rows, rows_labels, layout = logits_rows(logits, labels, shift=shift, ignore_index=options.ignore_index)
     return layout.unflatten(_compute_rows(rows, rows_labels, impl, options).row_loss)
 

@@ -1,4 +1,4 @@
-"""impl="reference": BS-T stated as plainly as PyTorch allows (shared/SPEC.md), differentiated by autograd.
+"""impl="reference": BS-T stated as plainly as PyTorch allows (docs/math.md), differentiated by autograd.
 
 It materialises what the authors' trainer materialises (log-softmax, the [N, V] soft target, their product), so it
 is both the specification the tests compare every backend with and the "what users had before" benchmark baseline.
@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import torch
 
+from ._dtypes import compute_dtype
 from ._options import BSOptions
-from .backends.contract import compute_dtype
 from .epilogue import RowOutputs
 
 

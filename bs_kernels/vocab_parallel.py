@@ -2,7 +2,7 @@
 
 Each rank p holds the logits of a contiguous vocabulary range [start_p, start_p + V_p) (Megatron's vocab-parallel
 layout; a DTensor sharded Shard(-1), as ColwiseParallel(use_local_output=False) on the lm_head produces, is adapted
-by bs_kernels/dtensor.py). The one-pass algebra of SPEC.md carries over because everything the epilogue needs is a
+by bs_kernels/dtensor.py). The one-pass algebra of docs/math.md carries over because everything the epilogue needs is a
 reduction over the vocabulary that composes across shards:
   1. local pass: backend.forward on the rank's own [N, V_p] shard (the unchanged backend contract) with the labels
      moved into the shard's numbering (label - start_p where the label falls in the shard, else -1), giving per row
@@ -21,12 +21,13 @@ reduction over the vocabulary that composes across shards:
      shard's own candidate slots (weight 0 for a candidate that did not make the global top-k). The candidates are
      the ids the backend itself returned, so they are distinct, as the native and Triton backward kernels require.
 The backend contract (backends/contract.py) is therefore unchanged: every local backend (torch, native, triton) is
-the per-shard kernel as it is.
+the per-shard kernel as it is. Steps 1-3 and the shards' layout live in _vocab_shards.py (ShardedRows, VocabShards);
+this module holds the autograd Functions and the public forms.
 Why one all_gather rather than Megatron's all_reduce pair (max, sum-exp) plus an all_reduce of the label logit: the
 top-k candidates must be gathered anyway, and lse and z_y ride along as 2 of the 2 + 2 k_pad columns (5% of the
 volume at k = 20), so a call pays one collective's latency instead of four.
 
-Ties at the k-th value (SPEC.md: any k of the tied entries may be chosen) are broken towards the lower group rank
+Ties at the k-th value (docs/math.md: any k of the tied entries may be chosen) are broken towards the lower group rank
 (a stable sort over the candidates in rank order), padding slots of ranks with fewer than k_pad candidates last.
 
 Communication per call (s = 4 bytes for float32/bfloat16/float16 logits, 8 for float64; P = group size):
@@ -50,14 +51,13 @@ torch.autocast (bs_linear_loss casts them to the autocast dtype).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from types import ModuleType
-
 import torch
 import torch.distributed as dist
 from torch.autograd.function import once_differentiable
 
 from . import _options as opts
+from ._chunks import chunk_logits, rows_per_chunk, scatter_rows
+from ._dtypes import compute_dtype
 from ._options import BSOptions
 from ._rows import (
     check_floating,
@@ -67,204 +67,13 @@ from ._rows import (
     reduce_rows,
     row_labels,
 )
-from .backends import get_backend, resolve_impl
-from .backends.contract import RawRowStats, compute_dtype
-from .epilogue import RowOutputs, backward_rows, finish_rows
-from .linear import chunk_logits, rows_per_chunk, scatter_rows
-from .loss import BSTokenStats
-
-# The one all_gather every call goes through (tests and the benchmark wrap it to count bytes): all_gather_single
-# replaces all_gather_into_tensor in recent torch; both take (output, input, group).
-all_gather_single = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
-
-
-@dataclass(frozen=True)
-class VocabShards:
-    """Which vocabulary range every rank of ``group`` holds: rank p has ids [starts[p], starts[p] + sizes[p])."""
-
-    starts: tuple[int, ...]  # indexed by the rank within the group
-    sizes: tuple[int, ...]
-    rank: int  # this process's rank within the group
-    group: object  # a torch.distributed ProcessGroup, or None for the default group
-
-    @property
-    def vocab_size(self) -> int:
-        return sum(self.sizes)
-
-    @property
-    def start(self) -> int:
-        return self.starts[self.rank]
-
-    @property
-    def size(self) -> int:
-        return self.sizes[self.rank]
-
-    @property
-    def world(self) -> int:
-        return len(self.sizes)
-
-    def candidate_count(self, belief_count: int, rank: int) -> int:
-        """k_p = min(k, V_p): how many top-k candidates rank p contributes."""
-        return min(belief_count, self.sizes[rank])
-
-    def padded_candidates(self, belief_count: int) -> int:
-        """k_pad = max_p k_p: the per-rank width of the gathered candidates."""
-        return max(self.candidate_count(belief_count, rank) for rank in range(self.world))
-
-    @classmethod
-    def even_chunks(cls, vocab_size: int, world: int, rank: int, group) -> VocabShards:
-        """The torch.chunk split DTensor's Shard uses: ceil(V / P) ids per rank, the last ranks shorter or empty."""
-        chunk = -(-vocab_size // world)
-        starts = tuple(min(p * chunk, vocab_size) for p in range(world))
-        sizes = tuple(max(0, min(chunk, vocab_size - p * chunk)) for p in range(world))
-        return cls(starts, sizes, rank, group)
-
-    @classmethod
-    def gathered(cls, local_size: int, vocab_start: object, group, device: torch.device) -> VocabShards:
-        """Each rank's (start, size) by one all_gather of two int64, checked to tile [0, V) without gaps."""
-        if not isinstance(vocab_start, int) or isinstance(vocab_start, bool) or vocab_start < 0:
-            raise ValueError(f"vocab_start must be an int >= 0, got {vocab_start!r}")
-        world = dist.get_world_size(group)
-        mine = torch.tensor([vocab_start, local_size], dtype=torch.int64, device=device)
-        everyone = torch.empty(world * 2, dtype=torch.int64, device=device)
-        all_gather_single(everyone, mine, group=group)
-        pairs = everyone.view(world, 2).tolist()
-        starts, sizes = tuple(p[0] for p in pairs), tuple(p[1] for p in pairs)
-        expected_start = 0
-        for start, size in sorted(zip(starts, sizes)):
-            if start != expected_start:
-                raise ValueError(
-                    f"vocab_start: the shards (start, size) per rank {list(zip(starts, sizes))} do not tile the "
-                    f"vocabulary contiguously from 0 (a shard should start at {expected_start}, not {start})"
-                )
-            expected_start = start + size
-        if expected_start == 0:
-            raise ValueError("the vocabulary shards are all empty: the logits' last dimension is 0 on every rank")
-        return cls(starts, sizes, dist.get_rank(group), group)
-
-
-def shard_labels(rows_labels: torch.Tensor, shards: VocabShards) -> torch.Tensor:
-    """Global row labels [N] (-1 = ignored) -> this shard's numbering; -1 where the label lives on another rank."""
-    in_shard = (rows_labels >= shards.start) & (rows_labels < shards.start + shards.size)
-    return torch.where(in_shard, rows_labels - shards.start, torch.full_like(rows_labels, -1))
-
-
-def _carrier_dtype(stats_dtype: torch.dtype) -> torch.dtype:
-    """The integer dtype of the statistics' width: float values travel bit-cast beside the int ids in one tensor."""
-    return torch.int64 if stats_dtype == torch.float64 else torch.int32
-
-
-class _ShardedRows:
-    """Steps 1-3 on one block of rows: the global RowOutputs and, for backward, the shard's candidate ids/weights."""
-
-    def __init__(self, backend: ModuleType | None, options: BSOptions, shards: VocabShards) -> None:
-        self.backend = backend  # None on a rank whose shard is empty
-        self.options = options
-        self.shards = shards
-        self.belief_count = options.belief_count(shards.vocab_size)
-        self.padded = shards.padded_candidates(self.belief_count)
-        self.local_count = shards.candidate_count(self.belief_count, shards.rank)
-
-    def local_pass(self, logits: torch.Tensor, local_labels: torch.Tensor, stats_dtype: torch.dtype) -> RawRowStats:
-        """Step 1: the shard's lse, label logit and top-k_p, in the shard's id numbering."""
-        num_rows = logits.shape[0]
-        if self.shards.size == 0:
-            empty = torch.full((num_rows,), float("-inf"), dtype=stats_dtype, device=logits.device)
-            no_candidates = torch.empty(num_rows, 0, dtype=stats_dtype, device=logits.device)
-            return RawRowStats(empty, empty.clone(), no_candidates, no_candidates.to(torch.int64))
-        return self.backend.forward(logits, local_labels, self.local_count)
-
-    def gather(self, raw: RawRowStats, local_labels: torch.Tensor, stats_dtype: torch.dtype):
-        """Step 2's one all_gather: [P, N] lse and masked label logits, [P, N, k_pad] candidate values and ids."""
-        num_rows, device = local_labels.shape[0], local_labels.device
-        carrier = _carrier_dtype(stats_dtype)
-        padding = self.padded - self.local_count
-        values = raw.belief_logits.to(stats_dtype)
-        ids = raw.belief_ids.to(torch.int64) + self.shards.start
-        if padding:
-            values = torch.cat([values, values.new_full((num_rows, padding), float("-inf"))], dim=1)
-            ids = torch.cat([ids, ids.new_full((num_rows, padding), -1)], dim=1)
-        # Only the owner's label logit counts; the others send 0, so a sum over ranks picks the owner's value.
-        label_logits = torch.where(local_labels >= 0, raw.label_logits.to(stats_dtype), 0.0)
-        floats = torch.cat([raw.lse.to(stats_dtype).unsqueeze(1), label_logits.unsqueeze(1), values], dim=1)
-        packed = torch.cat([floats.contiguous().view(carrier), ids.to(carrier)], dim=1)  # [N, 2 + 2 k_pad]
-        everyone = torch.empty(self.shards.world * num_rows, packed.shape[1], dtype=carrier, device=device)
-        all_gather_single(everyone, packed, group=self.shards.group)
-        everyone = everyone.view(self.shards.world, num_rows, -1)
-        floats = everyone[..., : 2 + self.padded].contiguous().view(stats_dtype)
-        return floats[..., 0], floats[..., 1], floats[..., 2:], everyone[..., 2 + self.padded :].to(torch.int64)
-
-    def merge(self, lse_all, label_logits_all, values_all, ids_all) -> tuple[RawRowStats, torch.Tensor]:
-        """Step 2's combination: global RawRowStats and the chosen candidates' slots in the [P * k_pad] order."""
-        world, num_rows, padded = values_all.shape
-        lse = torch.logsumexp(lse_all, dim=0)
-        label_logits = label_logits_all.sum(0)
-        values = values_all.permute(1, 0, 2).reshape(num_rows, world * padded)
-        ids = ids_all.permute(1, 0, 2).reshape(num_rows, world * padded)
-        # Real candidates first in rank order, padding last, then a stable sort: ties go to the lower rank, and a
-        # padding slot (value -inf, id -1) is never chosen over a real candidate of value -inf.
-        counts = [self.shards.candidate_count(self.belief_count, rank) for rank in range(world)]
-        slot_rank = torch.arange(world * padded, device=values.device) // max(padded, 1)
-        slot_index = torch.arange(world * padded, device=values.device) % max(padded, 1)
-        is_real = slot_index < torch.tensor(counts, device=values.device)[slot_rank]
-        order = torch.cat([is_real.nonzero().squeeze(1), (~is_real).nonzero().squeeze(1)])
-        _, position = torch.sort(values[:, order], dim=1, descending=True, stable=True)
-        chosen_slots = order[position[:, : self.belief_count]]  # [N, k]
-        merged = RawRowStats(
-            lse=lse,
-            label_logits=label_logits,
-            belief_logits=values.gather(1, chosen_slots),
-            belief_ids=ids.gather(1, chosen_slots),
-        )
-        return merged, chosen_slots
-
-    def local_belief_weights(self, chosen_slots: torch.Tensor, belief_weights: torch.Tensor) -> torch.Tensor:
-        """The gradient coefficients of this shard's own candidates [N, k_p]: the global belief weight where the
-        candidate was chosen, 0 where it was not (step 4)."""
-        num_rows = chosen_slots.shape[0]
-        ours = (chosen_slots // max(self.padded, 1)) == self.shards.rank
-        slots = torch.where(ours, chosen_slots % max(self.padded, 1), self.padded)  # others go to a dropped column
-        weights = belief_weights.new_zeros(num_rows, self.padded + 1)
-        weights.scatter_(1, slots, torch.where(ours, belief_weights, 0.0))
-        return weights[:, : self.local_count].contiguous()
-
-    def rows(self, logits: torch.Tensor, rows_labels: torch.Tensor, local_labels: torch.Tensor):
-        """Steps 1-3: (global RowOutputs, the shard's candidate ids [N, k_p] int64, their weights [N, k_p])."""
-        stats_dtype = compute_dtype(logits.dtype)
-        raw = self.local_pass(logits, local_labels, stats_dtype)
-        merged, chosen_slots = self.merge(*self.gather(raw, local_labels, stats_dtype))
-        rows = finish_rows(merged, rows_labels, self.options)
-        local_ids = raw.belief_ids.to(torch.int64).contiguous()
-        return rows, local_ids, self.local_belief_weights(chosen_slots, rows.belief_weights)
-
-    def grad_logits(self, grad_row_loss, logits, rows_labels, local_labels, lse, local_ids, local_weights,
-                    inplace: bool):  # fmt: skip
-        """Step 4: this shard's dL/dz = dL/dl * (-pi + label term if owned + its chosen beliefs' weights).
-
-        dL/dl and lse go through epilogue.backward_rows, as on one process (0 on ignored rows, a NaN row where the
-        row has no distribution); both are the same on every rank, so the shard needs nothing from the others.
-        """
-        if self.shards.size == 0:
-            return torch.zeros_like(logits)
-        grad_rows, lse = backward_rows(grad_row_loss, rows_labels, lse)
-        return self.backend.backward(
-            grad_rows, logits, local_labels, lse, local_ids, local_weights, self.options.label_weight, inplace
-        )
-
-
-def _resolve_backend(impl: str, device: torch.device, shards: VocabShards) -> ModuleType | None:
-    name = resolve_impl(impl, device)
-    if name == "reference":
-        raise ValueError(
-            'impl="reference" needs the whole vocabulary row; vocabulary-parallel logits need a kernel backend '
-            '("auto", "torch", "native" or "triton"). To compare, gather the logits and call bs_token_loss.'
-        )
-    return get_backend(name, device) if shards.size > 0 else None
+from ._vocab_shards import ShardedRows, VocabShards, shard_backend, shard_labels
+from .epilogue import BSTokenStats, RowOutputs
 
 
 class _VocabParallelRowsFunction(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, logits, rows_labels, local_labels, sharded: _ShardedRows, inplace_backward: bool):
+    def forward(ctx, logits, rows_labels, local_labels, sharded: ShardedRows, inplace_backward: bool):
         rows, local_ids, local_weights = sharded.rows(logits, rows_labels, local_labels)
         ctx.save_for_backward(logits, rows_labels, local_labels, rows.lse, local_ids, local_weights)
         ctx.sharded, ctx.inplace_backward = sharded, inplace_backward
@@ -294,14 +103,23 @@ def _shard_rows(local_logits, labels, *, shift: bool, ignore_index: int, shards:
     return rows, rows_labels, shard_labels(rows_labels, shards), layout
 
 
-def sharded_token_loss(local_logits, labels, shards: VocabShards, options: BSOptions, *, impl: str, shift: bool,
-                       return_stats: bool, inplace_backward: bool):  # fmt: skip
+def sharded_token_loss(
+    local_logits,
+    labels,
+    shards: VocabShards,
+    options: BSOptions,
+    *,
+    impl: str,
+    shift: bool,
+    return_stats: bool,
+    inplace_backward: bool,
+):
     """bs_token_loss on a vocabulary shard whose layout is known (the body of both public forms and of DTensor's)."""
     check_sequence_reduction(labels, shift=shift, reduction=options.reduction)
     rows, rows_labels, local_labels, layout = _shard_rows(
         local_logits, labels, shift=shift, ignore_index=options.ignore_index, shards=shards
     )
-    sharded = _ShardedRows(_resolve_backend(impl, rows.device, shards), options, shards)
+    sharded = ShardedRows(shard_backend(impl, rows.device, shards), options, shards)
     row_loss, token_logprobs, belief_ids, belief_probs = _VocabParallelRowsFunction.apply(
         rows, rows_labels, local_labels, sharded, inplace_backward
     )
@@ -347,16 +165,27 @@ def vocab_parallel_bs_token_loss(
         float64) per rank and call (module docstring).
     """
     options = opts.loss_options(
-        lam=lam, top_k=top_k, belief_temperature=belief_temperature, detach_belief=detach_belief,
-        ignore_index=ignore_index, reduction=reduction, impl=impl,
-    )  # fmt: skip
+        lam=lam,
+        top_k=top_k,
+        belief_temperature=belief_temperature,
+        detach_belief=detach_belief,
+        ignore_index=ignore_index,
+        reduction=reduction,
+        impl=impl,
+    )
     check_floating(local_logits, "local_logits")
     opts.check_bool(inplace_backward, "inplace_backward")
     shards = VocabShards.gathered(local_logits.shape[-1], vocab_start, group, local_logits.device)
     return sharded_token_loss(
-        local_logits, labels, shards, options, impl=impl, shift=shift, return_stats=return_stats,
+        local_logits,
+        labels,
+        shards,
+        options,
+        impl=impl,
+        shift=shift,
+        return_stats=return_stats,
         inplace_backward=inplace_backward,
-    )  # fmt: skip
+    )
 
 
 def vocab_parallel_forget_logprobs(
@@ -399,7 +228,7 @@ class _VocabParallelLinearFunction(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, hidden_rows, local_weight, local_bias, rows_labels, sharded: _ShardedRows):
+    def forward(ctx, hidden_rows, local_weight, local_bias, rows_labels, sharded: ShardedRows):
         num_rows, device = hidden_rows.shape[0], hidden_rows.device
         stats_dtype = compute_dtype(hidden_rows.dtype)
         local_labels = shard_labels(rows_labels, sharded.shards)
@@ -441,9 +270,15 @@ class _VocabParallelLinearFunction(torch.autograd.Function):
                 hidden_chunk = hidden_rows[rows]
                 logits = chunk_logits(hidden_chunk, local_weight, local_bias)
                 grad = sharded.grad_logits(
-                    grad_row_loss[rows], logits, rows_labels[rows], local_labels[rows], lse[rows], local_ids[rows],
-                    local_weights[rows], True,
-                )  # fmt: skip
+                    grad_row_loss[rows],
+                    logits,
+                    rows_labels[rows],
+                    local_labels[rows],
+                    lse[rows],
+                    local_ids[rows],
+                    local_weights[rows],
+                    True,
+                )
                 if needs_hidden:
                     torch.mm(grad, local_weight, out=grad_hidden[rows])
                 if needs_weight:
@@ -469,18 +304,32 @@ def _check_shard_linear_inputs(hidden, local_weight, local_bias, labels, shift: 
             f"{tuple(hidden.shape)} and weight {tuple(local_weight.shape)}"
         )
     if hidden.dtype != local_weight.dtype or hidden.device != local_weight.device:
-        raise TypeError(f"hidden ({hidden.dtype}, {hidden.device}) and weight ({local_weight.dtype}, "
-                        f"{local_weight.device}) must have the same dtype and device")  # fmt: skip
+        raise TypeError(
+            f"hidden ({hidden.dtype}, {hidden.device}) and weight ({local_weight.dtype}, "
+            f"{local_weight.device}) must have the same dtype and device"
+        )
     if local_bias is not None:
         check_floating(local_bias, "bias")
         if local_bias.shape != local_weight.shape[:1] or local_bias.dtype != local_weight.dtype:
-            raise ValueError(f"bias must be [V_p] = [{local_weight.shape[0]}] of the weight's dtype, got "
-                             f"{tuple(local_bias.shape)} {local_bias.dtype}")  # fmt: skip
+            raise ValueError(
+                f"bias must be [V_p] = [{local_weight.shape[0]}] of the weight's dtype, got "
+                f"{tuple(local_bias.shape)} {local_bias.dtype}"
+            )
     check_labels(hidden, labels, shift=shift, name="hidden")
 
 
-def sharded_linear_loss(hidden, local_weight, local_bias, labels, shards: VocabShards, options: BSOptions, *,
-                        impl: str, shift: bool, return_stats: bool):  # fmt: skip
+def sharded_linear_loss(
+    hidden,
+    local_weight,
+    local_bias,
+    labels,
+    shards: VocabShards,
+    options: BSOptions,
+    *,
+    impl: str,
+    shift: bool,
+    return_stats: bool,
+):
     """bs_linear_loss with this rank's lm_head rows [V_p, H] (layout known); body of the plain and DTensor forms."""
     _check_shard_linear_inputs(hidden, local_weight, local_bias, labels, shift)
     check_sequence_reduction(labels, shift=shift, reduction=options.reduction)
@@ -489,7 +338,7 @@ def sharded_linear_loss(hidden, local_weight, local_bias, labels, shards: VocabS
     valid = rows_labels >= 0
     valid_ids = valid.nonzero().squeeze(-1)
     hidden_rows = hidden[torch.unravel_index(valid_ids, hidden.shape[:-1])]  # [M, H], ignored positions dropped
-    sharded = _ShardedRows(_resolve_backend(impl, hidden.device, shards), options, shards)
+    sharded = ShardedRows(shard_backend(impl, hidden.device, shards), options, shards)
     # In the inputs' own dtype, autocast or not: the backward's recomputed chunks must match the forward's.
     with torch.autocast(hidden.device.type, enabled=False):
         row_values, token_logprobs, belief_ids, belief_probs = _VocabParallelLinearFunction.apply(
@@ -499,8 +348,9 @@ def sharded_linear_loss(hidden, local_weight, local_bias, labels, shards: VocabS
     loss = reduce_rows(scatter_rows(row_values, valid), rows_labels, layout, options.reduction)
     if not return_stats:
         return loss
-    outputs = RowOutputs(None, *(scatter_rows(values, valid) for values in (token_logprobs, belief_ids, belief_probs)),
-                         None, None)  # fmt: skip
+    outputs = RowOutputs(
+        None, *(scatter_rows(values, valid) for values in (token_logprobs, belief_ids, belief_probs)), None, None
+    )
     return loss, BSTokenStats.of_rows(layout, outputs)
 
 
@@ -538,9 +388,14 @@ def vocab_parallel_linear_loss(
     one all_reduce of [M, H] (M = valid positions) in backward (module docstring).
     """
     options = opts.loss_options(
-        lam=lam, top_k=top_k, belief_temperature=belief_temperature, detach_belief=detach_belief,
-        ignore_index=ignore_index, reduction=reduction, impl=impl,
-    )  # fmt: skip
+        lam=lam,
+        top_k=top_k,
+        belief_temperature=belief_temperature,
+        detach_belief=detach_belief,
+        ignore_index=ignore_index,
+        reduction=reduction,
+        impl=impl,
+    )
     check_floating(local_weight, "local_weight")
     shards = VocabShards.gathered(local_weight.shape[0], vocab_start, group, local_weight.device)
     return sharded_linear_loss(

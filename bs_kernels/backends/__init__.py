@@ -13,7 +13,7 @@ import torch
 _MODULES = {
     "torch": "bs_kernels.backends.torch_chunked",
     "native": "bs_kernels.backends.native",
-    "triton": "bs_kernels.backends.triton",
+    "triton": "bs_kernels.backends.triton_launch",
 }
 
 # Fastest first, per device type; "torch" runs everywhere and ends every list.

@@ -8,8 +8,8 @@ A backend module exposes:
 ``forward(logits, labels, top_k) -> RawRowStats``
     logits [N, V], any floating dtype, unit stride along V, any row stride; labels [N] int64 with -1 = ignored.
     One pass over each row: lse, the label's logit, and (top_k > 0) the top-k (value, index) pairs, all in
-    ``compute_dtype(logits.dtype)``. top_k is already clamped to at most V; top_k == 0 means no beliefs (forget
-    log-probs only).
+    ``compute_dtype(logits.dtype)`` (bs_kernels/_dtypes.py). top_k is already clamped to at most V; top_k == 0
+    means no beliefs (forget log-probs only).
 ``backward(grad_rows, logits, labels, lse, belief_ids, belief_weights, label_weight, inplace) -> grad_logits``
     Writes, for every row i,
         grad[i, :] = grad_rows[i] * (-pi_i + label_weight * e_{y_i} + sum_j belief_weights[i, j] * e_{belief_ids[i, j]})
@@ -26,12 +26,6 @@ from __future__ import annotations
 from typing import NamedTuple
 
 import torch
-
-
-def compute_dtype(dtype: torch.dtype) -> torch.dtype:
-    """The dtype of every statistic, the returned loss and the arithmetic behind them (SPEC.md): float32 whatever
-    the input dtype, float64 for float64 input."""
-    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 class RawRowStats(NamedTuple):

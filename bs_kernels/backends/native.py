@@ -49,7 +49,8 @@ except ImportError:  # not POSIX: no inter-process build lock, cpp_extension's o
 
 import torch
 
-from .contract import RawRowStats, compute_dtype
+from .._dtypes import compute_dtype
+from .contract import RawRowStats
 
 NAME = "native"
 

@@ -18,7 +18,8 @@ from __future__ import annotations
 
 import torch
 
-from .contract import RawRowStats, compute_dtype
+from .._dtypes import compute_dtype
+from .contract import RawRowStats
 
 NAME = "torch"
 
@@ -116,6 +117,6 @@ def backward(
             g.scatter_add_(-1, belief_ids[rows], belief_coef[rows])
         if not writes_in_place:
             grad[rows].copy_(g)
-    # exp(z - inf) is NaN where z is NaN or +inf: rows that do not count must still get exactly 0 (SPEC.md).
+    # exp(z - inf) is NaN where z is NaN or +inf: rows that do not count must still get exactly 0 (docs/math.md).
     grad[grad_rows == 0] = 0
     return grad

@@ -1,6 +1,6 @@
-# The Triton kernels of impl="triton" (launchers, validation and block sizes live in triton.py).
+# The Triton kernels of impl="triton" (launchers, validation and block sizes live in triton_launch.py).
 #
-# Forward, buckets (bs_rows_forward_kernel; the launcher's choice for few rows or k > 64), one program per row,
+# Forward, buckets (bs_rows_forward_kernel; the launcher's choice for k > 128), one program per row,
 # streaming the vocabulary in blocks of BLOCK_V logits (upcast to float32, or float64 for float64 input):
 #   1. online log-sum-exp: m = running max, s = sum exp(z - m); per block one max reduction, one exp per element
 #      and one exp to rescale s. A row that has seen only -inf so far uses 0 as the shift, so -inf - -inf never forms.
@@ -187,9 +187,19 @@ def _merge_top(top_keys, block_top, LOG_K_PAD: tl.constexpr):
 
 @triton.jit
 def _store_row(
-    row, row_ptr, lse, top_keys, labels_ptr, lse_ptr, label_logits_ptr, belief_logits_ptr, belief_ids_ptr,
-    K: tl.constexpr, LOG_K_PAD: tl.constexpr, IS_FP64: tl.constexpr,
-):  # fmt: skip
+    row,
+    row_ptr,
+    lse,
+    top_keys,
+    labels_ptr,
+    lse_ptr,
+    label_logits_ptr,
+    belief_logits_ptr,
+    belief_ids_ptr,
+    K: tl.constexpr,
+    LOG_K_PAD: tl.constexpr,
+    IS_FP64: tl.constexpr,
+):
     """A forward's per-row outputs: lse, z_y (one scalar load) and, from top_keys (sorted descending), the belief ids
     from the low key bits and their values re-read from the logits (exact, whatever the key's value precision)."""
     compute_dtype = tl.float64 if IS_FP64 else tl.float32
@@ -280,8 +290,20 @@ def bs_rows_forward_kernel(
                         best = tl.reduce(tl.reduce(candidates, 1, _max_combine), 0, _max_combine)
 
     # A row of only -inf has running_sum = 0: lse = -inf + log(0) = -inf (epilogue.finish_rows handles it).
-    _store_row(row, row_ptr, running_max + tl.log(running_sum), top_keys, labels_ptr, lse_ptr, label_logits_ptr,
-               belief_logits_ptr, belief_ids_ptr, K, LOG_K_PAD, IS_FP64)  # fmt: skip
+    _store_row(
+        row,
+        row_ptr,
+        running_max + tl.log(running_sum),
+        top_keys,
+        labels_ptr,
+        lse_ptr,
+        label_logits_ptr,
+        belief_logits_ptr,
+        belief_ids_ptr,
+        K,
+        LOG_K_PAD,
+        IS_FP64,
+    )
 
 
 @triton.jit
@@ -294,22 +316,25 @@ def _clear_index(key, IS_FP64: tl.constexpr):
 
 
 @triton.jit
-def _ordered_field(x, IS_FP64: tl.constexpr):
-    """The order-preserving integer of float values, comparable with _value_field (untruncated)."""
-    if IS_FP64:
-        bits = x.to(tl.int64, bitcast=True)
-        return tl.where(bits >= 0, bits, bits ^ 0x7FFFFFFFFFFFFFFF)
-    else:
-        bits = x.to(tl.int32, bitcast=True)
-        return tl.where(bits >= 0, bits, bits ^ 0x7FFFFFFF)
-
-
-@triton.jit
 def _lanes_block(
-    row_ptr, start, end, block_cols, lane_ids, lane_offsets, lane_max, lane_sum, top_keys, kth_key,
-    MASKED: tl.constexpr, WARM: tl.constexpr, K: tl.constexpr, LOG_K_PAD: tl.constexpr, LOG_LANES: tl.constexpr,
-    VEC: tl.constexpr, IS_FP64: tl.constexpr,
-):  # fmt: skip
+    row_ptr,
+    start,
+    end,
+    block_cols,
+    lane_ids,
+    lane_offsets,
+    lane_max,
+    lane_sum,
+    top_keys,
+    kth_key,
+    MASKED: tl.constexpr,
+    WARM: tl.constexpr,
+    K: tl.constexpr,
+    LOG_K_PAD: tl.constexpr,
+    LOG_LANES: tl.constexpr,
+    VEC: tl.constexpr,
+    IS_FP64: tl.constexpr,
+):
     """One block of the per-lane loop over columns [start, start + BLOCK_V) of a row (MASKED: the partial last block
     of [.., end), bounds-checked). Only keys above ``bound``, the k-th best key kept so far, are offered. WARM (the
     first full block of a row or slice, K <= LANES): the bound starts just below the k-th largest lane maximum: K
@@ -377,9 +402,16 @@ def _lanes_block(
 
 @triton.jit
 def _lanes_slice(
-    row_ptr, start, end, K: tl.constexpr, LOG_K_PAD: tl.constexpr, LOG_GROUPS: tl.constexpr,
-    LOG_LANES: tl.constexpr, LOG_VEC: tl.constexpr, IS_FP64: tl.constexpr,
-):  # fmt: skip
+    row_ptr,
+    start,
+    end,
+    K: tl.constexpr,
+    LOG_K_PAD: tl.constexpr,
+    LOG_GROUPS: tl.constexpr,
+    LOG_LANES: tl.constexpr,
+    LOG_VEC: tl.constexpr,
+    IS_FP64: tl.constexpr,
+):
     """Columns [start, end) of a row through the per-lane loop (start a multiple of 16 elements, for 16-byte loads):
     the lanes' running max and sum (sum of exp(z - max)), and K keys in the unsorted top's first K slots (the k best
     of the slice, or distinct placeholders below every real key where the slice holds fewer than k logits)."""
@@ -417,19 +449,64 @@ def _lanes_slice(
     first_end = start + has_full_block.to(tl.int32) * BLOCK_V
     if has_full_block:
         lane_max, lane_sum, top_keys, kth_key = _lanes_block(
-            row_ptr, start, end, block_cols, lane_ids, lane_offsets, lane_max, lane_sum, top_keys, kth_key,
-            False, K <= LANES, K, LOG_K_PAD, LOG_LANES, VEC, IS_FP64,
-        )  # fmt: skip
+            row_ptr,
+            start,
+            end,
+            block_cols,
+            lane_ids,
+            lane_offsets,
+            lane_max,
+            lane_sum,
+            top_keys,
+            kth_key,
+            False,
+            K <= LANES,
+            K,
+            LOG_K_PAD,
+            LOG_LANES,
+            VEC,
+            IS_FP64,
+        )
     for block_start in range(first_end, full_blocks_end, BLOCK_V):
         lane_max, lane_sum, top_keys, kth_key = _lanes_block(
-            row_ptr, block_start, end, block_cols, lane_ids, lane_offsets, lane_max, lane_sum, top_keys, kth_key,
-            False, False, K, LOG_K_PAD, LOG_LANES, VEC, IS_FP64,
-        )  # fmt: skip
+            row_ptr,
+            block_start,
+            end,
+            block_cols,
+            lane_ids,
+            lane_offsets,
+            lane_max,
+            lane_sum,
+            top_keys,
+            kth_key,
+            False,
+            False,
+            K,
+            LOG_K_PAD,
+            LOG_LANES,
+            VEC,
+            IS_FP64,
+        )
     if full_blocks_end < end:
         lane_max, lane_sum, top_keys, kth_key = _lanes_block(
-            row_ptr, full_blocks_end, end, block_cols, lane_ids, lane_offsets, lane_max, lane_sum, top_keys, kth_key,
-            True, False, K, LOG_K_PAD, LOG_LANES, VEC, IS_FP64,
-        )  # fmt: skip
+            row_ptr,
+            full_blocks_end,
+            end,
+            block_cols,
+            lane_ids,
+            lane_offsets,
+            lane_max,
+            lane_sum,
+            top_keys,
+            kth_key,
+            True,
+            False,
+            K,
+            LOG_K_PAD,
+            LOG_LANES,
+            VEC,
+            IS_FP64,
+        )
     return lane_max, lane_sum, top_keys
 
 
@@ -471,8 +548,20 @@ def bs_rows_forward_lanes_kernel(
     if K > 0:
         slots = tl.arange(0, 1 << LOG_K_PAD)
         top_keys = _top_keys(tl.where(slots < K, top_keys, MIN_KEY), LOG_K_PAD, LOG_K_PAD, 1)
-    _store_row(row, row_ptr, row_max + tl.log(row_sum), top_keys, labels_ptr, lse_ptr, label_logits_ptr,
-               belief_logits_ptr, belief_ids_ptr, K, LOG_K_PAD, IS_FP64)  # fmt: skip
+    _store_row(
+        row,
+        row_ptr,
+        row_max + tl.log(row_sum),
+        top_keys,
+        labels_ptr,
+        lse_ptr,
+        label_logits_ptr,
+        belief_logits_ptr,
+        belief_ids_ptr,
+        K,
+        LOG_K_PAD,
+        IS_FP64,
+    )
 
 
 @triton.jit
@@ -542,10 +631,23 @@ def bs_rows_merge_kernel(
         slots = tl.arange(0, 1 << LOG_K_PAD)
         offsets = (row * slices + parts[:, None]) * K + slots[None, :]
         keys = tl.load(partial_keys_ptr + offsets, mask=in_row[:, None] & (slots[None, :] < K), other=MIN_KEY)
-        top_keys = _top_keys(tl.reshape(keys, [1 << (LOG_SLICES_PAD + LOG_K_PAD)]), LOG_SLICES_PAD + LOG_K_PAD,
-                             LOG_K_PAD, 1)  # fmt: skip
-    _store_row(row, logits_ptr + row * logits_row_stride, row_max + tl.log(row_sum), top_keys, labels_ptr, lse_ptr,
-               label_logits_ptr, belief_logits_ptr, belief_ids_ptr, K, LOG_K_PAD, IS_FP64)  # fmt: skip
+        top_keys = _top_keys(
+            tl.reshape(keys, [1 << (LOG_SLICES_PAD + LOG_K_PAD)]), LOG_SLICES_PAD + LOG_K_PAD, LOG_K_PAD, 1
+        )
+    _store_row(
+        row,
+        logits_ptr + row * logits_row_stride,
+        row_max + tl.log(row_sum),
+        top_keys,
+        labels_ptr,
+        lse_ptr,
+        label_logits_ptr,
+        belief_logits_ptr,
+        belief_ids_ptr,
+        K,
+        LOG_K_PAD,
+        IS_FP64,
+    )
 
 
 @triton.jit

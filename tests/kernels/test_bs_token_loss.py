@@ -185,7 +185,7 @@ def test_gradcheck(impl):
 
 
 def test_detached_gradient_closed_form(impl):
-    """detach_belief=True: dl/dz = t - pi with t = lam * q on the top k + (1 - lam) e_y (SPEC.md), built here."""
+    """detach_belief=True: dl/dz = t - pi with t = lam * q on the top k + (1 - lam) e_y (docs/math.md), built here."""
     logits, labels = random_case(2, 6, 11)
     _, stats, grad = run(logits, labels, impl, lam=0.3, top_k=4, reduction="sum")
     shifted_labels = labels[:, 1:]

@@ -11,11 +11,11 @@ import torch
 from cases import leaf
 from conftest import TOLERANCES
 
+from bs_kernels import _chunks as chunks_module
 from bs_kernels import bs_token_loss, forget_logprobs
-from bs_kernels import linear as linear_module
 from bs_kernels.linear import bs_linear_loss, linear_forget_logprobs
 
-SHIPPED_CHUNK_ELEMENTS = linear_module.CHUNK_ELEMENTS  # read before the autouse fixture below shrinks it
+SHIPPED_CHUNK_ELEMENTS = chunks_module.CHUNK_ELEMENTS  # read before the autouse fixture below shrinks it
 
 REDUCTIONS = ("sequence_mean", "token_mean", "sum", "none")
 
@@ -23,7 +23,7 @@ REDUCTIONS = ("sequence_mean", "token_mean", "sum", "none")
 @pytest.fixture(autouse=True)
 def small_chunks(monkeypatch):
     """Chunks of 4 rows at V = 37 (so 3-5 chunks per case): exercises the cross-chunk accumulation."""
-    monkeypatch.setattr(linear_module, "CHUNK_ELEMENTS", 4 * 37)
+    monkeypatch.setattr(chunks_module, "CHUNK_ELEMENTS", 4 * 37)
 
 
 def make_case(batch=2, length=9, hidden_size=19, vocab=37, *, bias=True, seed=0, ignored_prefix=2):
@@ -145,7 +145,7 @@ def test_weight_grad_in_weight_dtype(impl):
     logits = torch.nn.functional.linear(exact[0], exact[1], exact[2])
     (grad_logits,) = torch.autograd.grad(bs_token_loss(logits, labels, top_k=5, impl="reference"), logits)
     magnitude = grad_logits.abs().flatten(0, 1).t() @ exact[0].detach().abs().flatten(0, 1)
-    num_chunks = -(-int((labels[:, 1:] != -100).sum()) // linear_module.rows_per_chunk(10**6, 37))
+    num_chunks = -(-int((labels[:, 1:] != -100).sum()) // chunks_module.rows_per_chunk(10**6, 37))
     assert grads[1].dtype == torch.bfloat16
     assert ((grads[1].double() - fp32_grads[1].double()).abs() <= num_chunks * 2**-8 * magnitude + 1e-6).all()
     torch.testing.assert_close(grads[0], fp32_grads[0], atol=0, rtol=0)  # grad_h does not accumulate over chunks
@@ -163,7 +163,7 @@ def test_fully_ignored_sequences(impl, reduction):
         assert_close(grad, ref_grad, torch.float32)
     assert (grads[0][1] == 0).all()
 
-    labels[:] = -100  # nothing at all: 0 with zero gradients (SPEC.md)
+    labels[:] = -100  # nothing at all: 0 with zero gradients (docs/math.md)
     loss, _, grads = run_linear(hidden.float(), weight.float(), bias.float(), labels, impl, **options)
     assert (loss == 0).all()
     assert all((grad == 0).all() for grad in grads)
@@ -290,9 +290,9 @@ def test_reference_impl_is_the_explicit_path():
 def test_chunk_bound():
     """The [C, V] logits block never exceeds CHUNK_ELEMENTS (one row at least)."""
     for rows, vocab in [(4096, 49_152), (8192, 128_256), (3, 70_001), (10, 10**9)]:
-        chunk = linear_module.rows_per_chunk(rows, vocab)
+        chunk = chunks_module.rows_per_chunk(rows, vocab)
         assert 1 <= chunk <= rows
-        assert chunk == 1 or chunk * vocab <= linear_module.CHUNK_ELEMENTS
+        assert chunk == 1 or chunk * vocab <= chunks_module.CHUNK_ELEMENTS
 
 
 @pytest.mark.parametrize(
@@ -307,9 +307,17 @@ def test_chunk_bound():
         (lambda h, w, b, y: (h, w, b, y + 37), ValueError, "outside"),
         (lambda h, w, b, y: (h.long(), w, b, y), TypeError, "hidden must be a floating"),
     ],
-    ids=["H_mismatch", "dtype_mismatch", "bias_shape", "weight_1d", "labels_shape", "float_labels", "label_range",
-         "int_hidden"],
-)  # fmt: skip
+    ids=[
+        "H_mismatch",
+        "dtype_mismatch",
+        "bias_shape",
+        "weight_1d",
+        "labels_shape",
+        "float_labels",
+        "label_range",
+        "int_hidden",
+    ],
+)
 def test_bad_input(mutate, error, match):
     hidden, weight, bias, labels = make_case()
     hidden, weight, bias, labels = mutate(hidden, weight, bias, labels)
@@ -319,9 +327,14 @@ def test_bad_input(mutate, error, match):
 
 @pytest.mark.parametrize(
     "option, error",
-    [({"lam": 1.5}, ValueError), ({"top_k": 0}, ValueError), ({"reduction": "mean"}, ValueError),
-     ({"impl": "cuda"}, ValueError), ({"ignore_index": 1.0}, TypeError)],
-)  # fmt: skip
+    [
+        ({"lam": 1.5}, ValueError),
+        ({"top_k": 0}, ValueError),
+        ({"reduction": "mean"}, ValueError),
+        ({"impl": "cuda"}, ValueError),
+        ({"ignore_index": 1.0}, TypeError),
+    ],
+)
 def test_bad_options(option, error):
     hidden, weight, bias, labels = make_case()
     name = next(iter(option))
@@ -341,7 +354,7 @@ def test_bad_options(option, error):
     ],
 )
 def test_rows_per_chunk(vocab_size, cuda, fp32_accumulator, expected, monkeypatch):
-    monkeypatch.setattr(linear_module, "CHUNK_ELEMENTS", SHIPPED_CHUNK_ELEMENTS)  # not this module's tiny one
-    rows = linear_module.rows_per_chunk(100_000, vocab_size, cuda=cuda, fp32_accumulator=fp32_accumulator)
+    monkeypatch.setattr(chunks_module, "CHUNK_ELEMENTS", SHIPPED_CHUNK_ELEMENTS)  # not this module's tiny one
+    rows = chunks_module.rows_per_chunk(100_000, vocab_size, cuda=cuda, fp32_accumulator=fp32_accumulator)
     assert rows == expected
-    assert linear_module.rows_per_chunk(7, vocab_size, cuda=cuda, fp32_accumulator=fp32_accumulator) == 7
+    assert chunks_module.rows_per_chunk(7, vocab_size, cuda=cuda, fp32_accumulator=fp32_accumulator) == 7

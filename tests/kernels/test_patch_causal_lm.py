@@ -19,17 +19,29 @@ VOCAB = 211  # odd, and not a multiple of anything a kernel might assume
 
 def llama(tie_word_embeddings: bool = True):
     config = transformers.LlamaConfig(
-        vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, max_position_embeddings=64, tie_word_embeddings=tie_word_embeddings,
-    )  # fmt: skip
+        vocab_size=VOCAB,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+        tie_word_embeddings=tie_word_embeddings,
+    )
     return transformers.LlamaForCausalLM(config).eval()
 
 
 def qwen2():
     config = transformers.Qwen2Config(
-        vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, max_position_embeddings=64, tie_word_embeddings=False,
-    )  # fmt: skip
+        vocab_size=VOCAB,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+        tie_word_embeddings=False,
+    )
     return transformers.Qwen2ForCausalLM(config).eval()
 
 
@@ -215,9 +227,16 @@ def test_errors():
         model(input_ids, labels=labels, bs_loss="yes")
 
     opt = transformers.OPTForCausalLM(
-        transformers.OPTConfig(vocab_size=VOCAB, hidden_size=16, num_hidden_layers=1, ffn_dim=32, num_attention_heads=2,
-                               word_embed_proj_dim=16, max_position_embeddings=32)
-    )  # fmt: skip
+        transformers.OPTConfig(
+            vocab_size=VOCAB,
+            hidden_size=16,
+            num_hidden_layers=1,
+            ffn_dim=32,
+            num_attention_heads=2,
+            word_embed_proj_dim=16,
+            max_position_embeddings=32,
+        )
+    )
     with pytest.raises(ValueError, match="model_type='opt'"):
         patch_causal_lm(opt)
     with pytest.raises(TypeError, match="Hugging Face causal LM"):

@@ -1,4 +1,4 @@
-"""reduce_token_values: the reductions of shared/SPEC.md on hand-computed values, the empty batch, bad arguments."""
+"""reduce_token_values: the reductions of docs/math.md on hand-computed values, the empty batch, bad arguments."""
 
 from __future__ import annotations
 

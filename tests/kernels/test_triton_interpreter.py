@@ -25,7 +25,7 @@ import bs_kernels
 from bs_kernels import bs_token_loss, forget_logprobs
 from bs_kernels._options import BSOptions
 from bs_kernels.backends import torch_chunked
-from bs_kernels.backends import triton as triton_backend
+from bs_kernels.backends import triton_launch as triton_backend
 from bs_kernels.epilogue import finish_rows
 
 INTERPRETING = os.environ.get("TRITON_INTERPRET") == "1"
@@ -272,7 +272,8 @@ def test_forward_row_stride(config):
 )
 def test_forward_heavy_ties(config):
     """Four distinct values over 300 logits: the k-th value is shared by dozens of entries in every block. Any k of
-    the tied entries may be chosen (SPEC.md); the values must be the k largest and the ids distinct and truthful."""
+    the tied entries may be chosen (docs/math.md); the values must be the k largest and the ids distinct
+    and truthful."""
     generator = torch.Generator().manual_seed(6)
     logits = torch.randint(0, 4, (6, 300), generator=generator).to(torch.float32).to(DEVICE)
     labels = _labels(6, 300)

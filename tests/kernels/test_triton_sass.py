@@ -94,7 +94,7 @@ def test_per_lane_loops_on_sm90(launch):
     vocabulary, no block barrier in it, a block of logits within the issue budget (the loop's plain path under 8
     lane-instructions per logit at bf16; the H200's memory speed allows ~14), and registers within the launcher's
     bytes-in-flight model (LANES_REGISTERS) for 16/32-bit logits."""
-    from bs_kernels.backends import triton as launcher
+    from bs_kernels.backends import triton_launch as launcher
 
     cost = _cost_model()
     compiled = cost.compile_launch(launch, 90)
@@ -114,7 +114,7 @@ def test_per_lane_loops_on_sm90(launch):
 def test_launcher_choice_by_the_models():
     """The launcher's choice from its two models at the shapes of issue 25: at least 3 MB in flight from 512 rows
     for k <= 64, the merge's traffic within 2 % of the logits, the bucket kernel only above k = 128."""
-    from bs_kernels.backends import triton as launcher
+    from bs_kernels.backends import triton_launch as launcher
 
     for vocab in (49_152, 128_256):
         for top_k in (0, 20, 64):

@@ -50,6 +50,9 @@ def world_results(request):
 @pytest.mark.parametrize("case", list(vocab_parallel_worker.CASES))
 def test_case(world_results, case):
     world, ranks = world_results
-    failures = [f"rank {rank}:\n{report['results'][case]}" for rank, report in enumerate(ranks)
-                if report["results"].get(case, "case did not run") is not None]  # fmt: skip
+    failures = [
+        f"rank {rank}:\n{report['results'][case]}"
+        for rank, report in enumerate(ranks)
+        if report["results"].get(case, "case did not run") is not None
+    ]
     assert not failures, f"{case} on {world} processes failed:\n" + "\n".join(failures)

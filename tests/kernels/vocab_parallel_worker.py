@@ -86,8 +86,9 @@ def sorted_beliefs(stats):
     return ids, stats.belief_probs.gather(-1, order)
 
 
-def compare_logits_loss(ctx: Context, logits, labels, *, form: str, impl: str, shards: list[int] | None = None,
-                        **options):  # fmt: skip
+def compare_logits_loss(
+    ctx: Context, logits, labels, *, form: str, impl: str, shards: list[int] | None = None, **options
+):
     """bs_token_loss on a vocabulary shard (form "dtensor" or "plain") against the full logits: loss, stats, grad."""
     full = logits.clone().requires_grad_(True)
     expected, expected_stats = bs_token_loss(full, labels, impl=impl, return_stats=True, **options)
@@ -102,12 +103,14 @@ def compare_logits_loss(ctx: Context, logits, labels, *, form: str, impl: str, s
     if form == "dtensor":
         from torch.distributed.tensor import DTensor, Shard
 
-        sharded = DTensor.from_local(local, ctx.mesh, [Shard(-1)], run_check=False, shape=logits.shape,
-                                     stride=logits.stride())  # fmt: skip
+        sharded = DTensor.from_local(
+            local, ctx.mesh, [Shard(-1)], run_check=False, shape=logits.shape, stride=logits.stride()
+        )
         actual, stats = bs_token_loss(sharded, labels, impl=impl, return_stats=True, **options)
     else:
-        actual, stats = vocab_parallel_bs_token_loss(local, labels, columns.start, impl=impl, return_stats=True,
-                                                     **options)  # fmt: skip
+        actual, stats = vocab_parallel_bs_token_loss(
+            local, labels, columns.start, impl=impl, return_stats=True, **options
+        )
     (grad,) = torch.autograd.grad((actual * upstream_weights(actual)).sum(), local)
     ctx.close(actual, expected.detach(), "loss")
     ctx.close(grad, expected_grad[..., columns], "gradient")
@@ -126,8 +129,18 @@ def case_reductions_and_options(ctx: Context) -> None:
         ctx.impls, DTYPES, REDUCTIONS, (True, False), (1.0, 0.5), ("dtensor", "plain")
     ):
         logits, labels = make_case(dtype)
-        compare_logits_loss(ctx, logits, labels, form=form, impl=impl, lam=0.4, top_k=4, reduction=reduction,
-                            detach_belief=detach, belief_temperature=temperature)  # fmt: skip
+        compare_logits_loss(
+            ctx,
+            logits,
+            labels,
+            form=form,
+            impl=impl,
+            lam=0.4,
+            top_k=4,
+            reduction=reduction,
+            detach_belief=detach,
+            belief_temperature=temperature,
+        )
 
 
 def case_top_k_beyond_a_shard(ctx: Context) -> None:
@@ -135,16 +148,16 @@ def case_top_k_beyond_a_shard(ctx: Context) -> None:
     shard = -(-VOCAB // ctx.world)
     for impl, dtype, top_k, detach in itertools.product(ctx.impls, DTYPES, (shard + 2, 50), (True, False)):
         logits, labels = make_case(dtype, seed=1)
-        compare_logits_loss(ctx, logits, labels, form="dtensor", impl=impl, lam=0.5, top_k=top_k,
-                            detach_belief=detach)  # fmt: skip
+        compare_logits_loss(ctx, logits, labels, form="dtensor", impl=impl, lam=0.5, top_k=top_k, detach_belief=detach)
 
 
 def case_minus_inf_logits(ctx: Context) -> None:
     """-inf logits, rows with a whole shard at -inf, a fully -inf ignored sequence; no NaN, same values."""
     for impl, dtype, detach, top_k in itertools.product(ctx.impls, DTYPES, (True, False), (3, 50)):
         logits, labels = make_case(dtype, seed=2, masked=True)
-        compare_logits_loss(ctx, logits, labels, form="plain", impl=impl, lam=0.3, top_k=top_k, detach_belief=detach,
-                            reduction="none")  # fmt: skip
+        compare_logits_loss(
+            ctx, logits, labels, form="plain", impl=impl, lam=0.3, top_k=top_k, detach_belief=detach, reduction="none"
+        )
 
 
 def case_non_finite_counted_rows(ctx: Context) -> None:
@@ -159,8 +172,9 @@ def case_non_finite_counted_rows(ctx: Context) -> None:
         (expected_grad,) = torch.autograd.grad((expected * upstream_weights(expected)).nan_to_num().sum(), full)
         columns = ctx.even_range(logits.shape[-1])
         local = logits[..., columns].clone().requires_grad_(True)
-        actual = vocab_parallel_bs_token_loss(local, labels, columns.start, impl=impl, lam=0.3, top_k=3,
-                                              detach_belief=detach, reduction="none")  # fmt: skip
+        actual = vocab_parallel_bs_token_loss(
+            local, labels, columns.start, impl=impl, lam=0.3, top_k=3, detach_belief=detach, reduction="none"
+        )
         (grad,) = torch.autograd.grad((actual * upstream_weights(actual)).nan_to_num().sum(), local)
         assert bool(actual[0, 2].isnan()) and bool(actual[2, 3].isnan()), actual
         assert bool(grad[0, 2].isnan().all()) and bool(grad[2, 3].isnan().all()), "a no-distribution row's gradient"
@@ -184,8 +198,9 @@ def case_flat_rows_and_inplace(ctx: Context) -> None:
     for impl, dtype in itertools.product(ctx.impls, DTYPES):
         logits, labels = make_case(dtype, seed=4)
         flat_logits, flat_labels = logits.reshape(-1, VOCAB), labels.reshape(-1)
-        compare_logits_loss(ctx, flat_logits, flat_labels, form="plain", impl=impl, shift=False,
-                            reduction="token_mean", top_k=3)  # fmt: skip
+        compare_logits_loss(
+            ctx, flat_logits, flat_labels, form="plain", impl=impl, shift=False, reduction="token_mean", top_k=3
+        )
         columns = ctx.even_range(VOCAB)
         local = logits[..., columns].clone().requires_grad_(True)
         expected = vocab_parallel_bs_token_loss(local, labels, columns.start, impl=impl)
@@ -210,8 +225,9 @@ def case_forget_logprobs(ctx: Context) -> None:
         for form in ("dtensor", "plain"):
             local = logits[..., columns].clone().requires_grad_(True)
             if form == "dtensor":
-                sharded = DTensor.from_local(local, ctx.mesh, [Shard(-1)], run_check=False, shape=logits.shape,
-                                             stride=logits.stride())  # fmt: skip
+                sharded = DTensor.from_local(
+                    local, ctx.mesh, [Shard(-1)], run_check=False, shape=logits.shape, stride=logits.stride()
+                )
                 actual = forget_logprobs(sharded, labels, impl=impl)
             else:
                 actual = vocab_parallel_forget_logprobs(local, labels, columns.start, impl=impl)
@@ -224,8 +240,17 @@ def case_forget_logprobs(ctx: Context) -> None:
 def counted_collectives():
     """Record (name, bytes sent by this rank) of every torch.distributed collective called inside the block."""
     calls = []
-    names = ("all_gather_single", "all_gather_into_tensor", "all_gather", "all_reduce", "broadcast",
-             "reduce_scatter", "reduce_scatter_tensor", "all_to_all", "all_to_all_single")  # fmt: skip
+    names = (
+        "all_gather_single",
+        "all_gather_into_tensor",
+        "all_gather",
+        "all_reduce",
+        "broadcast",
+        "reduce_scatter",
+        "reduce_scatter_tensor",
+        "all_to_all",
+        "all_to_all_single",
+    )
     originals = {name: getattr(dist, name) for name in names if hasattr(dist, name)}
 
     def counting(name, original):
@@ -237,18 +262,18 @@ def counted_collectives():
 
         return wrapper
 
-    import bs_kernels.vocab_parallel as vocab_parallel
+    import bs_kernels._vocab_shards as vocab_shards
 
-    gather_before = vocab_parallel.all_gather_single
+    gather_before = vocab_shards.all_gather_single
     for name, original in originals.items():
         setattr(dist, name, counting(name, original))
-    vocab_parallel.all_gather_single = counting("all_gather_single", gather_before)
+    vocab_shards.all_gather_single = counting("all_gather_single", gather_before)
     try:
         yield calls
     finally:
         for name, original in originals.items():
             setattr(dist, name, original)
-        vocab_parallel.all_gather_single = gather_before
+        vocab_shards.all_gather_single = gather_before
 
 
 def case_communication_volume(ctx: Context) -> None:
@@ -323,20 +348,27 @@ def case_fused_linear(ctx: Context) -> None:
         hidden, weight, bias, labels = linear_case(dtype)
         options = dict(lam=0.4, top_k=ctx.world + 3, reduction=reduction, detach_belief=detach, impl=impl)
         inputs = [t.clone().requires_grad_(True) for t in (hidden, weight, bias)]
-        expected, expected_stats = bs_linear_loss(inputs[0], inputs[1], labels, bias=inputs[2], return_stats=True,
-                                                  **options)  # fmt: skip
+        expected, expected_stats = bs_linear_loss(
+            inputs[0], inputs[1], labels, bias=inputs[2], return_stats=True, **options
+        )
         expected_grads = torch.autograd.grad((expected * upstream_weights(expected)).sum(), inputs)
 
         local_hidden = hidden.clone().requires_grad_(True)
         local_weight = weight[columns].clone().requires_grad_(True)
         local_bias = bias[columns].clone().requires_grad_(True)
         if form == "dtensor":
-            actual, stats = bs_linear_loss(local_hidden, ctx.weight_dtensor(local_weight, weight), labels,
-                                           bias=ctx.weight_dtensor(local_bias, bias), return_stats=True,
-                                           **options)  # fmt: skip
+            actual, stats = bs_linear_loss(
+                local_hidden,
+                ctx.weight_dtensor(local_weight, weight),
+                labels,
+                bias=ctx.weight_dtensor(local_bias, bias),
+                return_stats=True,
+                **options,
+            )
         else:
-            actual, stats = vocab_parallel_linear_loss(local_hidden, local_weight, labels, columns.start,
-                                                       local_bias=local_bias, return_stats=True, **options)  # fmt: skip
+            actual, stats = vocab_parallel_linear_loss(
+                local_hidden, local_weight, labels, columns.start, local_bias=local_bias, return_stats=True, **options
+            )
         grads = torch.autograd.grad((actual * upstream_weights(actual)).sum(), [local_hidden, local_weight, local_bias])
         ctx.close(actual, expected.detach(), f"{form} linear loss")
         ctx.close(grads[0], expected_grads[0], f"{form} grad hidden")
@@ -377,9 +409,15 @@ def tiny_llama(dtype=torch.float64):
 
     torch.manual_seed(0)
     config = transformers.LlamaConfig(
-        vocab_size=37, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, max_position_embeddings=64, tie_word_embeddings=False,
-    )  # fmt: skip
+        vocab_size=37,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+        tie_word_embeddings=False,
+    )
     return transformers.LlamaForCausalLM(config).to(dtype)
 
 

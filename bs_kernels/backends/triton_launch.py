@@ -25,7 +25,8 @@ from types import ModuleType
 
 import torch
 
-from .contract import RawRowStats, compute_dtype
+from .._dtypes import compute_dtype
+from .contract import RawRowStats
 
 NAME = "triton"
 
@@ -349,13 +350,28 @@ def _split_forward(logits, labels, top_k: int, config: SplitForwardConfig, outpu
     kernels = _load_kernels()
     with _on_device(logits):
         kernels.bs_rows_forward_split_kernel[(num_rows, slices)](
-            logits, partial_max, partial_sum, partial_keys, vocab_size, logits.stride(0), slice_len,
-            **lanes_constants(config.lanes, logits.dtype, top_k), num_warps=config.lanes.num_warps,
-        )  # fmt: skip
+            logits,
+            partial_max,
+            partial_sum,
+            partial_keys,
+            vocab_size,
+            logits.stride(0),
+            slice_len,
+            **lanes_constants(config.lanes, logits.dtype, top_k),
+            num_warps=config.lanes.num_warps,
+        )
         kernels.bs_rows_merge_kernel[(num_rows,)](
-            logits, labels, partial_max, partial_sum, partial_keys, *outputs, logits.stride(0), slices,
-            **merge_constants(slices, logits.dtype, top_k), num_warps=1,
-        )  # fmt: skip
+            logits,
+            labels,
+            partial_max,
+            partial_sum,
+            partial_keys,
+            *outputs,
+            logits.stride(0),
+            slices,
+            **merge_constants(slices, logits.dtype, top_k),
+            num_warps=1,
+        )
 
 
 def merge_constants(slices: int, dtype: torch.dtype, top_k: int) -> dict:
