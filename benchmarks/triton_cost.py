@@ -425,11 +425,12 @@ def launcher_launches() -> list[Launch]:
     out: list[Launch] = []
     for dtype in ("bf16", "fp32", "fp64"):
         for top_k in (0, 1, 20, 64, 128) if dtype == "bf16" else (20,):
-            for lanes in (launcher.LANES_DEFAULT, launcher.LANES_DEEP):
+            deep = launcher.deep_lanes(_TYPES[dtype].itemsize)
+            for lanes in dict.fromkeys((launcher.LANES_DEFAULT, deep)):
                 out += config_launches(lanes, top_k, 128_256, dtype)
             if top_k <= launcher.SPLIT_MAX_TOP_K:
                 for slices in (2, 16):
-                    split = launcher.SplitForwardConfig(launcher.LANES_DEEP, slices)
+                    split = launcher.SplitForwardConfig(deep, slices)
                     out += config_launches(split, top_k, slices * 16_384, dtype)
     for top_k in (launcher.LANES_MAX_TOP_K + 1, 1024):
         out += config_launches(launcher.forward_config(128_256, top_k, 8192), top_k, 128_256)

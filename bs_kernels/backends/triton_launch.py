@@ -102,6 +102,8 @@ SPLIT_MAX_TOP_K = 64
 LANES_DEFAULT = LaneForwardConfig(groups=4, num_warps=1)
 LANES_DEEP = LaneForwardConfig(groups=8, num_warps=1)
 LANES_REGISTERS = {LANES_DEFAULT: 64, LANES_DEEP: 96}  # upper bounds, sm_90, k <= 128, 16/32-bit logits
+# float64 logits take the 4-group kernel for the deep one too: 8 groups of float64 keys need a 16-byte stack frame
+# on sm_90 (tests/kernels/test_triton_sass.py).
 H200_SMS = 132
 IN_FLIGHT_BYTES = 3 << 20
 SLICE_MIN_LOGITS = 24_576  # k > 0
@@ -110,13 +112,18 @@ MAX_SLICES = 16
 MERGE_TRAFFIC = 0.02
 
 
+def deep_lanes(element_size: int) -> LaneForwardConfig:
+    """The per-lane config with the most bytes in flight per program for this element size."""
+    return LANES_DEEP if element_size < 8 else LANES_DEFAULT
+
+
 def program_bytes_in_flight(config: LaneForwardConfig) -> int:
     """Bytes one program of the per-lane loop has requested at once: one block of 16-byte vectors."""
     return config.groups * 32 * config.num_warps * 16
 
 
 def resident_programs(config: LaneForwardConfig) -> int:
-    """Programs of this config an H200 holds at once (CTA, warp and register limits per SM)."""
+    """Programs of LANES_DEFAULT or LANES_DEEP an H200 holds at once (CTA, warp and register limits per SM)."""
     registers = -(-LANES_REGISTERS[config] // 8) * 8 * 32 * config.num_warps
     return H200_SMS * min(32, 64 // config.num_warps, 65_536 // registers)
 
@@ -209,14 +216,15 @@ def forward_config(
     per-lane kernel, split along V (k <= 64) when the rows alone keep too few bytes in flight; else the bucket kernel,
     whole small rows in one block, 4096 logits per step for large vocabularies."""
     if top_k <= LANES_MAX_TOP_K:
-        for lanes in (LANES_DEFAULT, LANES_DEEP):
+        deep = deep_lanes(element_size)
+        for lanes in (LANES_DEFAULT, deep):
             if bytes_in_flight(lanes, num_rows) >= IN_FLIGHT_BYTES:
                 return lanes
         if top_k > SPLIT_MAX_TOP_K:
-            return LANES_DEEP
-        wanted = _cdiv(IN_FLIGHT_BYTES, max(num_rows, 1) * program_bytes_in_flight(LANES_DEEP))
+            return deep
+        wanted = _cdiv(IN_FLIGHT_BYTES, max(num_rows, 1) * program_bytes_in_flight(deep))
         slices = min(wanted, max_slices(vocab_size, top_k, element_size))
-        return LANES_DEEP if slices <= 1 else SplitForwardConfig(LANES_DEEP, slices)
+        return deep if slices <= 1 else SplitForwardConfig(deep, slices)
     padded_k = next_power_of_two(max(top_k, 1))
     block_v = max(min(next_power_of_two(vocab_size), MAX_BLOCK_V), padded_k, 16)
     # About 16 logits per bucket: two candidates rarely share one once the k-th best has settled.
