@@ -4,11 +4,12 @@
     python benchmarks/bench_linear_cpu.py --batch 2 --length 128
     python benchmarks/bench_linear_cpu.py --batch 2 --length 32 --hidden 64 --vocab 4096 --rounds 2   # a check
 
-Providers (providers.py): reference, eager:torch, torch, native, torch:recompute by default; --providers takes any
-of providers.LINEAR_PROVIDERS (those that cannot run here are listed as skipped). Time: harness.time_bench, the
-median wall time and the median process CPU time (all threads) over --rounds after one warm-up; on a machine
-shared with other jobs the CPU time is the steadier one. Peak memory: harness.peak_memory (a fresh process per
-provider) minus the bytes of the input gradients (hidden, weight), i.e. "above inputs and their gradients".
+Providers (providers.py): reference, eager:torch, torch, native, native:two-pass, torch:recompute by default;
+--providers takes any of providers.LINEAR_PROVIDERS (those that cannot run here are listed as skipped).
+Time: harness.time_bench, the median wall time and the median process CPU time (all threads) over --rounds after
+one warm-up; on a machine shared with other jobs the CPU time is the steadier one. Peak memory:
+harness.peak_memory (a fresh process per provider) minus the bytes of the input gradients (hidden, weight), i.e.
+"above inputs and their gradients".
 Labels: the first T/8 positions ignored; k = 20, lam = 0.2, reduction "sequence_mean".
 """
 
@@ -31,7 +32,7 @@ from providers import (
 )
 
 CPU = torch.device("cpu")
-DEFAULT_PROVIDERS = ("reference", "eager:torch", "torch", "native", "torch:recompute")
+DEFAULT_PROVIDERS = ("reference", "eager:torch", "torch", "native", "native:two-pass", "torch:recompute")
 
 
 def main() -> None:

@@ -293,14 +293,25 @@ def _sweep(triton_backend, base, labels, logits_bytes, args, results: list[dict]
     raw = triton_backend.forward(rows, row_labels, top_k)
     grad_rows = torch.where(row_labels >= 0, 1.0 / max(1, int((row_labels >= 0).sum())), 0.0).to(torch.float32)
     belief_weights = torch.full((rows.shape[0], top_k), args.lam / top_k, dtype=torch.float32, device=rows.device)
-    lse = torch.where(torch.isfinite(raw.lse), raw.lse, torch.zeros_like(raw.lse))
+    finite = torch.isfinite(raw.row_max) & torch.isfinite(raw.log_sum)
+    row_max = torch.where(finite, raw.row_max, torch.zeros_like(raw.row_max))
+    log_sum = torch.where(finite, raw.log_sum, torch.zeros_like(raw.log_sum))
     backward_configs = [(2048, 4), (4096, 4), (4096, 8), (8192, 8), (8192, 16)]
     for block, warps in backward_configs[:2] if args.dry_run else backward_configs:
         config = triton_backend.BackwardConfig(block_v=block, num_warps=warps)
 
         def launch(config=config):
             return triton_backend.backward(
-                grad_rows, rows, row_labels, lse, raw.belief_ids, belief_weights, 1 - args.lam, False, config=config
+                grad_rows,
+                rows,
+                row_labels,
+                row_max,
+                log_sum,
+                raw.belief_ids,
+                belief_weights,
+                1 - args.lam,
+                False,
+                config=config,
             )
 
         timed("backward", config, launch, 2 * logits_bytes)  # one read + one write of the logits

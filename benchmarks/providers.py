@@ -12,6 +12,8 @@ Logits case, a loss of logits [B, T, V] and labels [B, T] (``bs_token_loss``):
   torch, native, triton   impl=...
   native:avx2      native with its kernels capped to AVX2+FMA (BS_KERNELS_NATIVE_ISA=avx2): machines without AVX-512
   native:sse2      native capped to the SSE2 baseline (BS_KERNELS_NATIVE_ISA=default)
+  native:two-pass  native without the one-pass gradient (BS_KERNELS_NATIVE_TWO_PASS=1, bs_kernels/one_pass.py):
+                   forward reads the logits, backward reads them again and writes the gradient
   triton:inplace   triton with inplace_backward=True: the gradient overwrites the logits
   liger            Liger-Kernel's hard-label cross entropy (CUDA; it writes the gradient into the logits during its
                    forward). lam = 0 makes BS-T that work plus a top-k, so it is the cost floor.
@@ -21,6 +23,7 @@ Linear case, a loss of hidden [B, T, H], the lm_head weight [V, H] and labels [B
   eager:ce         materialised logits, then F.cross_entropy in float32: the hard-label path of Hugging Face models
   torch, native, triton   impl=...: gradients formed in forward, 3 GEMMs per chunk
   torch:recompute  impl="torch", reduction="none", token mean taken outside: backward recomputes the logits (4 GEMMs)
+  native:two-pass  impl="native", each chunk's gradient formed by a second pass over it (BS_KERNELS_NATIVE_TWO_PASS=1)
   torch:no-fp32-acc, triton:no-fp32-acc   accumulate_in_fp32=False: grad_W summed in the weight's dtype, as Liger does
   liger            Liger-Kernel's fused linear cross entropy (CUDA)
 """
@@ -38,12 +41,14 @@ import torch.nn.functional as F
 from harness import Bench, loss_backward, tensor_bytes
 
 import bs_kernels
+from bs_kernels.one_pass import TWO_PASS_ENV
 
 LOGITS_PROVIDERS = (
     "reference",
     "compile",
     "torch",
     "native",
+    "native:two-pass",
     "native:avx2",
     "native:sse2",
     "triton",
@@ -58,6 +63,7 @@ LINEAR_PROVIDERS = (
     "torch:recompute",
     "torch:no-fp32-acc",
     "native",
+    "native:two-pass",
     "triton",
     "triton:no-fp32-acc",
     "liger",
@@ -127,6 +133,9 @@ def logits_provider(name: str, options: dict | None = None) -> Provider:
     if base == "native" and variant in NATIVE_ISA:
         loss = functools.partial(bs_kernels.bs_token_loss, impl="native", **options)
         return Provider(name, loss, environ={"BS_KERNELS_NATIVE_ISA": NATIVE_ISA[variant]})
+    if name == "native:two-pass":
+        loss = functools.partial(bs_kernels.bs_token_loss, impl="native", **options)
+        return Provider(name, loss, environ={TWO_PASS_ENV: "1"})
     if name == "triton:inplace":
         loss = functools.partial(bs_kernels.bs_token_loss, impl="triton", inplace_backward=True, **options)
         return Provider(name, loss, overwrites_input=True)
@@ -157,6 +166,9 @@ def linear_provider(name: str, options: dict | None = None) -> Provider:
     base, _, variant = name.partition(":")
     if name in ("reference", "torch", "native", "triton"):
         return Provider(name, functools.partial(bs_kernels.bs_linear_loss, impl=name, **options))
+    if name == "native:two-pass":
+        loss = functools.partial(bs_kernels.bs_linear_loss, impl="native", **options)
+        return Provider(name, loss, environ={TWO_PASS_ENV: "1"})
     if base in ("torch", "triton") and variant == "no-fp32-acc":
         return Provider(
             name, functools.partial(bs_kernels.bs_linear_loss, impl=base, accumulate_in_fp32=False, **options)

@@ -290,11 +290,25 @@ def count_spill_instructions(blocks: list[Block]) -> int:
 _TYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32, "fp64": torch.float64}
 
 
+_ALIGNED_INTS = ("vocab_size", "logits_row_stride", "grad_row_stride", "slice_len")
+
+
+def _aligned(types: dict[str, str]) -> tuple[int, ...]:
+    """Positions of the pointers and of V, the row strides and the slice length (multiples of 16 at V = 128 256)."""
+    return tuple(i for i, (name, kind) in enumerate(types.items()) if kind.startswith("*") or name in _ALIGNED_INTS)
+
+
 def signature(kernel_name: str, dtype: str = "bf16") -> tuple[dict[str, str], tuple[int, ...]]:
     """A kernel's argument types as the launcher passes them, and the positions Triton specialises as multiples of
     16 at the benchmark's shape (pointers, V = 128 256, its row stride, the slice length)."""
     stats = "*fp64" if dtype == "fp64" else "*fp32"
-    rows = {"lse_ptr": stats, "label_logits_ptr": stats, "belief_logits_ptr": stats, "belief_ids_ptr": "*i64"}
+    rows = {
+        "row_max_ptr": stats,
+        "log_sum_ptr": stats,
+        "label_logits_ptr": stats,
+        "belief_logits_ptr": stats,
+        "belief_ids_ptr": "*i64",
+    }
     if kernel_name in ("bs_rows_forward_kernel", "bs_rows_forward_lanes_kernel"):
         types = {
             "logits_ptr": f"*{dtype}",
@@ -303,7 +317,7 @@ def signature(kernel_name: str, dtype: str = "bf16") -> tuple[dict[str, str], tu
             "vocab_size": "i32",
             "logits_row_stride": "i32",
         }
-        return types, (0, 6, 7)
+        return types, _aligned(types)
     partials = {"partial_max_ptr": stats, "partial_sum_ptr": stats, "partial_keys_ptr": "*i64"}
     if kernel_name == "bs_rows_forward_split_kernel":
         types = {
@@ -313,7 +327,7 @@ def signature(kernel_name: str, dtype: str = "bf16") -> tuple[dict[str, str], tu
             "logits_row_stride": "i32",
             "slice_len": "i32",
         }
-        return types, (0, 1, 2, 3, 4, 5, 6)
+        return types, _aligned(types)
     if kernel_name == "bs_rows_merge_kernel":
         types = {
             "logits_ptr": f"*{dtype}",
@@ -323,20 +337,21 @@ def signature(kernel_name: str, dtype: str = "bf16") -> tuple[dict[str, str], tu
             "logits_row_stride": "i32",
             "slices": "i32",
         }
-        return types, tuple(range(10))
+        return types, _aligned(types)
     if kernel_name == "bs_rows_backward_kernel":
         types = {
             "grad_ptr": f"*{dtype}",
             "logits_ptr": f"*{dtype}",
-            "lse_ptr": stats,
+            "row_max_ptr": stats,
+            "log_sum_ptr": stats,
             "grad_rows_ptr": stats,
             "vocab_size": "i32",
             "logits_row_stride": "i32",
             "grad_row_stride": "i32",
         }
-        return types, (0, 1, 2, 3, 4, 5, 6)
+        return types, _aligned(types)
     if kernel_name == "bs_rows_backward_fixup_kernel":
-        per_row = ("lse_ptr", "grad_rows_ptr", "label_coefs_ptr", "label_logits_ptr")
+        per_row = ("row_max_ptr", "log_sum_ptr", "grad_rows_ptr", "label_coefs_ptr", "label_logits_ptr")
         types = {
             "grad_ptr": f"*{dtype}",
             "labels_ptr": "*i64",
@@ -347,7 +362,7 @@ def signature(kernel_name: str, dtype: str = "bf16") -> tuple[dict[str, str], tu
             "grad_row_stride": "i32",
             "K": "i32",
         }
-        return types, ()
+        return types, ()  # its stores are scattered: nothing to specialise
     raise ValueError(f"unknown kernel {kernel_name!r}")
 
 

@@ -7,13 +7,23 @@ as one :class:`BSOptions`; the checks of the tensors themselves are in _rows.py.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
+
+import torch
 
 # The Hugging Face label of a position that does not count; the default ignore_index of every entry point.
 IGNORE_INDEX = -100
 
 REDUCTIONS = ("sequence_mean", "token_mean", "sum", "none")
+
+# The statistics are float32 (float64 only for float64 inputs): q = softmax(v / belief_temperature) needs the
+# temperature and its reciprocal to be finite and nonzero in float32, whatever the dtype of the logits. The float32
+# normal range [2^-126, float32 max] guarantees both (a subnormal such as 5e-324 is 0 in float32).
+MIN_BELIEF_TEMPERATURE = torch.finfo(torch.float32).tiny
+MAX_BELIEF_TEMPERATURE = torch.finfo(torch.float32).max
+
+# Labels are compared with ignore_index as int64 tensors; a larger Python int cannot be converted to one.
+INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
 IMPLS = ("auto", "reference", "torch", "native", "triton")
 
 
@@ -101,6 +111,12 @@ def check_bool(value: object, name: str) -> None:
         raise TypeError(f"{name} must be a bool, got {value!r}")
 
 
+def check_flags(**flags: object) -> None:
+    """check_bool on each keyword: the execution flags of an entry point (shift, return_stats, ...), by name."""
+    for name, value in flags.items():
+        check_bool(value, name)
+
+
 def check_lam(lam: object) -> None:
     if not _is_real_number(lam):
         raise TypeError(f"lam must be a float in [0, 1], got {lam!r}")
@@ -116,10 +132,17 @@ def check_top_k(top_k: object) -> None:
 
 
 def check_belief_temperature(belief_temperature: object) -> None:
+    """A real number in the float32 normal range [2^-126, float32 max] (a NaN fails both comparisons).
+
+    Plain comparisons only: torch.compile(dynamic=True) traces these checks, and it cannot trace math.isfinite.
+    """
     if not _is_real_number(belief_temperature):
         raise TypeError(f"belief_temperature must be a positive float, got {belief_temperature!r}")
-    if not (float(belief_temperature) > 0.0 and math.isfinite(float(belief_temperature))):
-        raise ValueError(f"belief_temperature must be a finite value > 0, got {belief_temperature!r}")
+    if not (MIN_BELIEF_TEMPERATURE <= float(belief_temperature) <= MAX_BELIEF_TEMPERATURE):
+        raise ValueError(
+            f"belief_temperature must be in [{MIN_BELIEF_TEMPERATURE:.6g}, {MAX_BELIEF_TEMPERATURE:.6g}] (finite, "
+            f"> 0, and in float32 neither 0 nor with an infinite reciprocal), got {belief_temperature!r}"
+        )
 
 
 def check_reduction(reduction: object) -> None:
@@ -135,6 +158,8 @@ def check_impl(impl: object) -> None:
 def check_ignore_index(ignore_index: object) -> None:
     if not isinstance(ignore_index, int) or isinstance(ignore_index, bool):
         raise TypeError(f"ignore_index must be an int, got {ignore_index!r}")
+    if not (INT64_MIN <= ignore_index <= INT64_MAX):
+        raise ValueError(f"ignore_index must fit in int64 (labels are int64 tensors), got {ignore_index!r}")
 
 
 def check_loss_options(

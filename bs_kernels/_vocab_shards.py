@@ -1,10 +1,10 @@
-"""The vocabulary shards and the one collective of vocabulary-parallel BS-T (steps 1-3 of vocab_parallel.py).
+"""The vocabulary shards and the collectives of vocabulary-parallel BS-T (steps 1-3 of vocab_parallel.py).
 
-:class:`VocabShards` says which vocabulary range every rank holds (gathered from each rank's start and size, or
-derived from a DTensor's placement); :class:`ShardedRows` runs a shard's local pass, packs its per-row statistics
-into one all_gather, merges them into the global statistics the epilogue needs, and maps the global gradient
-coefficients back to the shard for the communication-free backward. The algorithm, its tie rule and its
-communication volume are stated in vocab_parallel.py's docstring.
+:class:`VocabShards` says which vocabulary range every rank holds, gathered in the call's first collective together
+with the call record of _vocab_call.py that every rank must agree on; :class:`ShardedRows` runs a shard's local
+pass, packs its per-row statistics into one all_gather, merges them into the global statistics the epilogue needs,
+and maps the global gradient coefficients back to the shard for the communication-free backward. The algorithm, its
+tie rule and its communication volume are stated in vocab_parallel.py's docstring.
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ import torch.distributed as dist
 
 from ._dtypes import compute_dtype
 from ._options import BSOptions
+from ._vocab_call import RECORD_LENGTH, CallRecord, disagreements, failed_record, failure_text, ready_record
 from .backends import get_backend, resolve_impl
 from .backends.contract import RawRowStats
 from .epilogue import backward_rows, finish_rows
@@ -68,16 +69,29 @@ class VocabShards:
         return cls(starts, sizes, rank, group)
 
     @classmethod
-    def gathered(cls, local_size: int, vocab_start: object, group, device: torch.device) -> VocabShards:
-        """Each rank's (start, size) by one all_gather of two int64, checked to tile [0, V) without gaps."""
-        if not isinstance(vocab_start, int) or isinstance(vocab_start, bool) or vocab_start < 0:
-            raise ValueError(f"vocab_start must be an int >= 0, got {vocab_start!r}")
-        world = dist.get_world_size(group)
-        mine = torch.tensor([vocab_start, local_size], dtype=torch.int64, device=device)
-        everyone = torch.empty(world * 2, dtype=torch.int64, device=device)
-        all_gather_single(everyone, mine, group=group)
-        pairs = everyone.view(world, 2).tolist()
-        starts, sizes = tuple(p[0] for p in pairs), tuple(p[1] for p in pairs)
+    def agreed(cls, vocab_start: int, local_size: int, call: CallRecord, group, device: torch.device) -> VocabShards:
+        """The layout from every rank's (start, size), after checking that every rank is ready and agrees.
+
+        One all_gather of RECORD_LENGTH int64 (_vocab_call.py), the call's first collective. Raises the same
+        ValueError on every rank when another rank failed a local check (its message), when the ranks disagree on
+        the call (what differs, per rank), or when the shards do not tile [0, V).
+        """
+        everyone = _gather_records(ready_record(vocab_start, local_size, call, device), group)
+        failed = [(rank, failure_text(record)) for rank, record in enumerate(everyone) if record[0] != 0]
+        if failed:
+            rank, text = failed[0]
+            raise ValueError(
+                f"vocabulary-parallel call: rank {rank} of the group rejected its arguments ({text}); "
+                f"failed ranks: {[rank for rank, _ in failed]}. No rank computed anything."
+            )
+        differences = disagreements(everyone)
+        if differences:
+            raise ValueError(
+                "vocabulary-parallel call: the ranks of the group disagree on " + "; ".join(differences) + ". Every "
+                "rank must pass the same labels, batch and options, and logits (or hidden states and lm_head rows) "
+                "of the same dtype."
+            )
+        starts, sizes = tuple(record[1] for record in everyone), tuple(record[2] for record in everyone)
         expected_start = 0
         for start, size in sorted(zip(starts, sizes)):
             if start != expected_start:
@@ -89,6 +103,34 @@ class VocabShards:
         if expected_start == 0:
             raise ValueError("the vocabulary shards are all empty: the logits' last dimension is 0 on every rank")
         return cls(starts, sizes, dist.get_rank(group), group)
+
+
+def _gather_records(record: torch.Tensor, group) -> list[list[int]]:
+    world = dist.get_world_size(group)
+    everyone = torch.empty(world * RECORD_LENGTH, dtype=torch.int64, device=record.device)
+    all_gather_single(everyone, record, group=group)
+    return everyone.view(world, RECORD_LENGTH).tolist()
+
+
+def announce_failure(error: BaseException, group, device: torch.device) -> None:
+    """Send this rank's failure record in place of its ready one, so the other ranks raise instead of waiting for
+    it in a collective; the caller then raises ``error`` itself."""
+    _gather_records(failed_record(error, device), group)
+
+
+def record_device(tensor: object, group) -> torch.device:
+    """Where this rank's record travels: beside its tensor, or (no tensor to go by) where the group's backend
+    communicates (CUDA for NCCL, else CPU)."""
+    if isinstance(tensor, torch.Tensor):
+        return tensor.device
+    if dist.get_backend(group) == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def check_vocab_start(vocab_start: object) -> None:
+    if not isinstance(vocab_start, int) or isinstance(vocab_start, bool) or vocab_start < 0:
+        raise ValueError(f"vocab_start must be an int >= 0, got {vocab_start!r}")
 
 
 def shard_labels(rows_labels: torch.Tensor, shards: VocabShards) -> torch.Tensor:
@@ -114,16 +156,17 @@ class ShardedRows:
         self.local_count = shards.candidate_count(self.belief_count, shards.rank)
 
     def local_pass(self, logits: torch.Tensor, local_labels: torch.Tensor, stats_dtype: torch.dtype) -> RawRowStats:
-        """Step 1: the shard's lse, label logit and top-k_p, in the shard's id numbering."""
+        """Step 1: the shard's max and log_sum, label logit and top-k_p, in the shard's id numbering."""
         num_rows = logits.shape[0]
         if self.shards.size == 0:
             empty = torch.full((num_rows,), float("-inf"), dtype=stats_dtype, device=logits.device)
             no_candidates = torch.empty(num_rows, 0, dtype=stats_dtype, device=logits.device)
-            return RawRowStats(empty, empty.clone(), no_candidates, no_candidates.to(torch.int64))
+            return RawRowStats(empty, empty.clone(), empty.clone(), no_candidates, no_candidates.to(torch.int64))
         return self.backend.forward(logits, local_labels, self.local_count)
 
     def gather(self, raw: RawRowStats, local_labels: torch.Tensor, stats_dtype: torch.dtype):
-        """Step 2's one all_gather: [P, N] lse and masked label logits, [P, N, k_pad] candidate values and ids."""
+        """Step 2's one all_gather: [P, N] maxes, log_sums and masked label logits, [P, N, k_pad] candidate values
+        and ids."""
         num_rows, device = local_labels.shape[0], local_labels.device
         carrier = _carrier_dtype(stats_dtype)
         padding = self.padded - self.local_count
@@ -134,18 +177,27 @@ class ShardedRows:
             ids = torch.cat([ids, ids.new_full((num_rows, padding), -1)], dim=1)
         # Only the owner's label logit counts; the others send 0, so a sum over ranks picks the owner's value.
         label_logits = torch.where(local_labels >= 0, raw.label_logits.to(stats_dtype), 0.0)
-        floats = torch.cat([raw.lse.to(stats_dtype).unsqueeze(1), label_logits.unsqueeze(1), values], dim=1)
-        packed = torch.cat([floats.contiguous().view(carrier), ids.to(carrier)], dim=1)  # [N, 2 + 2 k_pad]
+        per_row = [raw.row_max.to(stats_dtype), raw.log_sum.to(stats_dtype), label_logits]
+        floats = torch.cat([*(column.unsqueeze(1) for column in per_row), values], dim=1)
+        packed = torch.cat([floats.contiguous().view(carrier), ids.to(carrier)], dim=1)  # [N, 3 + 2 k_pad]
         everyone = torch.empty(self.shards.world * num_rows, packed.shape[1], dtype=carrier, device=device)
-        all_gather_single(everyone, packed, group=self.shards.group)
-        everyone = everyone.view(self.shards.world, num_rows, -1)
-        floats = everyone[..., : 2 + self.padded].contiguous().view(stats_dtype)
-        return floats[..., 0], floats[..., 1], floats[..., 2:], everyone[..., 2 + self.padded :].to(torch.int64)
+        if num_rows > 0:  # an empty batch (N = 0 on every rank: VocabShards.agreed checked it) has nothing to send
+            all_gather_single(everyone, packed, group=self.shards.group)
+        everyone = everyone.view(self.shards.world, num_rows, packed.shape[1])
+        floats = everyone[..., : 3 + self.padded].contiguous().view(stats_dtype)
+        ids_all = everyone[..., 3 + self.padded :].to(torch.int64)
+        return floats[..., 0], floats[..., 1], floats[..., 2], floats[..., 3:], ids_all
 
-    def merge(self, lse_all, label_logits_all, values_all, ids_all) -> tuple[RawRowStats, torch.Tensor]:
+    def merge(self, max_all, log_sum_all, label_logits_all, values_all, ids_all) -> tuple[RawRowStats, torch.Tensor]:
         """Step 2's combination: global RawRowStats and the chosen candidates' slots in the [P * k_pad] order."""
         world, num_rows, padded = values_all.shape
-        lse = torch.logsumexp(lse_all, dim=0)
+        # m = max over the shards that hold mass, log_sum = log sum_p exp((m_p - m) + log_sum_p): every difference
+        # is between two maxes, never through a rounded lse_p (backends/contract.py). A shard without mass
+        # (log_sum_p = -inf: empty, or all -inf) must not set m, whatever shift its backend reported.
+        has_mass = log_sum_all > float("-inf")
+        row_max = torch.where(has_mass, max_all, float("-inf")).amax(0)
+        shift = torch.where(torch.isfinite(row_max), row_max, torch.zeros_like(row_max))
+        log_sum = torch.logsumexp(torch.where(has_mass, max_all - shift, 0.0) + log_sum_all, dim=0)
         label_logits = label_logits_all.sum(0)
         values = values_all.permute(1, 0, 2).reshape(num_rows, world * padded)
         ids = ids_all.permute(1, 0, 2).reshape(num_rows, world * padded)
@@ -159,7 +211,8 @@ class ShardedRows:
         _, position = torch.sort(values[:, order], dim=1, descending=True, stable=True)
         chosen_slots = order[position[:, : self.belief_count]]  # [N, k]
         merged = RawRowStats(
-            lse=lse,
+            row_max=shift,
+            log_sum=log_sum,
             label_logits=label_logits,
             belief_logits=values.gather(1, chosen_slots),
             belief_ids=ids.gather(1, chosen_slots),
@@ -186,26 +239,44 @@ class ShardedRows:
         return rows, local_ids, self.local_belief_weights(chosen_slots, rows.belief_weights)
 
     def grad_logits(
-        self, grad_row_loss, logits, rows_labels, local_labels, lse, local_ids, local_weights, inplace: bool
+        self,
+        grad_row_loss,
+        logits,
+        rows_labels,
+        local_labels,
+        row_max,
+        log_sum,
+        local_ids,
+        local_weights,
+        inplace: bool,
     ):
         """Step 4: this shard's dL/dz = dL/dl * (-pi + label term if owned + its chosen beliefs' weights).
 
-        dL/dl and lse go through epilogue.backward_rows, as on one process (0 on ignored rows, a NaN row where the
+        dL/dl and row_max go through epilogue.backward_rows, as on one process (0 on ignored rows, a NaN row where the
         row has no distribution); both are the same on every rank, so the shard needs nothing from the others.
         """
         if self.shards.size == 0:
             return torch.zeros_like(logits)
-        grad_rows, lse = backward_rows(grad_row_loss, rows_labels, lse)
+        grad_rows, row_max = backward_rows(grad_row_loss, rows_labels, row_max)
         return self.backend.backward(
-            grad_rows, logits, local_labels, lse, local_ids, local_weights, self.options.label_weight, inplace
+            grad_rows,
+            logits,
+            local_labels,
+            row_max,
+            log_sum,
+            local_ids,
+            local_weights,
+            self.options.label_weight,
+            inplace,
         )
 
 
-def shard_backend(impl: str, device: torch.device, shards: VocabShards) -> ModuleType | None:
+def shard_backend(impl: str, device: torch.device, local_size: int) -> ModuleType | None:
+    """The per-shard kernel backend (None for an empty shard); resolved before any collective, as it can fail."""
     name = resolve_impl(impl, device)
     if name == "reference":
         raise ValueError(
             'impl="reference" needs the whole vocabulary row; vocabulary-parallel logits need a kernel backend '
             '("auto", "torch", "native" or "triton"). To compare, gather the logits and call bs_token_loss.'
         )
-    return get_backend(name, device) if shards.size > 0 else None
+    return get_backend(name, device) if local_size > 0 else None

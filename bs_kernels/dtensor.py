@@ -1,6 +1,7 @@
 """DTensor adapter: bs_token_loss / forget_logprobs / bs_linear_loss on tensors sharded over the vocabulary.
 
-A DTensor's placement says which vocabulary range each rank holds, so nothing is communicated to learn it:
+A DTensor's placement says which vocabulary range each rank holds (the call record that every call exchanges first,
+vocab_parallel.py's "Agreement", still checks that the ranks agree on the call):
 - logits [..., V] sharded ``Shard(-1)`` (the output of ``ColwiseParallel(use_local_output=False)`` on the lm_head);
 - an lm_head weight [V, H] (and bias [V]) sharded ``Shard(0)`` (what ColwiseParallel makes of the lm_head's
   parameters), for the fused form and patch_causal_lm.
@@ -18,11 +19,19 @@ import torch
 from ._options import BSOptions
 from ._rows import is_dtensor
 from ._vocab_shards import VocabShards
-from .vocab_parallel import sharded_linear_loss, sharded_token_loss
+from .vocab_parallel import (
+    CheckedCall,
+    agree,
+    check_linear_call,
+    check_token_call,
+    sharded_linear_loss,
+    sharded_token_loss,
+)
 
 
-def vocab_sharded_local(tensor, dim: int, name: str) -> tuple[torch.Tensor, VocabShards]:
-    """The local shard of a DTensor sharded on ``dim`` (the vocabulary) and the shards' layout."""
+def vocab_placement(tensor, dim: int, name: str) -> VocabShards:
+    """The shards' layout a DTensor sharded on ``dim`` (the vocabulary) declares. Its placements are the same on
+    every rank, so a placement error here is raised by every rank alike, before any collective."""
     placements, mesh = tensor.placements, tensor.device_mesh
     dim = dim % tensor.dim()
     sharded_mesh_dims = [index for index, placement in enumerate(placements) if not placement.is_replicate()]
@@ -33,16 +42,21 @@ def vocab_sharded_local(tensor, dim: int, name: str) -> tuple[torch.Tensor, Voca
             f"placements {placements}"
         )
     mesh_dim = sharded_mesh_dims[0]
-    shards = VocabShards.even_chunks(
+    return VocabShards.even_chunks(
         tensor.shape[dim], mesh.size(mesh_dim), mesh.get_local_rank(mesh_dim), mesh.get_group(mesh_dim)
     )
+
+
+def vocab_sharded_local(tensor, dim: int, name: str, shards: VocabShards) -> torch.Tensor:
+    """The local shard of a DTensor sharded on ``dim``, checked against the even split (a local check)."""
     local = tensor.to_local()
+    dim = dim % tensor.dim()
     if local.shape[dim] != shards.size:
         raise ValueError(
             f"{name}: this rank's shard has {local.shape[dim]} vocabulary entries, but an even Shard({dim}) split of "
             f"{tensor.shape[dim]} over {shards.world} ranks gives it {shards.size}"
         )
-    return local, shards
+    return local
 
 
 def replicated_local(value, name: str):
@@ -58,37 +72,54 @@ def dtensor_token_loss(
     logits, labels, options: BSOptions, *, impl: str, shift: bool, return_stats: bool, inplace_backward: bool
 ):
     """bs_token_loss (or forget_logprobs, with its options) on logits sharded Shard(-1)."""
-    local, shards = vocab_sharded_local(logits, -1, "logits")
-    return sharded_token_loss(
-        local,
-        replicated_local(labels, "labels"),
-        shards,
-        options,
-        impl=impl,
-        shift=shift,
-        return_stats=return_stats,
-        inplace_backward=inplace_backward,
-    )
+    layout = vocab_placement(logits, -1, "logits")
+
+    def check() -> CheckedCall:
+        local = vocab_sharded_local(logits, -1, "logits", layout)
+        return check_token_call(
+            local,
+            replicated_local(labels, "labels"),
+            layout.start,
+            options,
+            impl=impl,
+            shift=shift,
+            return_stats=return_stats,
+        )
+
+    checked, shards = agree(check, logits.to_local(), layout.group)
+    return sharded_token_loss(checked, shards, options, return_stats=return_stats, inplace_backward=inplace_backward)
 
 
 def dtensor_linear_loss(
     hidden, weight, bias, labels, options: BSOptions, *, impl: str, shift: bool, return_stats: bool
 ):
     """bs_linear_loss (or linear_forget_logprobs) with the lm_head weight (and bias) sharded Shard(0)."""
-    local_weight, shards = vocab_sharded_local(weight, 0, "weight")
-    local_bias = None
-    if bias is not None:
-        local_bias, bias_shards = vocab_sharded_local(bias, 0, "bias")
-        if bias_shards != shards:
-            raise ValueError("bias must be sharded over the vocabulary like the weight (the same mesh dimension)")
+    layout = vocab_placement(weight, 0, "weight")
+    if bias is not None and (not is_dtensor(bias) or vocab_placement(bias, 0, "bias") != layout):
+        raise ValueError("bias must be a DTensor sharded over the vocabulary like the weight (Shard(0), same mesh)")
+    local_weight = weight.to_local()
+    local_bias = None if bias is None else bias.to_local()
+    local_hidden = None
+
+    def check() -> CheckedCall:
+        nonlocal local_hidden
+        vocab_sharded_local(weight, 0, "weight", layout)
+        if bias is not None:
+            vocab_sharded_local(bias, 0, "bias", layout)
+        local_hidden = replicated_local(hidden, "hidden")
+        return check_linear_call(
+            local_hidden,
+            local_weight,
+            local_bias,
+            replicated_local(labels, "labels"),
+            layout.start,
+            options,
+            impl=impl,
+            shift=shift,
+            return_stats=return_stats,
+        )
+
+    checked, shards = agree(check, local_weight, layout.group)
     return sharded_linear_loss(
-        replicated_local(hidden, "hidden"),
-        local_weight,
-        local_bias,
-        replicated_local(labels, "labels"),
-        shards,
-        options,
-        impl=impl,
-        shift=shift,
-        return_stats=return_stats,
+        local_hidden, local_weight, local_bias, checked, shards, options, return_stats=return_stats
     )

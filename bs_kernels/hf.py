@@ -25,6 +25,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import inspect
+import types
 from typing import Any
 
 from torch import nn
@@ -51,8 +52,6 @@ _LOSS_OPTIONS = frozenset(
 )
 # Arguments of the causal LM's forward that concern its logits or its own loss, never the decoder.
 _HEAD_ARGUMENTS = ("labels", "logits_to_keep", "num_logits_to_keep", "return_dict", "shift_labels")
-
-_PATCH_MARKER = "_bs_kernels_original_forward"
 
 
 def _unwrap_causal_lm(model: nn.Module) -> nn.Module:
@@ -175,6 +174,40 @@ def _register_with_zero3(causal_lm: nn.Module, head: nn.Module) -> None:
         deepspeed.zero.register_external_parameter(causal_lm, parameter)
 
 
+class _PatchedForward:
+    """The instance-level ``forward`` of a patched causal LM.
+
+    A callable object rather than a closure: it holds the model as an attribute, so ``copy.deepcopy`` of the model
+    gives the copy a forward bound to the copy (deepcopy's memo maps the attribute to the new model; a closure would
+    keep running the original's weights) and ``torch.save(model)`` can pickle it. The original forward is looked up
+    at call time: the class's ``forward`` unless the instance already had its own (``previous``), kept as it was.
+    """
+
+    def __init__(self, causal_lm: nn.Module, previous) -> None:
+        self.causal_lm = causal_lm
+        self.previous = previous
+
+    def original(self):
+        if self.previous is not None:
+            return self.previous
+        return types.MethodType(type(self.causal_lm).forward, self.causal_lm)
+
+    @property
+    def __wrapped__(self):
+        # inspect.signature follows this, so the Trainer still sees the model's own forward arguments.
+        return self.original()
+
+    @property
+    def __name__(self) -> str:
+        return "forward"
+
+    def __call__(self, *args, bs_loss=None, **kwargs):
+        original_forward = self.original()
+        if bs_loss is None or bs_loss is False:
+            return original_forward(*args, **kwargs)
+        return _bs_forward(self.causal_lm, original_forward, bs_loss, args, kwargs)
+
+
 class CausalLMPatch:
     """What :func:`patch_causal_lm` returns: ``remove()`` restores the original forward; also a context manager."""
 
@@ -183,8 +216,11 @@ class CausalLMPatch:
 
     def remove(self) -> None:
         forward = self.causal_lm.__dict__.get("forward")
-        if forward is not None and hasattr(forward, _PATCH_MARKER):
-            del self.causal_lm.__dict__["forward"]
+        if isinstance(forward, _PatchedForward):
+            if forward.previous is None:
+                del self.causal_lm.__dict__["forward"]
+            else:
+                self.causal_lm.__dict__["forward"] = forward.previous
 
     def __enter__(self) -> CausalLMPatch:
         return self
@@ -215,16 +251,6 @@ def patch_causal_lm(model: nn.Module) -> CausalLMPatch:
     causal_lm = _unwrap_causal_lm(model)
     _check_architecture(causal_lm)
     current = causal_lm.__dict__.get("forward")
-    if current is not None and hasattr(current, _PATCH_MARKER):
-        return CausalLMPatch(causal_lm)
-    original_forward = causal_lm.forward
-
-    @functools.wraps(original_forward)
-    def forward(*args, bs_loss=None, **kwargs):
-        if bs_loss is None or bs_loss is False:
-            return original_forward(*args, **kwargs)
-        return _bs_forward(causal_lm, original_forward, bs_loss, args, kwargs)
-
-    setattr(forward, _PATCH_MARKER, original_forward)
-    causal_lm.forward = forward
+    if not isinstance(current, _PatchedForward):
+        causal_lm.forward = _PatchedForward(causal_lm, current)
     return CausalLMPatch(causal_lm)

@@ -4,20 +4,21 @@ bs_linear_loss(hidden, weight, labels) == bs_token_loss(hidden @ weight.T + bias
 gradients (hidden, weight, bias), computed one chunk of rows at a time through the same logits backends
 (backends/contract.py). Per chunk of C valid rows:
   1. logits = h_c @ W.T (+ b)                                  [C, V] in the input dtype (the one [C, V] buffer)
-  2. raw = backend.forward(logits); rows = finish_rows(raw)    lse, z_y, top-k; row value, q, gradient coefficients
+  2. raw = backend.forward(logits); rows = finish_rows(raw)    m, log_sum, z_y, top-k; row value, q, coefficients
                                                                (the epilogue, epilogue.py)
   3. g = backend.backward(w_c, logits, ..., inplace=True)      dl/dz scaled by the row weights, written over logits
   4. grad_h[c] = g @ W;   grad_W += g.T @ h_c;   grad_b += sum_c g
 Step 4 is the chain rule through z = h W^T + b: dL/dh = dL/dz W, dL/dW = (dL/dz)^T h, dL/db = 1^T dL/dz.
-Steps 2 and 3 are _ChunkPlan's two methods: the backend and the options are fixed for the whole call.
+Steps 2 and 3 are _ChunkPlan's methods: the backend and the options are fixed for the whole call. With impl="native"
+they are one pass over the chunk (one_pass.py): the gradient is written over each row right after its statistics.
 
 Two autograd Functions, chosen by the reduction:
 - reduced (every reduction but "none"): the reductions are linear in the per-row values, L = sum_i w_i l_i, and the
-  weights w_i depend on the labels only (obtained below by differentiating reduce_token_values, so the two cannot
-  disagree). The gradients are therefore formed during forward (steps 1-4 once: 3 matmuls per chunk, like Liger's
+  weights w_i depend on the labels only (one_pass.reduction_weights differentiates reduce_token_values, so the two
+  cannot disagree). The gradients are therefore formed during forward (steps 1-4 once: 3 matmuls per chunk, like Liger's
   fused linear cross-entropy) and backward only multiplies them by the incoming scalar.
 - rows (reduction="none", linear_forget_logprobs): the caller may weight each row arbitrarily, so forward keeps the
-  per-row statistics (lse, belief ids and weights: O(N k)) and backward recomputes step 1 per chunk: 4 matmuls.
+  per-row statistics (m, log_sum, belief ids and weights: O(N k)) and backward recomputes step 1 per chunk: 4 matmuls.
 Measured side by side on a CPU at B=8, T=512, H=576, V=49152 fp32 (benchmarks/RESULTS.md), the recompute
 path takes 23-29% more time than the reduced path (it holds less: no gradient is formed before backward), which
 is why every reduction but "none" takes the reduced path.
@@ -42,23 +43,22 @@ from dataclasses import dataclass
 from types import ModuleType
 
 import torch
-from torch.autograd.function import once_differentiable
 
 from . import _options as opts
+from . import one_pass
 from ._chunks import chunk_logits, row_chunks, scatter_rows
 from ._dtypes import compute_dtype
 from ._options import BSOptions
 from ._rows import (
-    RowLayout,
     check_floating,
     check_label_range,
     check_labels,
     check_sequence_reduction,
     is_dtensor,
-    reduce_rows,
     row_labels,
 )
 from ._weight_grad import GradAccumulators, accumulation_dtype
+from .autograd import first_order_only, refuse_functorch
 from .backends import get_backend, resolve_impl
 from .epilogue import BSTokenStats, RowOutputs, backward_rows, finish_rows
 from .loss import bs_token_loss, forget_logprobs
@@ -77,11 +77,22 @@ class _ChunkPlan:
         raw = self.backend.forward(logits, labels, self.options.belief_count(logits.shape[-1]))
         return finish_rows(raw, labels, self.options)
 
-    def grad_logits(self, grad_rows, logits, labels, lse, belief_ids, belief_weights) -> torch.Tensor:
+    def rows_and_grad(self, logits, labels, grad_rows) -> tuple[RowOutputs, torch.Tensor]:
+        """Steps 2 and 3 with dL/dz written over the chunk's logits: in one pass over the chunk where the backend
+        can (impl="native": one_pass.forward_with_grad), else forward then backward."""
+        if one_pass.has_forward_grad(self.backend):
+            return one_pass.forward_with_grad(self.backend, logits, labels, grad_rows, self.options, inplace=True)
+        rows = self.rows(logits, labels)
+        grad_logits = self.grad_logits(
+            grad_rows, logits, labels, rows.row_max, rows.log_sum, rows.belief_ids, rows.belief_weights
+        )
+        return rows, grad_logits
+
+    def grad_logits(self, grad_rows, logits, labels, row_max, log_sum, belief_ids, belief_weights) -> torch.Tensor:
         """Step 3: dL/dz_i = grad_rows[i] * dl_i/dz_i for a [C, V] chunk, written over the chunk's logits."""
-        grad_rows, lse = backward_rows(grad_rows, labels, lse)  # NaN rows for logits without a distribution
+        grad_rows, row_max = backward_rows(grad_rows, labels, row_max)  # NaN rows for logits without a distribution
         return self.backend.backward(
-            grad_rows, logits, labels, lse, belief_ids, belief_weights, self.options.label_weight, True
+            grad_rows, logits, labels, row_max, log_sum, belief_ids, belief_weights, self.options.label_weight, True
         )
 
 
@@ -93,7 +104,8 @@ class _RowStore:
         self.token_logprobs = torch.empty(num_rows, dtype=dtype, device=device)
         self.belief_ids = torch.empty(num_rows, top_k, dtype=torch.int64, device=device)
         self.belief_probs = torch.empty(num_rows, top_k, dtype=dtype, device=device)
-        self.lse = torch.empty(num_rows, dtype=dtype, device=device)
+        self.row_max = torch.empty(num_rows, dtype=dtype, device=device)
+        self.log_sum = torch.empty(num_rows, dtype=dtype, device=device)
         self.belief_weights = torch.empty(num_rows, top_k, dtype=dtype, device=device)
 
     def put(self, rows: slice, chunk: RowOutputs) -> None:
@@ -101,7 +113,8 @@ class _RowStore:
         self.token_logprobs[rows] = chunk.token_logprobs
         self.belief_ids[rows] = chunk.belief_ids
         self.belief_probs[rows] = chunk.belief_probs
-        self.lse[rows] = chunk.lse
+        self.row_max[rows] = chunk.row_max
+        self.log_sum[rows] = chunk.log_sum
         self.belief_weights[rows] = chunk.belief_weights
 
 
@@ -126,15 +139,13 @@ class _ReducedLinearFunction(torch.autograd.Function):
         for rows in row_chunks(num_rows, vocab_size, hidden_rows.device, widened):
             hidden_chunk = hidden_rows[rows]
             logits = chunk_logits(hidden_chunk, weight, bias)
-            chunk = plan.rows(logits, labels[rows])
-            store.put(rows, chunk)
             if any(needs_grads):
                 # dL/dz_i = w_i * dl_i/dz_i: the contract's backward with grad_rows = w.
-                weights = row_weights[rows].contiguous()
-                grad_logits = plan.grad_logits(
-                    weights, logits, labels[rows], chunk.lse, chunk.belief_ids, chunk.belief_weights
-                )
+                chunk, grad_logits = plan.rows_and_grad(logits, labels[rows], row_weights[rows].contiguous())
                 grads.add_chunk(rows, grad_logits, hidden_chunk, weight)
+            else:
+                chunk = plan.rows(logits, labels[rows])
+            store.put(rows, chunk)
             del logits
         loss = torch.dot(row_weights, store.row_loss)
         grad_hidden, grad_weight, grad_bias = grads.results(weight, bias)
@@ -143,7 +154,7 @@ class _ReducedLinearFunction(torch.autograd.Function):
         return loss, store.token_logprobs, store.belief_ids, store.belief_probs
 
     @staticmethod
-    @once_differentiable
+    @first_order_only
     def backward(ctx, grad_loss, *unused_grads):
         # L's gradients were formed in forward for dL/dL = 1; the chain rule only scales them by the incoming scalar.
         def scaled(grad):
@@ -175,22 +186,24 @@ class _RowsLinearFunction(torch.autograd.Function):
             logits = chunk_logits(hidden_rows[rows], weight, bias)
             store.put(rows, plan.rows(logits, labels[rows]))
             del logits
-        ctx.save_for_backward(hidden_rows, weight, bias, labels, store.lse, store.belief_ids, store.belief_weights)
+        ctx.save_for_backward(
+            hidden_rows, weight, bias, labels, store.row_max, store.log_sum, store.belief_ids, store.belief_weights
+        )
         ctx.plan = plan
         ctx.mark_non_differentiable(store.token_logprobs, store.belief_ids, store.belief_probs)
         return store.row_loss, store.token_logprobs, store.belief_ids, store.belief_probs
 
     @staticmethod
-    @once_differentiable
+    @first_order_only
     def backward(ctx, grad_row_loss, *unused_grads):
-        hidden_rows, weight, bias, labels, lse, belief_ids, belief_weights = ctx.saved_tensors
+        hidden_rows, weight, bias, labels, row_max, log_sum, belief_ids, belief_weights = ctx.saved_tensors
         needs_hidden, needs_weight = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         needs_bias = bias is not None and ctx.needs_input_grad[2]
         plan = ctx.plan
         grads = GradAccumulators(
             hidden_rows, weight, bias, plan.accumulation_dtype, needs_hidden, needs_weight, needs_bias
         )
-        grad_rows = grad_row_loss.to(lse.dtype).contiguous()
+        grad_rows = grad_row_loss.to(row_max.dtype).contiguous()
         # The recomputed chunk must match forward's: no autocast (forward ran with it off, on already-cast inputs).
         with gathered_parameter(weight), torch.autocast(hidden_rows.device.type, enabled=False):
             widened = needs_weight and plan.accumulation_dtype != weight.dtype
@@ -198,7 +211,13 @@ class _RowsLinearFunction(torch.autograd.Function):
                 hidden_chunk = hidden_rows[rows]
                 logits = chunk_logits(hidden_chunk, weight, bias)
                 grad_logits = plan.grad_logits(
-                    grad_rows[rows], logits, labels[rows], lse[rows], belief_ids[rows], belief_weights[rows]
+                    grad_rows[rows],
+                    logits,
+                    labels[rows],
+                    row_max[rows],
+                    log_sum[rows],
+                    belief_ids[rows],
+                    belief_weights[rows],
                 )
                 grads.add_chunk(rows, grad_logits, hidden_chunk, weight)
                 del logits, grad_logits
@@ -251,21 +270,10 @@ def _autocast(hidden, weight, bias):
     return hidden.to(dtype), weight.to(dtype), None if bias is None else bias.to(dtype)
 
 
-def _reduction_weights(rows_labels: torch.Tensor, layout: RowLayout, reduction: str, dtype) -> torch.Tensor:
-    """w[i] = dL/dl_i for every row (flattened like the inputs), taken from the reduction itself (reduce_rows).
-
-    Every reduction but "none" is linear in the per-row values, so differentiating it once at any point (here zero)
-    gives its exact weights; the fused Function then applies L = sum_i w_i l_i, identical to the reduction.
-    """
-    with torch.enable_grad():
-        probe = torch.zeros(rows_labels.shape, dtype=dtype, device=rows_labels.device, requires_grad=True)
-        (weights,) = torch.autograd.grad(reduce_rows(probe, rows_labels, layout, reduction), probe)
-    return weights
-
-
 def _linear_rows(hidden, weight, bias, labels, *, shift: bool, impl: str, options: BSOptions, accumulate_in_fp32: bool):
     """Shared body of bs_linear_loss and linear_forget_logprobs: (loss or per-position values, stats)."""
     _check_linear_inputs(hidden, weight, bias, labels, shift, options.ignore_index)
+    refuse_functorch(impl)
     hidden, weight, bias = _autocast(hidden, weight, bias)
     rows_labels, layout = row_labels(labels, shift=shift, ignore_index=options.ignore_index)
     valid = rows_labels >= 0  # [N]
@@ -285,7 +293,7 @@ def _linear_rows(hidden, weight, bias, labels, *, shift: bool, impl: str, option
             )
         result = layout.unflatten(scatter_rows(row_values, valid))
     else:
-        row_weights = _reduction_weights(rows_labels, layout, options.reduction, compute_dtype(hidden.dtype))
+        row_weights = one_pass.reduction_weights(rows_labels, layout, options.reduction, compute_dtype(hidden.dtype))
         grad_mode = torch.is_grad_enabled()
         needs_grads = (
             grad_mode and hidden.requires_grad,
@@ -369,6 +377,7 @@ def bs_linear_loss(
         reduction=reduction,
         impl=impl,
     )
+    opts.check_flags(shift=shift, return_stats=return_stats, accumulate_in_fp32=accumulate_in_fp32)
     if not isinstance(labels, torch.Tensor):
         raise TypeError(f"labels must be a torch.Tensor, got {type(labels).__name__}")
     check_sequence_reduction(labels, shift=shift, reduction=reduction)
@@ -416,6 +425,7 @@ def linear_forget_logprobs(
     Under torch.compile the logits are formed, as for :func:`bs_linear_loss`.
     """
     options = opts.forget_options(ignore_index=ignore_index, impl=impl)
+    opts.check_flags(shift=shift)
     if is_dtensor(weight):  # sharded over the vocabulary: bs_kernels/dtensor.py
         from .dtensor import dtensor_linear_loss
 

@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 from . import _options as opts
+from . import one_pass
 from ._options import BSOptions
 from ._rows import check_sequence_reduction, is_dtensor, logits_rows, reduce_rows
 from .autograd import backend_rows
@@ -64,6 +65,10 @@ def bs_token_loss(
             second backward with retain_graph=True). Leaf logits are overwritten too: copy them back before
             reusing them.
 
+    On CPU with impl="native" (or "auto"), a reduced loss (not "none") of logits that require grad, without
+    inplace_backward, is computed together with its gradient in one pass over the logits (bs_kernels/one_pass.py):
+    the [N, V] gradient buffer is then allocated in forward (and held until backward) instead of in backward.
+
     Returns:
         The reduced loss (float32, float64 for float64 logits), and the stats when ``return_stats``.
     """
@@ -76,7 +81,7 @@ def bs_token_loss(
         reduction=reduction,
         impl=impl,
     )
-    opts.check_bool(inplace_backward, "inplace_backward")
+    opts.check_flags(shift=shift, return_stats=return_stats, inplace_backward=inplace_backward)
     if is_dtensor(logits):  # sharded over the vocabulary (tensor parallelism): bs_kernels/dtensor.py
         from .dtensor import dtensor_token_loss
 
@@ -91,8 +96,11 @@ def bs_token_loss(
         )
     check_sequence_reduction(labels, shift=shift, reduction=reduction)
     rows, rows_labels, layout = logits_rows(logits, labels, shift=shift, ignore_index=options.ignore_index)
-    outputs = _compute_rows(rows, rows_labels, impl, options, inplace_backward=inplace_backward)
-    loss = reduce_rows(outputs.row_loss, rows_labels, layout, options.reduction)
+    if one_pass.applies(rows, impl, options, inplace_backward):  # a scalar loss under autograd on CPU
+        loss, outputs = one_pass.one_pass_loss(rows, rows_labels, layout, options, impl)
+    else:
+        outputs = _compute_rows(rows, rows_labels, impl, options, inplace_backward=inplace_backward)
+        loss = reduce_rows(outputs.row_loss, rows_labels, layout, options.reduction)
     if not return_stats:
         return loss
     return loss, BSTokenStats.of_rows(layout, outputs)
@@ -111,6 +119,7 @@ def forget_logprobs(
     Shape: that of the (shifted) labels. The building block of GA, NPO and the evaluation metrics.
     """
     options = opts.forget_options(ignore_index=ignore_index, impl=impl)
+    opts.check_flags(shift=shift)
     if is_dtensor(logits):  # sharded over the vocabulary: bs_kernels/dtensor.py
         from .dtensor import dtensor_token_loss
 
@@ -146,6 +155,7 @@ class BSTokenLoss(nn.Module):
             reduction=reduction,
             impl=impl,
         )
+        opts.check_flags(shift=shift)
         self.lam = lam
         self.top_k = top_k
         self.ignore_index = ignore_index

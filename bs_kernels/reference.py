@@ -27,7 +27,11 @@ def reference_rows(logits: torch.Tensor, labels: torch.Tensor, options: BSOption
 
     log_probs = torch.log_softmax(z, dim=-1)  # [N, V]
     belief_logits, belief_ids = torch.topk(z, options.belief_count(z.shape[-1]), dim=-1)  # [N, k]
-    belief_probs = torch.softmax(belief_logits / belief_temperature, dim=-1)
+    # q is shift-invariant: shift by the (constant) largest belief first, since v / tau of a large v would round.
+    # topk sorts descending, so that is the first column ([N, 0] when there are no beliefs).
+    top_belief = belief_logits.detach()[:, :1]
+    top_belief = torch.where(torch.isfinite(top_belief), top_belief, torch.zeros_like(top_belief))
+    belief_probs = torch.softmax((belief_logits - top_belief) / belief_temperature, dim=-1)
     if options.detach_belief:
         belief_probs = belief_probs.detach()
 
@@ -46,11 +50,13 @@ def reference_rows(logits: torch.Tensor, labels: torch.Tensor, options: BSOption
     row_loss = inner_product(label_target) + inner_product(belief_target)
     token_logprobs = torch.where(valid, log_probs.gather(-1, safe_labels).squeeze(-1), torch.zeros_like(row_loss))
 
-    # A counted row whose lse is not finite (a NaN or +inf logit, or no finite logit) has no distribution: its value
-    # and log p(y) are NaN, and so is every entry of its gradient: d(NaN * sum z)/dz = NaN, taken on those rows only
-    # (the inner where keeps the 0 * NaN of the unselected branch away from every other row).
-    lse = torch.logsumexp(z, dim=-1).detach()
-    no_distribution = valid & ~torch.isfinite(lse)
+    # A counted row whose logsumexp is not finite (a NaN or +inf logit, or no finite logit) has no distribution: its
+    # value and log p(y) are NaN, and so is every entry of its gradient: d(NaN * sum z)/dz = NaN, taken on those rows
+    # only (the inner where keeps the 0 * NaN of the unselected branch away from every other row).
+    row_max = z.detach().amax(-1)
+    finite_max = torch.where(torch.isfinite(row_max), row_max, torch.zeros_like(row_max))
+    log_sum = torch.logsumexp(z.detach() - finite_max.unsqueeze(-1), dim=-1)
+    no_distribution = valid & ~(torch.isfinite(row_max) & torch.isfinite(log_sum))
     nan = torch.full_like(row_loss, float("nan"))
     nan_on_their_logits = nan * torch.where(no_distribution.unsqueeze(-1), z, 0.0).sum(-1)
     row_loss = torch.where(no_distribution, nan_on_their_logits, row_loss)
@@ -60,6 +66,7 @@ def reference_rows(logits: torch.Tensor, labels: torch.Tensor, options: BSOption
         token_logprobs=token_logprobs.detach(),
         belief_ids=belief_ids,
         belief_probs=belief_probs.detach(),
-        lse=torch.where(torch.isfinite(lse), lse, torch.zeros_like(lse)),
+        row_max=torch.where(no_distribution, torch.full_like(row_max, float("nan")), finite_max),
+        log_sum=torch.where(torch.isfinite(log_sum), log_sum, torch.zeros_like(log_sum)),
         belief_weights=(lam * belief_probs).detach(),
     )

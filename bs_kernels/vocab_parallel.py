@@ -6,43 +6,56 @@ by bs_kernels/dtensor.py). The one-pass algebra of docs/math.md carries over bec
 reduction over the vocabulary that composes across shards:
   1. local pass: backend.forward on the rank's own [N, V_p] shard (the unchanged backend contract) with the labels
      moved into the shard's numbering (label - start_p where the label falls in the shard, else -1), giving per row
-     the shard's lse_p, its label logit (meaningful only on the rank that owns the label) and its top-k_p candidates,
-     k_p = min(k, V_p), k = min(top_k, V).
-  2. one all-gather of the packed per-row statistics (lse_p, masked label logit, k_pad candidate values and their
-     global ids, k_pad = max_p k_p; never the [N, V] logits):
-        lse   = logsumexp_p lse_p
+     the shard's max m_p and log_sum_p = log sum exp(z - m_p), its label logit (meaningful only on the rank that
+     owns the label) and its top-k_p candidates, k_p = min(k, V_p), k = min(top_k, V).
+  2. one all-gather of the packed per-row statistics (m_p, log_sum_p, masked label logit, k_pad candidate values
+     and their global ids, k_pad = max_p k_p; never the [N, V] logits):
+        m, log_sum = max_p m_p, log sum_p exp((m_p - m) + log_sum_p)   (over the shards that hold mass)
         z_y   = sum_p (z_y on rank p if p owns y else 0)
         top-k = the k largest of the P * k_pad candidates (every global belief is some shard's local candidate,
                 since it is among that shard's k largest)
   3. epilogue.finish_rows on these global statistics: the row values, q and the gradient coefficients, identical on
      every rank (so every rank returns the same loss and stats).
-  4. backward on each rank from its own shard, with no communication: backend.backward with the global lse, the
-     shard's labels (-1 off-shard: the label term only on the owning rank) and the belief weights placed on the
-     shard's own candidate slots (weight 0 for a candidate that did not make the global top-k). The candidates are
-     the ids the backend itself returned, so they are distinct, as the native and Triton backward kernels require.
-The backend contract (backends/contract.py) is therefore unchanged: every local backend (torch, native, triton) is
-the per-shard kernel as it is. Steps 1-3 and the shards' layout live in _vocab_shards.py (ShardedRows, VocabShards);
-this module holds the autograd Functions and the public forms.
+  4. backward on each rank from its own shard, with no communication: backend.backward with the global m and
+     log_sum, the shard's labels (-1 off-shard: the label term only on the owning rank) and the belief weights
+     placed on the shard's own candidate slots (weight 0 for a candidate that did not make the global top-k). The
+     candidates are the ids the backend itself returned, so they are distinct, as the native and Triton backward
+     kernels require.
+The backend contract (backends/contract.py) is therefore the one-process one: every local backend (torch, native,
+triton) is the per-shard kernel as it is. Steps 1-3 and the shards' layout live in _vocab_shards.py (ShardedRows,
+VocabShards); this module holds the autograd Functions and the public forms.
 Why one all_gather rather than Megatron's all_reduce pair (max, sum-exp) plus an all_reduce of the label logit: the
-top-k candidates must be gathered anyway, and lse and z_y ride along as 2 of the 2 + 2 k_pad columns (5% of the
-volume at k = 20), so a call pays one collective's latency instead of four.
+top-k candidates must be gathered anyway, and m, log_sum and z_y ride along as 3 of the 3 + 2 k_pad columns (7% of
+the volume at k = 20), so a call pays one collective's latency instead of four.
 
 Ties at the k-th value (docs/math.md: any k of the tied entries may be chosen) are broken towards the lower group rank
 (a stable sort over the candidates in rank order), padding slots of ranks with fewer than k_pad candidates last.
 
 Communication per call (s = 4 bytes for float32/bfloat16/float16 logits, 8 for float64; P = group size):
-  logits form, forward: one all_gather of N * (2 + 2 * k_pad) elements of s bytes from every rank (the candidate
-      values bit-cast beside their ids in one integer tensor); the plain-tensor form adds one all_gather of 2 int64
-      (each shard's start and size, checked to tile [0, V)). Backward: nothing.
-  fused linear form: the same all_gather per chunk of valid rows in forward (M * (2 + 2 * k_pad) elements over all
+  every form, first: one all_gather of the call record (below; RECORD_LENGTH = 53 int64, 424 bytes from every rank).
+  logits form, forward: one all_gather of N * (3 + 2 * k_pad) elements of s bytes from every rank (the candidate
+      values bit-cast beside their ids in one integer tensor); none for an empty batch (N = 0). Backward: nothing.
+  fused linear form: the same all_gather per chunk of valid rows in forward (M * (3 + 2 * k_pad) elements over all
       chunks), and in backward one all_reduce of the [M, H] gradient of the hidden states (M = valid positions; the
       hidden states are replicated over the group, so their gradient is the sum of every shard's contribution).
-At N = 4096 rows, k = 20, fp32 that is 672 KiB per rank per call, against about 1 GiB per rank for an all-gather of the
+At N = 4096 rows, k = 20, fp32 that is 688 KiB per rank per call, against about 1 GiB per rank for an all-gather of the
 logits at V = 128 256 over 2 ranks (what loss functions that need the full row do).
 
-Requirements: the same labels (and options) on every rank (not checked: that would cost a collective); every rank
-calls collectively. impl="reference" is refused (it needs the full row); compare with bs_token_loss on the gathered
-logits instead.
+Agreement (_vocab_call.py): the call record holds each shard's start and size, the entry point, the dtype, the labels'
+shape and a checksum of their values, shift, the hidden size, top_k, lam, belief_temperature, detach_belief,
+ignore_index and reduction. Ranks that disagree on any of them raise the same ValueError, naming it with every rank's
+value, before any collective sized by the call. Every argument check that needs no other rank runs before the record
+is sent; a rank whose check fails sends a failure record (the start of its message) and raises its own error, and the
+other ranks raise a ValueError quoting it, so none waits for it. The one check that needs the group's V (labels < V)
+runs after the exchange, with the same verdict on every rank.
+What can still make ranks wait for each other until the process group's timeout (30 minutes by default; set it in
+init_process_group): a rank that never makes the call, or makes another collective call on the group first; a rank
+that fails after the exchange (out of memory, a kernel error) or skips the fused form's backward (its all_reduce); and
+on the DTensor entry (bs_token_loss, forget_logprobs, bs_linear_loss given a sharded tensor), a check the shared entry
+point makes before it dispatches here (its options, inplace_backward, and for bs_linear_loss the labels' type and the
+sequence_mean rule), which raises on the failing rank alone. Not compared: the logits' or hidden states' values (the
+fused form needs the same hidden states on every rank), impl (any backend may run each shard) and return_stats.
+impl="reference" is refused (it needs the full row); compare with bs_token_loss on the gathered logits instead.
 Limits: the logits form gathers the statistics of ignored rows too (N counts every position; the fused form drops
 them first). The fused form always recomputes each logits chunk in backward (4 GEMMs per chunk, like linear.py's
 reduction="none" path) rather than forming the gradients in forward, and computes in its inputs' dtype even under
@@ -51,15 +64,20 @@ torch.autocast (bs_linear_loss casts them to the autocast dtype).
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Callable
+from types import ModuleType
+from typing import NamedTuple
+
 import torch
 import torch.distributed as dist
-from torch.autograd.function import once_differentiable
 
 from . import _options as opts
 from ._chunks import chunk_logits, rows_per_chunk, scatter_rows
 from ._dtypes import compute_dtype
 from ._options import BSOptions
 from ._rows import (
+    RowLayout,
     check_floating,
     check_label_range,
     check_labels,
@@ -67,7 +85,17 @@ from ._rows import (
     reduce_rows,
     row_labels,
 )
-from ._vocab_shards import ShardedRows, VocabShards, shard_backend, shard_labels
+from ._vocab_call import CallRecord
+from ._vocab_shards import (
+    ShardedRows,
+    VocabShards,
+    announce_failure,
+    check_vocab_start,
+    record_device,
+    shard_backend,
+    shard_labels,
+)
+from .autograd import first_order_only, refuse_functorch
 from .epilogue import BSTokenStats, RowOutputs
 
 
@@ -75,58 +103,111 @@ class _VocabParallelRowsFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, logits, rows_labels, local_labels, sharded: ShardedRows, inplace_backward: bool):
         rows, local_ids, local_weights = sharded.rows(logits, rows_labels, local_labels)
-        ctx.save_for_backward(logits, rows_labels, local_labels, rows.lse, local_ids, local_weights)
+        ctx.save_for_backward(logits, rows_labels, local_labels, rows.row_max, rows.log_sum, local_ids, local_weights)
         ctx.sharded, ctx.inplace_backward = sharded, inplace_backward
         ctx.mark_non_differentiable(rows.token_logprobs, rows.belief_ids, rows.belief_probs)
         return rows.row_loss, rows.token_logprobs, rows.belief_ids, rows.belief_probs
 
     @staticmethod
+    @first_order_only
     def backward(ctx, grad_row_loss, *unused_grads):
-        logits, rows_labels, local_labels, lse, local_ids, local_weights = ctx.saved_tensors
+        logits, rows_labels, local_labels, row_max, log_sum, local_ids, local_weights = ctx.saved_tensors
         grad = ctx.sharded.grad_logits(
-            grad_row_loss, logits, rows_labels, local_labels, lse, local_ids, local_weights, ctx.inplace_backward
+            grad_row_loss,
+            logits,
+            rows_labels,
+            local_labels,
+            row_max,
+            log_sum,
+            local_ids,
+            local_weights,
+            ctx.inplace_backward,
         )
         return grad, None, None, None, None
 
 
-def _shard_rows(local_logits, labels, *, shift: bool, ignore_index: int, shards: VocabShards):
-    """Checked rows [N, V_p] of the shard, global labels [N] (-1 = ignored), shard labels [N] and the layout."""
-    check_floating(local_logits, "logits")
+class CheckedCall(NamedTuple):
+    """One rank's arguments after every check that needs no other rank (the logits or the fused form)."""
+
+    vocab_start: int
+    local_size: int
+    record: CallRecord  # what the other ranks must match
+    labels: torch.Tensor  # as given: their range is checked once the group's V is known
+    rows_labels: torch.Tensor  # [N] int64, -1 = ignored
+    layout: RowLayout
+    backend: ModuleType | None  # the per-shard kernel; None for an empty shard
+    rows: torch.Tensor | None = None  # the logits form's [N, V_p] rows
+
+
+def agree(check: Callable[[], CheckedCall], anchor: object, group) -> tuple[CheckedCall, VocabShards]:
+    """This rank's local checks, then the call's first collective (VocabShards.agreed), then the label range.
+
+    A rank whose checks fail still takes part in that collective with a failure record, so the other ranks raise
+    a ValueError quoting its message instead of waiting in an all_gather until the process group's timeout; it
+    then raises its own error. ``anchor`` is the tensor beside which the record travels.
+    """
+    try:
+        checked = check()
+    except Exception as error:
+        # No usable group (none initialised, a bad group argument): no rank can be waiting, this error is the news.
+        with contextlib.suppress(Exception):
+            announce_failure(error, group, record_device(anchor, group))
+        raise
+    shards = VocabShards.agreed(
+        checked.vocab_start, checked.local_size, checked.record, group, record_device(anchor, group)
+    )
+    # Needs the group's V; the same verdict on every rank, since their labels agree (compared by checksum).
+    check_label_range(checked.labels, shards.vocab_size, checked.record.options.ignore_index)
+    return checked, shards
+
+
+def check_local_labels(labels: torch.Tensor, ignore_index: int) -> None:
+    """The part of the label range check that needs no V: no negative label other than ignore_index."""
+    if labels.device.type == "meta":
+        return
+    negative = (labels != ignore_index) & (labels < 0)
+    if bool(negative.any()):
+        raise ValueError(
+            f"labels contains {int(labels[negative][0])}, which is negative and is not ignore_index={ignore_index}"
+        )
+
+
+def check_token_call(
+    local_logits, labels, vocab_start: int, options: BSOptions, *, impl: str, shift: bool, return_stats: bool
+) -> CheckedCall:
+    """Every check of a logits-form call that needs no other rank; the rows [N, V_p] of the shard."""
+    check_floating(local_logits, "local_logits")
+    opts.check_flags(shift=shift, return_stats=return_stats)
+    refuse_functorch(impl)
+    check_vocab_start(vocab_start)
     if local_logits.dim() < 1:
         raise ValueError(f"logits must have a vocabulary dimension, got shape {tuple(local_logits.shape)}")
     check_labels(local_logits, labels, shift=shift, name="logits")
-    check_label_range(labels, shards.vocab_size, ignore_index)
-    rows_labels, layout = row_labels(labels, shift=shift, ignore_index=ignore_index)
+    check_sequence_reduction(labels, shift=shift, reduction=options.reduction)
+    check_local_labels(labels, options.ignore_index)
+    rows_labels, layout = row_labels(labels, shift=shift, ignore_index=options.ignore_index)
     if local_logits.stride(-1) != 1:
         local_logits = local_logits.contiguous()
-    rows = local_logits.reshape(rows_labels.shape[0], local_logits.shape[-1])
-    return rows, rows_labels, shard_labels(rows_labels, shards), layout
+    local_size = local_logits.shape[-1]
+    record = CallRecord("logits", local_logits.dtype, shift, 0, options, labels)
+    backend = shard_backend(impl, local_logits.device, local_size)
+    rows = local_logits.reshape(rows_labels.shape[0], local_size)
+    return CheckedCall(vocab_start, local_size, record, labels, rows_labels, layout, backend, rows)
 
 
 def sharded_token_loss(
-    local_logits,
-    labels,
-    shards: VocabShards,
-    options: BSOptions,
-    *,
-    impl: str,
-    shift: bool,
-    return_stats: bool,
-    inplace_backward: bool,
+    checked: CheckedCall, shards: VocabShards, options: BSOptions, *, return_stats: bool, inplace_backward: bool
 ):
-    """bs_token_loss on a vocabulary shard whose layout is known (the body of both public forms and of DTensor's)."""
-    check_sequence_reduction(labels, shift=shift, reduction=options.reduction)
-    rows, rows_labels, local_labels, layout = _shard_rows(
-        local_logits, labels, shift=shift, ignore_index=options.ignore_index, shards=shards
-    )
-    sharded = ShardedRows(shard_backend(impl, rows.device, shards), options, shards)
+    """bs_token_loss on a vocabulary shard once the ranks agree (the body of both public forms and of DTensor's)."""
+    rows_labels, layout = checked.rows_labels, checked.layout
+    sharded = ShardedRows(checked.backend, options, shards)
     row_loss, token_logprobs, belief_ids, belief_probs = _VocabParallelRowsFunction.apply(
-        rows, rows_labels, local_labels, sharded, inplace_backward
+        checked.rows, rows_labels, shard_labels(rows_labels, shards), sharded, inplace_backward
     )
     loss = reduce_rows(row_loss, rows_labels, layout, options.reduction)
     if not return_stats:
         return loss
-    outputs = RowOutputs(row_loss, token_logprobs, belief_ids, belief_probs, None, None)
+    outputs = RowOutputs(row_loss, token_logprobs, belief_ids, belief_probs, None, None, None)
     return loss, BSTokenStats.of_rows(layout, outputs)
 
 
@@ -161,30 +242,32 @@ def vocab_parallel_bs_token_loss(
     Returns:
         The same loss (and BSTokenStats, with global belief ids) on every rank, equal to bs_token_loss on the
         gathered [..., V] logits; the backward writes each rank's [..., V_p] gradient without communication.
-        Communication: one all_gather of 2 int64 and one of N * (2 + 2 * k_pad) 4-byte elements (8-byte for
-        float64) per rank and call (module docstring).
+        Communication: one all_gather of the call record (RECORD_LENGTH int64) and one of N * (3 + 2 * k_pad)
+        4-byte elements (8-byte for float64) per rank and call (module docstring).
+
+    Raises:
+        ValueError on every rank of the group when a rank's arguments fail a check (that rank raises its own error)
+        or when the ranks disagree on the labels, batch, dtype or options (module docstring, "Requirements").
     """
-    options = opts.loss_options(
-        lam=lam,
-        top_k=top_k,
-        belief_temperature=belief_temperature,
-        detach_belief=detach_belief,
-        ignore_index=ignore_index,
-        reduction=reduction,
-        impl=impl,
-    )
-    check_floating(local_logits, "local_logits")
-    opts.check_bool(inplace_backward, "inplace_backward")
-    shards = VocabShards.gathered(local_logits.shape[-1], vocab_start, group, local_logits.device)
+
+    def check() -> CheckedCall:
+        options = opts.loss_options(
+            lam=lam,
+            top_k=top_k,
+            belief_temperature=belief_temperature,
+            detach_belief=detach_belief,
+            ignore_index=ignore_index,
+            reduction=reduction,
+            impl=impl,
+        )
+        opts.check_flags(inplace_backward=inplace_backward)
+        return check_token_call(
+            local_logits, labels, vocab_start, options, impl=impl, shift=shift, return_stats=return_stats
+        )
+
+    checked, shards = agree(check, local_logits, group)
     return sharded_token_loss(
-        local_logits,
-        labels,
-        shards,
-        options,
-        impl=impl,
-        shift=shift,
-        return_stats=return_stats,
-        inplace_backward=inplace_backward,
+        checked, shards, checked.record.options, return_stats=return_stats, inplace_backward=inplace_backward
     )
 
 
@@ -200,14 +283,16 @@ def vocab_parallel_forget_logprobs(
 ) -> torch.Tensor:
     """:func:`bs_kernels.forget_logprobs` on vocabulary-split logits (arguments as vocab_parallel_bs_token_loss).
 
-    Communication: one all_gather of 2 int64 and one of 2 N elements per rank (no beliefs), none in backward.
+    Communication: one all_gather of the call record and one of 3 N elements per rank (no beliefs), none in
+    backward.
     """
-    options = opts.forget_options(ignore_index=ignore_index, impl=impl)
-    check_floating(local_logits, "local_logits")
-    shards = VocabShards.gathered(local_logits.shape[-1], vocab_start, group, local_logits.device)
-    return sharded_token_loss(
-        local_logits, labels, shards, options, impl=impl, shift=shift, return_stats=False, inplace_backward=False
-    )
+
+    def check() -> CheckedCall:
+        options = opts.forget_options(ignore_index=ignore_index, impl=impl)
+        return check_token_call(local_logits, labels, vocab_start, options, impl=impl, shift=shift, return_stats=False)
+
+    checked, shards = agree(check, local_logits, group)
+    return sharded_token_loss(checked, shards, checked.record.options, return_stats=False, inplace_backward=False)
 
 
 # ---- the fused lm_head form --------------------------------------------------------------------------------------
@@ -234,7 +319,7 @@ class _VocabParallelLinearFunction(torch.autograd.Function):
         local_labels = shard_labels(rows_labels, sharded.shards)
         k, k_local = sharded.belief_count, sharded.local_count
         row_loss = torch.empty(num_rows, dtype=stats_dtype, device=device)
-        token_logprobs, lse = torch.empty_like(row_loss), torch.empty_like(row_loss)
+        token_logprobs, row_max, log_sum = (torch.empty_like(row_loss) for _ in range(3))
         belief_ids = torch.empty(num_rows, k, dtype=torch.int64, device=device)
         belief_probs = torch.empty(num_rows, k, dtype=stats_dtype, device=device)
         local_ids = torch.empty(num_rows, k_local, dtype=torch.int64, device=device)
@@ -242,20 +327,21 @@ class _VocabParallelLinearFunction(torch.autograd.Function):
         for rows in _chunk_slices(num_rows, sharded.shards):
             logits = chunk_logits(hidden_rows[rows], local_weight, local_bias)
             chunk, local_ids[rows], local_weights[rows] = sharded.rows(logits, rows_labels[rows], local_labels[rows])
-            row_loss[rows], token_logprobs[rows], lse[rows] = chunk.row_loss, chunk.token_logprobs, chunk.lse
+            row_loss[rows], token_logprobs[rows] = chunk.row_loss, chunk.token_logprobs
+            row_max[rows], log_sum[rows] = chunk.row_max, chunk.log_sum
             belief_ids[rows], belief_probs[rows] = chunk.belief_ids, chunk.belief_probs
             del logits
         ctx.save_for_backward(
-            hidden_rows, local_weight, local_bias, rows_labels, local_labels, lse, local_ids, local_weights
+            hidden_rows, local_weight, local_bias, rows_labels, local_labels, row_max, log_sum, local_ids, local_weights
         )
         ctx.sharded = sharded
         ctx.mark_non_differentiable(token_logprobs, belief_ids, belief_probs)
         return row_loss, token_logprobs, belief_ids, belief_probs
 
     @staticmethod
-    @once_differentiable
+    @first_order_only
     def backward(ctx, grad_row_loss, *unused_grads):
-        hidden_rows, local_weight, local_bias, rows_labels, local_labels, lse, local_ids, local_weights = (
+        hidden_rows, local_weight, local_bias, rows_labels, local_labels, row_max, log_sum, local_ids, local_weights = (
             ctx.saved_tensors
         )
         sharded = ctx.sharded
@@ -274,7 +360,8 @@ class _VocabParallelLinearFunction(torch.autograd.Function):
                     logits,
                     rows_labels[rows],
                     local_labels[rows],
-                    lse[rows],
+                    row_max[rows],
+                    log_sum[rows],
                     local_ids[rows],
                     local_weights[rows],
                     True,
@@ -295,9 +382,24 @@ class _VocabParallelLinearFunction(torch.autograd.Function):
         return grad_hidden, grad_weight, grad_bias, None, None
 
 
-def _check_shard_linear_inputs(hidden, local_weight, local_bias, labels, shift: bool) -> None:
+def check_linear_call(
+    hidden,
+    local_weight,
+    local_bias,
+    labels,
+    vocab_start: int,
+    options: BSOptions,
+    *,
+    impl: str,
+    shift: bool,
+    return_stats: bool,
+) -> CheckedCall:
+    """Every check of a fused-form call that needs no other rank."""
     check_floating(hidden, "hidden")
     check_floating(local_weight, "weight")
+    opts.check_flags(shift=shift, return_stats=return_stats)
+    refuse_functorch(impl)
+    check_vocab_start(vocab_start)
     if local_weight.dim() != 2 or hidden.dim() < 1 or hidden.shape[-1] != local_weight.shape[1]:
         raise ValueError(
             f"weight must be this rank's [V_p, H] rows of the lm_head with H = hidden's last dimension; got hidden "
@@ -310,35 +412,42 @@ def _check_shard_linear_inputs(hidden, local_weight, local_bias, labels, shift: 
         )
     if local_bias is not None:
         check_floating(local_bias, "bias")
-        if local_bias.shape != local_weight.shape[:1] or local_bias.dtype != local_weight.dtype:
+        if (
+            local_bias.shape != local_weight.shape[:1]
+            or local_bias.dtype != local_weight.dtype
+            or local_bias.device != local_weight.device
+        ):
             raise ValueError(
-                f"bias must be [V_p] = [{local_weight.shape[0]}] of the weight's dtype, got "
-                f"{tuple(local_bias.shape)} {local_bias.dtype}"
+                f"bias must be [V_p] = [{local_weight.shape[0]}] of the weight's dtype and device, got "
+                f"{tuple(local_bias.shape)} {local_bias.dtype} on {local_bias.device}"
             )
     check_labels(hidden, labels, shift=shift, name="hidden")
+    check_sequence_reduction(labels, shift=shift, reduction=options.reduction)
+    check_local_labels(labels, options.ignore_index)
+    rows_labels, layout = row_labels(labels, shift=shift, ignore_index=options.ignore_index)
+    local_size = local_weight.shape[0]
+    record = CallRecord("lm_head", hidden.dtype, shift, hidden.shape[-1], options, labels)
+    backend = shard_backend(impl, hidden.device, local_size)
+    return CheckedCall(vocab_start, local_size, record, labels, rows_labels, layout, backend)
 
 
 def sharded_linear_loss(
     hidden,
     local_weight,
     local_bias,
-    labels,
+    checked: CheckedCall,
     shards: VocabShards,
     options: BSOptions,
     *,
-    impl: str,
-    shift: bool,
     return_stats: bool,
 ):
-    """bs_linear_loss with this rank's lm_head rows [V_p, H] (layout known); body of the plain and DTensor forms."""
-    _check_shard_linear_inputs(hidden, local_weight, local_bias, labels, shift)
-    check_sequence_reduction(labels, shift=shift, reduction=options.reduction)
-    check_label_range(labels, shards.vocab_size, options.ignore_index)
-    rows_labels, layout = row_labels(labels, shift=shift, ignore_index=options.ignore_index)
+    """bs_linear_loss with this rank's lm_head rows [V_p, H] once the ranks agree; body of the plain and DTensor
+    forms."""
+    rows_labels, layout = checked.rows_labels, checked.layout
     valid = rows_labels >= 0
     valid_ids = valid.nonzero().squeeze(-1)
     hidden_rows = hidden[torch.unravel_index(valid_ids, hidden.shape[:-1])]  # [M, H], ignored positions dropped
-    sharded = ShardedRows(shard_backend(impl, hidden.device, shards), options, shards)
+    sharded = ShardedRows(checked.backend, options, shards)
     # In the inputs' own dtype, autocast or not: the backward's recomputed chunks must match the forward's.
     with torch.autocast(hidden.device.type, enabled=False):
         row_values, token_logprobs, belief_ids, belief_probs = _VocabParallelLinearFunction.apply(
@@ -349,7 +458,7 @@ def sharded_linear_loss(
     if not return_stats:
         return loss
     outputs = RowOutputs(
-        None, *(scatter_rows(values, valid) for values in (token_logprobs, belief_ids, belief_probs)), None, None
+        None, *(scatter_rows(values, valid) for values in (token_logprobs, belief_ids, belief_probs)), None, None, None
     )
     return loss, BSTokenStats.of_rows(layout, outputs)
 
@@ -384,20 +493,34 @@ def vocab_parallel_linear_loss(
 
     Gradients: hidden's is complete (summed over the group by one all_reduce in backward), so do not all-reduce it
     again (e.g. through Megatron's copy_to_tensor_model_parallel_region); the weight's and bias's are this rank's rows.
-    Communication: one all_gather of 2 int64, one all_gather of C * (2 + 2 * k_pad) elements per chunk in forward,
-    one all_reduce of [M, H] (M = valid positions) in backward (module docstring).
+    Communication: one all_gather of the call record, one all_gather of C * (3 + 2 * k_pad) elements per chunk in
+    forward, one all_reduce of [M, H] (M = valid positions) in backward (module docstring). Errors: as
+    vocab_parallel_bs_token_loss.
     """
-    options = opts.loss_options(
-        lam=lam,
-        top_k=top_k,
-        belief_temperature=belief_temperature,
-        detach_belief=detach_belief,
-        ignore_index=ignore_index,
-        reduction=reduction,
-        impl=impl,
-    )
-    check_floating(local_weight, "local_weight")
-    shards = VocabShards.gathered(local_weight.shape[0], vocab_start, group, local_weight.device)
+
+    def check() -> CheckedCall:
+        options = opts.loss_options(
+            lam=lam,
+            top_k=top_k,
+            belief_temperature=belief_temperature,
+            detach_belief=detach_belief,
+            ignore_index=ignore_index,
+            reduction=reduction,
+            impl=impl,
+        )
+        return check_linear_call(
+            hidden,
+            local_weight,
+            local_bias,
+            labels,
+            vocab_start,
+            options,
+            impl=impl,
+            shift=shift,
+            return_stats=return_stats,
+        )
+
+    checked, shards = agree(check, local_weight, group)
     return sharded_linear_loss(
-        hidden, local_weight, local_bias, labels, shards, options, impl=impl, shift=shift, return_stats=return_stats
+        hidden, local_weight, local_bias, checked, shards, checked.record.options, return_stats=return_stats
     )

@@ -1,10 +1,15 @@
 // impl="native": the BS-T one-pass row kernels for CPU tensors, registered as PyTorch operators.
 //
 // Operators (namespace bs_kernels, fake implementations in bs_kernels/backends/native.py):
-//   native_forward(logits[N, V], labels[N] int64, top_k) -> (lse[N], label_logits[N], belief_logits[N, k],
-//                                                             belief_ids[N, k] int64)
-//   native_backward(grad_rows[N], logits, labels, lse, belief_ids, belief_weights[N, k], label_weight) -> grad[N, V]
+//   native_forward(logits[N, V], labels[N] int64, top_k) -> (row_max[N], log_sum[N], label_logits[N],
+//                                                             belief_logits[N, k], belief_ids[N, k] int64)
+//   native_backward(grad_rows[N], logits, labels, row_max, log_sum, belief_ids, belief_weights[N, k], label_weight)
+//       -> grad[N, V]
 //   native_backward_(... same, logits mutated ...) -> ()    the gradient overwrites the logits (inplace_backward)
+//   native_forward_grad(logits, labels, top_k, grad_rows[N]) -> (the forward's five outputs, grad[N, V])
+//   native_forward_grad_(logits mutated, labels, top_k, grad_rows) -> the forward's five outputs; grad over logits
+//   native_sparse_grad_(grad mutated, grad_rows, labels, row_max, log_sum, label_logits, belief_logits, belief_ids,
+//                       belief_weights, label_weight) -> ()   the k + 1 sparse terms of each row
 // Statistics are float32 (float64 for float64 logits); the gradient has the logits' dtype.
 //
 // Forward, per row, in chunks of kChunk elements that stay in L1 (one read of the row from memory):
@@ -16,12 +21,20 @@
 //      ascending order (every element enters) it costs ~20 ns per element.
 //   3. online log-sum-exp: m = max(m, c) (rescaling the running sum by exp(m_old - m) when m grows), then
 //      sum += sum_i exp(x_i - m). One exp per element, all arguments <= 0, so nothing overflows.
-//   4. lse = m + log(sum), label logit = z[y] (one load).
+//   4. row_max = m and log_sum = log(sum), kept apart (lse = m + log_sum would round to the ulp of m: at |z| = 1e4
+//      that is 5e-4 in every log-probability), label logit = z[y] (one load).
 // Backward, per row (the contract in bs_kernels/backends/contract.py):
-//   grad = g * (-pi + label_weight * e_y + sum_j w_j * e_{id_j}),  pi = exp(z - lse)
-//   The -g * pi part is written chunk by chunk; the k + 1 sparse terms are then rewritten as single values
-//   g * (coef - exp(z_p - lse)) from the logits gathered before the row was overwritten (inplace), so every
-//   element is rounded to the output dtype once.
+//   grad = g * (-pi + label_weight * e_y + sum_j w_j * e_{id_j}),  pi = exp((z - m) - log_sum)
+//   The -g * pi part is written chunk by chunk as (-g * exp(-log_sum)) * exp(z - m), the first factor once per row;
+//   the k + 1 sparse terms are then rewritten as single values g * (coef - exp((z_p - m) - log_sum)) from the
+//   logits gathered before the row was overwritten (inplace), so every element is rounded to the output dtype once.
+// Forward with the gradient (native_forward_grad, for a scalar loss whose row weights grad_rows are known before
+// the pass): right after a row's statistics, while the row (192 KiB at V = 49 152 float32) is still in L2, its
+// dense part -g * pi is written as in backward step 1 (zeros on rows with g = 0, NaN on counted rows whose m or
+// log_sum is not finite, as backward_rows makes them). The row is read from memory once and the gradient written
+// once; the k + 1 sparse terms depend on the epilogue's coefficients and are rewritten afterwards by
+// native_sparse_grad_ from the statistics (bs_kernels/one_pass.py), at O(N k) cost, with backward's own code
+// (write_sparse_terms).
 // The exp: Cody-Waite range reduction x = n ln2 + r, |r| <= ln2 / 2, a degree-6 polynomial (the Cephes expf
 // coefficients, relative error ~1e-7) and 2^n assembled in the exponent bits. Arguments below -88 give exactly 0
 // (so -inf logits never make a NaN). It is written with GCC vector extensions and compiled three times, at the
@@ -431,11 +444,55 @@ struct ForwardArgs {
   int64_t vocab_size;
   const int64_t* labels;
   int64_t top_k;
-  acc_type<scalar_t>* lse;
+  acc_type<scalar_t>* row_max;
+  acc_type<scalar_t>* log_sum;
   acc_type<scalar_t>* label_logits;
   acc_type<scalar_t>* belief_logits;  // [N, top_k]
   int64_t* belief_ids;                // [N, top_k]
+  // native_forward_grad only (nullptr otherwise): the dense part of the gradient, -grad_rows[i] * pi_i, is written
+  // into grad right after row i's statistics, while the row is still in L2.
+  const acc_type<scalar_t>* grad_rows;
+  scalar_t* grad;  // may equal logits (native_forward_grad_)
+  int64_t grad_row_stride;
 };
+
+// out = -g * pi = (-g * exp(-log_sum)) * exp(z - m) over a row, chunk by chunk, the first factor formed once in
+// double; exp(-log_sum) <= 1, so it cannot overflow. out may be z itself (each chunk is read before it is written).
+template <typename scalar_t, int W>
+BS_ALWAYS_INLINE void write_scaled_exp_row(const scalar_t* z, scalar_t* out, int64_t vocab_size,
+                                           acc_type<scalar_t> row_max, acc_type<scalar_t> log_sum,
+                                           acc_type<scalar_t> grad_row, acc_type<scalar_t>* buffer) {
+  using acc_t = acc_type<scalar_t>;
+  const acc_t dense_scale =
+      static_cast<acc_t>(-static_cast<double>(grad_row) * std::exp(-static_cast<double>(log_sum)));
+  for (int64_t start = 0; start < vocab_size; start += kChunk) {
+    const int64_t count = std::min(kChunk, vocab_size - start);
+    const acc_t* x = widen_chunk<scalar_t>(z + start, count, buffer);
+    if constexpr (std::is_same<scalar_t, acc_t>::value) {
+      chunk_scaled_exp<W>(x, count, row_max, dense_scale, out + start);
+    } else {
+      chunk_scaled_exp<W>(x, count, row_max, dense_scale, buffer);
+      narrow_chunk<scalar_t>(buffer, count, out + start);
+    }
+  }
+}
+
+// The dense part of one row's gradient once its m and log_sum are known: -g * pi, zeros where g = 0 (ignored rows),
+// NaN on a counted row without a distribution (m or log_sum not finite). The same values as native_backward's step 1
+// with the grad_rows and row_max that bs_kernels.epilogue.backward_rows derives from the same statistics.
+template <typename scalar_t, int W>
+BS_ALWAYS_INLINE void write_dense_grad_row(const scalar_t* z, scalar_t* out, int64_t vocab_size, int64_t label,
+                                           acc_type<scalar_t> row_max, acc_type<scalar_t> log_sum,
+                                           acc_type<scalar_t> grad_row, acc_type<scalar_t>* buffer) {
+  using acc_t = acc_type<scalar_t>;
+  if (label >= 0 && !(std::isfinite(row_max) && std::isfinite(log_sum))) {
+    std::fill(out, out + vocab_size, static_cast<scalar_t>(std::numeric_limits<acc_t>::quiet_NaN()));
+  } else if (grad_row == acc_t(0)) {
+    std::memset(static_cast<void*>(out), 0, sizeof(scalar_t) * vocab_size);
+  } else {
+    write_scaled_exp_row<scalar_t, W>(z, out, vocab_size, row_max, log_sum, grad_row, buffer);
+  }
+}
 
 template <typename scalar_t, int W>
 BS_ALWAYS_INLINE void forward_rows_impl(const ForwardArgs<scalar_t>& args, int64_t row_begin, int64_t row_end) {
@@ -463,10 +520,41 @@ BS_ALWAYS_INLINE void forward_rows_impl(const ForwardArgs<scalar_t>& args, int64
       }
       running_sum += chunk_sum_exp<W>(x, count, running_max);
     }
-    // All -inf: log(0) = -inf, so lse = -inf (the epilogue treats a non-finite lse as an empty row).
-    args.lse[row] = static_cast<acc_t>(static_cast<double>(running_max) + std::log(running_sum));
+    // All -inf: m = -inf and log(0) = -inf (the epilogue treats a non-finite m or log_sum as an empty row).
+    const acc_t log_sum = static_cast<acc_t>(std::log(running_sum));
+    args.row_max[row] = running_max;
+    args.log_sum[row] = log_sum;
     const int64_t label = args.labels[row];
     args.label_logits[row] = label >= 0 ? static_cast<acc_t>(z[label]) : acc_t(0);
+    if (args.grad != nullptr) {  // after every read of the row from memory: z[label] must be read before this
+      write_dense_grad_row<scalar_t, W>(z, args.grad + row * args.grad_row_stride, args.vocab_size, label, running_max,
+                                        log_sum, args.grad_rows[row], buffer);
+    }
+  }
+}
+
+// The k + 1 sparse terms of a row whose dense part -g * pi is written: out_p = g * (coef_p - pi_p), with coef = w_j on
+// belief j (+ label_weight on the label), from the logits at those positions and pi_p = exp((z_p - m) - log_sum).
+// Each is computed in double and rounded to the output dtype once.
+template <typename scalar_t>
+void write_sparse_terms(scalar_t* out, const acc_type<scalar_t>* belief_logits, const int64_t* ids,
+                        const acc_type<scalar_t>* weights, int64_t top_k, int64_t label,
+                        acc_type<scalar_t> label_logit, acc_type<scalar_t> row_max, acc_type<scalar_t> log_sum,
+                        acc_type<scalar_t> grad_row, double label_weight) {
+  using acc_t = acc_type<scalar_t>;
+  const double m = static_cast<double>(row_max);
+  const double shifted_log_sum = static_cast<double>(log_sum);
+  bool label_in_beliefs = false;  // belief ids are distinct: the label is in at most one slot
+  for (int64_t j = 0; j < top_k; ++j) {
+    const bool is_label = ids[j] == label;
+    label_in_beliefs = label_in_beliefs || is_label;
+    const double coef = static_cast<double>(weights[j]) + (is_label ? label_weight : 0.0);
+    const double pi = std::exp((static_cast<double>(belief_logits[j]) - m) - shifted_log_sum);
+    out[ids[j]] = static_cast<scalar_t>(static_cast<acc_t>(static_cast<double>(grad_row) * (coef - pi)));
+  }
+  if (label >= 0 && !label_in_beliefs) {
+    const double pi = std::exp((static_cast<double>(label_logit) - m) - shifted_log_sum);
+    out[label] = static_cast<scalar_t>(static_cast<acc_t>(static_cast<double>(grad_row) * (label_weight - pi)));
   }
 }
 
@@ -479,7 +567,8 @@ struct BackwardArgs {
   int64_t grad_row_stride;
   int64_t vocab_size;
   const int64_t* labels;
-  const acc_type<scalar_t>* lse;
+  const acc_type<scalar_t>* row_max;
+  const acc_type<scalar_t>* log_sum;
   const int64_t* belief_ids;               // [N, top_k]
   const acc_type<scalar_t>* belief_weights;  // [N, top_k]
   int64_t top_k;
@@ -490,8 +579,8 @@ template <typename scalar_t, int W>
 BS_ALWAYS_INLINE void backward_rows_impl(const BackwardArgs<scalar_t>& args, int64_t row_begin, int64_t row_end) {
   using acc_t = acc_type<scalar_t>;
   alignas(64) acc_t buffer[kChunk];
-  // The logits at the k + 1 sparse positions, read before an inplace backward overwrites them.
-  std::vector<acc_t> sparse_logits(static_cast<size_t>(args.top_k) + 1);
+  // The logits at the k sparse belief positions, read before an inplace backward overwrites them.
+  std::vector<acc_t> sparse_logits(static_cast<size_t>(args.top_k));
   for (int64_t row = row_begin; row < row_end; ++row) {
     const scalar_t* z = args.logits + row * args.logits_row_stride;
     scalar_t* out = args.grad + row * args.grad_row_stride;
@@ -503,40 +592,19 @@ BS_ALWAYS_INLINE void backward_rows_impl(const BackwardArgs<scalar_t>& args, int
     const int64_t label = args.labels[row];
     const int64_t* ids = args.belief_ids + row * args.top_k;
     const acc_t* weights = args.belief_weights + row * args.top_k;
-    const acc_t lse = args.lse[row];
+    const acc_t row_max = args.row_max[row];
+    const acc_t log_sum = args.log_sum[row];
 
-    int64_t label_slot = -1;  // the belief slot holding the label, if any (belief ids are distinct)
     for (int64_t j = 0; j < args.top_k; ++j) {
       sparse_logits[j] = static_cast<acc_t>(z[ids[j]]);
-      if (ids[j] == label) {
-        label_slot = j;
-      }
     }
-    if (label >= 0) {
-      sparse_logits[args.top_k] = static_cast<acc_t>(z[label]);
-    }
+    const acc_t label_logit = label >= 0 ? static_cast<acc_t>(z[label]) : acc_t(0);
 
     // 1. out = -g * pi everywhere.
-    for (int64_t start = 0; start < args.vocab_size; start += kChunk) {
-      const int64_t count = std::min(kChunk, args.vocab_size - start);
-      const acc_t* x = widen_chunk<scalar_t>(z + start, count, buffer);
-      if constexpr (std::is_same<scalar_t, acc_t>::value) {
-        chunk_scaled_exp<W>(x, count, lse, -grad_row, out + start);
-      } else {
-        chunk_scaled_exp<W>(x, count, lse, -grad_row, buffer);
-        narrow_chunk<scalar_t>(buffer, count, out + start);
-      }
-    }
-    // 2. The sparse terms: out_p = g * (coef_p - pi_p), with coef = w_j on beliefs (+ label_weight on the label).
-    for (int64_t j = 0; j < args.top_k; ++j) {
-      const double coef = static_cast<double>(weights[j]) + (j == label_slot ? args.label_weight : 0.0);
-      const double pi = std::exp(static_cast<double>(sparse_logits[j]) - static_cast<double>(lse));
-      out[ids[j]] = static_cast<scalar_t>(static_cast<acc_t>(static_cast<double>(grad_row) * (coef - pi)));
-    }
-    if (label >= 0 && label_slot < 0) {
-      const double pi = std::exp(static_cast<double>(sparse_logits[args.top_k]) - static_cast<double>(lse));
-      out[label] = static_cast<scalar_t>(static_cast<acc_t>(static_cast<double>(grad_row) * (args.label_weight - pi)));
-    }
+    write_scaled_exp_row<scalar_t, W>(z, out, args.vocab_size, row_max, log_sum, grad_row, buffer);
+    // 2. The sparse terms.
+    write_sparse_terms<scalar_t>(out, sparse_logits.data(), ids, weights, args.top_k, label, label_logit, row_max,
+                                 log_sum, grad_row, args.label_weight);
   }
 }
 
@@ -695,86 +763,6 @@ at::Tensor unit_stride_rows(const at::Tensor& logits) {
   return logits.size(1) == 1 || logits.stride(1) == 1 ? logits : logits.contiguous();
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> native_forward(const at::Tensor& logits_in,
-                                                                           const at::Tensor& labels_in,
-                                                                           int64_t top_k) {
-  check_logits(logits_in, "logits");
-  const at::Tensor logits = unit_stride_rows(logits_in);
-  const int64_t num_rows = logits.size(0);
-  const int64_t vocab_size = logits.size(1);
-  check_rows(labels_in, "labels", num_rows, at::kLong);
-  TORCH_CHECK(labels_in.dim() == 1, "labels must be [N]");
-  TORCH_CHECK(top_k >= 0 && top_k <= vocab_size, "top_k must be in [0, V = ", vocab_size, "], got ", top_k);
-  const at::Tensor labels = labels_in.contiguous();
-
-  const auto stats_options = logits.options().dtype(compute_dtype(logits.scalar_type()));
-  at::Tensor lse = at::empty({num_rows}, stats_options);
-  at::Tensor label_logits = at::empty({num_rows}, stats_options);
-  at::Tensor belief_logits = at::empty({num_rows, top_k}, stats_options);
-  at::Tensor belief_ids = at::empty({num_rows, top_k}, logits.options().dtype(at::kLong));
-  const Isa isa = select_isa();
-
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, logits.scalar_type(), "bs_kernels::native_forward", [&] {
-    using acc_t = acc_type<scalar_t>;
-    const ForwardArgs<scalar_t> args{logits.const_data_ptr<scalar_t>(),
-                                     logits.stride(0),
-                                     vocab_size,
-                                     labels.const_data_ptr<int64_t>(),
-                                     top_k,
-                                     lse.mutable_data_ptr<acc_t>(),
-                                     label_logits.mutable_data_ptr<acc_t>(),
-                                     belief_logits.mutable_data_ptr<acc_t>(),
-                                     belief_ids.mutable_data_ptr<int64_t>()};
-    const auto rows = forward_rows_for<scalar_t>(isa);
-    parallel_over_rows(num_rows, vocab_size, [&](int64_t begin, int64_t end) { rows(args, begin, end); });
-  });
-  return {lse, label_logits, belief_logits, belief_ids};
-}
-
-void backward_into(const at::Tensor& grad_rows_in, const at::Tensor& logits, const at::Tensor& labels_in,
-                   const at::Tensor& lse_in, const at::Tensor& belief_ids_in, const at::Tensor& belief_weights_in,
-                   double label_weight, const at::Tensor& grad) {
-  const int64_t num_rows = logits.size(0);
-  const int64_t vocab_size = logits.size(1);
-  const auto stats_dtype = compute_dtype(logits.scalar_type());
-  check_rows(grad_rows_in, "grad_rows", num_rows, stats_dtype);
-  check_rows(labels_in, "labels", num_rows, at::kLong);
-  check_rows(lse_in, "lse", num_rows, stats_dtype);
-  check_rows(belief_ids_in, "belief_ids", num_rows, at::kLong);
-  check_rows(belief_weights_in, "belief_weights", num_rows, stats_dtype);
-  TORCH_CHECK(grad_rows_in.dim() == 1 && labels_in.dim() == 1 && lse_in.dim() == 1,
-              "grad_rows, labels and lse must be [N]");
-  TORCH_CHECK(belief_ids_in.dim() == 2 && belief_weights_in.sizes() == belief_ids_in.sizes(),
-              "belief_ids and belief_weights must both be [N, k], got ", belief_ids_in.sizes(), " and ",
-              belief_weights_in.sizes());
-  const int64_t top_k = belief_ids_in.size(1);
-  TORCH_CHECK(top_k <= vocab_size, "belief_ids has k = ", top_k, " > V = ", vocab_size);
-  const at::Tensor grad_rows = grad_rows_in.contiguous();
-  const at::Tensor labels = labels_in.contiguous();
-  const at::Tensor lse = lse_in.contiguous();
-  const at::Tensor belief_ids = belief_ids_in.contiguous();
-  const at::Tensor belief_weights = belief_weights_in.contiguous();
-  const Isa isa = select_isa();
-
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, logits.scalar_type(), "bs_kernels::native_backward", [&] {
-    using acc_t = acc_type<scalar_t>;
-    const BackwardArgs<scalar_t> args{grad_rows.const_data_ptr<acc_t>(),
-                                      logits.const_data_ptr<scalar_t>(),
-                                      logits.stride(0),
-                                      grad.mutable_data_ptr<scalar_t>(),
-                                      grad.stride(0),
-                                      vocab_size,
-                                      labels.const_data_ptr<int64_t>(),
-                                      lse.const_data_ptr<acc_t>(),
-                                      belief_ids.const_data_ptr<int64_t>(),
-                                      belief_weights.const_data_ptr<acc_t>(),
-                                      top_k,
-                                      label_weight};
-    const auto rows = backward_rows_for<scalar_t>(isa);
-    parallel_over_rows(num_rows, vocab_size, [&](int64_t begin, int64_t end) { rows(args, begin, end); });
-  });
-}
-
 // The gradient is a fresh [N, V] buffer that the kernel then writes once. Backed by 4 KiB pages, first touching it
 // costs one page fault per 4 KiB, which on this class of machine takes longer than computing the gradient (0.35 s
 // for 400 MB, against 0.05 s with 2 MiB pages). So ask for transparent huge pages on its aligned interior before
@@ -794,25 +782,213 @@ void advise_huge_pages(void* data, size_t bytes) {
 #endif
 }
 
-at::Tensor native_backward(const at::Tensor& grad_rows, const at::Tensor& logits_in, const at::Tensor& labels,
-                           const at::Tensor& lse, const at::Tensor& belief_ids, const at::Tensor& belief_weights,
-                           double label_weight) {
+using ForwardOutputs = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
+
+// The forward over unit-stride rows; with grad defined, also the dense part of the gradient scaled by grad_rows
+// (see write_dense_grad_row), written into grad (which may be logits itself).
+ForwardOutputs forward_into(const at::Tensor& logits, const at::Tensor& labels_in, int64_t top_k,
+                            const at::Tensor& grad_rows_in, const at::Tensor& grad) {
+  const int64_t num_rows = logits.size(0);
+  const int64_t vocab_size = logits.size(1);
+  check_rows(labels_in, "labels", num_rows, at::kLong);
+  TORCH_CHECK(labels_in.dim() == 1, "labels must be [N]");
+  TORCH_CHECK(top_k >= 0 && top_k <= vocab_size, "top_k must be in [0, V = ", vocab_size, "], got ", top_k);
+  const at::Tensor labels = labels_in.contiguous();
+  const auto stats_dtype = compute_dtype(logits.scalar_type());
+  at::Tensor grad_rows;
+  if (grad.defined()) {
+    check_rows(grad_rows_in, "grad_rows", num_rows, stats_dtype);
+    TORCH_CHECK(grad_rows_in.dim() == 1, "grad_rows must be [N]");
+    grad_rows = grad_rows_in.contiguous();
+  }
+
+  const auto stats_options = logits.options().dtype(stats_dtype);
+  at::Tensor row_max = at::empty({num_rows}, stats_options);
+  at::Tensor log_sum = at::empty({num_rows}, stats_options);
+  at::Tensor label_logits = at::empty({num_rows}, stats_options);
+  at::Tensor belief_logits = at::empty({num_rows, top_k}, stats_options);
+  at::Tensor belief_ids = at::empty({num_rows, top_k}, logits.options().dtype(at::kLong));
+  const Isa isa = select_isa();
+
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, logits.scalar_type(), "bs_kernels::native_forward", [&] {
+    using acc_t = acc_type<scalar_t>;
+    const ForwardArgs<scalar_t> args{logits.const_data_ptr<scalar_t>(),
+                                     logits.stride(0),
+                                     vocab_size,
+                                     labels.const_data_ptr<int64_t>(),
+                                     top_k,
+                                     row_max.mutable_data_ptr<acc_t>(),
+                                     log_sum.mutable_data_ptr<acc_t>(),
+                                     label_logits.mutable_data_ptr<acc_t>(),
+                                     belief_logits.mutable_data_ptr<acc_t>(),
+                                     belief_ids.mutable_data_ptr<int64_t>(),
+                                     grad.defined() ? grad_rows.const_data_ptr<acc_t>() : nullptr,
+                                     grad.defined() ? grad.data_ptr<scalar_t>() : nullptr,
+                                     grad.defined() ? grad.stride(0) : 0};
+    const auto rows = forward_rows_for<scalar_t>(isa);
+    parallel_over_rows(num_rows, vocab_size, [&](int64_t begin, int64_t end) { rows(args, begin, end); });
+  });
+  return {row_max, log_sum, label_logits, belief_logits, belief_ids};
+}
+
+ForwardOutputs native_forward(const at::Tensor& logits_in, const at::Tensor& labels, int64_t top_k) {
+  check_logits(logits_in, "logits");
+  return forward_into(unit_stride_rows(logits_in), labels, top_k, at::Tensor(), at::Tensor());
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> native_forward_grad(
+    const at::Tensor& logits_in, const at::Tensor& labels, int64_t top_k, const at::Tensor& grad_rows) {
   check_logits(logits_in, "logits");
   const at::Tensor logits = unit_stride_rows(logits_in);
   at::Tensor grad = at::empty(logits.sizes(), logits.options());  // contiguous
   advise_huge_pages(grad.data_ptr(), grad.nbytes());
-  backward_into(grad_rows, logits, labels, lse, belief_ids, belief_weights, label_weight, grad);
+  auto [row_max, log_sum, label_logits, belief_logits, belief_ids] =
+      forward_into(logits, labels, top_k, grad_rows, grad);
+  return {row_max, log_sum, label_logits, belief_logits, belief_ids, grad};
+}
+
+ForwardOutputs native_forward_grad_inplace(const at::Tensor& logits, const at::Tensor& labels, int64_t top_k,
+                                           const at::Tensor& grad_rows) {
+  check_logits(logits, "logits");
+  TORCH_CHECK(logits.size(1) == 1 || logits.stride(1) == 1,
+              "native_forward_grad_ writes into logits, whose rows must have unit stride along V; got strides ",
+              logits.strides());
+  return forward_into(logits, labels, top_k, grad_rows, logits);
+}
+
+void backward_into(const at::Tensor& grad_rows_in, const at::Tensor& logits, const at::Tensor& labels_in,
+                   const at::Tensor& row_max_in, const at::Tensor& log_sum_in, const at::Tensor& belief_ids_in,
+                   const at::Tensor& belief_weights_in, double label_weight, const at::Tensor& grad) {
+  const int64_t num_rows = logits.size(0);
+  const int64_t vocab_size = logits.size(1);
+  const auto stats_dtype = compute_dtype(logits.scalar_type());
+  check_rows(grad_rows_in, "grad_rows", num_rows, stats_dtype);
+  check_rows(labels_in, "labels", num_rows, at::kLong);
+  check_rows(row_max_in, "row_max", num_rows, stats_dtype);
+  check_rows(log_sum_in, "log_sum", num_rows, stats_dtype);
+  check_rows(belief_ids_in, "belief_ids", num_rows, at::kLong);
+  check_rows(belief_weights_in, "belief_weights", num_rows, stats_dtype);
+  TORCH_CHECK(grad_rows_in.dim() == 1 && labels_in.dim() == 1 && row_max_in.dim() == 1 && log_sum_in.dim() == 1,
+              "grad_rows, labels, row_max and log_sum must be [N]");
+  TORCH_CHECK(belief_ids_in.dim() == 2 && belief_weights_in.sizes() == belief_ids_in.sizes(),
+              "belief_ids and belief_weights must both be [N, k], got ", belief_ids_in.sizes(), " and ",
+              belief_weights_in.sizes());
+  const int64_t top_k = belief_ids_in.size(1);
+  TORCH_CHECK(top_k <= vocab_size, "belief_ids has k = ", top_k, " > V = ", vocab_size);
+  const at::Tensor grad_rows = grad_rows_in.contiguous();
+  const at::Tensor labels = labels_in.contiguous();
+  const at::Tensor row_max = row_max_in.contiguous();
+  const at::Tensor log_sum = log_sum_in.contiguous();
+  const at::Tensor belief_ids = belief_ids_in.contiguous();
+  const at::Tensor belief_weights = belief_weights_in.contiguous();
+  const Isa isa = select_isa();
+
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, logits.scalar_type(), "bs_kernels::native_backward", [&] {
+    using acc_t = acc_type<scalar_t>;
+    const BackwardArgs<scalar_t> args{grad_rows.const_data_ptr<acc_t>(),
+                                      logits.const_data_ptr<scalar_t>(),
+                                      logits.stride(0),
+                                      grad.mutable_data_ptr<scalar_t>(),
+                                      grad.stride(0),
+                                      vocab_size,
+                                      labels.const_data_ptr<int64_t>(),
+                                      row_max.const_data_ptr<acc_t>(),
+                                      log_sum.const_data_ptr<acc_t>(),
+                                      belief_ids.const_data_ptr<int64_t>(),
+                                      belief_weights.const_data_ptr<acc_t>(),
+                                      top_k,
+                                      label_weight};
+    const auto rows = backward_rows_for<scalar_t>(isa);
+    parallel_over_rows(num_rows, vocab_size, [&](int64_t begin, int64_t end) { rows(args, begin, end); });
+  });
+}
+
+at::Tensor native_backward(const at::Tensor& grad_rows, const at::Tensor& logits_in, const at::Tensor& labels,
+                           const at::Tensor& row_max, const at::Tensor& log_sum, const at::Tensor& belief_ids,
+                           const at::Tensor& belief_weights, double label_weight) {
+  check_logits(logits_in, "logits");
+  const at::Tensor logits = unit_stride_rows(logits_in);
+  at::Tensor grad = at::empty(logits.sizes(), logits.options());  // contiguous
+  advise_huge_pages(grad.data_ptr(), grad.nbytes());
+  backward_into(grad_rows, logits, labels, row_max, log_sum, belief_ids, belief_weights, label_weight, grad);
   return grad;
 }
 
 void native_backward_inplace(const at::Tensor& grad_rows, const at::Tensor& logits, const at::Tensor& labels,
-                             const at::Tensor& lse, const at::Tensor& belief_ids, const at::Tensor& belief_weights,
-                             double label_weight) {
+                             const at::Tensor& row_max, const at::Tensor& log_sum, const at::Tensor& belief_ids,
+                             const at::Tensor& belief_weights, double label_weight) {
   check_logits(logits, "logits");
   TORCH_CHECK(logits.size(1) == 1 || logits.stride(1) == 1,
               "native_backward_ writes into logits, whose rows must have unit stride along V; got strides ",
               logits.strides());
-  backward_into(grad_rows, logits, labels, lse, belief_ids, belief_weights, label_weight, logits);
+  backward_into(grad_rows, logits, labels, row_max, log_sum, belief_ids, belief_weights, label_weight, logits);
+}
+
+// The sparse terms of rows whose dense part native_forward_grad wrote (see write_sparse_terms), from the forward's
+// statistics and the epilogue's coefficients; rows with grad_rows 0 are left as they are (zeros).
+void native_sparse_grad_inplace(const at::Tensor& grad, const at::Tensor& grad_rows_in, const at::Tensor& labels_in,
+                                const at::Tensor& row_max_in, const at::Tensor& log_sum_in,
+                                const at::Tensor& label_logits_in, const at::Tensor& belief_logits_in,
+                                const at::Tensor& belief_ids_in, const at::Tensor& belief_weights_in,
+                                double label_weight) {
+  check_logits(grad, "grad");
+  TORCH_CHECK(grad.size(1) == 1 || grad.stride(1) == 1,
+              "native_sparse_grad_ writes into grad, whose rows must have unit stride along V; got strides ",
+              grad.strides());
+  const int64_t num_rows = grad.size(0);
+  const int64_t vocab_size = grad.size(1);
+  const auto stats_dtype = compute_dtype(grad.scalar_type());
+  check_rows(grad_rows_in, "grad_rows", num_rows, stats_dtype);
+  check_rows(labels_in, "labels", num_rows, at::kLong);
+  check_rows(row_max_in, "row_max", num_rows, stats_dtype);
+  check_rows(log_sum_in, "log_sum", num_rows, stats_dtype);
+  check_rows(label_logits_in, "label_logits", num_rows, stats_dtype);
+  check_rows(belief_logits_in, "belief_logits", num_rows, stats_dtype);
+  check_rows(belief_ids_in, "belief_ids", num_rows, at::kLong);
+  check_rows(belief_weights_in, "belief_weights", num_rows, stats_dtype);
+  TORCH_CHECK(grad_rows_in.dim() == 1 && labels_in.dim() == 1 && row_max_in.dim() == 1 && log_sum_in.dim() == 1 &&
+                  label_logits_in.dim() == 1,
+              "grad_rows, labels, row_max, log_sum and label_logits must be [N]");
+  TORCH_CHECK(belief_ids_in.dim() == 2 && belief_weights_in.sizes() == belief_ids_in.sizes() &&
+                  belief_logits_in.sizes() == belief_ids_in.sizes(),
+              "belief_logits, belief_ids and belief_weights must all be [N, k], got ", belief_logits_in.sizes(), ", ",
+              belief_ids_in.sizes(), " and ", belief_weights_in.sizes());
+  const int64_t top_k = belief_ids_in.size(1);
+  TORCH_CHECK(top_k <= vocab_size, "belief_ids has k = ", top_k, " > V = ", vocab_size);
+  const at::Tensor grad_rows = grad_rows_in.contiguous();
+  const at::Tensor labels = labels_in.contiguous();
+  const at::Tensor row_max = row_max_in.contiguous();
+  const at::Tensor log_sum = log_sum_in.contiguous();
+  const at::Tensor label_logits = label_logits_in.contiguous();
+  const at::Tensor belief_logits = belief_logits_in.contiguous();
+  const at::Tensor belief_ids = belief_ids_in.contiguous();
+  const at::Tensor belief_weights = belief_weights_in.contiguous();
+
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, grad.scalar_type(), "bs_kernels::native_sparse_grad_", [&] {
+    using acc_t = acc_type<scalar_t>;
+    scalar_t* out = grad.data_ptr<scalar_t>();
+    const int64_t row_stride = grad.stride(0);
+    const acc_t* g = grad_rows.const_data_ptr<acc_t>();
+    const int64_t* label = labels.const_data_ptr<int64_t>();
+    const acc_t* maxes = row_max.const_data_ptr<acc_t>();
+    const acc_t* log_sums = log_sum.const_data_ptr<acc_t>();
+    const acc_t* label_logit = label_logits.const_data_ptr<acc_t>();
+    const acc_t* values = belief_logits.const_data_ptr<acc_t>();
+    const int64_t* ids = belief_ids.const_data_ptr<int64_t>();
+    const acc_t* weights = belief_weights.const_data_ptr<acc_t>();
+    // Each row's k + 1 writes miss the cache (~100 ns each), so the rows are spread over the threads in the dense
+    // pass's tasks rather than by the k + 1 elements they write.
+    parallel_over_rows(num_rows, vocab_size, [&](int64_t begin, int64_t end) {
+      for (int64_t row = begin; row < end; ++row) {
+        if (g[row] == acc_t(0)) {
+          continue;
+        }
+        const int64_t offset = row * top_k;
+        write_sparse_terms<scalar_t>(out + row * row_stride, values + offset, ids + offset, weights + offset, top_k,
+                                     label[row], label_logit[row], maxes[row], log_sums[row], g[row], label_weight);
+      }
+    });
+  });
 }
 
 std::string native_isa() { return isa_name(select_isa()); }
@@ -822,13 +998,22 @@ std::string native_isa() { return isa_name(select_isa()); }
 
 // FRAGMENT: other backends (Triton) may define operators in the same namespace from Python.
 TORCH_LIBRARY_FRAGMENT(bs_kernels, m) {
-  m.def("native_forward(Tensor logits, Tensor labels, int top_k) -> (Tensor, Tensor, Tensor, Tensor)");
+  m.def("native_forward(Tensor logits, Tensor labels, int top_k) -> (Tensor, Tensor, Tensor, Tensor, Tensor)");
   m.def(
-      "native_backward(Tensor grad_rows, Tensor logits, Tensor labels, Tensor lse, Tensor belief_ids, "
-      "Tensor belief_weights, float label_weight) -> Tensor");
+      "native_backward(Tensor grad_rows, Tensor logits, Tensor labels, Tensor row_max, Tensor log_sum, "
+      "Tensor belief_ids, Tensor belief_weights, float label_weight) -> Tensor");
   m.def(
-      "native_backward_(Tensor grad_rows, Tensor(a!) logits, Tensor labels, Tensor lse, Tensor belief_ids, "
-      "Tensor belief_weights, float label_weight) -> ()");
+      "native_backward_(Tensor grad_rows, Tensor(a!) logits, Tensor labels, Tensor row_max, Tensor log_sum, "
+      "Tensor belief_ids, Tensor belief_weights, float label_weight) -> ()");
+  m.def(
+      "native_forward_grad(Tensor logits, Tensor labels, int top_k, Tensor grad_rows) -> (Tensor, Tensor, Tensor, "
+      "Tensor, Tensor, Tensor)");
+  m.def(
+      "native_forward_grad_(Tensor(a!) logits, Tensor labels, int top_k, Tensor grad_rows) -> (Tensor, Tensor, "
+      "Tensor, Tensor, Tensor)");
+  m.def(
+      "native_sparse_grad_(Tensor(a!) grad, Tensor grad_rows, Tensor labels, Tensor row_max, Tensor log_sum, "
+      "Tensor label_logits, Tensor belief_logits, Tensor belief_ids, Tensor belief_weights, float label_weight) -> ()");
   m.def("native_isa() -> str", &bs_kernels_native::native_isa);
 }
 
@@ -836,4 +1021,7 @@ TORCH_LIBRARY_IMPL(bs_kernels, CPU, m) {
   m.impl("native_forward", &bs_kernels_native::native_forward);
   m.impl("native_backward", &bs_kernels_native::native_backward);
   m.impl("native_backward_", &bs_kernels_native::native_backward_inplace);
+  m.impl("native_forward_grad", &bs_kernels_native::native_forward_grad);
+  m.impl("native_forward_grad_", &bs_kernels_native::native_forward_grad_inplace);
+  m.impl("native_sparse_grad_", &bs_kernels_native::native_sparse_grad_inplace);
 }

@@ -11,7 +11,9 @@ import torch
 import bs_kernels
 
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
-TOFU_DIR = REPO_ROOT.parent / "shared" / "data" / "tofu"
+# The TOFU JSONL folder: $BS_TOFU_DIR, else the shared/ folder beside the repository (where this project keeps it).
+TOFU_DIR_VARIABLE = "BS_TOFU_DIR"
+TOFU_DIR = pathlib.Path(os.environ.get(TOFU_DIR_VARIABLE) or REPO_ROOT.parent / "shared" / "data" / "tofu").expanduser()
 
 # Maximum absolute error against the float64 reference, for values and for gradients, keyed by input dtype.
 # For bf16/fp16 the budget is relative to the eager same-dtype error (see test_error_budget_low_precision).
@@ -40,7 +42,9 @@ def impl(request) -> str:
 @pytest.fixture
 def tofu_dir() -> pathlib.Path:
     if not (TOFU_DIR / "forget01.jsonl").is_file():
-        pytest.skip(f"TOFU data not found at {TOFU_DIR} (it lives in the shared/ folder beside the repository)")
+        pytest.skip(
+            f"TOFU data not found at {TOFU_DIR}: set {TOFU_DIR_VARIABLE} to a folder holding forget01.jsonl etc."
+        )
     return TOFU_DIR
 
 

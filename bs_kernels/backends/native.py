@@ -8,7 +8,10 @@ Where the library comes from, first match wins (csrc/README.md):
    a second torch), so the extension is compiled with torch.utils.cpp_extension and ninja the first time a CPU
    backend is resolved, into a cache folder keyed the same way:
        $BS_KERNELS_CACHE (default $XDG_CACHE_HOME/bs_kernels or ~/.cache/bs_kernels) / native-<key>/
-   Later processes load the cached library directly (no compiler, no ninja needed).
+   Later processes load the cached library directly (no compiler, no ninja needed), once it matches the size and
+   sha256 its build recorded beside it (bs_kernels_native.so.sha256): the dynamic loader dies with SIGBUS on a
+   library cut short (a full disk, a damaged cache), so one that does not match is rebuilt from scratch, with one
+   warning saying why.
 The source is the top-level csrc/ of the repository in an editable install or a source tree, and its copy inside the
 package (bs_kernels/csrc/, put there by setup.py's build_py) in a wheel, so every install builds the same file.
 
@@ -24,9 +27,15 @@ the kernel as unavailable for this process, exactly as after a failed build.
 Rebuild (verbose) with ``python -m bs_kernels.backends.native``; ``BS_KERNELS_DISABLE_NATIVE=1`` turns it off.
 
 Operators (torch.ops.bs_kernels.*; fake implementations below so opcheck / torch.compile can trace them):
-    native_forward(logits[N, V], labels[N], top_k) -> (lse[N], label_logits[N], belief_logits[N, k], belief_ids[N, k])
-    native_backward(grad_rows, logits, labels, lse, belief_ids, belief_weights, label_weight) -> grad[N, V]
+    native_forward(logits[N, V], labels[N], top_k)
+        -> (row_max[N], log_sum[N], label_logits[N], belief_logits[N, k], belief_ids[N, k])
+    native_backward(grad_rows, logits, labels, row_max, log_sum, belief_ids, belief_weights, label_weight) -> grad
     native_backward_(same arguments) -> ()  writes the gradient into logits
+    native_forward_grad(logits, labels, top_k, grad_rows) -> (the five forward outputs, grad[N, V]): the forward
+        and, per row while it is in cache, the dense part -grad_rows[i] * pi_i of the gradient (forward_grad below)
+    native_forward_grad_(same arguments) -> (the five forward outputs)  that dense part written into logits
+    native_sparse_grad_(grad, grad_rows, labels, row_max, log_sum, label_logits, belief_logits, belief_ids,
+        belief_weights, label_weight) -> ()  then the k + 1 sparse terms of each row, in place (sparse_grad_ below)
 """
 
 from __future__ import annotations
@@ -65,6 +74,7 @@ REBUILD_COMMAND = "python -m bs_kernels.backends.native"
 BUILD_TIMEOUT_ENV = "BS_KERNELS_BUILD_TIMEOUT"
 DEFAULT_BUILD_TIMEOUT_S = 600.0  # a cold build takes ~16 s on one free core; a loaded machine can take minutes
 BUILD_LOCK_NAME = "build.lock"  # ours, held with flock; "lock" is cpp_extension's
+LIBRARY_RECORD_SUFFIX = ".sha256"  # beside the cached library: its size and sha256, written by its build
 
 # -O3 and -ffp-contract=fast (fused multiply-adds in the exp polynomial; -std=c++20 turns contraction off by
 # default). No -march: the source compiles AVX-512 / AVX2 variants itself and picks one at run time, so the cache
@@ -86,6 +96,7 @@ _lock = threading.Lock()
 _library_path: str | None = None
 _build_error: str | None = None
 _warned = False
+_rebuild_warned: set[str] = set()  # libraries whose rebuild this process announced
 
 
 def cache_root() -> pathlib.Path:
@@ -141,7 +152,9 @@ def build(
 ) -> str:
     """Compile ``source`` (default: SOURCE) or reuse its cached build, load it into torch.ops; returns its path.
 
-    Raises whatever the compiler or ninja raised. ``extra_cflags`` (e.g. ``("-Werror",)``) take part in the key.
+    A cached library is loaded only if it matches the size and sha256 its build recorded beside it
+    (``library_problem``); otherwise it is rebuilt from scratch, with one warning saying why. Raises whatever the
+    compiler or ninja raised. ``extra_cflags`` (e.g. ``("-Werror",)``) take part in the key.
     """
     from torch.utils import cpp_extension  # imported here: it is slow to import and only needed for a build
 
@@ -151,9 +164,10 @@ def build(
         build_directory = cache_root() / f"native-{build_key(source, cflags)}"
     library = build_directory / f"{EXTENSION_NAME}.so"
     cpp_extension_lock = build_directory / "lock"
-    # A finished build: load it without ninja. While cpp_extension's "lock" file exists (a build in progress, or
-    # the leftover of a killed one), go through the build lock below instead of loading a half-written library.
-    if library.is_file() and not cpp_extension_lock.exists():
+    # A finished, intact build: load it without ninja. While cpp_extension's "lock" file exists (a build in
+    # progress, or the leftover of a killed one), go through the build lock below instead of loading a half-written
+    # library; a library that does not match its record would crash the loader (SIGBUS on a truncated file).
+    if library.is_file() and not cpp_extension_lock.exists() and library_problem(library) is None:
         torch.ops.load_library(str(library))
         return str(library)
     build_directory.mkdir(parents=True, exist_ok=True)
@@ -161,7 +175,14 @@ def build(
         # We hold build.lock, so no live process of ours is inside cpp_extension.load for this folder: a "lock"
         # file here was left by a builder that died, and cpp_extension would wait for it forever.
         cpp_extension_lock.unlink(missing_ok=True)
-        return cpp_extension.load(
+        if library.exists():
+            problem = library_problem(library)
+            if problem is None:  # another process finished this build while we waited for the lock
+                torch.ops.load_library(str(library))
+                return str(library)
+            _warn_rebuild(library, problem)
+            clear_build(library)
+        path = cpp_extension.load(
             name=EXTENSION_NAME,
             sources=[str(source)],
             extra_cflags=list(cflags),
@@ -170,6 +191,71 @@ def build(
             is_python_module=False,
             verbose=verbose,
         )
+        write_library_record(pathlib.Path(path))
+        return path
+
+
+def library_record(library: pathlib.Path) -> pathlib.Path:
+    """Where a build records its library's size and sha256: ``<library>.sha256``, beside it."""
+    return library.with_name(library.name + LIBRARY_RECORD_SUFFIX)
+
+
+def _size_and_digest(library: pathlib.Path) -> tuple[int, str]:
+    digest = hashlib.sha256()
+    with open(library, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return library.stat().st_size, digest.hexdigest()
+
+
+def write_library_record(library: pathlib.Path) -> None:
+    """Record the just-built library's size and sha256 ("<size> <sha256>"), atomically: a reader sees all or none."""
+    size, digest = _size_and_digest(library)
+    record = library_record(library)
+    partial = record.with_name(f"{record.name}.{os.getpid()}.tmp")
+    partial.write_text(f"{size} {digest}\n")
+    os.replace(partial, record)
+
+
+def library_problem(library: pathlib.Path) -> str | None:
+    """None if the cached ``library`` is what its build wrote (size and sha256 of its record); otherwise why not.
+
+    A library cut short (a full disk, a killed copy, a damaged cache) makes the dynamic loader die with SIGBUS or
+    fail with an unrelated message, so nothing is loaded from the cache unchecked. Hashing takes about a
+    millisecond per MB.
+    """
+    try:
+        words = library_record(library).read_text().split()
+        expected_size, expected_digest = int(words[0]), words[1]
+    except (OSError, ValueError, IndexError):
+        return "it has no readable size/sha256 record (its build was interrupted or predates the record)"
+    try:
+        size, digest = _size_and_digest(library)
+    except OSError as error:
+        return f"it cannot be read ({error})"
+    if size != expected_size:
+        return f"it has {size} bytes where its build wrote {expected_size}"
+    if digest != expected_digest:
+        return "its sha256 differs from the one its build recorded"
+    return None
+
+
+def clear_build(library: pathlib.Path) -> None:
+    """Remove a damaged build's outputs (the library, its record, the object files), so that ninja recompiles: it
+    would take a damaged file whose timestamp is newer than the source for up to date."""
+    for path in (library, library_record(library), *library.parent.glob("*.o")):
+        path.unlink(missing_ok=True)
+
+
+def _warn_rebuild(library: pathlib.Path, problem: str) -> None:
+    if str(library) in _rebuild_warned:
+        return
+    _rebuild_warned.add(str(library))
+    warnings.warn(
+        f"the cached native library {library} does not match its build: {problem}; rebuilding it",
+        RuntimeWarning,
+        stacklevel=3,
+    )
 
 
 def build_timeout_s() -> float:
@@ -299,15 +385,15 @@ def _require_built() -> None:
 def forward(logits: torch.Tensor, labels: torch.Tensor, top_k: int) -> RawRowStats:
     """One pass per row; see bs_kernels/backends/contract.py. logits [N, V], labels [N] int64 (-1 = ignored)."""
     _require_built()
-    lse, label_logits, belief_logits, belief_ids = torch.ops.bs_kernels.native_forward(logits, labels, top_k)
-    return RawRowStats(lse=lse, label_logits=label_logits, belief_logits=belief_logits, belief_ids=belief_ids)
+    return RawRowStats(*torch.ops.bs_kernels.native_forward(logits, labels, top_k))
 
 
 def backward(
     grad_rows: torch.Tensor,
     logits: torch.Tensor,
     labels: torch.Tensor,
-    lse: torch.Tensor,
+    row_max: torch.Tensor,
+    log_sum: torch.Tensor,
     belief_ids: torch.Tensor,
     belief_weights: torch.Tensor,
     label_weight: float,
@@ -315,11 +401,49 @@ def backward(
 ) -> torch.Tensor:
     """grad [N, V] in the logits' dtype (the contract's formula); written into ``logits`` when ``inplace``."""
     _require_built()
-    arguments = (grad_rows, logits, labels, lse, belief_ids, belief_weights, float(label_weight))
+    arguments = (grad_rows, logits, labels, row_max, log_sum, belief_ids, belief_weights, float(label_weight))
     if inplace and logits.stride(-1) == 1:
         torch.ops.bs_kernels.native_backward_(*arguments)
         return logits
     return torch.ops.bs_kernels.native_backward(*arguments)
+
+
+def forward_grad(
+    logits: torch.Tensor, labels: torch.Tensor, top_k: int, grad_rows: torch.Tensor, inplace: bool
+) -> tuple[RawRowStats, torch.Tensor]:
+    """forward() and, in the same pass over each row, grad[i] = -grad_rows[i] * pi_i: the contract's gradient
+    without its k + 1 sparse terms (sparse_grad_ writes those), pi_i = exp((z - m) - log_sum) as in backward. Rows
+    with grad_rows 0 get zeros, counted rows whose m or log_sum is not finite get NaN (what backward_rows makes of
+    them). Into ``logits`` itself when ``inplace``."""
+    _require_built()
+    if inplace and logits.stride(-1) == 1:
+        outputs = torch.ops.bs_kernels.native_forward_grad_(logits, labels, top_k, grad_rows)
+        grad = logits
+    else:
+        *outputs, grad = torch.ops.bs_kernels.native_forward_grad(logits, labels, top_k, grad_rows)
+    return RawRowStats(*outputs), grad
+
+
+def sparse_grad_(
+    grad: torch.Tensor,
+    grad_rows: torch.Tensor,
+    labels: torch.Tensor,
+    row_max: torch.Tensor,
+    log_sum: torch.Tensor,
+    raw: RawRowStats,
+    belief_ids: torch.Tensor,
+    belief_weights: torch.Tensor,
+    label_weight: float,
+) -> None:
+    """Rewrite the k + 1 sparse entries of each row of forward_grad's ``grad`` as the contract's
+    grad_rows * (coef - pi), from the forward's statistics ``raw`` (backward's own code, so with the grad_rows and
+    row_max of backward_rows and the epilogue's log_sum the gradient equals native_backward's); rows with
+    grad_rows 0 are left as they are."""
+    _require_built()
+    torch.ops.bs_kernels.native_sparse_grad_(
+        grad, grad_rows, labels, row_max, log_sum, raw.label_logits, raw.belief_logits, belief_ids, belief_weights,
+        float(label_weight),
+    )  # fmt: skip
 
 
 def _register_fakes() -> None:
@@ -334,16 +458,31 @@ def _register_fakes() -> None:
         return (
             logits.new_empty((num_rows,), dtype=stats_dtype),
             logits.new_empty((num_rows,), dtype=stats_dtype),
+            logits.new_empty((num_rows,), dtype=stats_dtype),
             logits.new_empty((num_rows, top_k), dtype=stats_dtype),
             logits.new_empty((num_rows, top_k), dtype=torch.int64),
         )
 
     @torch.library.register_fake("bs_kernels::native_backward")
-    def _backward_fake(grad_rows, logits, labels, lse, belief_ids, belief_weights, label_weight):
+    def _backward_fake(grad_rows, logits, labels, row_max, log_sum, belief_ids, belief_weights, label_weight):
         return logits.new_empty(logits.shape)
 
     @torch.library.register_fake("bs_kernels::native_backward_")
-    def _backward_inplace_fake(grad_rows, logits, labels, lse, belief_ids, belief_weights, label_weight):
+    def _backward_inplace_fake(grad_rows, logits, labels, row_max, log_sum, belief_ids, belief_weights, label_weight):
+        return None
+
+    @torch.library.register_fake("bs_kernels::native_forward_grad")
+    def _forward_grad_fake(logits, labels, top_k, grad_rows):
+        return (*_forward_fake(logits, labels, top_k), logits.new_empty(logits.shape))
+
+    @torch.library.register_fake("bs_kernels::native_forward_grad_")
+    def _forward_grad_inplace_fake(logits, labels, top_k, grad_rows):
+        return _forward_fake(logits, labels, top_k)
+
+    @torch.library.register_fake("bs_kernels::native_sparse_grad_")
+    def _sparse_grad_fake(
+        grad, grad_rows, labels, row_max, log_sum, label_logits, belief_logits, belief_ids, belief_weights, w
+    ):
         return None
 
     _register_fakes.done = True

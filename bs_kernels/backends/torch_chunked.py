@@ -2,9 +2,10 @@
 
 Algorithm, per chunk of rows (a [rows, V] slice of the logits):
   forward   1. (v, H) = topk(z, k)           the beliefs; their largest value is the row max m
-            2. lse = m + log sum exp(z - m)  into a reused workspace (no max pass of its own)
+            2. log_sum = log sum exp(z - m)  into a reused workspace (no max pass of its own)
             3. z_y = z[label]                a gather
-  backward  4. g = -grad_row * exp(z - lse)  written straight into the gradient buffer (no temporary for fp32)
+  backward  4. g = -grad_row * pi            pi = exp((z - m) - log_sum), written straight into the gradient buffer
+                                             (no temporary for fp32)
             5. g[y] += grad_row * (1 - lam);  g[H] += grad_row * belief_weights   two scatter-adds of O(k) per row
             6. g[rows with grad_row = 0] = 0  ignored rows stay 0 even where their logits are NaN or +inf
 
@@ -23,10 +24,10 @@ from .contract import RawRowStats
 
 NAME = "torch"
 
-# Step 4 folds the scale into the exponent, exp(z - (lse - log|grad_row|)), which saves a multiply pass but rounds
-# lse - log|grad_row| once: a relative error up to |lse - log|grad_row|| * 2^-24 on every entry (6e-4 at |z| ~ 1e4).
-# Above this bound the exponent is z - lse (exact where z is near lse) and the scale a separate multiply. At 64 the
-# fold's error stays below 4e-6 relative, under float32's share of the test tolerances.
+# Step 4 folds the scale into the exponent, exp(z - (m + log_sum - log|grad_row|)), which saves a multiply pass but
+# rounds that shift once: a relative error up to |shift| * 2^-24 on every entry (6e-4 at |z| ~ 1e4). Above this
+# bound the exponent is z - m (exact where z is near m) and the scale, -grad_row * exp(-log_sum), a separate
+# multiply. At 64 the fold's error stays below 4e-6 relative, under float32's share of the test tolerances.
 FOLDED_SCALE_MAX_EXPONENT = 64.0
 
 # 16 Mi elements = 64 MiB of float32 per chunk (341 rows at V = 49 152). Measured with two threads against 0.5, 1
@@ -47,7 +48,8 @@ def forward(logits: torch.Tensor, labels: torch.Tensor, top_k: int) -> RawRowSta
     num_rows, vocab_size = logits.shape
     stats_dtype = compute_dtype(logits.dtype)
     device = logits.device
-    lse = torch.empty(num_rows, dtype=stats_dtype, device=device)
+    row_maxes = torch.empty(num_rows, dtype=stats_dtype, device=device)
+    log_sum = torch.empty(num_rows, dtype=stats_dtype, device=device)
     label_logits = torch.empty(num_rows, dtype=stats_dtype, device=device)
     belief_logits = torch.empty(num_rows, top_k, dtype=stats_dtype, device=device)
     belief_ids = torch.empty(num_rows, top_k, dtype=torch.int64, device=device)
@@ -65,19 +67,27 @@ def forward(logits: torch.Tensor, labels: torch.Tensor, top_k: int) -> RawRowSta
             row_max = values.amax(-1, keepdim=True).to(stats_dtype)
         else:
             row_max = z.amax(-1, keepdim=True).to(stats_dtype)
-        # A row of -inf only (masked padding) has no maximum to subtract; 0 keeps exp(-inf - 0) = 0 and lse = -inf.
+        # A row of -inf only (masked padding) has no maximum to subtract; 0 keeps exp(-inf - 0) = 0, log_sum = -inf.
         row_max = torch.where(torch.isfinite(row_max), row_max, torch.zeros_like(row_max))
         torch.sub(z, row_max, out=shifted)
-        lse[rows] = shifted.exp_().sum(-1).log_().add_(row_max.squeeze(-1))
+        row_maxes[rows] = row_max.squeeze(-1)
+        log_sum[rows] = shifted.exp_().sum(-1).log_()
         label_logits[rows] = z.gather(-1, safe_labels[rows]).squeeze(-1).to(stats_dtype)
-    return RawRowStats(lse=lse, label_logits=label_logits, belief_logits=belief_logits, belief_ids=belief_ids)
+    return RawRowStats(
+        row_max=row_maxes,
+        log_sum=log_sum,
+        label_logits=label_logits,
+        belief_logits=belief_logits,
+        belief_ids=belief_ids,
+    )
 
 
 def backward(
     grad_rows: torch.Tensor,
     logits: torch.Tensor,
     labels: torch.Tensor,
-    lse: torch.Tensor,
+    row_max: torch.Tensor,
+    log_sum: torch.Tensor,
     belief_ids: torch.Tensor,
     belief_weights: torch.Tensor,
     label_weight: float,
@@ -90,15 +100,18 @@ def backward(
     safe_labels = labels.clamp(min=0).unsqueeze(-1)
     label_coef = (grad_rows * (label_weight * valid.to(grad_rows.dtype))).unsqueeze(-1)
     belief_coef = grad_rows.unsqueeze(-1) * belief_weights
-    # -grad_row * pi = -sign(grad_row) * exp(z - (lse - log|grad_row|)): the scale rides in the exponent, saving a
-    # multiply pass; grad_row = 0 gives exp(-inf) = 0 exactly (for finite z).
-    exponent_shift = (lse - grad_rows.abs().log()).unsqueeze(-1)
+    # -grad_row * pi = -sign(grad_row) * exp(z - (m + log_sum - log|grad_row|)): the scale rides in the exponent,
+    # saving a multiply pass; grad_row = 0 gives exp(-inf) = 0 exactly (for finite z).
+    exponent_shift = (row_max + (log_sum - grad_rows.abs().log())).unsqueeze(-1)
     counted_shifts = exponent_shift[grad_rows != 0]
     fold_scale = counted_shifts.numel() == 0 or bool(counted_shifts.abs().amax() <= FOLDED_SCALE_MAX_EXPONENT)
-    if not fold_scale:
-        exponent_shift = lse.unsqueeze(-1)
+    if fold_scale:
+        negated_sign = grad_rows.sign().neg().unsqueeze(-1)
+    else:
+        # exp((z - m) - log_sum) = exp(z - m) * exp(-log_sum): the second factor (<= 1) joins the scale.
+        exponent_shift = row_max.unsqueeze(-1)
+        negated_sign = (grad_rows.neg() * log_sum.neg().exp()).unsqueeze(-1)
     all_nonnegative = bool((grad_rows >= 0).all())
-    negated_sign = grad_rows.sign().neg().unsqueeze(-1) if fold_scale else grad_rows.neg().unsqueeze(-1)
     has_beliefs = belief_ids.shape[-1] > 0
     writes_in_place = grad.dtype == stats_dtype
     step = rows_per_chunk(num_rows, vocab_size)

@@ -35,8 +35,9 @@
 # Forward, per lane (bs_rows_forward_lanes_kernel; the launcher's choice for k <= 64 when the rows alone keep HBM
 # busy): one program of one warp (or a few) per row; each of its LANES lanes streams GROUPS 16-byte vectors of VEC
 # logits per step.
-#   1. log-sum-exp: every lane keeps its own running max and sum, in base 2 (exp2(z * log2 e - m * log2 e) is one
-#      FFMA and one MUFU, where exp is a MUFU plus range fix-ups); the lanes' partials are combined once per row.
+#   1. log-sum-exp: every lane keeps its own running max and sum, in base 2 (exp2((z - m) * log2 e) is an FADD, an
+#      FMUL and one MUFU, where exp is a MUFU plus range fix-ups; z - m first, since z * log2 e - m * log2 e would
+#      round both products at the ulp of z: 5e-4 at |z| = 1e4); the lanes' partials are combined once per row.
 #      No cross-lane work per step, so no barrier and no shuffle in the loop.
 #   2. top-k: the same keys as above, kept UNSORTED in K slots (distinct placeholders below every real key until
 #      filled); the k-th best is their minimum. A lane whose block max is below the k-th best's value holds no
@@ -50,12 +51,12 @@
 #      keys that are evicted within the block.
 #      The top is sorted once per row at the end (bitonic, K_PAD keys).
 #   Compiled for sm_90 (bf16, k = 20, 4 groups x 32 lanes x 8 = 1024 logits per step, 1 warp): ~64 registers, no
-#   spills, no BAR in the loop; ~7 lane-instructions per logit per block plus ~40 per lane visited and ~24 per key
-#   accepted (benchmarks/triton_cost.py, benchmarks/RESULTS.md).
+#   spills, no BAR in the loop; ~7-8 lane-instructions per logit per block plus ~40 per lane visited and ~24 per
+#   key accepted (benchmarks/triton_cost.py, benchmarks/RESULTS.md).
 #
 # Forward, split vocabulary (bs_rows_forward_split_kernel + bs_rows_merge_kernel; the launcher's choice for k <= 64
 # when rows are few): grid (row, slice), each program runs the per-lane loop above over one slice of whole blocks and
-# writes its partials: the slice's max and sum of exp(z - max), and its k best keys (global column ids) unsorted.
+# writes its partials: the slice's max m_s and sum of exp(z - m_s), and its k best keys (global column ids) unsorted.
 # The merge (one program per row) combines the (max, sum) pairs as the lanes' are combined, takes the k best of the
 # S * k keys (bitonic top-k; a logit of the row's top k is in its slice's top k), and stores the row as the other
 # forwards do (z_y and the belief values re-read from the logits). Extra traffic: S * (8 + 8 k) bytes per row,
@@ -63,7 +64,8 @@
 #   Limits as above.
 #
 # Backward, grid (row, column block), two launches:
-#   dense: grad = -exp(z - lse) * grad_row for every logit (one read, one write, one exp per element); rows with
+#   dense: grad = exp(z - m) * (-grad_row * exp(-log_sum)) for every logit (= -grad_row * pi; the second factor once
+#          per program, <= 1) (one read, one write, one exp per element); rows with
 #          grad_row == 0 (ignored) write zeros without reading the logits.
 #   fixup: one program per row rewrites the <= k + 1 entries that also carry a target term:
 #          grad[y] = grad_row * (1 - lam) + grad_row * (w_y - pi_y), grad[h] = grad_row * (w_h - pi_h) on the beliefs
@@ -189,10 +191,12 @@ def _merge_top(top_keys, block_top, LOG_K_PAD: tl.constexpr):
 def _store_row(
     row,
     row_ptr,
-    lse,
+    row_max,
+    log_sum,
     top_keys,
     labels_ptr,
-    lse_ptr,
+    row_max_ptr,
+    log_sum_ptr,
     label_logits_ptr,
     belief_logits_ptr,
     belief_ids_ptr,
@@ -200,10 +204,12 @@ def _store_row(
     LOG_K_PAD: tl.constexpr,
     IS_FP64: tl.constexpr,
 ):
-    """A forward's per-row outputs: lse, z_y (one scalar load) and, from top_keys (sorted descending), the belief ids
+    """A forward's per-row outputs: m and log_sum (lse = m + log_sum is never formed: it rounds to the ulp of m),
+    z_y (one scalar load) and, from top_keys (sorted descending), the belief ids
     from the low key bits and their values re-read from the logits (exact, whatever the key's value precision)."""
     compute_dtype = tl.float64 if IS_FP64 else tl.float32
-    tl.store(lse_ptr + row, lse)
+    tl.store(row_max_ptr + row, row_max)
+    tl.store(log_sum_ptr + row, log_sum)
     label = tl.load(labels_ptr + row)
     tl.store(label_logits_ptr + row, tl.load(row_ptr + tl.maximum(label, 0)).to(compute_dtype))
     if K > 0:
@@ -223,7 +229,8 @@ def _store_row(
 def bs_rows_forward_kernel(
     logits_ptr,  # [N, V] any float dtype, unit stride along V
     labels_ptr,  # [N] int64, -1 = ignored
-    lse_ptr,  # [N] out, compute dtype
+    row_max_ptr,  # [N] out, compute dtype
+    log_sum_ptr,  # [N] out, compute dtype
     label_logits_ptr,  # [N] out, compute dtype
     belief_logits_ptr,  # [N, K] out, compute dtype, contiguous
     belief_ids_ptr,  # [N, K] out, int64, contiguous
@@ -289,14 +296,16 @@ def bs_rows_forward_kernel(
                         candidates = tl.where(taken | (candidates <= kth_key), MIN_KEY, candidates)
                         best = tl.reduce(tl.reduce(candidates, 1, _max_combine), 0, _max_combine)
 
-    # A row of only -inf has running_sum = 0: lse = -inf + log(0) = -inf (epilogue.finish_rows handles it).
+    # A row of only -inf has running_sum = 0: m = -inf, log_sum = log(0) = -inf (epilogue.finish_rows handles it).
     _store_row(
         row,
         row_ptr,
-        running_max + tl.log(running_sum),
+        running_max,
+        tl.log(running_sum),
         top_keys,
         labels_ptr,
-        lse_ptr,
+        row_max_ptr,
+        log_sum_ptr,
         label_logits_ptr,
         belief_logits_ptr,
         belief_ids_ptr,
@@ -349,13 +358,14 @@ def _lanes_block(
     else:
         z = tl.load(block_ptrs).to(compute_dtype)
 
-    # 1. per-lane online log-sum-exp in base 2: one FFMA and one exp2 per logit, no cross-lane work
+    # 1. per-lane online log-sum-exp in base 2: z - m first (exact), then one FMUL and one exp2 per logit, no
+    # cross-lane work
     block_lane_max = tl.reduce(tl.reduce(z, 2, _max_combine), 0, _max_combine)
     new_max = tl.maximum(lane_max, block_lane_max)
     # A lane that has seen only -inf shifts by 0, so -inf - -inf never forms.
-    shift = tl.where(new_max == float("-inf"), 0.0, new_max * LOG2E).to(compute_dtype)
-    exps = tl.exp2(z * LOG2E - shift[None, :, None])
-    lane_sum = lane_sum * tl.exp2(lane_max * LOG2E - shift) + tl.reduce(
+    shift = tl.where(new_max == float("-inf"), 0.0, new_max).to(compute_dtype)
+    exps = tl.exp2((z - shift[None, :, None]) * LOG2E)
+    lane_sum = lane_sum * tl.exp2((lane_max - shift) * LOG2E) + tl.reduce(
         tl.reduce(exps, 2, _sum_combine), 0, _sum_combine
     )
     lane_max = new_max
@@ -516,15 +526,16 @@ def _combine_lanes(lane_max, lane_sum, IS_FP64: tl.constexpr):
     set of only -inf gives (-inf, 0)."""
     compute_dtype = tl.float64 if IS_FP64 else tl.float32
     row_max = tl.reduce(lane_max, 0, _max_combine)
-    row_shift = tl.where(row_max == float("-inf"), 0.0, row_max * LOG2E).to(compute_dtype)
-    return row_max, tl.reduce(lane_sum * tl.exp2(lane_max * LOG2E - row_shift), 0, _sum_combine)
+    row_shift = tl.where(row_max == float("-inf"), 0.0, row_max).to(compute_dtype)
+    return row_max, tl.reduce(lane_sum * tl.exp2((lane_max - row_shift) * LOG2E), 0, _sum_combine)
 
 
 @triton.jit
 def bs_rows_forward_lanes_kernel(
     logits_ptr,  # [N, V] any float dtype, unit stride along V
     labels_ptr,  # [N] int64, -1 = ignored
-    lse_ptr,  # [N] out, compute dtype
+    row_max_ptr,  # [N] out, compute dtype
+    log_sum_ptr,  # [N] out, compute dtype
     label_logits_ptr,  # [N] out, compute dtype
     belief_logits_ptr,  # [N, K] out, compute dtype, contiguous
     belief_ids_ptr,  # [N, K] out, int64, contiguous
@@ -542,7 +553,7 @@ def bs_rows_forward_lanes_kernel(
     lane_max, lane_sum, top_keys = _lanes_slice(
         row_ptr, 0, vocab_size, K, LOG_K_PAD, LOG_GROUPS, LOG_LANES, LOG_VEC, IS_FP64
     )
-    # The lanes' partials, combined once per row. A row of only -inf has row_sum = 0: lse = -inf + log(0) = -inf.
+    # The lanes' partials, combined once per row. A row of only -inf has row_sum = 0: log_sum = log(0) = -inf.
     row_max, row_sum = _combine_lanes(lane_max, lane_sum, IS_FP64)
     # 3. beliefs: the unsorted top sorted descending once per row (padding slots last)
     if K > 0:
@@ -551,10 +562,12 @@ def bs_rows_forward_lanes_kernel(
     _store_row(
         row,
         row_ptr,
-        row_max + tl.log(row_sum),
+        row_max,
+        tl.log(row_sum),
         top_keys,
         labels_ptr,
-        lse_ptr,
+        row_max_ptr,
+        log_sum_ptr,
         label_logits_ptr,
         belief_logits_ptr,
         belief_ids_ptr,
@@ -606,7 +619,8 @@ def bs_rows_merge_kernel(
     partial_max_ptr,  # [N, S] from bs_rows_forward_split_kernel
     partial_sum_ptr,  # [N, S]
     partial_keys_ptr,  # [N, S, K]
-    lse_ptr,  # [N] out, compute dtype
+    row_max_ptr,  # [N] out, compute dtype
+    log_sum_ptr,  # [N] out, compute dtype
     label_logits_ptr,  # [N] out, compute dtype
     belief_logits_ptr,  # [N, K] out, compute dtype, contiguous
     belief_ids_ptr,  # [N, K] out, int64, contiguous
@@ -637,10 +651,12 @@ def bs_rows_merge_kernel(
     _store_row(
         row,
         logits_ptr + row * logits_row_stride,
-        row_max + tl.log(row_sum),
+        row_max,
+        tl.log(row_sum),
         top_keys,
         labels_ptr,
-        lse_ptr,
+        row_max_ptr,
+        log_sum_ptr,
         label_logits_ptr,
         belief_logits_ptr,
         belief_ids_ptr,
@@ -654,14 +670,15 @@ def bs_rows_merge_kernel(
 def bs_rows_backward_kernel(
     grad_ptr,  # [N, V] out, the logits' dtype (may be the logits' own storage)
     logits_ptr,  # [N, V]
-    lse_ptr,  # [N] compute dtype, finite
+    row_max_ptr,  # [N] compute dtype, finite
+    log_sum_ptr,  # [N] compute dtype, finite
     grad_rows_ptr,  # [N] compute dtype, 0 on ignored rows
     vocab_size,
     logits_row_stride,
     grad_row_stride,
     BLOCK_V: tl.constexpr,
 ):
-    """grad[i, :] = -exp(z_i - lse_i) * grad_rows[i]; the target terms are added by the fixup kernel."""
+    """grad[i, :] = -exp((z_i - m_i) - log_sum_i) * grad_rows[i]; the target terms are added by the fixup kernel."""
     row = tl.program_id(0).to(tl.int64)
     cols = tl.program_id(1).to(tl.int64) * BLOCK_V + tl.arange(0, BLOCK_V)
     in_row = cols < vocab_size
@@ -670,10 +687,11 @@ def bs_rows_backward_kernel(
     if grad_row == 0:
         tl.store(out_ptrs, tl.zeros([BLOCK_V], grad_ptr.dtype.element_ty), mask=in_row)
     else:
-        lse = tl.load(lse_ptr + row)
-        z = tl.load(logits_ptr + row * logits_row_stride + cols, mask=in_row, other=float("-inf")).to(lse.dtype)
-        # exp(-inf - lse) = 0: masked vocabulary entries get a zero gradient, never a NaN.
-        grad = tl.exp(z - lse) * -grad_row
+        row_max = tl.load(row_max_ptr + row)
+        scale = -grad_row * tl.exp(-tl.load(log_sum_ptr + row))
+        z = tl.load(logits_ptr + row * logits_row_stride + cols, mask=in_row, other=float("-inf")).to(row_max.dtype)
+        # exp(-inf - m) = 0: masked vocabulary entries get a zero gradient, never a NaN.
+        grad = tl.exp(z - row_max) * scale
         tl.store(out_ptrs, grad.to(grad_ptr.dtype.element_ty), mask=in_row)
 
 
@@ -681,7 +699,8 @@ def bs_rows_backward_kernel(
 def bs_rows_backward_fixup_kernel(
     grad_ptr,  # [N, V] the dense kernel's output
     labels_ptr,  # [N] int64, -1 = ignored
-    lse_ptr,  # [N] compute dtype
+    row_max_ptr,  # [N] compute dtype
+    log_sum_ptr,  # [N] compute dtype
     grad_rows_ptr,  # [N] compute dtype
     label_coefs_ptr,  # [N] compute dtype: grad_row * (1 - lam)
     label_logits_ptr,  # [N] compute dtype: z_y gathered before the dense launch
@@ -697,14 +716,15 @@ def bs_rows_backward_fixup_kernel(
     grad_row = tl.load(grad_rows_ptr + row)
     label = tl.load(labels_ptr + row)
     if grad_row != 0:
-        lse = tl.load(lse_ptr + row)
+        row_max = tl.load(row_max_ptr + row)
+        log_sum = tl.load(log_sum_ptr + row)
         out_row_ptr = grad_ptr + row * grad_row_stride
         slots = tl.arange(0, K_PAD)
         is_belief = slots < K
         belief_ids = tl.load(belief_ids_ptr + row * K + slots, mask=is_belief, other=-1)
         belief_weights = tl.load(belief_weights_ptr + row * K + slots, mask=is_belief, other=0.0)
         belief_logits = tl.load(belief_logits_ptr + row * K + slots, mask=is_belief, other=float("-inf"))
-        belief_grads = (belief_weights - tl.exp(belief_logits - lse)) * grad_row
+        belief_grads = (belief_weights - tl.exp((belief_logits - row_max) - log_sum)) * grad_row
         # The label's entry is written once, below, with its belief weight folded in (two stores to one address
         # from different threads of a program would race).
         is_label = belief_ids == label
@@ -716,5 +736,6 @@ def bs_rows_backward_fixup_kernel(
         if label >= 0:
             label_belief_weight = tl.sum(tl.where(is_belief & is_label, belief_weights, 0.0), 0)
             label_logit = tl.load(label_logits_ptr + row)
-            label_grad = tl.load(label_coefs_ptr + row) + (label_belief_weight - tl.exp(label_logit - lse)) * grad_row
+            label_pi = tl.exp((label_logit - row_max) - log_sum)
+            label_grad = tl.load(label_coefs_ptr + row) + (label_belief_weight - label_pi) * grad_row
             tl.store(out_row_ptr + label, label_grad.to(grad_ptr.dtype.element_ty))

@@ -265,7 +265,8 @@ def _check_rows(logits: torch.Tensor, labels: torch.Tensor) -> None:
 def forward(
     logits: torch.Tensor, labels: torch.Tensor, top_k: int, *, config: ForwardConfig | None = None
 ) -> RawRowStats:
-    """One pass per row: lse [N], z_y [N], the top_k largest logits [N, k] (descending) and their ids [N, k] int64.
+    """One pass per row: m and log_sum [N] (RawRowStats), z_y [N], the top_k largest logits [N, k] (descending)
+    and their ids [N, k] int64.
 
     logits [N, V] (unit stride along V, any row stride), labels [N] int64 with -1 = ignored, 0 <= top_k <= V.
     """
@@ -277,22 +278,23 @@ def forward(
         )
     stats_dtype = compute_dtype(logits.dtype)
     device = logits.device
-    lse = torch.empty(num_rows, dtype=stats_dtype, device=device)
+    row_max = torch.empty(num_rows, dtype=stats_dtype, device=device)
+    log_sum = torch.empty(num_rows, dtype=stats_dtype, device=device)
     label_logits = torch.empty(num_rows, dtype=stats_dtype, device=device)
     belief_logits = torch.empty(num_rows, top_k, dtype=stats_dtype, device=device)
     belief_ids = torch.empty(num_rows, top_k, dtype=torch.int64, device=device)
     if num_rows == 0:
-        return RawRowStats(lse=lse, label_logits=label_logits, belief_logits=belief_logits, belief_ids=belief_ids)
+        return RawRowStats(row_max, log_sum, label_logits, belief_logits, belief_ids)
 
     padded_k = next_power_of_two(max(top_k, 1))
     config = config or _FORWARD_OVERRIDE or forward_config(vocab_size, top_k, num_rows, logits.element_size())
-    outputs = (lse, label_logits, belief_logits, belief_ids)
+    outputs = (row_max, log_sum, label_logits, belief_logits, belief_ids)
     if isinstance(config, (LaneForwardConfig, SplitForwardConfig)):
         if isinstance(config, SplitForwardConfig):
             _split_forward(logits, labels, top_k, config, outputs)
         else:
             _lanes_forward(logits, labels, top_k, config, outputs)
-        return RawRowStats(lse=lse, label_logits=label_logits, belief_logits=belief_logits, belief_ids=belief_ids)
+        return RawRowStats(*outputs)
     _check_block(config.block_v, "config.block_v")
     _check_block(config.buckets, "config.buckets")
     if not (padded_k <= config.buckets <= config.block_v):
@@ -303,7 +305,8 @@ def forward(
         _load_kernels().bs_rows_forward_kernel[(num_rows,)](
             logits,
             labels,
-            lse,
+            row_max,
+            log_sum,
             label_logits,
             belief_logits,
             belief_ids,
@@ -316,7 +319,7 @@ def forward(
             IS_FP64=logits.dtype == torch.float64,
             num_warps=config.num_warps,
         )
-    return RawRowStats(lse=lse, label_logits=label_logits, belief_logits=belief_logits, belief_ids=belief_ids)
+    return RawRowStats(row_max, log_sum, label_logits, belief_logits, belief_ids)
 
 
 def lanes_constants(config: LaneForwardConfig, dtype: torch.dtype, top_k: int) -> dict:
@@ -401,7 +404,8 @@ def backward(
     grad_rows: torch.Tensor,
     logits: torch.Tensor,
     labels: torch.Tensor,
-    lse: torch.Tensor,
+    row_max: torch.Tensor,
+    log_sum: torch.Tensor,
     belief_ids: torch.Tensor,
     belief_weights: torch.Tensor,
     label_weight: float,
@@ -411,9 +415,9 @@ def backward(
 ) -> torch.Tensor:
     """grad[i] = grad_rows[i] * (-pi_i + label_weight e_{y_i} + sum_j belief_weights[i, j] e_{belief_ids[i, j]}).
 
-    grad_rows, lse [N] and belief_weights [N, k] in the compute dtype (float32, float64 for float64 logits);
-    belief_ids [N, k] integer. Returns [N, V] in the logits' dtype: a new contiguous tensor, or ``logits`` itself
-    (overwritten) when ``inplace``.
+    grad_rows, row_max, log_sum [N] and belief_weights [N, k] in the compute dtype (float32, float64 for float64
+    logits); belief_ids [N, k] integer. Returns [N, V] in the logits' dtype: a new contiguous tensor, or ``logits``
+    itself (overwritten) when ``inplace``.
     """
     _check_rows(logits, labels)
     num_rows, vocab_size = logits.shape
@@ -421,7 +425,8 @@ def backward(
     top_k = belief_ids.shape[-1] if belief_ids.dim() == 2 else -1
     for name, tensor, shape in (
         ("grad_rows", grad_rows, (num_rows,)),
-        ("lse", lse, (num_rows,)),
+        ("row_max", row_max, (num_rows,)),
+        ("log_sum", log_sum, (num_rows,)),
         ("belief_ids", belief_ids, (num_rows, top_k)),
         ("belief_weights", belief_weights, (num_rows, top_k)),
     ):
@@ -436,7 +441,8 @@ def backward(
     if num_rows == 0:
         return grad
     grad_rows = grad_rows.to(stats_dtype).contiguous()
-    lse = lse.to(stats_dtype).contiguous()
+    row_max = row_max.to(stats_dtype).contiguous()
+    log_sum = log_sum.to(stats_dtype).contiguous()
     belief_ids = belief_ids.to(torch.int64).contiguous()
     belief_weights = belief_weights.to(stats_dtype).contiguous()
     # The fixup recomputes the label and belief entries from their logits: read them now, before an inplace
@@ -452,7 +458,8 @@ def backward(
         kernels.bs_rows_backward_kernel[(num_rows, _cdiv(vocab_size, config.block_v))](
             grad,
             logits,
-            lse,
+            row_max,
+            log_sum,
             grad_rows,
             vocab_size,
             logits.stride(0),
@@ -463,7 +470,8 @@ def backward(
         kernels.bs_rows_backward_fixup_kernel[(num_rows,)](
             grad,
             labels,
-            lse,
+            row_max,
+            log_sum,
             grad_rows,
             label_coefs,
             label_logits,

@@ -4,13 +4,14 @@
     objective = ObjectiveConfig(method="bs-t", lam=0.5)
     result = unlearn(UnlearnConfig(forget="forget01.jsonl", retain="retain99.jsonl", objective=objective, output="out"))
 
-Layers (each imports only from the ones above it):
-    data, models, outputs, tiny_model          QA files and tokenisation, model loading, output folders
+Layers (each imports only from the ones above it; tests/driver/test_layers.py keeps them):
+    data, models, outputs, tiny_model, tofu_data   QA files and tokenisation, model loading, output folders, the
+                                                    tiny test model, TOFU-format splits and evaluation sets
     config                                     one dataclass per concept (the CLI is generated from them)
-    scoring, metrics                           log-probs / generations of a model; TOFU and the paper's metrics
+    scoring, metrics                           log-probs / generations of a model; TOFU's and the paper's metrics
     objectives (terms, model_terms)            loss terms; the method's loss on a batch
     beliefs, trainer, probe, plotting          BS-S sampling, the Trainer subclasses, the squeezing probe, figures
-    experiment                                 the pipeline's stages (fine-tune, band, unlearn, evaluate, tables)
+    experiment                                 the pipeline: run specs, stages, the comparison, tables, results
     commands, cli                              bs-unlearn's subcommands
     integrations                               adapters for other codebases, over objectives and beliefs
 

@@ -1,4 +1,4 @@
-"""BS-S belief sets: the model's own sampled answers to each forget prompt (SPEC.md, "BS-S").
+"""BS-S belief sets: the model's own sampled answers to each forget prompt (docs/math.md, "BS-S").
 
 For every forget prompt x (the tokens before the first counted label) sample N continuations by temperature sampling
 (batched, left-padded, under no_grad and eval mode, stopping at the tokenizer's eos / chat end-of-turn token). Each

@@ -1,7 +1,6 @@
 """``bs-unlearn``: a dispatcher over the subcommand modules in bs_unlearn.commands.
 
-Each module exposes ``register(subparsers)``, which adds its parser and sets ``handler``. Modules that are not
-installed (yet) are skipped, so the CLI works with whichever subcommands exist.
+Each module exposes ``register(subparsers)``, which adds its parser and sets ``handler``.
 """
 
 from __future__ import annotations
@@ -26,13 +25,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = _OneLineErrorParser(prog=PROG, description="BS-T / BS-S unlearning on top of bs_kernels.")
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name in SUBCOMMAND_MODULES:
-        try:
-            module = importlib.import_module(f"bs_unlearn.commands.{name}")
-        except ModuleNotFoundError as error:
-            if error.name != f"bs_unlearn.commands.{name}":
-                raise  # the module exists but one of its imports is missing: that is a real error
-            continue
-        module.register(subparsers)
+        importlib.import_module(f"bs_unlearn.commands.{name}").register(subparsers)
     return parser
 
 

@@ -3,16 +3,20 @@
     TrainConfig      how to train (model, output, optimiser, sizes, kernel backend)
       FinetuneConfig   + the QA files to memorise
       UnlearnConfig    + forget / retain files, ``objective`` (an ObjectiveConfig), ``beliefs`` (a BeliefConfig)
-    ObjectiveConfig  the method's loss (SPEC.md, "Objectives around it")
-    BeliefConfig     how BS-S samples its belief set (SPEC.md, "BS-S")
+    ObjectiveConfig  the method's loss (docs/math.md, "Objectives")
+    BeliefConfig     how BS-S samples its belief set (docs/math.md, "BS-S")
 
-Each validates itself with an error that names the field. Importing this module imports neither torch nor
-transformers (bs_kernels, the data loaders and torch are imported where a check needs them), so building the CLI and
-rejecting a bad path (:func:`check_run_paths`) take no heavy import.
+Building a configuration checks each field on its own (an error names the field); ``validate()`` checks the whole run
+before any work: the paths first, then the settings (the kernel options and backend through bs_kernels). Neither this
+module nor building a configuration imports torch or transformers (bs_kernels is imported by the settings checks,
+after the paths), so the CLI parses, converts and refuses a bad path without a heavy import. The data files' contents
+are checked where a run reads them, once, before any model is loaded.
 """
 
 from __future__ import annotations
 
+import math
+import numbers
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import ClassVar
@@ -39,9 +43,31 @@ def _none_or(value: str) -> str | None:
     return None if value == "none" else value
 
 
+def check_real(name: str, value: object, *, low: float, high: float = math.inf, low_open: bool = False) -> None:
+    """Refuse ``value`` unless it is a finite real number in [low, high] ((low, high] with ``low_open``), with an
+    error naming ``name``: NaN passes every comparison a plain range check makes, and an infinite lr or weight trains
+    a model of NaN weights."""
+    is_real = isinstance(value, numbers.Real) and not isinstance(value, bool)
+    if is_real and math.isfinite(value) and (value > low if low_open else value >= low) and value <= high:
+        return
+    if not math.isfinite(low):
+        bounds = f"<= {high:g}"
+    elif math.isfinite(high):
+        bounds = f"in {'(' if low_open else '['}{low:g}, {high:g}]"
+    else:
+        bounds = f"{'>' if low_open else '>='} {low:g}"
+    raise ValueError(f"{name} must be a finite number {bounds}, got {value!r}")
+
+
+def check_int(name: str, value: object, *, low: int) -> None:
+    """Refuse ``value`` unless it is an integer (not a bool, not a float such as NaN) >= ``low``, naming ``name``."""
+    if not isinstance(value, numbers.Integral) or isinstance(value, bool) or value < low:
+        raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")
+
+
 @dataclass(kw_only=True)
 class ObjectiveConfig:
-    """Settings of one method's loss (defaults: SPEC.md). The CLI's unlearning options are generated from it."""
+    """Settings of one method's loss (defaults: docs/math.md). The CLI's unlearning options are generated from it."""
 
     method: str = field(default="graddiff", metadata={"help": "unlearning method", "choices": sorted(METHODS)})
     retain_loss: str | None = field(
@@ -69,9 +95,11 @@ class ObjectiveConfig:
     )
     forget_reduction: str | None = field(
         default=None,
-        metadata={"help": "forget-term reduction (default: token_mean for ga, sequence_mean for bs-t)",
-                  "choices": list(FORGET_REDUCTIONS)},
-    )  # fmt: skip
+        metadata={
+            "help": "forget-term reduction (default: token_mean for ga, sequence_mean for bs-t)",
+            "choices": list(FORGET_REDUCTIONS),
+        },
+    )
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
@@ -84,14 +112,23 @@ class ObjectiveConfig:
             raise ValueError(f"bs_s_base must be one of {FORGET_OBJECTIVES}, got {self.bs_s_base!r}")
         if self.forget_reduction is not None and self.forget_reduction not in FORGET_REDUCTIONS:
             raise ValueError(f"forget_reduction must be one of {FORGET_REDUCTIONS}, got {self.forget_reduction!r}")
-        if not 0.0 <= self.lam_s <= 1.0:
-            raise ValueError(f"lam_s must be in [0, 1], got {self.lam_s}")
-        if self.beta <= 0:
-            raise ValueError(f"beta must be > 0, got {self.beta}")
-        # lam, top_k, belief_temperature: validated by bs_kernels with the same messages as the loss.
+        self.check_values()
+
+    def check_values(self) -> None:
+        """The weights, beta and lam_s: finite and in range (lam, top_k and belief_temperature: ``validate``)."""
+        check_real("forget_weight", self.forget_weight, low=0.0)
+        check_real("retain_weight", self.retain_weight, low=0.0)
+        check_real("beta", self.beta, low=0.0, low_open=True)
+        check_real("lam_s", self.lam_s, low=0.0, high=1.0)
+
+    def validate(self) -> None:
+        """Every value again (a field may have been set after building), then lam, top_k and belief_temperature as
+        the loss checks them (bs_kernels, the same messages); a separate step because bs_kernels imports torch, which
+        building a configuration must not."""
+        self.check_values()
         import bs_kernels
 
-        bs_kernels.BSTokenLoss(lam=self.lam, top_k=self.top_k, belief_temperature=self.belief_temperature)
+        bs_kernels.check_loss_options(lam=self.lam, top_k=self.top_k, belief_temperature=self.belief_temperature)
 
     @property
     def forget_objective(self) -> str:
@@ -110,7 +147,7 @@ class ObjectiveConfig:
 
 @dataclass(kw_only=True)
 class BeliefConfig:
-    """How BS-S samples its belief set (SPEC.md, "BS-S"; defaults from the authors' config)."""
+    """How BS-S samples its belief set (docs/math.md, "BS-S"; defaults from the authors' config)."""
 
     num_beliefs: int = field(default=3, metadata={"help": "BS-S samples per forget prompt"})
     gen_temperature: float = field(default=1.0, metadata={"help": "BS-S sampling temperature"})
@@ -120,12 +157,12 @@ class BeliefConfig:
     regen_every: int = field(default=2, metadata={"help": "on-policy resampling period in epochs"})
 
     def __post_init__(self) -> None:
+        self.check_values()
+
+    def check_values(self) -> None:
         for name in ("num_beliefs", "max_new_tokens", "gen_batch_size", "regen_every"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise ValueError(f"{name} must be an int >= 1, got {value!r}")
-        if not isinstance(self.gen_temperature, (int, float)) or self.gen_temperature <= 0:
-            raise ValueError(f"gen_temperature must be > 0, got {self.gen_temperature!r}")
+            check_int(name, getattr(self, name), low=1)
+        check_real("gen_temperature", self.gen_temperature, low=0.0, low_open=True)
 
     def sample_kwargs(self) -> dict:
         """The keyword arguments of :func:`sample_beliefs` for this configuration."""
@@ -179,28 +216,31 @@ class TrainConfig:
     INPUT_FILES: ClassVar[tuple[str, ...]] = ()
 
     def validate(self) -> None:
-        """Every check, cheapest first: the paths, the settings, the data files' contents (nothing is loaded or
-        written; an error names the field)."""
+        """Every check of the run, cheapest first: the paths, then the settings (nothing is loaded or written; an
+        error names the field). The CLI calls it before its heavy imports and the run again as it starts; a
+        configuration that passed and has not changed since is not checked twice."""
+        checked = repr(self)
+        if self.__dict__.get("_checked") == checked:
+            return
         check_run_paths(type(self), vars(self))
         self.check_settings()
-        self.check_data()
+        self.__dict__["_checked"] = checked
 
     def check_settings(self) -> None:
         for name in ("batch_size", "grad_accum", "max_length", "logging_steps"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        if self.max_steps is not None and (isinstance(self.max_steps, bool) or self.max_steps < 1):
-            raise ValueError(f"max_steps must be >= 1 (leave it out to train for the epochs), got {self.max_steps}")
-        if self.max_steps is None and self.epochs <= 0:
-            raise ValueError(f"epochs must be > 0 (or max_steps >= 1), got epochs={self.epochs}")
-        if self.lr <= 0:
-            raise ValueError(f"lr must be > 0, got {self.lr}")
-        if self.max_examples_per_file is not None and self.max_examples_per_file < 1:
-            raise ValueError(f"max_examples_per_file must be >= 1, got {self.max_examples_per_file}")
+            check_int(name, getattr(self, name), low=1)
+        check_int("warmup_steps", self.warmup_steps, low=0)
+        check_int("seed", self.seed, low=0)
+        steps = self.max_steps
+        if steps is not None and (not isinstance(steps, numbers.Integral) or isinstance(steps, bool) or steps < 1):
+            raise ValueError(f"max_steps must be >= 1, an integer (leave it out to train for epochs), got {steps!r}")
+        # The Trainer ignores the epochs under max_steps, but an infinite or NaN count is still a mistake to refuse.
+        check_real("epochs", self.epochs, low=0.0, low_open=self.max_steps is None)
+        check_real("lr", self.lr, low=0.0, low_open=True)
+        check_real("weight_decay", self.weight_decay, low=0.0)
+        if self.max_examples_per_file is not None:
+            check_int("max_examples_per_file", self.max_examples_per_file, low=1)
         check_impl_available(self.impl)
-
-    def check_data(self) -> None:
-        """The input files' contents (subclasses): bad lines and empty sets are reported before any model is loaded."""
 
 
 def check_impl_available(impl: str) -> None:
@@ -208,7 +248,7 @@ def check_impl_available(impl: str) -> None:
     ``triton`` on a machine without a GPU), with bs_kernels' reason."""
     import bs_kernels
 
-    bs_kernels.BSTokenLoss(impl=impl)  # an unknown name
+    bs_kernels.check_loss_options(impl=impl)  # an unknown name
     if impl in ("auto", "reference"):
         return  # auto falls back to what runs; the reference runs everywhere
     import torch
@@ -253,20 +293,17 @@ class FinetuneConfig(TrainConfig):
     data: list[str] = field(default_factory=list, metadata={"help": "QA JSON Lines files (question, answer)"})
     INPUT_FILES: ClassVar[tuple[str, ...]] = ("data",)
 
-    def check_data(self) -> None:
-        from .data import load_qa_jsonl
-
+    def check_settings(self) -> None:
         if not self.data:
             raise ValueError("data: give at least one QA JSON Lines file")
-        for path in self.data:
-            load_qa_jsonl(path)
+        super().check_settings()
 
 
 @dataclass(kw_only=True)
 class UnlearnConfig(TrainConfig):
     """Unlearn a forget set: the training settings, the method's loss (``objective``) and BS-S sampling (``beliefs``).
 
-    Defaults: SPEC.md for the loss; lr / epochs / batch from open-unlearning's TOFU recipe.
+    Defaults: docs/math.md for the loss; lr / epochs / batch from open-unlearning's TOFU recipe.
     """
 
     forget: str = field(metadata={"help": "forget set, QA JSON Lines"})
@@ -280,12 +317,10 @@ class UnlearnConfig(TrainConfig):
     beliefs: BeliefConfig = field(default_factory=BeliefConfig)
     INPUT_FILES: ClassVar[tuple[str, ...]] = ("forget", "retain")
 
-    def check_data(self) -> None:
-        from .data import load_qa_jsonl
-
+    def check_settings(self) -> None:
         if self.objective.retain_loss is not None and self.retain is None:
             method, term = self.objective.method, self.objective.retain_loss
             raise ValueError(f"method {method!r} uses a retain term ({term}): give a retain file")
-        load_qa_jsonl(self.forget)
-        if self.retain is not None and self.objective.retain_loss is not None:
-            load_qa_jsonl(self.retain)
+        super().check_settings()
+        self.beliefs.check_values()
+        self.objective.validate()

@@ -23,6 +23,7 @@ import torch
 from bs_kernels import IGNORE_INDEX
 
 REQUIRED_FIELDS = ("question", "answer")
+SCORED_FIELDS = ("paraphrased_answer", "perturbed_answer")  # what the truth ratio scores, where a set has them
 
 
 def read_qa_records(path: str | os.PathLike, *, max_examples: int | None = None, seed: int = 0) -> list[dict]:
@@ -40,22 +41,65 @@ def read_qa_records(path: str | os.PathLike, *, max_examples: int | None = None,
         text = path.read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as error:
         raise ValueError(f"cannot read data file {path}: {error}") from error
-    rows = []
+    rows, places = [], []
     for line_number, line in enumerate(text.splitlines(), start=1):
         if not line.strip():
             continue
+        place = f"{path} line {line_number}"
         try:
             row = json.loads(line)
         except json.JSONDecodeError as error:
-            raise ValueError(f"{path} line {line_number}: not valid JSON ({error.msg})") from error
-        if not isinstance(row, dict):
-            raise ValueError(f"{path} line {line_number}: expected a JSON object with question and answer")
-        for field in REQUIRED_FIELDS:
-            if not isinstance(row.get(field), str):
-                raise ValueError(f"{path} line {line_number}: missing string field {field!r}")
-        rows.append(row)
+            raise ValueError(f"{place}: not valid JSON ({error.msg})") from error
+        rows.append(check_qa_record(row, place))
+        places.append(place)
     if not rows:
         raise ValueError(f"data file {path} has no examples")
+    check_scored_fields_shared(rows, places)
+    return select_examples(rows, max_examples, seed=seed)
+
+
+def check_qa_record(row: object, where: str) -> dict:
+    """``row`` if it is a QA record (a dict with string ``question`` and ``answer``, all text valid Unicode; where
+    present, ``paraphrased_answer`` a non-blank string and ``perturbed_answer`` a non-empty list of them), else
+    ValueError starting with ``where`` (e.g. "FILE line N")."""
+    if not isinstance(row, dict):
+        raise ValueError(f"{where}: expected a JSON object with question and answer")
+    for field in REQUIRED_FIELDS:
+        if not isinstance(row.get(field), str):
+            raise ValueError(f"{where}: missing string field {field!r}")
+    _check_scored_answers(row, where)
+    for field, value in row.items():
+        _check_encodable(value, f"{where}: field {field!r}")
+    return row
+
+
+def check_scored_fields_shared(rows: Sequence[dict], places: Sequence[str]) -> None:
+    """Each of ``SCORED_FIELDS`` on every record or on none (``places[i]`` names record i in an error): a set whose
+    records have it scores it for all of them, and one record without it would change the set's truth ratio."""
+    for field in SCORED_FIELDS:
+        missing = [place for row, place in zip(rows, places) if row.get(field) is None]
+        if missing and len(missing) < len(rows):
+            raise ValueError(f"{missing[0]}: no {field}, which the other records have (the metrics score it on all)")
+
+
+def _is_text(value: object) -> bool:
+    return isinstance(value, str) and bool(value.strip())
+
+
+def _check_scored_answers(row: dict, where: str) -> None:
+    """The answers the truth ratio scores, checked as they are read: one record whose ``perturbed_answer`` is empty
+    would leave its whole set without a truth ratio. A field that is absent or null (how a table marks a missing
+    value) is not checked here; every TOFU file's records carry both fields complete or neither."""
+    paraphrased = row.get("paraphrased_answer")
+    if paraphrased is not None and not _is_text(paraphrased):
+        raise ValueError(f"{where}: paraphrased_answer must be a non-empty string, got {paraphrased!r}")
+    perturbed = row.get("perturbed_answer")
+    if perturbed is not None and not (isinstance(perturbed, list) and perturbed and all(map(_is_text, perturbed))):
+        raise ValueError(f"{where}: perturbed_answer must be a non-empty list of non-empty strings, got {perturbed!r}")
+
+
+def select_examples(rows: list[dict], max_examples: int | None, *, seed: int = 0) -> list[dict]:
+    """A seeded random subset of ``max_examples`` rows, in their order (all rows when None or enough)."""
     if max_examples is not None:
         if max_examples < 1:
             raise ValueError(f"max_examples must be >= 1, got {max_examples}")
@@ -63,6 +107,26 @@ def read_qa_records(path: str | os.PathLike, *, max_examples: int | None = None,
             keep = np.random.default_rng(seed).permutation(len(rows))[:max_examples]
             rows = [rows[i] for i in sorted(keep)]
     return rows
+
+
+def _check_encodable(value: object, where: str) -> None:
+    """Refuse a string that is not valid Unicode text: JSON's ``\\ud800`` escapes decode to a lone surrogate, which
+    the tokenizer and every writer then fail on ("'utf-8' codec can't encode") without naming the file."""
+    if isinstance(value, str):
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError as error:
+            code = f"\\u{ord(value[error.start]):04x}"
+            raise ValueError(
+                f"{where} holds a lone surrogate ({code} at character {error.start}), which is not valid text; "
+                "fix that escape in the file"
+            ) from None
+    elif isinstance(value, list):
+        for item in value:
+            _check_encodable(item, where)
+    elif isinstance(value, dict):
+        for item in value.values():
+            _check_encodable(item, where)
 
 
 def load_qa_jsonl(path: str | os.PathLike, *, max_examples: int | None = None, seed: int = 0):

@@ -135,8 +135,57 @@ def check_model_path(model: str) -> None:
             raise ValueError(f"model directory {model}: config.json is not valid JSON ({error})") from error
         if not isinstance(settings, dict):
             raise ValueError(f"model directory {model}: config.json is not a JSON object")
+        for weights in sorted(path.glob("*.safetensors")):
+            _check_safetensors(weights, model, settings)
     if path.is_file() and path.suffix != ".gguf":
         raise ValueError(f"model file {model} is not a .gguf file (pass a Hugging Face model directory or a GGUF)")
+
+
+# Tensors whose first dimension is the vocabulary, in the architectures transformers ships.
+_VOCAB_TENSORS = ("embed_tokens.weight", "wte.weight", "embed_in.weight", "lm_head.weight", "embed_out.weight")
+
+
+def _check_safetensors(weights: pathlib.Path, model: str, settings: dict) -> None:
+    """Read a safetensors file's header only (its first bytes): refuse a truncated file (the safetensors reader says
+    "incomplete metadata" without naming it) and an embedding whose row count is not config.json's vocab_size
+    (transformers prints a multi-line report, then a RuntimeError pointing at it)."""
+    size = weights.stat().st_size
+
+    def truncated(described: str = "") -> ValueError:
+        return ValueError(
+            f"model {model}: {weights.name} is truncated ({size} bytes{described}); copy or save it again"
+        )
+
+    with open(weights, "rb") as handle:
+        prefix = handle.read(8)
+        length = int.from_bytes(prefix, "little") if len(prefix) == 8 else -1
+        if length < 0 or length > size - 8:
+            raise truncated()
+        try:
+            header = json.loads(handle.read(length))
+            tensors = {name: info for name, info in header.items() if name != "__metadata__"}
+            end = max((int(info["data_offsets"][1]) for info in tensors.values()), default=0)
+        except (UnicodeDecodeError, json.JSONDecodeError, AttributeError, KeyError, IndexError, TypeError, ValueError):
+            raise ValueError(f"model {model}: {weights.name} is not a safetensors file (unreadable header)") from None
+    if 8 + length + end > size:
+        raise truncated(f", its header describes {8 + length + end}")
+    text_config = settings.get("text_config")
+    vocab_size = settings.get("vocab_size", text_config.get("vocab_size") if isinstance(text_config, dict) else None)
+    for name, info in tensors.items():
+        shape = info.get("shape") if isinstance(info, dict) else None
+        if isinstance(vocab_size, int) and name.endswith(_VOCAB_TENSORS) and shape and shape[0] != vocab_size:
+            raise ValueError(
+                f"model {model}: config.json has vocab_size={vocab_size} but {weights.name} holds {name} with "
+                f"{shape[0]} rows; correct vocab_size in config.json"
+            )
+
+
+def _safetensors_error() -> type[BaseException]:
+    try:
+        from safetensors import SafetensorError
+    except ImportError:
+        return OSError
+    return SafetensorError
 
 
 def _one_line(error: BaseException) -> str:
@@ -163,14 +212,17 @@ def load_model_and_tokenizer(model: str = DEFAULT_MODEL, *, dtype=None):
     if path.is_file():
         loaded, tokenizer = _load_gguf(path, dtype)
     else:
-        # transformers reports an unreadable folder as OSError, ValueError or a bare KeyError, several lines long.
+        # transformers reports an unreadable folder as OSError, ValueError or a bare KeyError, several lines long
+        # (weights that do not fit the config as RuntimeError, a damaged safetensors file as SafetensorError).
         try:
             tokenizer = AutoTokenizer.from_pretrained(str(path), local_files_only=True)
         except (OSError, ValueError, KeyError, TypeError) as error:
             raise ValueError(f"cannot load the tokenizer of model {model}: {_one_line(error)}") from error
         try:
             loaded = AutoModelForCausalLM.from_pretrained(str(path), local_files_only=True, dtype=dtype)
-        except (OSError, ValueError, KeyError, TypeError) as error:
+        except torch.OutOfMemoryError:
+            raise
+        except (OSError, ValueError, KeyError, TypeError, RuntimeError, _safetensors_error()) as error:
             raise ValueError(f"cannot load model {model}: {_one_line(error)}") from error
     if tokenizer.pad_token_id is None:
         if tokenizer.eos_token_id is None:

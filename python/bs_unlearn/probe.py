@@ -1,4 +1,4 @@
-"""The squeezing probe (shared/SPEC.md, "The squeezing probe").
+"""The squeezing probe (docs/math.md, "Squeezing probe").
 
 Before unlearning, ``collect_belief_band`` asks the initial model for its high-likelihood answers to each forget
 question other than the target (beam search with ``no_repeat_ngram_size`` so the beams do not fill with repetitions,
@@ -10,13 +10,13 @@ sequences:
 - ``belief_lp``: the belief band (where GA's freed probability mass goes if the model squeezes);
 - ``paraphrase_lp``: the paraphrased forget answers, when the data has them;
 - ``retain_lp``: retain answers (the early warning of collapse);
-- ``target_p_label`` / ``target_alt_mass``: the token-level view (shared/FINDINGS.md): p(label) at each forget
-  answer position and the mass on the ``top_k`` most likely other tokens, averaged over positions. GA's squeeze shows
-  as p(label) falling while alt mass rises by about as much.
+- ``target_p_label`` / ``target_alt_mass``: the token-level view (docs/math.md, "Squeezing probe"): p(label) at each
+  forget answer position and the mass on the ``top_k`` most likely other tokens, averaged over positions. GA's squeeze
+  shows as p(label) falling while alt mass rises by about as much.
 
 It writes the records to JSON and, through ``plotting.plot_probe_runs``, a PNG.
 
-Matched forgetting (SPEC.md, "Comparing methods"): with ``stop_at`` (a :class:`ForgettingTarget`) the probe checks
+Matched forgetting (docs/math.md, "Matched forgetting"): with ``stop_at`` (a :class:`ForgettingTarget`) the probe checks
 the forget targets' mean per-token log-prob after every ``stop_at.check_every`` steps and stops training at the first
 check at or below the target; ``reached_step`` says where (None: the step cap came first). With ``give_up`` it also
 stops, at half the step cap, a run whose straight-line projection to the cap would not cover even half the distance
@@ -40,7 +40,7 @@ import torch
 from transformers import TrainerCallback
 
 from .data import tokenize_qa
-from .metrics import rouge_tokens
+from .metrics.tofu import rouge_tokens
 from .outputs import write_json_atomic
 from .scoring import generate_answers, score_encodings, temperature_samples
 
@@ -111,9 +111,15 @@ def collect_belief_band(
             found.extend(texts)
     if num_samples:
         samples = temperature_samples(
-            model, tokenizer, questions, num_samples=num_samples, temperature=temperature,
-            max_new_tokens=max_new_tokens, seed=seed, batch_size=batch_size,
-        )  # fmt: skip
+            model,
+            tokenizer,
+            questions,
+            num_samples=num_samples,
+            temperature=temperature,
+            max_new_tokens=max_new_tokens,
+            seed=seed,
+            batch_size=batch_size,
+        )
         for found, texts in zip(candidates, samples):
             found.extend(texts)
     band = []

@@ -418,7 +418,13 @@ def sample_answers(
     if num_samples == 0:
         return greedy
     samples = temperature_samples(
-        model, tokenizer, questions, num_samples=num_samples, temperature=temperature,
-        max_new_tokens=max_new_tokens, seed=seed, batch_size=batch_size,
-    )  # fmt: skip
+        model,
+        tokenizer,
+        questions,
+        num_samples=num_samples,
+        temperature=temperature,
+        max_new_tokens=max_new_tokens,
+        seed=seed,
+        batch_size=batch_size,
+    )
     return [first + rest for first, rest in zip(greedy, samples)]

@@ -67,3 +67,18 @@ def build_tiny_model(tokenizer, *, hidden_size: int = 64, layers: int = 2, seed:
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     model.generation_config.eos_token_id = tokenizer.eos_token_id
     return model
+
+
+def build_quick_model(directory, records) -> str:
+    """Save a tiny random Llama (hidden size 32) and a word-level tokenizer for the QA ``records`` in ``directory``
+    (``bs-unlearn demo --quick``, the tests); returns its path. The vocabulary covers every text a record carries."""
+    texts = []
+    for record in records:
+        texts += [record["question"], record["answer"]]
+        texts += [record.get("paraphrased_answer") or "", record.get("paraphrased_question") or ""]
+        texts += list(record.get("perturbed_answer") or [])
+    tokenizer = build_tiny_tokenizer(texts)
+    model = build_tiny_model(tokenizer, hidden_size=32)
+    model.save_pretrained(directory)
+    tokenizer.save_pretrained(directory)
+    return str(directory)

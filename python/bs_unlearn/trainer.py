@@ -17,9 +17,7 @@ import copy
 import dataclasses
 import json
 import pathlib
-import shutil
 import sys
-import tempfile
 import time
 from dataclasses import dataclass
 
@@ -30,10 +28,11 @@ import bs_kernels
 
 from .beliefs import BeliefRefreshCallback, EpochCallback, prompt_ids_of, sample_beliefs
 from .config import FinetuneConfig, TrainConfig, UnlearnConfig, run_inputs
-from .data import ForgetRetainCollator, ForgetRetainDataset, QACollator, QADataset, load_qa_jsonl, tokenize_dataset
+from .data import ForgetRetainCollator, ForgetRetainDataset, QACollator, QADataset, read_qa_records, tokenize_dataset
+from .loss_guard import StopOnNonFiniteLoss
 from .models import load_model_and_tokenizer
 from .objectives import UnlearnObjective, answer_mask, answer_token_logprobs, nll_loss
-from .outputs import atomic_output_dir, is_main_process
+from .outputs import atomic_output_dir, is_main_process, scratch_dir
 
 RUN_FILE = "run.json"
 
@@ -134,6 +133,7 @@ def _training_arguments(config: TrainConfig, work_dir: pathlib.Path) -> Training
         num_train_epochs=config.epochs,
         max_steps=config.max_steps if config.max_steps is not None else -1,  # -1: the Trainer's "use the epochs"
         logging_steps=config.logging_steps,
+        logging_nan_inf_filter=False,  # a NaN loss is logged as NaN, for StopOnNonFiniteLoss to stop the run
         save_strategy="no",
         report_to=[],
         seed=config.seed,
@@ -164,7 +164,6 @@ def _run(kind: str, config: TrainConfig, build, callbacks) -> RunResult:
     save_strategy="no"); only the main process touches the staging directory of the output.
     """
     main = is_main_process()
-    scratch = pathlib.Path(tempfile.mkdtemp(prefix="bs-unlearn-"))
     staging_context = (
         atomic_output_dir(
             config.output,
@@ -175,11 +174,11 @@ def _run(kind: str, config: TrainConfig, build, callbacks) -> RunResult:
         if config.output is not None
         else contextlib.nullcontext(None)
     )
-    try:
+    with scratch_dir() as scratch:
         with staging_context as staging:
             args = _training_arguments(config, scratch)
             set_seed(config.seed)
-            trainer = build(args, list(callbacks or []))
+            trainer = build(args, [StopOnNonFiniteLoss(), *(callbacks or [])])
             start = time.perf_counter()
             trainer.train()
             seconds = time.perf_counter() - start
@@ -197,8 +196,6 @@ def _run(kind: str, config: TrainConfig, build, callbacks) -> RunResult:
                     }
                     (staging / RUN_FILE).write_text(json.dumps(record, indent=2) + "\n")
                 trainer.accelerator.wait_for_everyone()
-    finally:
-        shutil.rmtree(scratch, ignore_errors=True)
     if config.output is not None:
         trainer.accelerator.wait_for_everyone()  # the rename is done before any process returns
     model = trainer.accelerator.unwrap_model(trainer.model)
@@ -217,9 +214,15 @@ def _versions() -> dict[str, str]:
     }
 
 
-def _load_examples(path: str, tokenizer, config: TrainConfig) -> list[dict]:
-    dataset = load_qa_jsonl(path, max_examples=config.max_examples_per_file, seed=config.seed)
-    return tokenize_dataset(dataset, tokenizer, max_length=config.max_length)
+def _read_records(path: str, config: TrainConfig) -> list[dict]:
+    """A data file's records (its seeded subset with ``max_examples_per_file``): read and checked once, before any
+    model is loaded, so a bad line is reported first."""
+    return read_qa_records(path, max_examples=config.max_examples_per_file, seed=config.seed)
+
+
+def _tokenized(records: list[dict], tokenizer, config: TrainConfig) -> list[dict]:
+    columns = {"question": [r["question"] for r in records], "answer": [r["answer"] for r in records]}
+    return tokenize_dataset(columns, tokenizer, max_length=config.max_length)
 
 
 def finetune(config: FinetuneConfig, *, callbacks: list[TrainerCallback] | None = None, model=None, tokenizer=None):
@@ -229,7 +232,7 @@ def finetune(config: FinetuneConfig, *, callbacks: list[TrainerCallback] | None 
         nonlocal model, tokenizer
         if model is None:
             model, tokenizer = load_model_and_tokenizer(config.model)
-        examples = [example for path in config.data for example in _load_examples(path, tokenizer, config)]
+        examples = [example for records in data for example in _tokenized(records, tokenizer, config)]
         return FinetuneTrainer(
             model=model,
             args=args,
@@ -242,6 +245,7 @@ def finetune(config: FinetuneConfig, *, callbacks: list[TrainerCallback] | None 
         )
 
     config.validate()
+    data = [_read_records(path, config) for path in config.data]
     return _run("finetune", config, build, callbacks)
 
 
@@ -256,10 +260,8 @@ def unlearn(config: UnlearnConfig, *, callbacks: list[TrainerCallback] | None = 
         nonlocal model, tokenizer
         if model is None:
             model, tokenizer = load_model_and_tokenizer(config.model)
-        forget = _load_examples(config.forget, tokenizer, config)
-        retain = _load_examples(config.retain, tokenizer, config) if config.retain is not None else None
-        if objective_config.retain_loss is None:
-            retain = None  # no retain term: batches carry the forget set only
+        forget = _tokenized(forget_records, tokenizer, config)
+        retain = _tokenized(retain_records, tokenizer, config) if retain_records is not None else None
         dataset = ForgetRetainDataset(forget, retain, seed=config.seed)
         trainer_callbacks = [EpochCallback(dataset), *extra_callbacks]
         if objective_config.uses_beliefs:
@@ -286,4 +288,8 @@ def unlearn(config: UnlearnConfig, *, callbacks: list[TrainerCallback] | None = 
         )
 
     config.validate()
+    forget_records = _read_records(config.forget, config)
+    # No retain term: batches carry the forget set only, and a retain file is not read.
+    uses_retain = config.retain is not None and objective_config.retain_loss is not None
+    retain_records = _read_records(config.retain, config) if uses_retain else None
     return _run("unlearn", config, build, callbacks)

@@ -42,9 +42,14 @@ def run_trainer(world: int) -> dict:
             folder, per_device_train_batch_size=4 // world, max_steps=STEPS, learning_rate=5e-3, optim="sgd"
         )
         trainer = BST(
-            lambda_bst=0.3, top_k=5, model=model, args=args, train_dataset=make_dataset(tokenizer, num_forget=4),
-            data_collator=ForgetRetainCollator(tokenizer.pad_token_id), processing_class=tokenizer,
-        )  # fmt: skip
+            lambda_bst=0.3,
+            top_k=5,
+            model=model,
+            args=args,
+            train_dataset=make_dataset(tokenizer, num_forget=4),
+            data_collator=ForgetRetainCollator(tokenizer.pad_token_id),
+            processing_class=tokenizer,
+        )
         trainer.train()
     losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
     return {"losses": losses, "checksum": _checksum(model.parameters())}
@@ -95,9 +100,14 @@ def run_bss(world: int) -> dict:
     with tempfile.TemporaryDirectory() as folder:
         args = training_arguments(folder, per_device_train_batch_size=4 // world, max_steps=2, optim="sgd")
         trainer = BSS(
-            n_samples=2, max_new_tokens=4, model=model, args=args, train_dataset=make_dataset(tokenizer, num_forget=4),
-            data_collator=ForgetRetainCollator(tokenizer.pad_token_id), processing_class=tokenizer,
-        )  # fmt: skip
+            n_samples=2,
+            max_new_tokens=4,
+            model=model,
+            args=args,
+            train_dataset=make_dataset(tokenizer, num_forget=4),
+            data_collator=ForgetRetainCollator(tokenizer.pad_token_id),
+            processing_class=tokenizer,
+        )
         trainer.train()
     belief_sets = [sorted(trainer.beliefs.items())]
     if world > 1:

@@ -51,10 +51,20 @@ def make_batch(tokenizer, forget_indices=(0, 1, 2), retain_indices=(9, 10, 11)) 
 
 def training_arguments(folder, **overrides) -> TrainingArguments:
     settings = dict(
-        output_dir=str(folder), per_device_train_batch_size=4, learning_rate=1e-2, max_steps=1, logging_steps=1,
-        save_strategy="no", report_to=[], use_cpu=True, remove_unused_columns=False, disable_tqdm=True,
-        dataloader_num_workers=0, seed=0, optim="adamw_torch",
-    )  # fmt: skip
+        output_dir=str(folder),
+        per_device_train_batch_size=4,
+        learning_rate=1e-2,
+        max_steps=1,
+        logging_steps=1,
+        save_strategy="no",
+        report_to=[],
+        use_cpu=True,
+        remove_unused_columns=False,
+        disable_tqdm=True,
+        dataloader_num_workers=0,
+        seed=0,
+        optim="adamw_torch",
+    )
     settings.update(overrides)
     return TrainingArguments(**settings)
 

@@ -14,12 +14,17 @@ open-unlearning trainings that tests/driver/test_open_unlearning_checkout.py pla
 from __future__ import annotations
 
 import json
+import os
 import sys
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[2]
-TOFU_DIR = REPO.parent / "shared" / "data" / "tofu"
-CHECKOUT = REPO.parent / "shared" / "vendor" / "open-unlearning"
+# Where the TOFU JSONL files and the open-unlearning checkout are: these variables, else the shared/ folder beside
+# the repository.
+TOFU_DIR_VARIABLE = "BS_TOFU_DIR"
+CHECKOUT_VARIABLE = "BS_OPEN_UNLEARNING_DIR"
+TOFU_DIR = Path(os.environ.get(TOFU_DIR_VARIABLE) or REPO.parent / "shared" / "data" / "tofu").expanduser()
+CHECKOUT = Path(os.environ.get(CHECKOUT_VARIABLE) or REPO.parent / "shared" / "vendor" / "open-unlearning").expanduser()
 
 # Llama-3's chat layout with its special tokens (what open-unlearning's Llama-3.2-1B-Instruct config expects).
 CHAT_TOKENS = ["<|begin_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"]
@@ -49,9 +54,12 @@ def build_checkpoint(directory: Path, tofu_dir: Path = TOFU_DIR) -> Path:
     word_level.add_special_tokens({"additional_special_tokens": CHAT_TOKENS})
     # Rebuilt around the same backend so that eos is <|eot_id|>, bos <|begin_of_text|> and there is no pad token.
     tokenizer = PreTrainedTokenizerFast(
-        tokenizer_object=word_level.backend_tokenizer, bos_token="<|begin_of_text|>", eos_token="<|eot_id|>",
-        unk_token="<unk>", additional_special_tokens=CHAT_TOKENS,
-    )  # fmt: skip
+        tokenizer_object=word_level.backend_tokenizer,
+        bos_token="<|begin_of_text|>",
+        eos_token="<|eot_id|>",
+        unk_token="<unk>",
+        additional_special_tokens=CHAT_TOKENS,
+    )
     tokenizer.chat_template = CHAT_TEMPLATE
     model = build_tiny_model(word_level, hidden_size=32, layers=2)
     model.config.pad_token_id = None

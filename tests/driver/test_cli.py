@@ -98,10 +98,31 @@ def test_finetune_bad_input(tmp_path, capsys):
     assert status == 2 and len(lines) == 1 and "data file not found" in lines[0]
 
 
-def test_unlearn_run_saves_model_and_settings(tiny_setup, tmp_path, capsys):  # noqa: F811
+def test_unlearn_run_saves_model_and_settings(tiny_setup, tmp_path, capsys, monkeypatch):  # noqa: F811
+    from bs_unlearn import config, data
+
+    calls = {"paths": 0, "reads": 0}
+    check_run_paths, read_qa_records = config.check_run_paths, data.read_qa_records
+
+    def counted_paths(*args, **kwargs):
+        calls["paths"] += 1
+        return check_run_paths(*args, **kwargs)
+
+    def counted_reads(*args, **kwargs):
+        calls["reads"] += 1
+        return read_qa_records(*args, **kwargs)
+
+    monkeypatch.setattr(config, "check_run_paths", counted_paths)
+    monkeypatch.setattr(data, "read_qa_records", counted_reads)
+    import bs_unlearn.trainer
+
+    monkeypatch.setattr(bs_unlearn.trainer, "read_qa_records", counted_reads)
     output = tmp_path / "out"
     status = cli.main(_unlearn_args(tiny_setup, output, **{"--method": "bs-t", "--lam": "0.5"}))
     assert status == 0
+    # Each check once: the paths by config.validate() (the CLI's call; the run's finds the same configuration
+    # checked), each data file (forget, retain) read once.
+    assert calls == {"paths": 1, "reads": 2}
     assert "unlearn: 2 steps" in capsys.readouterr().out
     record = json.loads((output / "run.json").read_text())
     objective = record["config"]["objective"]
@@ -140,9 +161,26 @@ def test_unlearn_options_are_generated_from_the_configs():
             if field.name not in ("objective", "beliefs", "logging_steps"):
                 assert field.name in options, f"{config_class.__name__}.{field.name} has no option"
     args = parser.parse_args(
-        ["unlearn", "--method", "bs-s", "--forget", "f.jsonl", "--output", "o", "--bs-s-base", "bs-t", "--lam", "0.7",
-         "--retain-loss", "none", "--num-beliefs", "5", "--no-progress", "--on-policy"]
-    )  # fmt: skip
+        [
+            "unlearn",
+            "--method",
+            "bs-s",
+            "--forget",
+            "f.jsonl",
+            "--output",
+            "o",
+            "--bs-s-base",
+            "bs-t",
+            "--lam",
+            "0.7",
+            "--retain-loss",
+            "none",
+            "--num-beliefs",
+            "5",
+            "--no-progress",
+            "--on-policy",
+        ]
+    )
     config = config_from_args(UnlearnConfig, args)
     assert config.objective == ObjectiveConfig(method="bs-s", bs_s_base="bs_t", lam=0.7, retain_loss=None)
     assert config.beliefs == BeliefConfig(num_beliefs=5, on_policy=True)

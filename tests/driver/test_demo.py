@@ -9,10 +9,17 @@ import pytest
 pytest.importorskip("transformers")
 pytest.importorskip("matplotlib")
 
-from bs_unlearn import experiment as ex  # noqa: E402
 from bs_unlearn.cli import main as cli_main  # noqa: E402
 from bs_unlearn.data import demo_data_path, read_qa_records  # noqa: E402
+from bs_unlearn.experiment.comparison import run_comparison  # noqa: E402
+from bs_unlearn.experiment.matched_stage import matched_stage  # noqa: E402
+from bs_unlearn.experiment.run_specs import RunSpec, parse_run  # noqa: E402
+from bs_unlearn.experiment.settings import ComparisonSettings, UnlearnSettings  # noqa: E402
+from bs_unlearn.experiment.tables import matched_table  # noqa: E402
+from bs_unlearn.experiment.unlearn_stage import unlearn_stage  # noqa: E402
 from bs_unlearn.probe import ForgettingTarget  # noqa: E402
+from bs_unlearn.tiny_model import build_quick_model  # noqa: E402
+from bs_unlearn.tofu_data import QASplit  # noqa: E402
 
 
 def test_demo_quick_matched_end_to_end(tmp_path, capsys):
@@ -80,23 +87,23 @@ def tiny_start(tmp_path_factory):
 
     folder = tmp_path_factory.mktemp("tiny")
     forget_path, retain_path = demo_data_path("forget.jsonl"), demo_data_path("retain.jsonl")
-    forget = ex.QASplit("forget", read_qa_records(forget_path)[:4], forget_path)
-    retain = ex.QASplit("retain", read_qa_records(retain_path), retain_path)
-    model, tokenizer = load_model_and_tokenizer(ex.build_quick_model(folder / "model", forget.records + retain.records))
+    forget = QASplit("forget", read_qa_records(forget_path)[:4], forget_path)
+    retain = QASplit("retain", read_qa_records(retain_path), retain_path)
+    model, tokenizer = load_model_and_tokenizer(build_quick_model(folder / "model", forget.records + retain.records))
     band = [{"question": r["question"], "target": r["answer"], "beliefs": []} for r in forget.records]
-    stage = dict(forget=forget, retain=retain, band=band, settings=ex.UnlearnSettings(probe_every=2, top_k=5))
+    stage = dict(forget=forget, retain=retain, band=band, settings=UnlearnSettings(probe_every=2, top_k=5))
     return model, tokenizer, stage
 
 
 def test_stopping_rule_stops_at_the_target(tiny_start):
     model, tokenizer, stage = tiny_start
-    spec = ex.parse_run("ga")
-    _, free = ex.unlearn_stage(model, tokenizer, spec, lr=3e-3, max_steps=6, **stage)
+    spec = parse_run("ga")
+    _, free = unlearn_stage(model, tokenizer, spec, lr=3e-3, max_steps=6, **stage)
     curve = [r["target_lp"] for r in free["probe"]["records"]]
     assert curve[-1] < curve[0]  # GA at this lr forgets on the tiny model
     # A target between the start and where the free run ended: the matched run stops early, at or below it.
     target = ForgettingTarget((curve[0] + curve[-1]) / 2)
-    _, stopped = ex.unlearn_stage(model, tokenizer, spec, lr=3e-3, max_steps=6, stop_at=target, **stage)
+    _, stopped = unlearn_stage(model, tokenizer, spec, lr=3e-3, max_steps=6, stop_at=target, **stage)
     assert stopped["reached"] and stopped["steps"] < 6
     assert stopped["probe"]["records"][-1]["target_lp"] <= target.target_lp
     assert stopped["probe"]["records"][-1]["step"] == stopped["steps"] == stopped["probe"]["reached_step"]
@@ -105,14 +112,14 @@ def test_stopping_rule_stops_at_the_target(tiny_start):
 def test_stopping_rule_reports_not_reached(tiny_start):
     model, tokenizer, stage = tiny_start
     unreachable = ForgettingTarget(-1e6)
-    _, run = ex.matched_stage(
-        model, tokenizer, ex.parse_run("ga"), learning_rates=[1e-4, 3e-3], stop_at=unreachable, max_steps=2, **stage
+    _, run = matched_stage(
+        model, tokenizer, parse_run("ga"), learning_rates=[1e-4, 3e-3], stop_at=unreachable, max_steps=2, **stage
     )
     assert run["reached"] is False and run["steps"] == 2
     assert [a["reached"] for a in run["attempts"]] == [False, False]
     # Neither lr reached it: the one that got closest (the larger lr forgets faster) is kept.
     assert run["lr"] == 3e-3
-    assert "not reached" in ex.matched_table(
+    assert "not reached" in matched_table(
         {"runs": [dict(run, metrics=_fake_metrics())], "start_metrics": _fake_metrics(), "forget_set": "forget"},
         markdown=True,
     )
@@ -121,8 +128,8 @@ def test_stopping_rule_reports_not_reached(tiny_start):
 def test_a_run_spec_lr_grid_replaces_the_comparison_grid(tiny_start):
     model, tokenizer, stage = tiny_start
     unreachable = ForgettingTarget(-1e6)
-    spec = ex.parse_run("ga:lr_grid=3e-3/1e-4")
-    _, run = ex.matched_stage(
+    spec = parse_run("ga:lr_grid=3e-3/1e-4")
+    _, run = matched_stage(
         model, tokenizer, spec, learning_rates=[0.5], stop_at=unreachable, max_steps=2, lr_search="all", **stage
     )
     # The spec's own rates, smallest first; the comparison's 0.5 is never tried.
@@ -133,15 +140,15 @@ def test_a_run_spec_lr_grid_replaces_the_comparison_grid(tiny_start):
 def test_give_up_stops_a_hopeless_run_at_half_the_cap(tiny_start):
     model, tokenizer, stage = tiny_start
     hopeless = ForgettingTarget(-1e6, give_up=True)
-    _, run = ex.unlearn_stage(model, tokenizer, ex.parse_run("ga"), lr=1e-4, max_steps=4, stop_at=hopeless, **stage)
+    _, run = unlearn_stage(model, tokenizer, parse_run("ga"), lr=1e-4, max_steps=4, stop_at=hopeless, **stage)
     assert run["reached"] is False and run["abandoned_step"] == 2 and run["steps"] == 2
     assert run["probe"]["records"][-1]["step"] == 2
     # A reachable target is never given up on: the start record is reused, the run stops where it reaches it.
-    _, free = ex.unlearn_stage(model, tokenizer, ex.parse_run("ga"), lr=3e-3, max_steps=6, **stage)
+    _, free = unlearn_stage(model, tokenizer, parse_run("ga"), lr=3e-3, max_steps=6, **stage)
     start = free["probe"]["records"][0]
     reachable = ForgettingTarget(free["probe"]["records"][-1]["target_lp"], give_up=True)
-    _, run = ex.unlearn_stage(
-        model, tokenizer, ex.parse_run("ga"), lr=3e-3, max_steps=6, stop_at=reachable, start_record=start, **stage
+    _, run = unlearn_stage(
+        model, tokenizer, parse_run("ga"), lr=3e-3, max_steps=6, stop_at=reachable, start_record=start, **stage
     )
     assert run["reached"] and run["abandoned_step"] is None
     assert run["probe"]["records"][0] == start
@@ -162,43 +169,40 @@ def test_forgetting_target_and_run_specs_bad_input():
         ForgettingTarget(0.5)
     with pytest.raises(ValueError, match="check_every"):
         ForgettingTarget(-1.0, check_every=0)
-    assert ex.parse_run("bs-t:lam=0.5,top_k=10") == ex.RunSpec("bs-t", {"lam": 0.5, "top_k": 10})
-    assert ex.parse_run("bs-s") == ex.RunSpec("bs-s", {})
+    assert parse_run("bs-t:lam=0.5,top_k=10") == RunSpec("bs-t", {"lam": 0.5, "top_k": 10})
+    assert parse_run("bs-s") == RunSpec("bs-s", {})
     with pytest.raises(ValueError, match="unknown method"):
-        ex.parse_run("sgd")
+        parse_run("sgd")
     with pytest.raises(ValueError, match="bad option"):
-        ex.parse_run("bs-t:alpha=1")
+        parse_run("bs-t:alpha=1")
     with pytest.raises(ValueError, match="bad value"):
-        ex.parse_run("bs-t:lam=high")
+        parse_run("bs-t:lam=high")
 
 
 def test_run_spec_lr_grid_parsing_and_bad_input():
-    spec = ex.parse_run("bs-t:lam=1.0,lr_grid=5e-4/1.5e-3")
+    spec = parse_run("bs-t:lam=1.0,lr_grid=5e-4/1.5e-3")
     assert spec.lr_grid == (5e-4, 1.5e-3) and spec.lr is None
     assert "lr_grid" not in spec.objective_options  # never reaches ObjectiveConfig
     assert spec.label == "BS-T λ=1 (lr_grid=0.0005/0.0015)"
     with pytest.raises(ValueError, match="both lr and lr_grid"):
-        ex.parse_run("ga:lr=1e-4,lr_grid=1e-4/3e-4")
+        parse_run("ga:lr=1e-4,lr_grid=1e-4/3e-4")
     for bad in ("0/1e-4", "1e-4/-3e-4", "1e-4/inf", "1e-4//3e-4", "fast"):
         with pytest.raises(ValueError, match="bad value in 'lr_grid="):
-            ex.parse_run(f"ga:lr_grid={bad}")
-    # The steps protocol has no grid to replace: refused before any work.
+            parse_run(f"ga:lr_grid={bad}")
+    # The steps protocol has no grid to replace: refused before any work (no model, no data, no output needed).
     with pytest.raises(ValueError, match="lr_grid is for the matched protocol"):
-        ex.run_comparison(
+        run_comparison(
             "model",
             None,
             None,
-            forget=None,
-            retain=None,
-            eval_sets=[],
-            specs=[spec],
+            None,
+            [spec],
             protocol="steps",
-            settings=ex.ComparisonSettings(),
+            settings=ComparisonSettings(),
             output=None,
-            names=("m", "d"),
+            model_name="",
         )
     with pytest.raises(ValueError, match="protocol"):
-        ex.run_comparison(
-            "x", None, None, forget=None, retain=None, eval_sets=[], specs=[], protocol="fast",
-            settings=ex.ComparisonSettings(), output=None, names=("", ""),
-        )  # fmt: skip
+        run_comparison(
+            "x", None, None, None, [], protocol="fast", settings=ComparisonSettings(), output=None, model_name=""
+        )

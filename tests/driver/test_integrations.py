@@ -45,9 +45,14 @@ def test_bst_matches_the_authors_formula(tmp_path, detach_mode, retain_loss_type
     reference_model = copy.deepcopy(model)
     method = dict(lambda_bst=0.3, detach_mode=detach_mode, top_k=5)
     trainer = BST(
-        **method, gamma=0.7, alpha=1.3, retain_loss_type=retain_loss_type, model=model,
-        args=training_arguments(tmp_path), processing_class=tokenizer,
-    )  # fmt: skip
+        **method,
+        gamma=0.7,
+        alpha=1.3,
+        retain_loss_type=retain_loss_type,
+        model=model,
+        args=training_arguments(tmp_path),
+        processing_class=tokenizer,
+    )
     batch = make_batch(tokenizer)
 
     loss = trainer.compute_loss(trainer.model, batch)
@@ -108,9 +113,18 @@ def test_bss_samples_the_whole_forget_set_and_mixes_the_loss(tmp_path):
     reference_model = copy.deepcopy(model)
     dataset = make_dataset(tokenizer, num_forget=4)
     trainer = BSS(
-        lambda_bss=0.4, n_samples=2, temperature=1.0, regeneration_epochs=2, max_new_tokens=4, gamma=1.0, alpha=0.5,
-        model=model, args=training_arguments(tmp_path), train_dataset=dataset, processing_class=tokenizer,
-    )  # fmt: skip
+        lambda_bss=0.4,
+        n_samples=2,
+        temperature=1.0,
+        regeneration_epochs=2,
+        max_new_tokens=4,
+        gamma=1.0,
+        alpha=0.5,
+        model=model,
+        args=training_arguments(tmp_path),
+        train_dataset=dataset,
+        processing_class=tokenizer,
+    )
     trainer.refresh_beliefs_for_epoch(0, model)
     assert trainer.sampled_at_epochs == [0]
     assert len(trainer.beliefs) == 4
@@ -145,9 +159,18 @@ def test_bss_with_bst_base_and_on_demand_beliefs(tmp_path):
     model, tokenizer = tiny_model_and_tokenizer()
     reference_model = copy.deepcopy(model)
     trainer = BSS(
-        lambda_bss=0.5, n_samples=1, regeneration_epochs=0, bss_base="BST", lambda_bst=0.3, top_k=4,
-        max_new_tokens=3, alpha=0.0, model=model, args=training_arguments(tmp_path), processing_class=tokenizer,
-    )  # fmt: skip
+        lambda_bss=0.5,
+        n_samples=1,
+        regeneration_epochs=0,
+        bss_base="BST",
+        lambda_bst=0.3,
+        top_k=4,
+        max_new_tokens=3,
+        alpha=0.0,
+        model=model,
+        args=training_arguments(tmp_path),
+        processing_class=tokenizer,
+    )
     batch = {"forget": make_batch(tokenizer)["forget"]}
     loss = trainer.compute_loss(model, batch)
     assert len(trainer.beliefs) == 3
@@ -166,9 +189,13 @@ def test_one_optimisation_step_through_trainer(tmp_path, trainer_class):
     from bs_unlearn.data import ForgetRetainCollator
 
     trainer = trainer_class(
-        **extra, model=model, args=training_arguments(tmp_path), train_dataset=make_dataset(tokenizer),
-        data_collator=ForgetRetainCollator(tokenizer.pad_token_id), processing_class=tokenizer,
-    )  # fmt: skip
+        **extra,
+        model=model,
+        args=training_arguments(tmp_path),
+        train_dataset=make_dataset(tokenizer),
+        data_collator=ForgetRetainCollator(tokenizer.pad_token_id),
+        processing_class=tokenizer,
+    )
     trainer.train()
     logged = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
     assert trainer.state.global_step == 1 and len(logged) == 1 and torch.isfinite(torch.tensor(logged[0]))
@@ -261,9 +288,11 @@ def test_lora_with_gradient_checkpointing(tmp_path):
     model = model.float()
     frozen_before = {n: p.detach().clone() for n, p in model.named_parameters() if not p.requires_grad}
     trainer = BST(
-        model=model, args=training_arguments(tmp_path, activation_checkpointing=True),
-        train_dataset=make_dataset(tokenizer), data_collator=ForgetRetainCollator(tokenizer.pad_token_id),
-    )  # fmt: skip
+        model=model,
+        args=training_arguments(tmp_path, activation_checkpointing=True),
+        train_dataset=make_dataset(tokenizer),
+        data_collator=ForgetRetainCollator(tokenizer.pad_token_id),
+    )
     trainer.train()
     assert trainer.state.global_step == 1
     assert all(torch.equal(p.detach(), frozen_before[n]) for n, p in model.named_parameters() if not p.requires_grad)
@@ -359,7 +388,9 @@ def test_registration_in_an_open_unlearning_tree(tmp_path):
     tests_dir = pathlib.Path(__file__).resolve().parent
     completed = subprocess.run(
         [sys.executable, "-c", REGISTRATION_SCRIPT, str(tmp_path / "src"), str(tests_dir)],
-        capture_output=True, text=True, timeout=300,
-    )  # fmt: skip
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert completed.returncode == 0, completed.stderr[-3000:]
     assert "REGISTERED ['BSS', 'BST']" in completed.stdout

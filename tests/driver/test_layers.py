@@ -11,17 +11,36 @@ ROOT = pathlib.Path(__file__).resolve().parents[2]
 APP = ROOT / "python" / "bs_unlearn"
 KERNELS = ROOT / "bs_kernels"
 
-# bs_unlearn's layers, lowest first; a module may import from its own layer and the ones before it.
+# bs_unlearn's layers, lowest first; a module may import from its own layer and the ones before it. A package's
+# modules are layered too ("metrics.tofu"): a package name alone ("objectives") stands for all of its modules.
 LAYERS = [
-    {"data", "models", "outputs", "tiny_model"},
+    {"data", "loss_guard", "models", "outputs", "tiny_model", "tofu_data", "tofu_source"},
     {"config"},
-    {"scoring", "metrics"},
+    {"scoring"},
+    {"metrics.tofu"},
+    {"metrics.paper", "metrics.leak"},
+    {"metrics.evaluation", "metrics.table"},
+    {"metrics"},  # the package's __init__: its public names
     {"objectives"},
     {"beliefs", "trainer", "probe", "plotting"},
+    {"experiment.progress", "experiment.settings", "experiment.run_specs"},
+    {"experiment.finetune_stage", "experiment.belief_band_stage", "experiment.unlearn_stage"},
+    {"experiment.evaluate_stage", "experiment.matched_stage", "experiment.tables"},
+    {"experiment.results"},
+    {"experiment.comparison"},
     {"experiment"},
-    {"commands", "cli", "integrations"},
+    {"commands.base", "commands.config_args"},
+    {"commands.compare_methods"},
+    {"commands.finetune", "commands.unlearn", "commands.evaluate", "commands.compare"},
+    {"commands.demo", "commands.tofu"},
+    {"commands", "cli"},
+    {"integrations"},
 ]
 LAYER_OF = {name: index for index, names in enumerate(LAYERS) for name in names}
+LAYERED_PACKAGES = {"metrics", "experiment", "commands"}
+# Commands are siblings: what two of them share goes to a lower module, never from one command to another.
+SIBLINGS = ("commands.finetune", "commands.unlearn", "commands.evaluate", "commands.compare", "commands.demo")
+SIBLINGS += ("commands.tofu",)
 
 
 def _imports(path: pathlib.Path):
@@ -44,8 +63,21 @@ def _imports(path: pathlib.Path):
                 yield alias.name, [], False
 
 
+def _layer_name(parts) -> str:
+    """The most specific name of LAYER_OF that a module (its parts relative to the package) falls under."""
+    parts = [part.removesuffix(".py") for part in parts]
+    if parts[-1] == "__init__":
+        parts = parts[:-1]
+    for length in range(len(parts), 0, -1):
+        name = ".".join(parts[:length])
+        # In a package layered module by module, every module has its own entry (a new one must be placed).
+        if name in LAYER_OF and (length == len(parts) or parts[0] not in LAYERED_PACKAGES):
+            return name
+    return ".".join(parts)
+
+
 def _top(path: pathlib.Path) -> str:
-    return path.relative_to(APP).parts[0].removesuffix(".py")
+    return _layer_name(path.relative_to(APP).parts)
 
 
 APP_FILES = sorted(p for p in APP.rglob("*.py") if p.name != "__init__.py" or p.parent != APP)
@@ -53,14 +85,19 @@ APP_FILES = sorted(p for p in APP.rglob("*.py") if p.name != "__init__.py" or p.
 
 @pytest.mark.parametrize("path", APP_FILES, ids=lambda p: str(p.relative_to(APP)))
 def test_bs_unlearn_imports_only_downward(path):
-    layer = LAYER_OF[_top(path)]
+    name = _top(path)
+    layer = LAYER_OF[name]
     for target, names, internal in _imports(path):
         if not internal:
             continue
         if not target:  # "from . import x" at the package root
             target = names[:1]
-        module = target[0]
+        module = _layer_name(target)
+        if module not in LAYER_OF and len(target) > 1:  # "from .pkg import module"
+            module = _layer_name(target[:-1])
         assert LAYER_OF[module] <= layer, f"{path.relative_to(APP)} imports {'.'.join(target)} from a higher layer"
+        if name in SIBLINGS and module in SIBLINGS:
+            assert module == name, f"{path.relative_to(APP)} imports from the command {module}: share it lower down"
 
 
 @pytest.mark.parametrize("path", APP_FILES, ids=lambda p: str(p.relative_to(APP)))
@@ -88,3 +125,44 @@ def test_bs_kernels_never_imports_bs_unlearn():
 def test_every_module_has_a_layer():
     tops = {_top(path) for path in APP_FILES}
     assert tops <= set(LAYER_OF), f"modules without a layer in this test: {sorted(tops - set(LAYER_OF))}"
+
+
+def _module_of(parts) -> str | None:
+    """The file a dotted target names (a module, or a package's __init__), as a path relative to the package."""
+    for candidate in (APP.joinpath(*parts).with_suffix(".py"), APP.joinpath(*parts, "__init__.py")):
+        if parts and candidate.is_file():
+            return str(candidate.relative_to(APP))
+    return None
+
+
+def test_bs_unlearn_has_no_import_loop():
+    """No chain of imports (module-level or inside a function) leads from a module back to itself; a package's
+    __init__ importing its own modules is the one edge left out (they are loaded through it by design)."""
+    graph: dict[str, set[str]] = {}
+    for path in APP_FILES:
+        name = str(path.relative_to(APP))
+        edges = graph.setdefault(name, set())
+        for target, names, internal in _imports(path):
+            if not internal:
+                continue
+            found = [_module_of(target + [n]) for n in names] if target else []
+            found = [f for f in found if f] or [_module_of(target or names[:1])]
+            for module in filter(None, found):
+                if path.name == "__init__.py" and module.startswith(str(path.parent.relative_to(APP)) + "/"):
+                    continue
+                if module != name:
+                    edges.add(module)
+    state: dict[str, int] = {}
+
+    def visit(node: str, trail: list[str]) -> None:
+        state[node] = 1
+        for nxt in sorted(graph.get(node, ())):
+            if state.get(nxt) == 1:
+                raise AssertionError("import loop: " + " -> ".join(trail[trail.index(nxt) :] + [node, nxt]))
+            if nxt not in state:
+                visit(nxt, trail + [node])
+        state[node] = 2
+
+    for node in sorted(graph):
+        if node not in state:
+            visit(node, [])

@@ -350,7 +350,7 @@ def test_token_view_p_label_and_alt_mass(tiny):
 def test_evaluate_outputs_every_metric(tiny):
     model, tokenizer = tiny
     sets = [metrics.EvalSet("forget", RECORDS, "forget"), metrics.EvalSet("retain", RECORDS, "retain")]
-    results = metrics.evaluate(model, tokenizer, sets, max_new_tokens=4, batch_size=4)
+    results = metrics.evaluate(model, tokenizer, sets, metrics.EvalOptions(max_new_tokens=4, batch_size=4))
     forget = results["sets"]["forget"]
     for key in ("prob", "paraphrase_prob", "rouge_l", "truth_ratio", "mean_logprob"):
         assert key in forget
@@ -359,7 +359,9 @@ def test_evaluate_outputs_every_metric(tiny):
     np.testing.assert_allclose(forget["prob"], np.exp(forget["per_example"]["answer_mean_logprob"]).mean(), rtol=1e-12)
     assert results["model_utility"] is not None
     # The same model as its own "retain-only" model: identical truth-ratio distributions, KS p-value 1.
-    again = metrics.evaluate(model, tokenizer, sets[:1], retain_model_metrics=results, generate=False)
+    again = metrics.evaluate(
+        model, tokenizer, sets[:1], metrics.EvalOptions(generate=False), retain_model_metrics=results
+    )
     assert again["forget_quality"]["forget"] == pytest.approx(1.0)
     table = metrics.format_table(results)
     assert "forget" in table and "model utility" in table
@@ -374,15 +376,28 @@ def test_evaluate_paper_block_and_leak_rate(tiny):
     sets = [metrics.EvalSet("forget", records, "forget"), metrics.EvalSet("retain", RECORDS, "retain")]
     torch.manual_seed(7)
     state = torch.random.get_rng_state()
-    results = metrics.evaluate(model, tokenizer, sets, max_new_tokens=4, batch_size=4, leak_samples=2, seed=3)
+    results = metrics.evaluate(
+        model, tokenizer, sets, metrics.EvalOptions(max_new_tokens=4, batch_size=4, leak_samples=2, seed=3)
+    )
     assert torch.equal(torch.random.get_rng_state(), state)
     assert "paper" not in results["sets"]["retain"]
     forget = results["sets"]["forget"]
     paper, per_example = forget["paper"], forget["per_example"]
     assert set(paper) == {
-        "es", "es_convention", "em", "paraphrase_prob", "truth_ratio", "mem", "util", "agg",
-        "leak_rate", "leak_rate_original", "leak_rate_paraphrased", "leak_samples", "leak_temperature",
-    }  # fmt: skip
+        "es",
+        "es_convention",
+        "em",
+        "paraphrase_prob",
+        "truth_ratio",
+        "mem",
+        "util",
+        "agg",
+        "leak_rate",
+        "leak_rate_original",
+        "leak_rate_paraphrased",
+        "leak_samples",
+        "leak_temperature",
+    }
     assert 0 <= paper["es"] <= 1 and 0 <= paper["em"] <= 1
     assert paper["em"] == pytest.approx(np.mean(per_example["em"]))
     assert paper["es"] == pytest.approx(np.mean(per_example["es"]))
@@ -407,13 +422,19 @@ def test_evaluate_paper_block_and_leak_rate(tiny):
     assert paper["leak_rate"] == pytest.approx(pooled)
     assert original["rate"][0] >= 1 / 3 and paper["leak_rate_original"] >= 1 / 6
     # Same seed, same answers.
-    again = metrics.evaluate(model, tokenizer, sets[:1], max_new_tokens=4, batch_size=4, leak_samples=2, seed=3)
+    again = metrics.evaluate(
+        model, tokenizer, sets[:1], metrics.EvalOptions(max_new_tokens=4, batch_size=4, leak_samples=2, seed=3)
+    )
     assert again["sets"]["forget"]["per_example"]["leak"] == per_example["leak"]
     # Without a utility set there is no Util, so no Agg; with the model as its own retain-only model, the paper's
     # forget quality is 1.
     assert again["sets"]["forget"]["paper"]["util"] is None and again["sets"]["forget"]["paper"]["agg"] is None
-    quality = metrics.evaluate(model, tokenizer, sets[:1], retain_model_metrics=results, generate=False)
-    definition = metrics.evaluate(model, tokenizer, sets[:1], generate=False, es_convention="definition")
+    quality = metrics.evaluate(
+        model, tokenizer, sets[:1], metrics.EvalOptions(generate=False), retain_model_metrics=results
+    )
+    definition = metrics.evaluate(
+        model, tokenizer, sets[:1], metrics.EvalOptions(generate=False, es_convention="definition")
+    )
     forget_definition = definition["sets"]["forget"]
     assert forget_definition["paper"]["es_convention"] == "definition"
     assert forget_definition["paper"]["es"] <= paper["es"]  # 0 instead of 1/T for answers nothing of which comes back
@@ -427,12 +448,17 @@ def test_evaluate_leak_rate_needs_keys(tiny):
     model, tokenizer = tiny
     records = [{k: v for k, v in r.items() if k != "keys"} for r in RECORDS]
     results = metrics.evaluate(
-        model, tokenizer, [metrics.EvalSet("forget", records, "forget")], generate=False, leak_samples=1
+        model,
+        tokenizer,
+        [metrics.EvalSet("forget", records, "forget")],
+        metrics.EvalOptions(generate=False, leak_samples=1),
     )
     paper = results["sets"]["forget"]["paper"]
     assert paper["leak_rate"] is None and "leak" not in results["sets"]["forget"]["per_example"]
     # Not asked for: no leak entries at all.
-    plain = metrics.evaluate(model, tokenizer, [metrics.EvalSet("forget", RECORDS, "forget")], generate=False)
+    plain = metrics.evaluate(
+        model, tokenizer, [metrics.EvalSet("forget", RECORDS, "forget")], metrics.EvalOptions(generate=False)
+    )
     assert "leak_rate" not in plain["sets"]["forget"]["paper"]
     with pytest.raises(ValueError, match="keys"):
         metrics.EvalSet("x", [dict(RECORDS[0], keys="Lund")], "forget")
@@ -445,3 +471,39 @@ def test_eval_set_bad_input():
         metrics.EvalSet("x", [], "forget")
     with pytest.raises(ValueError, match="question"):
         metrics.EvalSet("x", [{"answer": "a"}], "forget")
+
+
+def test_model_utility_is_none_when_a_part_is_missing(tiny):
+    """Without generation a utility set has no ROUGE-L: model utility is None and says which parts are missing,
+    never a harmonic mean over the parts that are left."""
+    model, tokenizer = tiny
+    sets = [metrics.EvalSet("forget", RECORDS, "forget"), metrics.EvalSet("retain", RECORDS, "retain")]
+    full = metrics.evaluate(model, tokenizer, sets, metrics.EvalOptions(max_new_tokens=4, batch_size=4))
+    retain = full["sets"]["retain"]
+    assert full["model_utility_parts"] == 3 and full["model_utility_missing"] == []
+    assert full["model_utility"] == pytest.approx(
+        metrics.harmonic_mean([retain["prob"], retain["rouge_l"], retain["truth_ratio"]])
+    )
+    partial = metrics.evaluate(model, tokenizer, sets, metrics.EvalOptions(generate=False, batch_size=4))
+    assert partial["model_utility"] is None
+    assert partial["model_utility_parts"] == 2 and partial["model_utility_missing"] == ["retain.rouge_l"]
+    forget_paper = partial["sets"]["forget"]["paper"]
+    assert forget_paper["util"] is None and forget_paper["agg"] is None
+    assert "model utility: not computed, parts missing: retain.rouge_l" in metrics.format_table(partial)
+    assert metrics.model_utility({"f": {"role": "forget"}}) == (None, [])
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        (dict(batch_size=0), "batch_size"),
+        (dict(max_new_tokens=0), "max_new_tokens"),
+        (dict(leak_samples=-1), "leak_samples"),
+        (dict(leak_temperature=0.0), "leak_temperature"),
+        (dict(leak_max_new_tokens=0), "leak_max_new_tokens"),
+        (dict(es_convention="paper"), "es_convention"),
+    ],
+)
+def test_eval_options_bad_input(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        metrics.EvalOptions(**kwargs)

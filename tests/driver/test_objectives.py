@@ -1,4 +1,4 @@
-"""bs_unlearn objectives against hand-computed values on tiny batches (SPEC.md, "Objectives around it")."""
+"""bs_unlearn objectives against hand-computed values on tiny batches (docs/math.md, "Objectives")."""
 
 from __future__ import annotations
 
@@ -164,7 +164,7 @@ def test_method_losses_combine_terms_with_weights():
 )
 def test_objective_config_rejects_bad_values(kwargs, message):
     with pytest.raises(ValueError, match=message):
-        obj.ObjectiveConfig(**kwargs)
+        obj.ObjectiveConfig(**kwargs).validate()  # lam, top_k: checked by bs_kernels, in validate()
 
 
 def test_method_defaults():

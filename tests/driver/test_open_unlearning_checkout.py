@@ -1,4 +1,4 @@
-"""The drop-ins inside an unmodified open-unlearning checkout (../shared/vendor/open-unlearning), run as a user would.
+"""The drop-ins inside an unmodified open-unlearning checkout ($BS_OPEN_UNLEARNING_DIR), run as a user would.
 
 open-unlearning's own entry point (src/train.py, hydra, experiment=unlearn/tofu/default) runs offline on a CPU through
 ``python -m bs_unlearn.integrations.open_unlearning_train`` (docs/integrations.md), on a tiny Llama-3-style
@@ -29,17 +29,24 @@ import venv
 from pathlib import Path
 
 import pytest
-from open_unlearning_checkout import CHECKOUT, REPO, TOFU_DIR, offline_cpu_overrides
+from open_unlearning_checkout import (
+    CHECKOUT,
+    CHECKOUT_VARIABLE,
+    REPO,
+    TOFU_DIR,
+    TOFU_DIR_VARIABLE,
+    offline_cpu_overrides,
+)
 
 pytestmark = [
     pytest.mark.open_unlearning,
     pytest.mark.skipif(
         not (CHECKOUT / "src" / "train.py").is_file(),
-        reason=f"no open-unlearning checkout at {CHECKOUT} (it lives in the shared/ folder beside the repository)",
+        reason=f"no open-unlearning checkout at {CHECKOUT}: set {CHECKOUT_VARIABLE} to one",
     ),
     pytest.mark.skipif(
         not (TOFU_DIR / "forget01.jsonl").is_file(),
-        reason=f"TOFU data not found at {TOFU_DIR} (it lives in the shared/ folder beside the repository)",
+        reason=f"TOFU data not found at {TOFU_DIR}: set {TOFU_DIR_VARIABLE} to a folder holding forget01.jsonl etc.",
     ),
 ]
 
@@ -76,16 +83,19 @@ def _venv_python() -> Path:
     # --system-site-packages would not see): its site-packages, .pth files included, after the venv's own.
     venv_site = subprocess.run(
         [str(python), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
-        check=True, capture_output=True, text=True,
-    ).stdout.strip()  # fmt: skip
+        check=True,
+        capture_output=True,
+        text=True,
+    ).stdout.strip()
     parent_sites = [path for path in site.getsitepackages() if Path(path).is_dir()]
     (Path(venv_site) / "_bs_kernels_parent_site.pth").write_text(
         "".join(f"import site; site.addsitedir({path!r})\n" for path in parent_sites)
     )
     install = subprocess.run(
         [str(python), "-m", "pip", "install", "--quiet", "--disable-pip-version-check", *requirements],
-        capture_output=True, text=True,
-    )  # fmt: skip
+        capture_output=True,
+        text=True,
+    )
     if install.returncode != 0:
         raise RuntimeError(f"installing the [open-unlearning] extra into {VENV} failed:\n{install.stderr[-4000:]}")
     stamp.write_text(json.dumps(requirements))
@@ -102,11 +112,18 @@ def open_unlearning_python() -> str:
 def run_arguments(model_dir: Path, output_root: Path, trainer: str, task: str, *extra: str) -> list[str]:
     """The launcher's arguments for one run (``python -m bs_unlearn.integrations.open_unlearning_train ARGS``)."""
     return [
-        "--checkout", str(CHECKOUT), "--config-name=unlearn.yaml", "experiment=unlearn/tofu/default",
-        f"trainer={trainer}", f"task_name={task}", *offline_cpu_overrides(model_dir, output_root, TOFU_DIR),
-        "trainer.args.per_device_train_batch_size=4", "trainer.args.logging_steps=1",
-        "trainer.args.learning_rate=1e-3", *extra,
-    ]  # fmt: skip
+        "--checkout",
+        str(CHECKOUT),
+        "--config-name=unlearn.yaml",
+        "experiment=unlearn/tofu/default",
+        f"trainer={trainer}",
+        f"task_name={task}",
+        *offline_cpu_overrides(model_dir, output_root, TOFU_DIR),
+        "trainer.args.per_device_train_batch_size=4",
+        "trainer.args.logging_steps=1",
+        "trainer.args.learning_rate=1e-3",
+        *extra,
+    ]
 
 
 @pytest.fixture(scope="module")
@@ -121,26 +138,46 @@ def runs(open_unlearning_python, tmp_path_factory) -> Path:
         "runs": [
             run_arguments(model_dir, output_root, "BST", "bst_fused", "+trainer.args.max_steps=3"),
             run_arguments(
-                model_dir, output_root, "BST", "bst_reference", "+trainer.args.max_steps=3",
+                model_dir,
+                output_root,
+                "BST",
+                "bst_reference",
+                "+trainer.args.max_steps=3",
                 "trainer.method_args.impl=reference",
             ),
             run_arguments(
-                model_dir, output_root, "BSS", "bss", "+trainer.args.max_steps=5",
-                "trainer.method_args.regeneration_epochs=1", "trainer.method_args.max_new_tokens=8",
-                "trainer.method_args.n_samples=2", "trainer.method_args.generation_batch_size=20",
+                model_dir,
+                output_root,
+                "BSS",
+                "bss",
+                "+trainer.args.max_steps=5",
+                "trainer.method_args.regeneration_epochs=1",
+                "trainer.method_args.max_new_tokens=8",
+                "trainer.method_args.n_samples=2",
+                "trainer.method_args.generation_batch_size=20",
             ),
         ],
-    }  # fmt: skip
+    }
     (work / "plan.json").write_text(json.dumps(plan))
     # Offline: nothing may come from the hub; the datasets cache in the work folder; this checkout's packages first.
     python_path = os.pathsep.join([str(REPO), str(REPO / "python"), os.environ.get("PYTHONPATH", "")])
-    env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", TRANSFORMERS_OFFLINE="1",
-               HF_DATASETS_CACHE=str(work / "datasets_cache"), PYTHONPATH=python_path)  # fmt: skip
+    env = dict(
+        os.environ,
+        HF_HUB_OFFLINE="1",
+        HF_DATASETS_OFFLINE="1",
+        TRANSFORMERS_OFFLINE="1",
+        HF_DATASETS_CACHE=str(work / "datasets_cache"),
+        PYTHONPATH=python_path,
+    )
     script = Path(__file__).with_name("open_unlearning_checkout.py")
     result = subprocess.run(
         [open_unlearning_python, str(script), "plan", str(work / "plan.json")],
-        cwd=REPO, env=env, capture_output=True, text=True, timeout=900,
-    )  # fmt: skip
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-6000:]
     return work
 
@@ -169,8 +206,9 @@ def test_bst_in_open_unlearning_equals_the_reference_formula(runs):
     torch.testing.assert_close(
         torch.tensor([entry["grad_norm"] for entry in fused_steps]),
         torch.tensor([entry["grad_norm"] for entry in reference_steps]),
-        atol=0, rtol=1e-5,
-    )  # fmt: skip
+        atol=0,
+        rtol=1e-5,
+    )
     assert len({entry["loss"] for entry in fused_steps}) > 1  # training moved the loss: the curve can differ
     start, after_fused, after_reference = (weights(runs, task) for task in (None, "bst_fused", "bst_reference"))
     for name, initial in start.items():

@@ -1,4 +1,5 @@
-"""torch.compile(fullgraph=True) traces every entry point with every impl, and matches eager (issue 15, defect 5).
+"""torch.compile(fullgraph=True) traces every entry point with every impl, and matches eager (issue 15, defect 5), with
+dynamic shapes too (issue 26, item 12).
 
 Labels hold -100 (where a public fused cross-entropy gave wrong compiled losses). Most cases use the "aot_eager"
 backend (tracing and autograd, no code generation); one runs inductor end to end. Compiling costs seconds of CPU per
@@ -32,23 +33,27 @@ def _value_and_grads(function, *inputs):
     return value.detach(), [x.grad for x in leaves]
 
 
-def _assert_compiled_matches_eager(function, *inputs, backend="aot_eager", tolerance=FLOAT64):
+def _assert_compiled_matches_eager(function, *inputs, backend="aot_eager", tolerance=FLOAT64, dynamic=None):
     eager_value, eager_grads = _value_and_grads(function, *inputs)
-    value, grads = _value_and_grads(torch.compile(function, fullgraph=True, backend=backend), *inputs)
+    compiled = torch.compile(function, fullgraph=True, backend=backend, dynamic=dynamic)
+    value, grads = _value_and_grads(compiled, *inputs)
     torch.testing.assert_close(value, eager_value, **tolerance)
     for grad, eager_grad in zip(grads, eager_grads):
         torch.testing.assert_close(grad, eager_grad, **tolerance)
 
 
+@pytest.mark.parametrize("dynamic", [None, True], ids=["default", "dynamic"])
 @pytest.mark.parametrize("impl", ["reference", *(impl_param(name) for name in KERNEL_IMPLS)])
-def test_bs_token_loss_compiles(impl):
+def test_bs_token_loss_compiles(impl, dynamic):
+    """With dynamic=True (issue 26, item 12) dynamo could not trace the temperature check's math.isfinite (on the
+    default temperature 1.0)."""
     logits, labels = random_case(2, 6, 29)
     labels[1, 4] = -100  # an ignored position inside a sequence too
 
     def loss(x):
         return bs_token_loss(x, labels, impl=impl, top_k=5, detach_belief=False)
 
-    _assert_compiled_matches_eager(loss, logits)
+    _assert_compiled_matches_eager(loss, logits, dynamic=dynamic)
 
 
 def test_forget_logprobs_compiles():
@@ -56,7 +61,8 @@ def test_forget_logprobs_compiles():
     _assert_compiled_matches_eager(lambda x: forget_logprobs(x, labels), logits)
 
 
-def test_linear_entry_points_compile():
+@pytest.mark.parametrize("dynamic", [None, True], ids=["default", "dynamic"])
+def test_linear_entry_points_compile(dynamic):
     generator = torch.Generator().manual_seed(3)
     hidden = torch.randn(2, 6, 8, generator=generator, dtype=torch.float64)
     weight = torch.randn(29, 8, generator=generator, dtype=torch.float64)
@@ -68,7 +74,7 @@ def test_linear_entry_points_compile():
         value = bs_linear_loss(h, w, labels, bias=b, top_k=5, reduction="none")
         return value + linear_forget_logprobs(h, w, labels, bias=b)
 
-    _assert_compiled_matches_eager(loss, hidden, weight, bias)
+    _assert_compiled_matches_eager(loss, hidden, weight, bias, dynamic=dynamic)
 
 
 def test_inductor_end_to_end():

@@ -19,6 +19,8 @@ LAYERS = [
     {"backends"},  # the registry: imports the backends above by name, lazily
     {"epilogue"},
     {"reference", "autograd", "_chunks", "_weight_grad"},
+    {"one_pass"},  # the native one-pass gradient: loss.py and linear.py use it
+    {"_vocab_call"},
     {"_vocab_shards"},
     {"vocab_parallel"},
     {"dtensor"},  # loss.py and linear.py dispatch a DTensor to it

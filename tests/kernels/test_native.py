@@ -42,9 +42,14 @@ def backward_inputs(logits, labels, top_k, lam=0.2):
     """The epilogue's per-row coefficients from impl="torch"'s forward, as the autograd Function would pass them."""
     raw = torch_chunked.forward(logits, labels, top_k)
     rows = finish_rows(raw, labels, BSOptions(lam=lam))
-    grad_rows = torch.linspace(0.5, 1.5, logits.shape[0], dtype=rows.lse.dtype)
+    grad_rows = torch.linspace(0.5, 1.5, logits.shape[0], dtype=rows.log_sum.dtype)
     grad_rows = torch.where(labels >= 0, grad_rows, torch.zeros_like(grad_rows))
-    return grad_rows, rows.lse, rows.belief_ids, rows.belief_weights, 1.0 - lam
+    return grad_rows, rows.row_max, rows.log_sum, rows.belief_ids, rows.belief_weights, 1.0 - lam
+
+
+def _lse(stats):
+    """The row's logsumexp from a forward's max and log_sum (-inf for a row of -inf, whatever the shift)."""
+    return stats.row_max + stats.log_sum
 
 
 def stats_tolerance(dtype):
@@ -87,14 +92,14 @@ def test_kernels_match_torch(monkeypatch, isa, dtype, num_rows, vocab, row_strid
     logits, labels = rows_case(num_rows, vocab, dtype, row_stride=row_stride)
     stats = native.forward(logits, labels, top_k)
     expected = torch_chunked.forward(logits, labels, top_k)
-    torch.testing.assert_close(stats.lse, expected.lse, **stats_tolerance(dtype))
+    torch.testing.assert_close(_lse(stats), _lse(expected), **stats_tolerance(dtype))
     valid = labels >= 0
     torch.testing.assert_close(stats.label_logits[valid], expected.label_logits[valid], **stats_tolerance(dtype))
     if top_k > 0:
         assert_same_topk(logits, stats, expected, dtype)
 
-    grad_rows, lse, belief_ids, belief_weights, label_weight = backward_inputs(logits, labels, top_k)
-    arguments = (grad_rows, logits, labels, lse, belief_ids, belief_weights, label_weight)
+    grad_rows, row_max, log_sum, belief_ids, belief_weights, label_weight = backward_inputs(logits, labels, top_k)
+    arguments = (grad_rows, logits, labels, row_max, log_sum, belief_ids, belief_weights, label_weight)
     grad = native.backward(*arguments, inplace=False)
     expected_grad = torch_chunked.backward(*arguments, inplace=False)
     assert grad.dtype == logits.dtype and grad.shape == logits.shape
@@ -114,14 +119,14 @@ def test_negative_infinity(dtype):
     logits[2, 5:] = float("-inf")
     labels[2] = 3
     stats = native.forward(logits, labels, 8)
-    assert torch.isneginf(stats.lse[1])
-    assert torch.isfinite(stats.lse[[0, 2, 3]]).all()
+    assert torch.isneginf(_lse(stats)[1])
+    assert torch.isfinite(_lse(stats)[[0, 2, 3]]).all()
     expected = torch_chunked.forward(logits, labels, 8)
-    torch.testing.assert_close(stats.lse, expected.lse, **stats_tolerance(dtype))
+    torch.testing.assert_close(_lse(stats), _lse(expected), **stats_tolerance(dtype))
     assert set(stats.belief_ids[2][torch.isfinite(stats.belief_logits[2])].tolist()) == set(range(5))
 
-    grad_rows, lse, belief_ids, belief_weights, label_weight = backward_inputs(logits, labels, 8)
-    grad = native.backward(grad_rows, logits, labels, lse, belief_ids, belief_weights, label_weight, False)
+    grad_rows, row_max, log_sum, belief_ids, belief_weights, label_weight = backward_inputs(logits, labels, 8)
+    grad = native.backward(grad_rows, logits, labels, row_max, log_sum, belief_ids, belief_weights, label_weight, False)
     assert not torch.isnan(grad).any()
     assert torch.all(grad[0, 1::2][torch.arange(1, 300, 2) != labels[0]] != 0)
     assert torch.all(grad[0, ::2][torch.arange(0, 300, 2) != labels[0]] == 0)
@@ -134,8 +139,8 @@ def test_label_among_beliefs(dtype):
     """When the label is a belief its two coefficients add up on one element."""
     logits, labels = rows_case(3, 64, dtype)
     labels = logits.float().argmax(-1)  # the label is the top belief
-    grad_rows, lse, belief_ids, belief_weights, label_weight = backward_inputs(logits, labels, 5, lam=0.5)
-    arguments = (grad_rows, logits, labels, lse, belief_ids, belief_weights, label_weight)
+    grad_rows, row_max, log_sum, belief_ids, belief_weights, label_weight = backward_inputs(logits, labels, 5, lam=0.5)
+    arguments = (grad_rows, logits, labels, row_max, log_sum, belief_ids, belief_weights, label_weight)
     grad = native.backward(*arguments, inplace=False)
     torch.testing.assert_close(grad, torch_chunked.backward(*arguments, inplace=False), **grad_tolerance(dtype))
     # Each row of t - pi sums to zero (sum t = sum pi = 1).
@@ -147,13 +152,15 @@ def test_label_among_beliefs(dtype):
 @pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
 def test_inplace_matches_out_of_place(dtype):
     logits, labels = rows_case(4, 257, dtype, row_stride=300)
-    grad_rows, lse, belief_ids, belief_weights, label_weight = backward_inputs(logits, labels, 6)
-    arguments = (grad_rows, logits, labels, lse, belief_ids, belief_weights, label_weight)
+    grad_rows, row_max, log_sum, belief_ids, belief_weights, label_weight = backward_inputs(logits, labels, 6)
+    arguments = (grad_rows, logits, labels, row_max, log_sum, belief_ids, belief_weights, label_weight)
     expected = native.backward(*arguments, inplace=False)
     storage = logits.clone()  # contiguous [4, 257]; also check a strided view is written in place
     strided = logits.contiguous().new_empty(4, 300)[:, :257].copy_(logits)
     for target in (storage, strided):
-        result = native.backward(grad_rows, target, labels, lse, belief_ids, belief_weights, label_weight, True)
+        result = native.backward(
+            grad_rows, target, labels, row_max, log_sum, belief_ids, belief_weights, label_weight, True
+        )
         assert result.data_ptr() == target.data_ptr()
         torch.testing.assert_close(target, expected, rtol=0, atol=0)
 
@@ -173,10 +180,10 @@ def opcheck_cases():
 def test_opcheck(case):
     logits, labels, top_k = list(opcheck_cases())[case]
     torch.library.opcheck(torch.ops.bs_kernels.native_forward.default, (logits, labels, top_k))
-    grad_rows, lse, belief_ids, belief_weights, label_weight = backward_inputs(logits, labels, top_k)
-    arguments = (grad_rows, logits, labels, lse, belief_ids, belief_weights, label_weight)
+    grad_rows, row_max, log_sum, belief_ids, belief_weights, label_weight = backward_inputs(logits, labels, top_k)
+    arguments = (grad_rows, logits, labels, row_max, log_sum, belief_ids, belief_weights, label_weight)
     torch.library.opcheck(torch.ops.bs_kernels.native_backward.default, arguments)
-    inplace_arguments = (grad_rows, logits.clone(), labels, lse, belief_ids, belief_weights, label_weight)
+    inplace_arguments = (grad_rows, logits.clone(), labels, row_max, log_sum, belief_ids, belief_weights, label_weight)
     torch.library.opcheck(torch.ops.bs_kernels.native_backward_.default, inplace_arguments)
 
 
@@ -189,9 +196,11 @@ def test_operator_rejects_bad_input():
         torch.ops.bs_kernels.native_forward(logits, labels.int(), 2)
     with pytest.raises(RuntimeError, match="float32, float64, bfloat16 or float16"):
         torch.ops.bs_kernels.native_forward(logits.int(), labels, 2)
-    grad_rows, lse, belief_ids, belief_weights, label_weight = backward_inputs(logits, labels, 2)
-    with pytest.raises(RuntimeError, match="lse"):
-        torch.ops.bs_kernels.native_backward(grad_rows, logits, labels, lse.double(), belief_ids, belief_weights, 0.8)
+    grad_rows, row_max, log_sum, belief_ids, belief_weights, label_weight = backward_inputs(logits, labels, 2)
+    with pytest.raises(RuntimeError, match="row_max"):
+        torch.ops.bs_kernels.native_backward(
+            grad_rows, logits, labels, row_max.double(), log_sum, belief_ids, belief_weights, 0.8
+        )
 
 
 @needs_native

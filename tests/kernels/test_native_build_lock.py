@@ -1,4 +1,5 @@
-"""A native build killed half-way, or one that takes too long, must never hang a later process (issue 15, defect 1).
+"""A native build killed half-way, or one that takes too long, must never hang a later process (issue 15, defect 1);
+a damaged cached library is rebuilt, never loaded (issue 26, item 11).
 
 The builds here compile a one-line C++ file (a few seconds) or nothing at all: the killed builder's compiler is
 replaced by a sleep that creates cpp_extension's "lock" file first, exactly what a real build leaves behind when it
@@ -49,6 +50,19 @@ folder.mkdir(parents=True, exist_ok=True)
 with native.build_lock(folder):
     print("building", flush=True)
     time.sleep(600)
+"""
+
+# Builds (or loads) the library with warnings recorded; prints each RuntimeWarning, then the library's path.
+WARNED_BUILD = """
+import pathlib, sys, warnings
+from bs_kernels.backends import native
+with warnings.catch_warnings(record=True) as caught:
+    warnings.simplefilter("always")
+    path = native.build(pathlib.Path(sys.argv[2]), build_directory=pathlib.Path(sys.argv[1]))
+for warning in caught:
+    if issubclass(warning.category, RuntimeWarning):
+        print("warning:", warning.message)
+print(path)
 """
 
 FALLBACK_CALL = """
@@ -129,3 +143,40 @@ def test_bad_build_timeout_names_the_variable(monkeypatch, value):
     monkeypatch.setenv(native.BUILD_TIMEOUT_ENV, value)
     with pytest.raises(ValueError, match=native.BUILD_TIMEOUT_ENV):
         native.build_timeout_s()
+
+
+@pytest.mark.parametrize("damage", ["truncated", "empty"])
+def test_a_damaged_cached_library_is_rebuilt(tmp_path, damage):
+    """A library cut short made the loader die with SIGBUS (and an empty one blamed a missing compiler): the cache
+    keeps its size and sha256 beside it, and a library that does not match is rebuilt, with one warning."""
+    source = tmp_path / "probe.cpp"
+    source.write_text("int bs_kernels_build_lock_probe() { return 1; }\n")
+    folder = tmp_path / "native-probe"
+    library = pathlib.Path(_run(LATER_BUILD, str(folder), str(source), env=_environment(), timeout=120).split()[-1])
+    record = native.library_record(library)
+    assert record.is_file(), "the build wrote no size/sha256 record beside the library"
+    intact = library.read_bytes()
+    library.write_bytes(intact[: len(intact) // 2] if damage == "truncated" else b"")
+
+    lines = _run(WARNED_BUILD, str(folder), str(source), env=_environment(), timeout=120).strip().splitlines()
+    warned = [line for line in lines if line.startswith("warning:")]
+    assert len(warned) == 1 and "rebuilding" in warned[0] and str(library) in warned[0], lines
+    assert pathlib.Path(lines[-1]) == library and native.library_problem(library) is None
+    # The rebuilt library is loaded by the next process without a rebuild or a warning.
+    lines = _run(WARNED_BUILD, str(folder), str(source), env=_environment(), timeout=120).strip().splitlines()
+    assert lines == [str(library)], lines
+
+
+def test_library_problem_names_what_differs(tmp_path):
+    library = tmp_path / "bs_kernels_native.so"
+    library.write_bytes(b"\x7fELF" + bytes(range(256)) * 8)
+    assert "no readable size/sha256 record" in native.library_problem(library)
+    native.write_library_record(library)
+    assert native.library_problem(library) is None
+    content = library.read_bytes()
+    library.write_bytes(content[:100])
+    assert native.library_problem(library) == f"it has 100 bytes where its build wrote {len(content)}"
+    library.write_bytes(content[:-1] + b"x")
+    assert native.library_problem(library) == "its sha256 differs from the one its build recorded"
+    native.library_record(library).write_text("garbage")
+    assert "no readable size/sha256 record" in native.library_problem(library)

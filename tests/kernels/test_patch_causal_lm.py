@@ -241,3 +241,77 @@ def test_errors():
         patch_causal_lm(opt)
     with pytest.raises(TypeError, match="Hugging Face causal LM"):
         patch_causal_lm(torch.nn.Linear(3, 3))
+
+
+def _zero_parameters(model) -> None:
+    with torch.no_grad():
+        for parameter in model.parameters():
+            parameter.zero_()
+
+
+def test_deep_copy_of_a_patched_model_runs_the_copy():
+    """The driver deep-copies a patched model for NPO's / KL's reference: the copy must run its own weights, with
+    and without bs_loss, and the original must stay patched and unchanged (issue 26, item 1)."""
+    torch.manual_seed(0)
+    model = llama()
+    input_ids, attention_mask, labels = batch()
+    patch_causal_lm(model)
+    before = model(input_ids, attention_mask=attention_mask).logits
+    fused_before = model(input_ids, attention_mask=attention_mask, labels=labels, bs_loss=True).loss
+    import copy
+
+    clone = copy.deepcopy(model)
+    _zero_parameters(clone)
+    # All-zero weights give all-zero logits; the fused loss is the reference loss on them.
+    zeros = torch.zeros(2, 11, VOCAB)
+    torch.testing.assert_close(clone(input_ids).logits, zeros, atol=0, rtol=0)
+    fused = clone(input_ids, attention_mask=attention_mask, labels=labels, bs_loss=True)
+    expected = bs_kernels.bs_token_loss(zeros, labels, impl="reference")
+    torch.testing.assert_close(fused.loss, expected, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(model(input_ids, attention_mask=attention_mask).logits, before, atol=0, rtol=0)
+    again = model(input_ids, attention_mask=attention_mask, labels=labels, bs_loss=True).loss
+    torch.testing.assert_close(again, fused_before, atol=0, rtol=0)
+    patch_causal_lm(clone).remove()  # the copy's patch is its own: removing it leaves the original patched
+    assert "forward" not in clone.__dict__ and "forward" in model.__dict__
+
+
+def test_patched_model_pickles(tmp_path):
+    """torch.save / torch.load of a whole patched model (pickle): the loaded model is patched and runs its weights."""
+    torch.manual_seed(0)
+    model = llama()
+    input_ids, attention_mask, labels = batch()
+    patch_causal_lm(model)
+    expected = model(input_ids, attention_mask=attention_mask, labels=labels, bs_loss=True).loss
+    torch.save(model, tmp_path / "model.pt")
+    loaded = torch.load(tmp_path / "model.pt", weights_only=False)
+    torch.testing.assert_close(
+        loaded(input_ids, attention_mask=attention_mask, labels=labels, bs_loss=True).loss, expected, atol=0, rtol=0
+    )
+    _zero_parameters(loaded)
+    assert loaded(input_ids).logits.abs().max() == 0
+
+
+def test_patch_keeps_the_forward_signature_and_an_instance_forward():
+    """The Trainer reads the forward's signature to keep dataset columns; an instance-level forward installed before
+    the patch (another library's wrapper) is what the patch calls, and what remove() puts back."""
+    import functools
+    import inspect
+
+    model = llama()
+    stock = inspect.signature(model.forward)
+    calls = []
+    inner = model.forward
+
+    @functools.wraps(inner)
+    def wrapped(*args, **kwargs):
+        calls.append(1)
+        return inner(*args, **kwargs)
+
+    model.forward = wrapped
+    handle = patch_causal_lm(model)
+    assert inspect.signature(model.forward) == stock
+    input_ids, _, labels = batch()
+    model(input_ids)
+    assert calls == [1]
+    handle.remove()
+    assert model.__dict__["forward"] is wrapped

@@ -21,6 +21,7 @@ import torch.distributed as dist
 
 import bs_kernels
 from bs_kernels import bs_linear_loss, bs_token_loss, forget_logprobs
+from bs_kernels._vocab_call import RECORD_LENGTH
 from bs_kernels.vocab_parallel import (
     vocab_parallel_bs_token_loss,
     vocab_parallel_forget_logprobs,
@@ -28,6 +29,7 @@ from bs_kernels.vocab_parallel import (
 )
 
 REDUCTIONS = ("sequence_mean", "token_mean", "sum", "none")
+RECORD_BYTES = 8 * RECORD_LENGTH  # the call record every call gathers first (bs_kernels/_vocab_call.py)
 DTYPES = (torch.float32, torch.float64)
 VOCAB = 11  # not divisible by 2 or 4: shards of 6, 5 and of 3, 3, 3, 2
 
@@ -277,9 +279,10 @@ def counted_collectives():
 
 
 def case_communication_volume(ctx: Context) -> None:
-    """The bytes of the module docstring, exactly: N (2 + 2 k_pad) elements per call, nothing in backward."""
+    """The bytes of the module docstring, exactly: the call record, then N (3 + 2 k_pad) elements per call, nothing
+    in backward."""
     impl = ctx.impls[0]
-    for dtype, top_k in itertools.product(DTYPES, (4, 50)):
+    for dtype, top_k in itertools.product(DTYPES, (3, 50)):  # k = 3: 3 + 2 k < V = 11, less than the logits
         logits, labels = make_case(dtype, seed=6)
         num_rows, element = labels.numel(), 8 if dtype == torch.float64 else 4
         shard = -(-VOCAB // ctx.world)
@@ -290,15 +293,15 @@ def case_communication_volume(ctx: Context) -> None:
             loss = vocab_parallel_bs_token_loss(local, labels, columns.start, impl=impl, top_k=top_k)
         with counted_collectives() as backward_calls:
             loss.backward()
-        expected = [("all_gather_single", 16), ("all_gather_single", num_rows * (2 + 2 * padded) * element)]
+        expected = [("all_gather_single", RECORD_BYTES), ("all_gather_single", num_rows * (3 + 2 * padded) * element)]
         assert forward_calls == expected, f"forward collectives {forward_calls}, expected {expected}"
         assert backward_calls == [], f"backward communicated: {backward_calls}"
-        assert num_rows * (2 + 2 * padded) < num_rows * VOCAB or top_k >= VOCAB
+        assert num_rows * (3 + 2 * padded) < num_rows * VOCAB or top_k >= VOCAB
 
 
 def case_fused_linear_chunks_and_communication(ctx: Context) -> None:
     """The fused form over several row chunks (4 rows each) equals one chunk, with one all_gather of
-    C (2 + 2 k_pad) elements per chunk in forward and one all_reduce of the [M, H] hidden gradient in backward."""
+    C (3 + 2 k_pad) elements per chunk in forward and one all_reduce of the [M, H] hidden gradient in backward."""
     import bs_kernels.vocab_parallel as vocab_parallel
 
     columns = ctx.even_range(VOCAB)
@@ -321,8 +324,8 @@ def case_fused_linear_chunks_and_communication(ctx: Context) -> None:
         valid_rows = int((labels[:, 1:] != -100).sum())  # shift=True: position t predicts label t + 1
         chunk_rows = [min(4, valid_rows - start) for start in range(0, valid_rows, 4)]
         padded = min(3, -(-VOCAB // ctx.world))
-        expected = [("all_gather_single", 16)] + [
-            ("all_gather_single", rows * (2 + 2 * padded) * element) for rows in chunk_rows
+        expected = [("all_gather_single", RECORD_BYTES)] + [
+            ("all_gather_single", rows * (3 + 2 * padded) * element) for rows in chunk_rows
         ]
         assert forward_calls == expected, f"forward collectives {forward_calls}, expected {expected}"
         expected_backward = [("all_reduce", valid_rows * hidden.shape[-1] * element)]
@@ -404,6 +407,216 @@ def case_bad_input(ctx: Context) -> None:
             raise AssertionError(f"no error raised (expected one naming {needle!r})")
 
 
+def raised(call) -> BaseException | None:
+    """The exception ``call()`` raised (ValueError or TypeError), or None if it returned."""
+    try:
+        call()
+    except (ValueError, TypeError) as error:
+        return error
+    return None
+
+
+def assert_same_error_everywhere(ctx: Context, call, needle: str, what: str) -> None:
+    """``call()`` raises a ValueError naming ``needle`` on every rank, with the same message, within seconds."""
+    started = time.perf_counter()
+    error = raised(call)
+    seconds = time.perf_counter() - started
+    messages = [None] * ctx.world
+    dist.all_gather_object(messages, f"{type(error).__name__}: {error}")
+    assert isinstance(error, ValueError), f"{what}: rank {ctx.rank} got {error!r}, expected a ValueError"
+    assert needle in str(error), f"{what}: {error} does not name {needle!r}"
+    assert len(set(messages)) == 1, f"{what}: the ranks raised different errors: {messages}"
+    assert seconds < 20, f"{what}: took {seconds:.1f} s (a rank waited in a collective)"
+
+
+def case_ranks_that_disagree(ctx: Context) -> None:
+    """Ranks that disagree on top_k, the batch, the dtype, the labels' shape or values, shift or lam raise the same
+    ValueError naming it on every rank, in every form (issue 26, item 8): no collective of mismatched size, no value
+    read from an unfilled buffer."""
+    from torch.distributed.tensor import DTensor, Shard
+
+    impl = ctx.impls[0]
+    odd = ctx.rank == ctx.world - 1  # the one rank that differs
+    columns = ctx.even_range(VOCAB)
+
+    def plain(logits, labels, **options):
+        return lambda: vocab_parallel_bs_token_loss(logits[..., columns], labels, columns.start, impl=impl, **options)
+
+    def dtensor(logits, labels, **options):
+        sharded = DTensor.from_local(
+            logits[..., columns], ctx.mesh, [Shard(-1)], run_check=False, shape=logits.shape, stride=logits.stride()
+        )
+        return lambda: bs_token_loss(sharded, labels, impl=impl, **options)
+
+    logits, labels = make_case(torch.float32)
+    other_labels = labels.clone()
+    other_labels[2, 3] = (int(labels[2, 3]) + 1) % VOCAB
+    first_column = labels.clone()  # a position shift=True drops, but the range check reads: V + 5 on one rank only
+    first_column[0, 0] = VOCAB + 5
+    short_logits, short_labels = make_case(torch.float32, batch=2)
+    long_logits, long_labels = make_case(torch.float32, length=9)
+    cases = [
+        ("top_k", lambda form: form(logits, labels, top_k=3 if odd else 4)),
+        ("labels shape", lambda form: form(*((short_logits, short_labels) if odd else (logits, labels)))),
+        ("labels shape", lambda form: form(*((long_logits, long_labels) if odd else (logits, labels)))),
+        ("dtype", lambda form: form(logits.double() if odd else logits, labels)),
+        ("labels (a checksum", lambda form: form(logits, other_labels if odd else labels)),
+        ("labels (a checksum", lambda form: form(logits, first_column if odd else labels)),
+        ("lam", lambda form: form(logits, labels, lam=0.5 if odd else 0.2)),
+        ("shift", lambda form: form(logits, labels, shift=not odd, reduction="token_mean")),
+    ]
+    for (needle, make), form in itertools.product(cases, (plain, dtensor)):
+        assert_same_error_everywhere(ctx, make(form), needle, f"{needle} ({form.__name__} form)")
+    hidden, weight, bias, labels = linear_case(torch.float32)
+    assert_same_error_everywhere(
+        ctx,
+        lambda: vocab_parallel_linear_loss(hidden, weight[columns], labels, columns.start, impl=impl, top_k=2 + odd),
+        "top_k",
+        "top_k (fused form)",
+    )
+    assert_same_error_everywhere(
+        ctx,
+        lambda: bs_linear_loss(
+            hidden.double() if odd else hidden,
+            ctx.weight_dtensor(weight[columns].double() if odd else weight[columns], weight),
+            labels,
+            impl=impl,
+        ),
+        "dtype",
+        "dtype (DTensor fused form)",
+    )
+
+
+def case_one_rank_rejects_its_arguments(ctx: Context) -> None:
+    """A rank whose arguments fail a local check (a bad label, lam=2.0, a float label tensor, a bad vocab_start)
+    raises its own error; every other rank raises a ValueError quoting it at once, instead of waiting in an
+    all_gather until the process group's timeout (issue 26, item 10)."""
+    from torch.distributed.tensor import DTensor, Shard
+
+    impl = ctx.impls[0]
+    odd = ctx.rank == ctx.world - 1
+    columns = ctx.even_range(VOCAB)
+    logits, labels = make_case(torch.float32)
+    local = logits[..., columns]
+    bad_labels = labels.clone()
+    bad_labels[0, 4] = -5
+    hidden, weight, bias, linear_labels = linear_case(torch.float32)
+    sharded = DTensor.from_local(
+        local, ctx.mesh, [Shard(-1)], run_check=False, shape=logits.shape, stride=logits.stride()
+    )
+    calls = [
+        (
+            "lam must be in [0, 1]",
+            lambda: vocab_parallel_bs_token_loss(local, labels, columns.start, lam=2.0 if odd else 0.2, impl=impl),
+        ),
+        (
+            "labels contains -5",
+            lambda: vocab_parallel_bs_token_loss(local, bad_labels if odd else labels, columns.start, impl=impl),
+        ),
+        (
+            "labels must be an integer tensor",
+            lambda: bs_token_loss(sharded, labels.float() if odd else labels, impl=impl),
+        ),
+        (
+            "vocab_start must be an int",
+            lambda: vocab_parallel_forget_logprobs(local, labels, -1 if odd else columns.start, impl=impl),
+        ),
+        ("labels [B, T]", lambda: bs_token_loss(sharded, labels[:, :5] if odd else labels, impl=impl)),
+        (
+            "shift must be a bool",
+            lambda: vocab_parallel_bs_token_loss(local, labels, columns.start, shift="yes" if odd else True),
+        ),
+        (
+            "lam must be in [0, 1]",
+            lambda: vocab_parallel_linear_loss(
+                hidden, weight[columns], linear_labels, columns.start, lam=2.0 if odd else 0.2, impl=impl
+            ),
+        ),
+        (  # a bias on another device failed in the first chunk's matmul, after the ranks had started gathering
+            "bias must be [V_p]",
+            lambda: vocab_parallel_linear_loss(
+                hidden,
+                weight[columns],
+                linear_labels,
+                columns.start,
+                local_bias=bias[columns].to("meta" if odd else "cpu"),
+                impl=impl,
+            ),
+        ),
+    ]
+    for needle, call in calls:
+        started = time.perf_counter()
+        error = raised(call)
+        seconds = time.perf_counter() - started
+        errors = [None] * ctx.world
+        dist.all_gather_object(errors, repr(error))
+        assert error is not None and needle in str(error), f"rank {ctx.rank}: {error!r} does not name {needle!r}"
+        if not odd:
+            assert isinstance(error, ValueError) and f"rank {ctx.world - 1} " in str(error), error
+        assert len(set(errors[:-1])) == 1, f"the ranks that passed raised different errors: {errors}"
+        assert seconds < 20, f"{needle}: took {seconds:.1f} s (a rank waited in a collective)"
+    # A label >= V on one rank cannot be seen before V is known: the labels' checksum differs instead, and every
+    # rank raises the same error.
+    out_of_range = labels.clone()
+    out_of_range[0, 4] = VOCAB + 3
+    assert_same_error_everywhere(
+        ctx,
+        lambda: vocab_parallel_bs_token_loss(local, out_of_range if odd else labels, columns.start, impl=impl),
+        "labels (a checksum",
+        "a label >= V on one rank",
+    )
+    # The same bad label on every rank: the range check after the exchange, the same message everywhere.
+    assert_same_error_everywhere(
+        ctx,
+        lambda: vocab_parallel_bs_token_loss(local, out_of_range, columns.start, impl=impl),
+        f"labels contains {VOCAB + 3}",
+        "a label >= V on every rank",
+    )
+
+
+def case_empty_batch(ctx: Context) -> None:
+    """An empty batch (B = 0) gives what one process gives: 0 with a zero gradient for every reduction, an empty
+    tensor (and empty stats) for "none"; plain, DTensor and fused forms (issue 26, item 13)."""
+    from torch.distributed.tensor import DTensor, Shard
+
+    columns = ctx.even_range(VOCAB)
+    for impl, dtype, reduction in itertools.product(ctx.impls, DTYPES, REDUCTIONS):
+        logits = torch.randn(0, 5, VOCAB, dtype=dtype)
+        labels = torch.zeros(0, 5, dtype=torch.int64)
+        expected, expected_stats = bs_token_loss(
+            logits.clone().requires_grad_(True), labels, impl=impl, top_k=3, reduction=reduction, return_stats=True
+        )
+        for form in ("plain", "dtensor"):
+            local = logits[..., columns].clone().requires_grad_(True)
+            if form == "dtensor":
+                sharded = DTensor.from_local(
+                    local, ctx.mesh, [Shard(-1)], run_check=False, shape=logits.shape, stride=logits.stride()
+                )
+                actual, stats = bs_token_loss(
+                    sharded, labels, impl=impl, top_k=3, reduction=reduction, return_stats=True
+                )
+            else:
+                actual, stats = vocab_parallel_bs_token_loss(
+                    local, labels, columns.start, impl=impl, top_k=3, reduction=reduction, return_stats=True
+                )
+            assert actual.shape == expected.shape and actual.dtype == expected.dtype, (actual, expected)
+            torch.testing.assert_close(actual.detach(), expected.detach(), rtol=0, atol=0)
+            (grad,) = torch.autograd.grad(actual.sum(), local)
+            assert grad.shape == local.shape, grad.shape
+            for name in ("token_logprobs", "belief_ids", "belief_probs"):
+                assert getattr(stats, name).shape == getattr(expected_stats, name).shape, name
+        forget = vocab_parallel_forget_logprobs(logits[..., columns], labels, columns.start, impl=impl)
+        assert forget.shape == (0, 4), forget.shape
+        hidden, weight = torch.randn(0, 5, 8, dtype=dtype), torch.randn(VOCAB, 8, dtype=dtype)
+        inputs = [hidden.clone().requires_grad_(True), weight[columns].clone().requires_grad_(True)]
+        actual = vocab_parallel_linear_loss(*inputs, labels, columns.start, impl=impl, top_k=3, reduction=reduction)
+        expected = bs_linear_loss(hidden, weight, labels, impl=impl, top_k=3, reduction=reduction)
+        assert actual.shape == expected.shape, (actual, expected)
+        torch.testing.assert_close(actual.detach(), expected, rtol=0, atol=0)
+        grads = torch.autograd.grad(actual.sum(), inputs)
+        assert not bool(grads[1].any()), "an empty batch gave a non-zero weight gradient"
+
+
 def tiny_llama(dtype=torch.float64):
     import transformers
 
@@ -466,8 +679,10 @@ CASES = {
 }
 
 
-def run(rank: int, world: int, rendezvous: str, impls: list[str], tolerances: dict, output_dir: str) -> None:
-    """Process ``rank`` of ``world``: every case; writes {case: null | traceback, "seconds": {...}} per rank."""
+def run(
+    rank: int, world: int, rendezvous: str, impls: list[str], tolerances: dict, output_dir: str, cases: list[str]
+) -> None:
+    """Process ``rank`` of ``world``: the named cases of CASES; writes {case: null | traceback, "seconds": {...}}."""
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     torch.set_num_threads(1)
     # A bounded timeout: a case that fails on one rank mid-collective ends the run with an error, not a hang.
@@ -477,7 +692,8 @@ def run(rank: int, world: int, rendezvous: str, impls: list[str], tolerances: di
     results, seconds = {}, {}
     try:
         ctx = Context(rank, world, impls, tolerances)
-        for name, case in CASES.items():
+        for name in cases:
+            case = CASES[name]
             started = time.perf_counter()
             try:
                 case(ctx)

@@ -17,6 +17,8 @@ import sys
 import threading
 from collections.abc import Callable, Iterator
 
+from ..outputs import is_main_process
+
 PROG = "bs-unlearn"
 EXIT_BAD_INPUT = 2
 EXIT_INTERRUPTED = 130  # 128 + SIGINT, the shell's convention
@@ -101,3 +103,18 @@ def run_handler(handler: Callable[[object], int | None], args) -> int:
     except Terminated:
         print(f"{PROG}: terminated (SIGTERM); {left}", file=sys.stderr)
         return EXIT_TERMINATED
+
+
+def print_run_summary(result) -> None:
+    """The summary line of a training run (``trainer.RunResult``: steps, seconds, first -> last of each logged
+    quantity) and where it was saved; printed by the main process only."""
+    if not is_main_process():
+        return
+    s = result.summary
+    parts = [f"{s['command']}: {s['steps']} steps in {s['seconds']} s"]
+    for key in ("loss", "forget_logprob", "belief_logprob", "retain_loss", "answer_logprob"):
+        if f"{key}_first" in s:
+            parts.append(f"{key} {s[f'{key}_first']:.4g} -> {s[f'{key}_last']:.4g}")
+    print("; ".join(parts))
+    if result.output_dir is not None:
+        print(f"saved model and run.json to {result.output_dir}")

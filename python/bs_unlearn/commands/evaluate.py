@@ -16,15 +16,12 @@ import pathlib
 from ..config import check_impl_available
 from ..models import check_model_path, model_input_path
 from ..outputs import check_output_file, check_readable_file, is_main_process, write_json_atomic
+from ..tofu_data import TOFU_SPLITS, tofu_eval_files
 from .base import positive_int, require_modules
-
-TOFU_SPLITS = ("forget01", "forget05", "forget10")
 
 
 def eval_set_files(args: argparse.Namespace) -> list[tuple[str, pathlib.Path, str]]:
     """The (name, path, role) triples the arguments ask for, each path checked readable (nothing is loaded)."""
-    from ..experiment import tofu_eval_files
-
     wanted: list[tuple[str, pathlib.Path, str]] = []
     if args.tofu_dir is not None:
         tofu = pathlib.Path(args.tofu_dir).expanduser()
@@ -48,6 +45,12 @@ def eval_set_files(args: argparse.Namespace) -> list[tuple[str, pathlib.Path, st
         path, _, role = rest.rpartition(":") if rest.endswith((":forget", ":retain", ":options")) else (rest, "", "")
         if not equals or not name or not path:
             raise ValueError(f"--set must look like NAME=PATH[:forget|retain|options], got {spec!r}")
+        _, colon, suffix = rest.rpartition(":")
+        if not role and colon and "/" not in suffix and not pathlib.Path(rest).exists():
+            raise ValueError(
+                f"--set {spec}: no file {rest}, and the part after ':' (the role) may be forget, retain "
+                f"or options, not {suffix!r}"
+            )
         wanted.append((name, pathlib.Path(path), role or "retain"))
     if not wanted:
         raise ValueError(
@@ -61,7 +64,7 @@ def eval_set_files(args: argparse.Namespace) -> list[tuple[str, pathlib.Path, st
 def eval_sets_from_args(args: argparse.Namespace) -> list:
     """The sets the arguments ask for (:func:`eval_set_files`), loaded as metrics.EvalSet."""
     from ..data import read_qa_records
-    from ..metrics import EvalSet
+    from ..tofu_data import EvalSet
 
     return [
         EvalSet(name, read_qa_records(path, max_examples=args.max_examples, seed=args.seed), role)
@@ -89,7 +92,7 @@ def handle(args: argparse.Namespace) -> int:
         except json.JSONDecodeError as error:
             raise ValueError(f"--retain-model-metrics {path} is not JSON: {error}") from error
     check_impl_available(args.impl)
-    from ..metrics import evaluate, format_table
+    from ..metrics import EvalOptions, evaluate, format_table
     from ..models import load_model_and_tokenizer
 
     sets = eval_sets_from_args(args)
@@ -98,11 +101,13 @@ def handle(args: argparse.Namespace) -> int:
         model,
         tokenizer,
         sets,
+        EvalOptions(
+            batch_size=args.batch_size,
+            max_new_tokens=args.max_new_tokens,
+            generate=not args.no_generate,
+            impl=args.impl,
+        ),
         retain_model_metrics=retain_metrics,
-        batch_size=args.batch_size,
-        max_new_tokens=args.max_new_tokens,
-        generate=not args.no_generate,
-        impl=args.impl,
         progress=(lambda message: print(f"[eval] {message}", flush=True)) if not args.quiet else None,
     )
     results["model"] = args.model
@@ -133,7 +138,7 @@ def register(subparsers) -> None:
     parser.add_argument("--world-facts", default=None, help="TOFU world_facts_perturbed.jsonl (role options)")
     parser.add_argument("--set", action="append", help="extra set NAME=PATH[:forget|retain|options] (repeatable)")
     parser.add_argument("--tofu-dir", default=None, help="TOFU folder: evaluate --split and the three utility sets")
-    parser.add_argument("--split", default="forget01", choices=TOFU_SPLITS, help="forget split with --tofu-dir")
+    parser.add_argument("--split", default="forget01", choices=sorted(TOFU_SPLITS), help="forget split with --tofu-dir")
     parser.add_argument(
         "--retain-model-metrics", default=None, help="eval JSON of a retain-only model (forget quality)"
     )
@@ -141,7 +146,7 @@ def register(subparsers) -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--batch-size", type=positive_int, default=16)
     parser.add_argument("--max-new-tokens", type=positive_int, default=64, help="greedy answer length for ROUGE-L")
-    parser.add_argument("--no-generate", action="store_true", help="skip generation (no ROUGE-L)")
+    parser.add_argument("--no-generate", action="store_true", help="skip generation (no ROUGE-L, so no model utility)")
     parser.add_argument("--impl", default="auto", help="bs_kernels backend for the log-probs")
     parser.add_argument("--quiet", action="store_true", help="no progress lines")
     parser.set_defaults(handler=handle)

@@ -4,30 +4,18 @@ from __future__ import annotations
 
 import argparse
 
-from ..outputs import is_main_process
+from .base import print_run_summary
 from .config_args import add_config_arguments, config_from_args
 
 
-def print_summary(result) -> None:
-    if not is_main_process():
-        return
-    s = result.summary
-    parts = [f"{s['command']}: {s['steps']} steps in {s['seconds']} s"]
-    for key in ("loss", "forget_logprob", "belief_logprob", "retain_loss", "answer_logprob"):
-        if f"{key}_first" in s:
-            parts.append(f"{key} {s[f'{key}_first']:.4g} -> {s[f'{key}_last']:.4g}")
-    print("; ".join(parts))
-    if result.output_dir is not None:
-        print(f"saved model and run.json to {result.output_dir}")
-
-
 def handle(args: argparse.Namespace) -> int:
-    from ..config import FinetuneConfig, check_run_paths
+    from ..config import FinetuneConfig
 
-    check_run_paths(FinetuneConfig, vars(args))  # a bad path is refused before torch and transformers are imported
+    config = config_from_args(FinetuneConfig, args)
+    config.validate()  # a bad path or setting is refused before torch and transformers are imported for the run
     from ..trainer import finetune
 
-    print_summary(finetune(config_from_args(FinetuneConfig, args)))
+    print_run_summary(finetune(config))
     return 0
 
 

@@ -2,7 +2,7 @@
 
     bs-unlearn tofu --tofu-dir ../shared/data/tofu --split forget01 --output runs/tofu-forget01
 
-The same pipeline as ``bs-unlearn demo`` (bs_unlearn.experiment.run_comparison) on TOFU data: fine-tune on the
+The same pipeline as ``bs-unlearn demo`` (bs_unlearn.experiment.comparison) on TOFU data: fine-tune on the
 forget split plus a seeded subset of the matching retain split, a retain-only model on that subset alone (forget
 quality), the belief band, then each method from the same start, stopped at the same forgetting target; metrics on
 the forget split and seeded subsets of TOFU's retain / real-authors / world-facts sets. TOFU records carry no key
@@ -12,18 +12,22 @@ fact strings, so there is no leak rate here.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import pathlib
-import subprocess
-import time
 
-from ..experiment import ComparisonSettings, UnlearnSettings
+from ..experiment.settings import ComparisonSettings, UnlearnSettings
 from ..models import check_model_path, model_input_path
-from ..outputs import check_output_dir, is_main_process, prepare_output_dir, write_json_atomic
-from .base import positive_int, require_modules
-from .demo import DEMO_MODULES, PARTIAL_RESULTS
+from ..outputs import prepare_output_dir
+from ..tofu_data import TOFU_SPLITS
+from .base import positive_int
+from .compare_methods import (
+    PARTIAL_RESULTS,
+    add_comparison_arguments,
+    check_can_start,
+    compare_and_report,
+    model_name_of,
+    settings_from_args,
+)
 
-TOFU_SPLITS = {"forget01": "retain99", "forget05": "retain95", "forget10": "retain90"}
 # BS-T λ = 1 and BS-S on its base forget about 10x slower per lr than GA on TOFU (docs/tofu.md): their own grid.
 TOFU_RUNS = (
     "graddiff",
@@ -47,79 +51,76 @@ TOFU_SETTINGS = ComparisonSettings(
 )
 
 
-def run_tofu(args: argparse.Namespace) -> dict:
-    from .. import experiment as ex
-    from ..data import read_qa_records, write_qa_records
-    from ..models import load_model_and_tokenizer
+def run_tofu(
+    *,
+    tofu_dir,
+    output,
+    split: str = "forget01",
+    model: str = "default",
+    overwrite: bool = False,
+    retain_examples: int = 80,
+    eval_examples: int = 20,
+    runs: list[str] | None = None,
+    settings: ComparisonSettings = TOFU_SETTINGS,
+    seed: int = 0,
+    **report,
+) -> dict:
+    """The matched-forgetting comparison on a TOFU forget split (see the module docstring); returns the results dict
+    that is also written to results.json. ``report``: the ``say`` / ``show`` of
+    :func:`compare_methods.compare_and_report`."""
+    from ..experiment.comparison import check_comparison
+    from ..experiment.run_specs import parse_run
 
-    tofu = pathlib.Path(args.tofu_dir).expanduser()
+    if split not in TOFU_SPLITS:
+        raise ValueError(f"--split must be one of {sorted(TOFU_SPLITS)}, got {split!r}")
+    tofu = pathlib.Path(tofu_dir).expanduser()
+    if not (tofu / f"{split}.jsonl").is_file():
+        raise FileNotFoundError(f"--tofu-dir has no {split}.jsonl: {tofu_dir}")
+    specs = [parse_run(spec) for spec in (runs or TOFU_RUNS)]
+    check_comparison(specs, "matched")
+    check_model_path(model)
     # --overwrite writes into an earlier TOFU output (never into a folder bs-unlearn did not write).
-    output = prepare_output_dir(args.output, overwrite=args.overwrite, inputs=tofu_inputs(args), replace=False)
-    started = time.perf_counter()
-    forget_path = tofu / f"{args.split}.jsonl"
-    forget = ex.QASplit(args.split, read_qa_records(forget_path), forget_path)
-    retain_records = read_qa_records(
-        tofu / f"{TOFU_SPLITS[args.split]}.jsonl", max_examples=args.retain_examples, seed=args.seed
-    )
-    retain_path = write_qa_records(retain_records, output / "retain_subset.jsonl")
-    retain = ex.QASplit("retain", retain_records, retain_path)
-    eval_sets = ex.tofu_eval_sets(tofu, args.split, max_examples=args.eval_examples, seed=args.seed)
+    output = prepare_output_dir(output, overwrite=overwrite, inputs=[tofu, model_input_path(model)], replace=False)
+    from ..data import read_qa_records, write_qa_records
+    from ..experiment.comparison import ComparisonData
+    from ..tofu_data import QASplit, tofu_eval_sets
 
-    def say(message: str) -> None:
-        load = subprocess.run(["uptime"], capture_output=True, text=True).stdout.split("load average:")[-1].strip()
-        print(f"[tofu {time.strftime('%H:%M:%S')}] {message}  (load {load})", flush=True)
-
-    settings = dataclasses.replace(
-        TOFU_SETTINGS,
-        **{name: getattr(args, name) for name in ("target_lp", "max_steps") if getattr(args, name) is not None},
-    )
-    if args.lr_grid is not None:
-        settings = dataclasses.replace(settings, lr_grid=tuple(args.lr_grid))
-    say(f"loading {args.model}")
-    base_model, tokenizer = load_model_and_tokenizer(args.model)
-    model_name = "SmolLM2-135M-Instruct" if args.model == "default" else args.model
-    results = ex.run_comparison(
-        args.model,
-        base_model,
-        tokenizer,
-        forget=forget,
-        retain=retain,
-        eval_sets=eval_sets,
-        specs=[ex.parse_run(spec) for spec in args.runs],
+    forget_path = tofu / f"{split}.jsonl"
+    forget = QASplit(split, read_qa_records(forget_path), forget_path)
+    retain_split = TOFU_SPLITS[split]
+    retain_records = read_qa_records(tofu / f"{retain_split}.jsonl", max_examples=retain_examples, seed=seed)
+    retain = QASplit("retain", retain_records, write_qa_records(retain_records, output / "retain_subset.jsonl"))
+    eval_sets = tofu_eval_sets(tofu, split, max_examples=eval_examples, seed=seed)
+    data = ComparisonData(f"TOFU {split} (+{len(retain_records)} {retain_split})", forget, retain, eval_sets)
+    return compare_and_report(
+        data,
+        specs,
+        model=model,
+        model_name=model_name_of(model),
         protocol="matched",
         settings=settings,
         output=output,
-        names=(model_name, f"TOFU {args.split} (+{len(retain_records)} {TOFU_SPLITS[args.split]})"),
-        seed=args.seed,
-        say=say,
+        seed=seed,
         tag="tofu",
+        **report,
     )
-    results["seed"] = args.seed
-    results["timings_seconds"]["total"] = round(time.perf_counter() - started, 1)
-    write_json_atomic(results, output / "results.json")
-    (output / "table.md").write_text(ex.matched_table(results, markdown=True) + "\n")
-    print(ex.matched_table(results, markdown=False))
-    print(f"wrote {output}; total {results['timings_seconds']['total']:.0f} s")
-    return results
 
 
 def handle(args: argparse.Namespace) -> int:
-    if not is_main_process():
-        raise ValueError("bs-unlearn tofu runs in one process; start it without torchrun / accelerate launch")
-    if args.split not in TOFU_SPLITS:
-        raise ValueError(f"--split must be one of {sorted(TOFU_SPLITS)}, got {args.split!r}")
-    if not (pathlib.Path(args.tofu_dir).expanduser() / f"{args.split}.jsonl").is_file():
-        raise FileNotFoundError(f"--tofu-dir has no {args.split}.jsonl: {args.tofu_dir}")
-    check_model_path(args.model)
-    check_output_dir(args.output, overwrite=args.overwrite, inputs=tofu_inputs(args))
-    require_modules("bs-unlearn tofu", *DEMO_MODULES)  # before an hour of work, not at the plots
-    run_tofu(args)
+    check_can_start("bs-unlearn tofu")
+    run_tofu(
+        tofu_dir=args.tofu_dir,
+        output=args.output,
+        split=args.split,
+        model=args.model,
+        overwrite=args.overwrite,
+        retain_examples=args.retain_examples,
+        eval_examples=args.eval_examples,
+        runs=args.runs,
+        settings=settings_from_args(TOFU_SETTINGS, args),
+        seed=args.seed,
+    )
     return 0
-
-
-def tofu_inputs(args: argparse.Namespace) -> list:
-    """What the run reads, which the output may not be or contain: the TOFU folder and the model."""
-    return [pathlib.Path(args.tofu_dir).expanduser(), model_input_path(args.model)]
 
 
 def register(subparsers) -> None:
@@ -134,23 +135,9 @@ def register(subparsers) -> None:
     parser.add_argument(
         "--overwrite", action="store_true", help="write into an earlier bs-unlearn output there (never another folder)"
     )
-    parser.add_argument("--model", default="default", help="HF model directory, .gguf file, or 'default' (SmolLM2)")
     parser.add_argument("--retain-examples", type=positive_int, default=80, help="seeded retain subset for fine-tuning")
     parser.add_argument("--eval-examples", type=positive_int, default=20, help="seeded subset of each evaluation set")
-    parser.add_argument(
-        "--runs",
-        nargs="+",
-        default=list(TOFU_RUNS),
-        help="runs as METHOD[:opt=value,...] (options as in bs-unlearn demo; lr_grid=A/B gives a run its own grid)",
+    add_comparison_arguments(
+        parser, runs_default=list(TOFU_RUNS), runs_help="runs as METHOD[:opt=value,...] (default: the four methods)"
     )
-    parser.add_argument("--target-lp", type=float, default=None, help="forget target mean log-prob to reach")
-    parser.add_argument("--max-steps", type=positive_int, default=None, help="step cap per run")
-    parser.add_argument(
-        "--lr-grid",
-        type=float,
-        nargs="+",
-        default=None,
-        help="learning rates to try per method (a run's lr_grid= replaces it)",
-    )
-    parser.add_argument("--seed", type=int, default=0)
     parser.set_defaults(handler=handle, on_interrupt=PARTIAL_RESULTS)

@@ -4,17 +4,18 @@ from __future__ import annotations
 
 import argparse
 
+from .base import print_run_summary
 from .config_args import add_config_arguments, config_from_args
-from .finetune import print_summary
 
 
 def handle(args: argparse.Namespace) -> int:
-    from ..config import UnlearnConfig, check_run_paths
+    from ..config import UnlearnConfig
 
-    check_run_paths(UnlearnConfig, vars(args))  # a bad path is refused before torch and transformers are imported
+    config = config_from_args(UnlearnConfig, args)
+    config.validate()  # a bad path or setting is refused before torch and transformers are imported for the run
     from ..trainer import unlearn
 
-    print_summary(unlearn(config_from_args(UnlearnConfig, args)))
+    print_run_summary(unlearn(config))
     return 0
 
 

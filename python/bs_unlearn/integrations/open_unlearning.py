@@ -22,7 +22,7 @@ constructor arguments (their fork of open-unlearning) and return the same loss v
 Where the authors' code and these classes differ (on purpose):
 - The forget term and the NLL retain term never materialise the [B, T, V] logits (``bs_unlearn.objectives``' model
   terms); the values are equal.
-- A batch whose sequences have no answer token gives a forget term of 0, not NaN (SPEC.md, "Reductions").
+- A batch whose sequences have no answer token gives a forget term of 0, not NaN (docs/math.md, "Reductions").
 - BSS samples beliefs for the whole forget set when training starts (off-policy) and resamples the whole set from
   the current model every ``regeneration_epochs`` epochs (on-policy), as the paper describes; the authors' code
   regenerates only for the micro-batch current at that step. ``regeneration_epochs=0`` (or None) is off-policy.
@@ -105,8 +105,9 @@ class GradDiffOnTrainer(Trainer):
     ``evaluators`` / ``template_args`` (passed by open-unlearning's ``load_trainer``) are kept as attributes.
     """
 
-    def __init__(self, gamma=1.0, alpha=1.0, retain_loss_type="NLL", *args, evaluators=None, template_args=None,
-                 **kwargs):  # fmt: skip
+    def __init__(
+        self, gamma=1.0, alpha=1.0, retain_loss_type="NLL", *args, evaluators=None, template_args=None, **kwargs
+    ):
         _retain_loss_type_check(retain_loss_type)
         super().__init__(*args, **kwargs)
         self.evaluators = evaluators
@@ -202,9 +203,14 @@ class BST(GradDiff):
         """The BS-T term of one sub-batch: mean over sequences of the per-sequence mean <t, log pi> (<= 0)."""
         self.warn_if_no_answer_tokens(forget_inputs)
         return bs_t_forget_loss(
-            model, forget_inputs, lam=self.lambda_bst, top_k=self.top_k,
-            detach_belief=_DETACH_MODES[self.detach_mode], reduction="sequence_mean", impl=self.impl,
-        )  # fmt: skip
+            model,
+            forget_inputs,
+            lam=self.lambda_bst,
+            top_k=self.top_k,
+            detach_belief=_DETACH_MODES[self.detach_mode],
+            reduction="sequence_mean",
+            impl=self.impl,
+        )
 
     def compute_retain_loss(self, model, retain_inputs):
         if self.retain_loss_type == "NLL":
@@ -244,15 +250,25 @@ class BSS(BST):
             0 or None samples once from the initial model (off-policy).
         bss_base: "GA" (the authors' trainer: L = mean log p over tokens) or "BST" (L = the BS-T term, with BST's
             lambda_bst, top_k, detach_mode).
-        max_new_tokens, generation_batch_size: belief sampling limits (SPEC.md: up to 200 new tokens).
+        max_new_tokens, generation_batch_size: belief sampling limits (docs/math.md, "BS-S": up to 200 new tokens).
 
     The belief set is keyed by prompt tokens, so any open-unlearning collator works: each forget row of a batch
     brings the beliefs sampled for its prompt. A prompt not in the set (e.g. ``compute_loss`` called outside
     ``train()``) is sampled on first use in a single-process run.
     """
 
-    def __init__(self, lambda_bss=0.5, n_samples=3, temperature=1.0, regeneration_epochs=2, *args, bss_base="GA",
-                 max_new_tokens=200, generation_batch_size=8, **kwargs):  # fmt: skip
+    def __init__(
+        self,
+        lambda_bss=0.5,
+        n_samples=3,
+        temperature=1.0,
+        regeneration_epochs=2,
+        *args,
+        bss_base="GA",
+        max_new_tokens=200,
+        generation_batch_size=8,
+        **kwargs,
+    ):
         if not _is_number(lambda_bss) or not 0.0 <= float(lambda_bss) <= 1.0:
             raise ValueError(f"lambda_bss must be a number in [0, 1], got {lambda_bss!r}")
         if not _is_count(n_samples) or n_samples < 1:
@@ -277,9 +293,7 @@ class BSS(BST):
         self.beliefs: dict[tuple[int, ...], list[dict[str, list[int]]]] = {}
         # One entry per sampling call: {"epoch", "step", "prompts", "on_demand"} (also logged as bss_* metrics).
         self.sampling_calls: list[dict] = []
-        self.belief_schedule = BeliefRefreshCallback(
-            self._resample_all, every=self.regeneration_epochs, at_start=True
-        )  # fmt: skip
+        self.belief_schedule = BeliefRefreshCallback(self._resample_all, every=self.regeneration_epochs, at_start=True)
         self.add_callback(self.belief_schedule)
 
     @property
@@ -298,15 +312,24 @@ class BSS(BST):
 
     def _sample(self, model, prompts: list[tuple[int, ...]], *, on_demand: bool) -> None:
         sampled = sample_beliefs(
-            model, self._tokenizer, [list(prompt) for prompt in prompts], num_samples=self.n_samples,
-            temperature=self.temperature, max_new_tokens=self.max_new_tokens, batch_size=self.generation_batch_size,
-        )  # fmt: skip
+            model,
+            self._tokenizer,
+            [list(prompt) for prompt in prompts],
+            num_samples=self.n_samples,
+            temperature=self.temperature,
+            max_new_tokens=self.max_new_tokens,
+            batch_size=self.generation_batch_size,
+        )
         self.beliefs.update(zip(prompts, sampled))
         epoch = round(self.state.epoch or 0)
         call = {"epoch": epoch, "step": self.state.global_step, "prompts": len(prompts), "on_demand": on_demand}
         self.sampling_calls.append(call)
-        logger.info("BSS sampled %d beliefs for %d forget prompts (%s)", len(prompts) * self.n_samples,
-                    len(prompts), "on demand" if on_demand else f"belief set, epoch {epoch}")  # fmt: skip
+        logger.info(
+            "BSS sampled %d beliefs for %d forget prompts (%s)",
+            len(prompts) * self.n_samples,
+            len(prompts),
+            "on demand" if on_demand else f"belief set, epoch {epoch}",
+        )
         # In the Trainer's log history (trainer_state.json) too, so a run shows when its belief set was sampled.
         self.log({"bss_sampled_prompts": float(len(prompts)), "bss_sampled_on_demand": float(on_demand)})
 

@@ -1,4 +1,5 @@
-"""Unlearning objectives: a method's loss on a ``{"forget", "retain"[, "beliefs"]}`` batch (SPEC.md); minimised.
+"""Unlearning objectives: a method's loss on a ``{"forget", "retain"[, "beliefs"]}`` batch (docs/math.md,
+"Objectives"); minimised.
 
 Building blocks, lowest first:
 - ``objectives.terms``: terms on per-token quantities (GA, NPO, NLL, KL) and the answer mask;
@@ -17,8 +18,6 @@ Building blocks, lowest first:
 from __future__ import annotations
 
 import torch
-
-import bs_kernels
 
 from ..config import DEFAULT_REDUCTION, FORGET_OBJECTIVES, METHODS, RETAIN_OBJECTIVES, ObjectiveConfig
 from .model_terms import answer_logprob_loss, answer_token_logprobs, bs_t_forget_loss, fused_labelled_calls, logits_of
@@ -53,7 +52,8 @@ class UnlearnObjective:
     """
 
     def __init__(self, config: ObjectiveConfig, *, impl: str = "auto", fused_linear: bool = False) -> None:
-        bs_kernels.BSTokenLoss(impl=impl)  # an unknown impl is refused here, with the loss's message
+        # The options are checked once, by config.validate() before a run (UnlearnConfig) or by bs_kernels at the
+        # first loss, with the same messages.
         self.config = config
         self.impl = impl
         self.fused_linear = fused_linear
@@ -68,10 +68,16 @@ class UnlearnObjective:
         name = cfg.forget_objective
         if name == "bs_t":
             loss, stats = bs_t_forget_loss(
-                model, batch, lam=cfg.lam, top_k=cfg.top_k, belief_temperature=cfg.belief_temperature,
-                reduction=cfg.forget_reduction or DEFAULT_REDUCTION["bs_t"], impl=self.impl, return_stats=True,
+                model,
+                batch,
+                lam=cfg.lam,
+                top_k=cfg.top_k,
+                belief_temperature=cfg.belief_temperature,
+                reduction=cfg.forget_reduction or DEFAULT_REDUCTION["bs_t"],
+                impl=self.impl,
+                return_stats=True,
                 fused=self.fused_linear,
-            )  # fmt: skip
+            )
             return loss, stats.token_logprobs.detach()
         token_logprobs = self.token_logprobs(model, batch)
         if name == "ga":

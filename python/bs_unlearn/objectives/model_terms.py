@@ -86,9 +86,14 @@ def bs_t_forget_loss(
     """
     inputs = _model_inputs(batch)
     options = dict(
-        lam=lam, top_k=top_k, detach_belief=detach_belief, belief_temperature=belief_temperature,
-        reduction=reduction, impl=impl, return_stats=return_stats,
-    )  # fmt: skip
+        lam=lam,
+        top_k=top_k,
+        detach_belief=detach_belief,
+        belief_temperature=belief_temperature,
+        reduction=reduction,
+        impl=impl,
+        return_stats=return_stats,
+    )
     if _fused_model(model, fused):
         output = model(**inputs, use_cache=False, bs_loss=options)
         return (output.loss, output.bs_stats) if return_stats else output.loss

@@ -1,4 +1,4 @@
-"""Loss terms on per-token quantities (SPEC.md, "Objectives around it"); every one is minimised.
+"""Loss terms on per-token quantities (docs/math.md, "Objectives"); every one is minimised.
 
 Forget terms are functions of per-token quantities from bs_kernels (``forget_logprobs``: log p(label) per answer
 token; ``bs_token_loss``: the BS-T value), never of a [B, T, V] probability tensor. The reductions are
