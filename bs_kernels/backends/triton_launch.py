@@ -84,8 +84,11 @@ class SplitForwardConfig:
 #   at k <= 64 (8-11 at k = 20, 6 at k = 0) and 5-10x cheaper than the bucket kernel at k = 100 (20-38 against
 #   190-240, both issue-bound there); above k = 128 neither has been costed and the bucket kernel, exact up to
 #   k = 1024, keeps that range. A split row costs more: every slice fills its own top k from scratch (the warm
-#   start of its first block, k <= 32, saves part of that), so a slice keeps at least SLICE_MIN_LOGITS logits at
-#   k > 0 (under 14 per logit at 2 slices of V = 49 152 and 3 of 128 256), and rows are split only at k <= 64.
+#   start of its first block, k <= 32, saves part of that), and each slice runs its program's code outside the
+#   loop once, so a slice keeps at least SLICE_MIN_LOGITS logits (at V = 49 152, 2 slices: 14.8 per logit at k = 20
+#   on random rows, 12.9 on SmolLM2's, 7.7 at k = 0; since z - m is formed before the exp2 (issue 26) the
+#   block costs one FADD per logit more, which put the random-row k = 20 case over the budget), and rows are split
+#   only at k <= 64.
 # - bytes in flight (Little's law): HBM delivers its bandwidth only with bandwidth x latency bytes requested and not
 #   yet returned: 4.8 TB/s x 600-800 ns = 2.9-3.8 MB on an H200; IN_FLIGHT_BYTES asks for 3 MiB. A one-warp program
 #   has one block of loads in flight (issued together; the loop is not software-pipelined): groups x 32 lanes x
@@ -106,8 +109,7 @@ LANES_REGISTERS = {LANES_DEFAULT: 64, LANES_DEEP: 96}  # upper bounds, sm_90, k 
 # on sm_90 (tests/kernels/test_triton_sass.py).
 H200_SMS = 132
 IN_FLIGHT_BYTES = 3 << 20
-SLICE_MIN_LOGITS = 24_576  # k > 0
-SLICE_MIN_LOGITS_NO_TOP_K = 8_192  # k = 0: a slice costs its partial's store and a share of the merge only
+SLICE_MIN_LOGITS = 24_576
 MAX_SLICES = 16
 MERGE_TRAFFIC = 0.02
 
@@ -139,7 +141,7 @@ def max_slices(vocab_size: int, top_k: int, element_size: int) -> int:
     stats_bytes = 8 if element_size == 8 else 4
     merge_bytes_per_slice = 2 * (2 * stats_bytes + 8 * top_k)  # written by the split kernel, read by the merge
     by_merge = int(MERGE_TRAFFIC * vocab_size * element_size // merge_bytes_per_slice)
-    by_cost = vocab_size // (SLICE_MIN_LOGITS if top_k > 0 else SLICE_MIN_LOGITS_NO_TOP_K)
+    by_cost = vocab_size // SLICE_MIN_LOGITS
     return max(1, min(MAX_SLICES, by_merge, by_cost))
 
 
