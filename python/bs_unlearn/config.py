@@ -206,8 +206,12 @@ class TrainConfig:
     )
     impl: str = field(default="auto", metadata={"help": "bs_kernels backend: auto, torch, native, triton, reference"})
     fused_linear: bool = field(
-        default=False,
-        metadata={"help": "compute the losses from hidden states and the lm_head weight in row chunks (no logits)"},
+        default=True,
+        metadata={
+            "help": "materialise the [B, T, V] logits for the losses (default: from hidden states and the lm_head "
+            "weight in row chunks, wherever bs_kernels.patch_causal_lm supports the model)",
+            "flag": "--no-fused-linear",
+        },
     )
     logging_steps: int = field(default=1, metadata={"help": "log the averaged metrics every this many steps"})
     progress: bool = field(default=True, metadata={"help": "no progress bar", "flag": "--no-progress"})

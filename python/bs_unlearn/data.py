@@ -4,8 +4,10 @@ A QA file is JSON Lines with at least ``question`` and ``answer`` per line (TOFU
 ``perturbed_answer``). Each example becomes ``input_ids`` = prompt + answer tokens and ``labels`` = -100 on the prompt
 (and, after collation, on padding), so every loss counts answer tokens only.
 
-Prompt format: the tokenizer's chat template when it has one (user turn = question, assistant turn = answer, ended
-by the template's end-of-turn token), else ``"Question: {q}\\nAnswer:"`` followed by ``" {a}"`` and the eos token.
+Prompt format: the tokenizer's chat template when it has one (system turn and ``date_string`` of
+``prompts.PromptFormat()``, the evaluation's, so that a model is trained on the prompts it is evaluated with; user
+turn = question, assistant turn = answer, ended by the template's end-of-turn token), else
+``"Question: {q}\\nAnswer:"`` followed by ``" {a}"`` and the eos token.
 """
 
 from __future__ import annotations
@@ -21,6 +23,11 @@ import numpy as np
 import torch
 
 from bs_kernels import IGNORE_INDEX
+
+from .prompts import PromptFormat, prompt_messages
+
+# The chat prompts' system turn and date_string: the evaluation's defaults (open-unlearning's template arguments).
+TRAINING_PROMPT_FORMAT = PromptFormat()
 
 REQUIRED_FIELDS = ("question", "answer")
 SCORED_FIELDS = ("paraphrased_answer", "perturbed_answer")  # what the truth ratio scores, where a set has them
@@ -183,16 +190,18 @@ def end_of_turn_ids(tokenizer) -> list[int]:
 def prompt_text(tokenizer, question: str) -> str:
     """The prompt string for a question (ends where the answer begins)."""
     if getattr(tokenizer, "chat_template", None):
+        fmt = TRAINING_PROMPT_FORMAT
         return tokenizer.apply_chat_template(
-            [{"role": "user", "content": question}], tokenize=False, add_generation_prompt=True
+            prompt_messages(question, None, fmt), tokenize=False, add_generation_prompt=True, **fmt.template_kwargs()
         )
     return f"Question: {question}\nAnswer:"
 
 
 def _answer_text(tokenizer, question: str, answer: str, prompt: str) -> str:
     if getattr(tokenizer, "chat_template", None):
+        fmt = TRAINING_PROMPT_FORMAT
         full = tokenizer.apply_chat_template(
-            [{"role": "user", "content": question}, {"role": "assistant", "content": answer}], tokenize=False
+            prompt_messages(question, answer, fmt), tokenize=False, **fmt.template_kwargs()
         )
         if not full.startswith(prompt):
             raise ValueError("the tokenizer's chat template renders the prompt differently inside a full conversation")

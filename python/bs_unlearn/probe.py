@@ -19,11 +19,12 @@ It writes the records to JSON and, through ``plotting.plot_probe_runs``, a PNG.
 Matched forgetting (docs/math.md, "Matched forgetting"): with ``stop_at`` (a :class:`ForgettingTarget`) the probe checks
 the forget targets' mean per-token log-prob after every ``stop_at.check_every`` steps and stops training at the first
 check at or below the target; ``reached_step`` says where (None: the step cap came first). With ``give_up`` it also
-stops, at half the step cap, a run whose straight-line projection to the cap would not cover even half the distance
-from the start to the target (``abandoned_step``), so the time goes to the next learning rate. It is a heuristic:
-forgetting curves tend to speed up, so a run given up could in principle still have made it; in the recorded demo
-runs the given-up ones had covered about 2 % of the way at half the cap and, run to 30 steps in an earlier demo, still
-fell short.
+stops a run that even an optimistic projection shows cannot reach the target (``abandoned_step``), so the time goes to
+the next learning rate (:func:`projected_drop`: from the third check on, the drop of the target log-prob since the
+start, grown to the cap by the largest per-step growth factor of the last three checks, covers less than half the
+way to the target). Forgetting curves speed up, so a straight line from the start under-projects them; a constant
+growth factor follows an accelerating curve, and the largest recent factor and the half-way bar are the margin. It
+is still a heuristic: a curve whose growth itself keeps rising could be given up although it would have made it.
 """
 
 from __future__ import annotations
@@ -57,11 +58,44 @@ class ForgettingTarget:
     check_every: int = 1
     give_up: bool = False
 
+    def hopeless(self, checks: Sequence[tuple[int, float]], max_steps: int) -> bool:
+        """Whether a run whose checks so far are ``checks`` ((step, target log-prob), the start first) should be
+        given up (with ``give_up``): its :func:`projected_drop` at ``max_steps`` covers less than half the way from
+        the start to the target."""
+        if not self.give_up:
+            return False
+        drop = projected_drop(checks, max_steps)
+        return drop is not None and drop < (checks[0][1] - self.target_lp) / 2
+
     def __post_init__(self) -> None:
         if not isinstance(self.check_every, int) or self.check_every < 1:
             raise ValueError(f"check_every must be an int >= 1, got {self.check_every!r}")
         if not self.target_lp < 0:
             raise ValueError(f"target_lp must be < 0 (a mean per-token log-prob), got {self.target_lp!r}")
+
+
+def projected_drop(checks: Sequence[tuple[int, float]], max_steps: int, window: int = 3) -> float | None:
+    """How far the target log-prob could have fallen from the start by ``max_steps``, extrapolating the recent pace.
+
+    ``checks``: (step, target log-prob) of the stopping checks, the start (step 0) first. With d_t the drop since
+    the start at check t (t >= 1), the per-step growth factor between consecutive checks is
+    (d_t / d_{t-1}) ** (1 / steps apart); the projection is d_last * g ** (max_steps - last step) with g the largest
+    factor over the last ``window`` pairs (at least 1). None (no projection: keep going) before the start and two
+    checks, or when a drop in the window before the last is not positive (no pace to extrapolate yet).
+    """
+    if len(checks) < 3:
+        return None
+    start = checks[0][1]
+    recent = [(step, start - lp) for step, lp in checks[1:][-(window + 1) :]]  # the start's drop is 0: no factor
+    if any(drop <= 0 for _, drop in recent[:-1]):
+        return None
+    factors = [
+        (max(later, 0.0) / earlier) ** (1.0 / max(later_step - step, 1))
+        for (step, earlier), (later_step, later) in zip(recent, recent[1:])
+    ]
+    last_step, last_drop = recent[-1]
+    growth = max(1.0, *factors)
+    return max(last_drop, 0.0) * growth ** max(max_steps - last_step, 0)
 
 
 def _normalised(text: str) -> str:
@@ -147,6 +181,8 @@ class SqueezeProbe(TrainerCallback):
         top_k: the number of rival tokens in the token-level alt mass.
         output_json / output_png: written at the end of training (and by :meth:`save`).
         label / model_name / data_name: shown in the JSON and the plot's legend and title.
+        impl / fused_linear: the bs_kernels backend and whether scoring skips the [B, T, V] logits
+            (``scoring.score_encodings``'s ``fused``; the same records either way).
         stop_at: a :class:`ForgettingTarget` to stop training at (matched forgetting).
         on_record: called with each new record (e.g. to print a progress line).
         initial_records: records already measured on the same model and probe sets (e.g. the step-0 record, the same
@@ -169,6 +205,7 @@ class SqueezeProbe(TrainerCallback):
         model_name: str = "",
         data_name: str = "",
         impl: str = "auto",
+        fused_linear: bool = True,
         stop_at: ForgettingTarget | None = None,
         on_record=None,
         initial_records: Sequence[dict] = (),
@@ -189,6 +226,7 @@ class SqueezeProbe(TrainerCallback):
         self.top_k = top_k
         self.batch_size = batch_size
         self.impl = impl
+        self.fused_linear = fused_linear
         self.output_json = pathlib.Path(output_json) if output_json else None
         self.output_png = pathlib.Path(output_png) if output_png else None
         self.label, self.model_name, self.data_name = label, model_name, data_name
@@ -208,11 +246,18 @@ class SqueezeProbe(TrainerCallback):
         self.on_record = on_record
         self.reached_step: int | None = None
         self.abandoned_step: int | None = None
+        self.checks: list[tuple[int, float]] = []  # (step, target lp) of the stopping checks, the start first
         self._started = time.perf_counter()
 
     def _score_targets(self, model: torch.nn.Module):
         return score_encodings(
-            model, self.tokenizer, self.targets, batch_size=self.batch_size, token_view_top_k=self.top_k, impl=self.impl
+            model,
+            self.tokenizer,
+            self.targets,
+            batch_size=self.batch_size,
+            token_view_top_k=self.top_k,
+            impl=self.impl,
+            fused=self.fused_linear,
         )
 
     def measure(self, model: torch.nn.Module, step: int, target=None) -> dict:
@@ -232,7 +277,14 @@ class SqueezeProbe(TrainerCallback):
             ("retain_lp", self.retain),
         ):
             if encodings:
-                scores = score_encodings(model, self.tokenizer, encodings, batch_size=self.batch_size, impl=self.impl)
+                scores = score_encodings(
+                    model,
+                    self.tokenizer,
+                    encodings,
+                    batch_size=self.batch_size,
+                    impl=self.impl,
+                    fused=self.fused_linear,
+                )
                 record[name] = float(np.mean(scores.mean_logprob))
         record["probe_seconds"] = round(time.perf_counter() - started, 3)
         record["elapsed_seconds"] = round(time.perf_counter() - self._started, 3)
@@ -255,15 +307,15 @@ class SqueezeProbe(TrainerCallback):
         if self.stop_at is not None and step % self.stop_at.check_every == 0:
             target = self._score_targets(model)
             target_lp = float(target.mean_logprob.mean())
+            if not self.checks and self.records:
+                self.checks.append((self.records[0]["step"], self.records[0]["target_lp"]))
+            self.checks.append((step, target_lp))
             if target_lp <= self.stop_at.target_lp:
                 self.reached_step = step
                 control.should_training_stop = True
-            elif self.stop_at.give_up and state.max_steps > 1 and step == state.max_steps // 2 and self.records:
-                start_lp = self.records[0]["target_lp"]
-                projected = start_lp + (target_lp - start_lp) * state.max_steps / step
-                if projected > start_lp + (self.stop_at.target_lp - start_lp) / 2:
-                    self.abandoned_step = step
-                    control.should_training_stop = True
+            elif step < state.max_steps and self.stop_at.hopeless(self.checks, state.max_steps):
+                self.abandoned_step = step
+                control.should_training_stop = True
         if step % self.every == 0 or step in (self.reached_step, self.abandoned_step):
             self.measure(model, step, target)
 
@@ -292,6 +344,7 @@ class SqueezeProbe(TrainerCallback):
             "stop_at": None if self.stop_at is None else {"target_lp": self.stop_at.target_lp},
             "reached_step": self.reached_step,
             "abandoned_step": self.abandoned_step,
+            "checks": [list(check) for check in self.checks],  # every stopping check: what the give-up rule saw
         }
 
     def save(self) -> None:

@@ -4,7 +4,9 @@ layout of a TOFU folder.
     QASplit(name, records, path)      records and a JSON Lines file holding exactly them (what the trainers read)
     EvalSet(name, records, role)      what bs_unlearn.metrics evaluates; the role says which metrics a set gets
     tofu_eval_files(split)            (set name, file name, role) of the TOFU evaluation sets of a forget split
-    tofu_eval_sets(folder, split)     those sets, loaded (seeded subsets of all but the forget split)
+    tofu_eval_splits(split)           (set name, TOFU split name, role) of the same sets
+    tofu_eval_sets(source, split)     those sets, loaded from any TOFU source (bs_unlearn.tofu_source): whole by
+                                      default (forget split, retain_perturbed 400, real authors 100, world facts 117)
 """
 
 from __future__ import annotations
@@ -66,19 +68,27 @@ def tofu_eval_files(split: str) -> list[tuple[str, str, str]]:
     ]
 
 
-def tofu_eval_sets(
-    tofu_dir: str | pathlib.Path, split: str, *, max_examples: int | None = None, seed: int = 0
-) -> list[EvalSet]:
-    """The TOFU evaluation sets of one forget split (:func:`tofu_eval_files`): the forget split whole, seeded subsets
-    of ``max_examples`` of the others."""
-    from .data import read_qa_records  # data imports torch; this module stays light for the CLI's start-up
+def tofu_eval_splits(split: str) -> list[tuple[str, str, str]]:
+    """(set name, TOFU split name, role) of the evaluation sets of one forget split (:func:`tofu_eval_files`)."""
+    return [(name, file.removesuffix(".jsonl"), role) for name, file, role in tofu_eval_files(split)]
 
-    tofu = pathlib.Path(tofu_dir).expanduser()
-    if not tofu.is_dir():
-        raise FileNotFoundError(f"TOFU folder not found: {tofu}")
+
+def tofu_eval_sets(
+    source: str | pathlib.Path,
+    split: str,
+    *,
+    max_examples: int | None = None,
+    retain_examples: int | None = None,
+    seed: int = 0,
+) -> list[EvalSet]:
+    """The TOFU evaluation sets of one forget split (:func:`tofu_eval_files`) from ``source`` (a JSON Lines folder, a
+    local dataset folder or ``locuslab/TOFU`` in the HF cache: bs_unlearn.tofu_source.load_split). The forget split
+    is always whole; ``retain_examples`` keeps a seeded subset of retain_perturbed, ``max_examples`` of the real
+    authors and world facts; None keeps a set whole."""
+    from .tofu_source import load_split  # imports torch (bs_unlearn.data): loaded when a command runs
+
+    sizes = {"forget": None, "retain": retain_examples, "options": max_examples}
     return [
-        EvalSet(
-            name, read_qa_records(tofu / file, max_examples=None if role == "forget" else max_examples, seed=seed), role
-        )
-        for name, file, role in tofu_eval_files(split)
+        EvalSet(name, load_split(source, split_name, max_examples=sizes[role], seed=seed), role)
+        for name, split_name, role in tofu_eval_splits(split)
     ]

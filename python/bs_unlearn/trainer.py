@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import dataclasses
+import gc
 import json
 import pathlib
 import sys
@@ -29,10 +30,12 @@ import bs_kernels
 from .beliefs import BeliefRefreshCallback, EpochCallback, prompt_ids_of, sample_beliefs
 from .config import FinetuneConfig, TrainConfig, UnlearnConfig, run_inputs
 from .data import ForgetRetainCollator, ForgetRetainDataset, QACollator, QADataset, read_qa_records, tokenize_dataset
+from .fused import fused_supported
 from .loss_guard import StopOnNonFiniteLoss
 from .models import load_model_and_tokenizer
 from .objectives import UnlearnObjective, answer_mask, answer_token_logprobs, nll_loss
 from .outputs import atomic_output_dir, is_main_process, scratch_dir
+from .step_timing import StepTimer
 
 RUN_FILE = "run.json"
 
@@ -47,6 +50,20 @@ class RunResult:
     summary: dict
     output_dir: pathlib.Path | None = None
     trainer: Trainer | None = None
+
+
+def release_training_state(result: RunResult) -> None:
+    """Free what a finished run holds besides its model: the optimizer's state (twice the parameters with AdamW), the
+    schedule, the frozen reference model (NPO, KL) and the trainer itself. For pipelines that keep only the model;
+    the trainer's reference cycles would otherwise keep them until a garbage collection happens to run."""
+    trainer = result.trainer
+    if trainer is not None:
+        trainer.optimizer = trainer.lr_scheduler = None
+        if hasattr(trainer, "ref_model"):
+            trainer.ref_model = None
+        trainer.accelerator.free_memory()  # its references to the prepared optimizer and schedule
+        result.trainer = None
+    gc.collect()
 
 
 class ProgressLines(TrainerCallback):
@@ -77,6 +94,13 @@ class _MetricsMixin:
             sums[key] = sums.get(key, 0.0) + value
         self._metric_count = self.__dict__.get("_metric_count", 0) + 1
 
+    def _loss_span(self):
+        """The loss's timing span of a StepTimer among the callbacks (a no-op without one)."""
+        for callback in self.callback_handler.callbacks:
+            if isinstance(callback, StepTimer):
+                return callback.loss_span()
+        return contextlib.nullcontext()
+
     def log(self, logs: dict[str, float], *args, **kwargs) -> None:
         sums = self.__dict__.get("_metric_sums")
         if sums and "loss" in logs:
@@ -91,15 +115,16 @@ class _MetricsMixin:
 class FinetuneTrainer(_MetricsMixin, Trainer):
     """Answer NLL from bs_kernels.forget_logprobs (token mean over answer tokens)."""
 
-    def __init__(self, *args, impl: str = "auto", fused_linear: bool = False, **kwargs) -> None:
+    def __init__(self, *args, impl: str = "auto", fused_linear: bool = True, **kwargs) -> None:
         super().__init__(*args, **kwargs)
         self.impl = impl
         self.fused_linear = fused_linear
         self.loss_is_scaled_for_ga = False  # a per-micro-batch mean: let the Trainer divide by accumulation steps
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        token_logprobs = answer_token_logprobs(model, inputs, impl=self.impl, fused=self.fused_linear)
-        loss = nll_loss(token_logprobs, answer_mask(inputs["labels"]))
+        with self._loss_span():
+            token_logprobs = answer_token_logprobs(model, inputs, impl=self.impl, fused=self.fused_linear)
+            loss = nll_loss(token_logprobs, answer_mask(inputs["labels"]))
         self._record({"answer_logprob": -float(loss.detach())})
         return (loss, None) if return_outputs else loss
 
@@ -116,7 +141,8 @@ class UnlearnTrainer(_MetricsMixin, Trainer):
         self.loss_is_scaled_for_ga = False
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        loss, metrics = self.objective(model, inputs, self.ref_model)
+        with self._loss_span():
+            loss, metrics = self.objective(model, inputs, self.ref_model)
         self._record(metrics)
         return (loss, None) if return_outputs else loss
 
@@ -150,6 +176,8 @@ def _training_arguments(config: TrainConfig, work_dir: pathlib.Path) -> Training
 def _summary(kind: str, config: TrainConfig, trainer: Trainer, seconds: float) -> dict:
     steps = [entry for entry in trainer.state.log_history if "loss" in entry]
     summary = {"command": kind, "steps": trainer.state.global_step, "seconds": round(seconds, 1)}
+    # Whether the losses ran without materialised logits: asked for and the model's architecture supports it.
+    summary["fused_linear"] = config.fused_linear and fused_supported(trainer.model)
     for key in ("loss", "forget_logprob", "retain_loss", "belief_logprob", "answer_logprob"):
         values = [entry[key] for entry in steps if key in entry]
         if values:

@@ -47,10 +47,18 @@ def tofu_texts(tofu_dir: Path, splits=("forget01", "retain99")) -> list[str]:
 
 
 def build_checkpoint(directory: Path, tofu_dir: Path = TOFU_DIR) -> Path:
+    return build_chat_checkpoint(directory, tofu_texts(tofu_dir))
+
+
+def build_chat_checkpoint(
+    directory: Path, texts: list[str], chat_template: str = CHAT_TEMPLATE, hidden_size: int = 32
+) -> Path:
+    """The checkpoint of :func:`build_checkpoint` with the words of ``texts`` and the given chat template (which may
+    only use the tokens of CHAT_TOKENS)."""
     from bs_unlearn.tiny_model import build_tiny_model, build_tiny_tokenizer
     from transformers import PreTrainedTokenizerFast
 
-    word_level = build_tiny_tokenizer(tofu_texts(tofu_dir))
+    word_level = build_tiny_tokenizer(texts)
     word_level.add_special_tokens({"additional_special_tokens": CHAT_TOKENS})
     # Rebuilt around the same backend so that eos is <|eot_id|>, bos <|begin_of_text|> and there is no pad token.
     tokenizer = PreTrainedTokenizerFast(
@@ -60,8 +68,8 @@ def build_checkpoint(directory: Path, tofu_dir: Path = TOFU_DIR) -> Path:
         unk_token="<unk>",
         additional_special_tokens=CHAT_TOKENS,
     )
-    tokenizer.chat_template = CHAT_TEMPLATE
-    model = build_tiny_model(word_level, hidden_size=32, layers=2)
+    tokenizer.chat_template = chat_template
+    model = build_tiny_model(word_level, hidden_size=hidden_size, layers=2)
     model.config.pad_token_id = None
     model.config.bos_token_id = tokenizer.bos_token_id
     model.config.eos_token_id = tokenizer.eos_token_id
@@ -109,6 +117,89 @@ def run_plan(plan_file: Path) -> None:
 
     for argv in plan["runs"]:
         main(list(argv))
+
+
+# The interpreter that runs open-unlearning (tests/driver/test_open_unlearning_checkout.py's docstring says why).
+VENV = REPO / ".venv-ou"
+# Importable names of the [open-unlearning] extra that tell whether an interpreter already has it.
+EXTRA_MODULES = ("hydra", "omegaconf", "deepspeed", "lm_eval", "sklearn")
+
+
+def extra_requirements() -> list[str]:
+    import tomllib
+
+    project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
+    return project["optional-dependencies"]["open-unlearning"]
+
+
+def _has_extra_here() -> bool:
+    import importlib.util
+
+    import transformers
+
+    return int(transformers.__version__.split(".")[0]) < 5 and all(
+        importlib.util.find_spec(name) is not None for name in EXTRA_MODULES
+    )
+
+
+def _venv_python() -> Path:
+    """``.venv-ou``'s interpreter with the extra installed; this interpreter's packages stay visible behind it."""
+    import site
+    import subprocess
+    import venv
+
+    python = VENV / "bin" / "python"
+    stamp = VENV / "open-unlearning-requirements.json"
+    requirements = extra_requirements()
+    if python.is_file() and stamp.is_file() and json.loads(stamp.read_text()) == requirements:
+        return python
+    venv.EnvBuilder(with_pip=True, clear=True).create(VENV)
+    # What --system-site-packages does, for the interpreter running the tests (itself often a venv, whose packages
+    # --system-site-packages would not see): its site-packages, .pth files included, after the venv's own.
+    venv_site = subprocess.run(
+        [str(python), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+        check=True,
+        capture_output=True,
+        text=True,
+    ).stdout.strip()
+    parent_sites = [path for path in site.getsitepackages() if Path(path).is_dir()]
+    (Path(venv_site) / "_bs_kernels_parent_site.pth").write_text(
+        "".join(f"import site; site.addsitedir({path!r})\n" for path in parent_sites)
+    )
+    install = subprocess.run(
+        [str(python), "-m", "pip", "install", "--quiet", "--disable-pip-version-check", *requirements],
+        capture_output=True,
+        text=True,
+    )
+    if install.returncode != 0:
+        raise RuntimeError(f"installing the [open-unlearning] extra into {VENV} failed:\n{install.stderr[-4000:]}")
+    stamp.write_text(json.dumps(requirements))
+    return python
+
+
+def open_unlearning_python() -> str:
+    """``BS_KERNELS_OU_PYTHON``, else this interpreter when it has the extra, else ``.venv-ou`` (built once)."""
+    import os
+
+    if os.environ.get("BS_KERNELS_OU_PYTHON"):
+        return os.environ["BS_KERNELS_OU_PYTHON"]
+    return sys.executable if _has_extra_here() else str(_venv_python())
+
+
+def offline_environment(work: Path) -> dict[str, str]:
+    """The environment of an open-unlearning subprocess: nothing from the hub, the datasets cache in ``work``, this
+    checkout's packages first."""
+    import os
+
+    python_path = os.pathsep.join([str(REPO), str(REPO / "python"), os.environ.get("PYTHONPATH", "")])
+    return dict(
+        os.environ,
+        HF_HUB_OFFLINE="1",
+        HF_DATASETS_OFFLINE="1",
+        TRANSFORMERS_OFFLINE="1",
+        HF_DATASETS_CACHE=str(work / "datasets_cache"),
+        PYTHONPATH=python_path,
+    )
 
 
 if __name__ == "__main__":

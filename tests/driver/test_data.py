@@ -85,7 +85,8 @@ def test_chat_template_format_reads_end_of_turn_from_template():
     answer_ids = [t for t in example["labels"] if t != data.IGNORE_INDEX]
     # The answer stops at the turn's end: the template's trailing "item0" is not trained on.
     assert tokenizer.decode(answer_ids) == "it is red . [END]"
-    assert tokenizer.decode(example["input_ids"]).startswith("[USER] what is it ? [END] [BOT]")
+    # After the system turn of the evaluation's prompt format (this template writes it as an assistant turn).
+    assert tokenizer.decode(example["input_ids"]).endswith("item0 [USER] what is it ? [END] [BOT] it is red . [END]")
 
 
 def test_truncation_keeps_prompt_and_refuses_no_room():

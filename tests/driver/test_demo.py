@@ -17,7 +17,7 @@ from bs_unlearn.experiment.run_specs import RunSpec, parse_run  # noqa: E402
 from bs_unlearn.experiment.settings import ComparisonSettings, UnlearnSettings  # noqa: E402
 from bs_unlearn.experiment.tables import matched_table  # noqa: E402
 from bs_unlearn.experiment.unlearn_stage import unlearn_stage  # noqa: E402
-from bs_unlearn.probe import ForgettingTarget  # noqa: E402
+from bs_unlearn.probe import ForgettingTarget, projected_drop  # noqa: E402
 from bs_unlearn.tiny_model import build_quick_model  # noqa: E402
 from bs_unlearn.tofu_data import QASplit  # noqa: E402
 
@@ -48,6 +48,25 @@ def test_demo_quick_matched_end_to_end(tmp_path, capsys):
             assert 0.0 <= paper[key] <= 1.0, key
         assert 0.0 <= paper["forget_quality"] <= 1.0
     assert "retain-only" in printed
+    # The stage profile: every stage with its seconds and memory, each training stage's step phases, printed too.
+    profile = results["profile"]
+    stages = [stage["stage"] for stage in profile["stages"]]
+    expected = ["load", "finetune", "retain_only", "evaluate_start", "belief_band"]
+    expected += [f"{kind} {label}" for label in labels for kind in ("unlearn", "evaluate")] + ["plot"]
+    assert stages == expected
+    for stage in profile["stages"]:
+        assert stage["seconds"] >= 0 and stage["rss_start_mib"] > 0 and stage["rss_end_mib"] > 0
+        assert stage["peak_mib"] is None or stage["peak_mib"] >= stage["rss_end_mib"]
+    assert profile["process_peak_mib"] >= max(stage["rss_end_mib"] for stage in profile["stages"])
+    assert list(profile["steps"]) == ["finetune", "retain_only"] + [f"unlearn {label}" for label in labels]
+    for name, timer in profile["steps"].items():
+        assert timer["steps"] > 0 and timer["seconds"]["forward"] > 0, name
+    assert sum(run["steps"] for run in results["runs"]) <= sum(
+        attempt["steps"] for run in results["runs"] for attempt in run["attempts"]
+    )
+    assert all("abandoned_step" in attempt for run in results["runs"] for attempt in run["attempts"])
+    assert profile["fused_linear"] == "on"
+    assert "stage profile" in printed and "seconds per step" in printed
     for name in ("forgetting.png", "squeeze.png"):
         assert (output / name).stat().st_size > 10_000
     assert len(list(output.glob("probe_*.json"))) == 3
@@ -137,12 +156,15 @@ def test_a_run_spec_lr_grid_replaces_the_comparison_grid(tiny_start):
     assert run["lr"] == 3e-3
 
 
-def test_give_up_stops_a_hopeless_run_at_half_the_cap(tiny_start):
+def test_give_up_stops_a_hopeless_run_at_the_first_projection(tiny_start):
     model, tokenizer, stage = tiny_start
     hopeless = ForgettingTarget(-1e6, give_up=True)
-    _, run = unlearn_stage(model, tokenizer, parse_run("ga"), lr=1e-4, max_steps=4, stop_at=hopeless, **stage)
+    _, run = unlearn_stage(model, tokenizer, parse_run("ga"), lr=1e-4, max_steps=8, stop_at=hopeless, **stage)
+    # The first projection needs the start and two checks: step 2 of 8, not half the cap (4).
     assert run["reached"] is False and run["abandoned_step"] == 2 and run["steps"] == 2
     assert run["probe"]["records"][-1]["step"] == 2
+    checks = run["probe"]["checks"]  # what the rule saw: the start record, then every step's check
+    assert [step for step, _ in checks] == [0, 1, 2] and checks[0][1] == run["probe"]["records"][0]["target_lp"]
     # A reachable target is never given up on: the start record is reused, the run stops where it reaches it.
     _, free = unlearn_stage(model, tokenizer, parse_run("ga"), lr=3e-3, max_steps=6, **stage)
     start = free["probe"]["records"][0]
@@ -206,3 +228,21 @@ def test_run_spec_lr_grid_parsing_and_bad_input():
         run_comparison(
             "x", None, None, None, [], protocol="fast", settings=ComparisonSettings(), output=None, model_name=""
         )
+
+
+def test_projected_drop_rule():
+    """The give-up rule on constructed curves: no projection before the third check or before the curve falls; a
+    geometric curve is projected with its growth factor; a run is given up only when even that covers less than half
+    the way to the target."""
+    assert projected_drop([(0, -0.1), (1, -0.2)], 12) is None
+    assert projected_drop([(0, -0.1), (1, -0.1), (2, -0.3)], 12) is None  # no drop yet at step 1
+    # Drops 0.01, 0.02, 0.04: factor 2 per step, 10 steps to go.
+    geometric = [(0, -0.1), (1, -0.11), (2, -0.12), (3, -0.14)]
+    assert projected_drop(geometric, 13) == pytest.approx(0.04 * 2**10)
+    # The largest of the recent factors counts (here 3 per step from step 4 to 6), over checks two steps apart too.
+    curve = [(0, 0.0), (2, -0.005), (4, -0.01), (6, -0.09), (8, -0.18)]
+    assert projected_drop(curve, 10) == pytest.approx(0.18 * 3**2)
+    target = ForgettingTarget(-3.0, give_up=True)
+    assert not target.hopeless(geometric, 13)  # projected 41 >> 2.9: keep going
+    assert target.hopeless(geometric, 6)  # 0.04 * 2**3 = 0.32 < half of 2.9
+    assert not ForgettingTarget(-3.0).hopeless(geometric, 6)  # give_up off

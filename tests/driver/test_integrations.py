@@ -65,7 +65,7 @@ def test_bst_matches_the_authors_formula(tmp_path, detach_mode, retain_loss_type
     torch.testing.assert_close(loss, expected, atol=ATOL, rtol=RTOL)
     assert_same_grads(parameter_grads(reference_model), parameter_grads(model))
     # The fused path really ran: the causal LM carries the bs_kernels patch.
-    assert fused._fused_model(model)
+    assert fused.fused_model(model)
 
 
 def test_detach_mode_changes_the_gradient(tmp_path):
@@ -319,7 +319,7 @@ def test_refused_architecture_falls_back_to_logits():
     model, tokenizer = tiny_model_and_tokenizer()
     model.config.model_type = "not-a-supported-type"
     batch = make_batch(tokenizer)["forget"]
-    assert not fused._fused_model(model)
+    assert not fused.fused_model(model)
     assert "forward" not in model.__dict__  # not patched
     method = dict(lambda_bst=0.3, top_k=5, detach_mode="no")
     torch.testing.assert_close(

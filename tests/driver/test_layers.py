@@ -14,18 +14,21 @@ KERNELS = ROOT / "bs_kernels"
 # bs_unlearn's layers, lowest first; a module may import from its own layer and the ones before it. A package's
 # modules are layered too ("metrics.tofu"): a package name alone ("objectives") stands for all of its modules.
 LAYERS = [
+    {"prompts"},
     {"data", "loss_guard", "models", "outputs", "tiny_model", "tofu_data", "tofu_source"},
     {"config"},
-    {"scoring"},
-    {"metrics.tofu"},
+    {"scoring", "fused", "step_timing"},
+    {"metrics.tofu", "metrics.intervals"},
     {"metrics.paper", "metrics.leak"},
     {"metrics.evaluation", "metrics.table"},
     {"metrics"},  # the package's __init__: its public names
     {"objectives"},
     {"beliefs", "trainer", "probe", "plotting"},
-    {"experiment.progress", "experiment.settings", "experiment.run_specs"},
+    {"experiment.progress", "experiment.settings", "experiment.run_specs", "experiment.profile"},
+    {"experiment.model_cache"},
     {"experiment.finetune_stage", "experiment.belief_band_stage", "experiment.unlearn_stage"},
     {"experiment.evaluate_stage", "experiment.matched_stage", "experiment.tables"},
+    {"experiment.seed_tables"},
     {"experiment.results"},
     {"experiment.comparison"},
     {"experiment"},

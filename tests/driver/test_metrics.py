@@ -118,9 +118,10 @@ def test_mean_token_logprobs_and_probability():
 
 
 def test_truth_ratio_hand_computed():
-    # Example 1: perturbed length-normalised probs 0.1 and 0.3 (mean 0.2), paraphrase 0.4 -> R = 0.5.
+    # Example 1: perturbed length-normalised probs 0.1 and 0.4, their geometric mean 0.2 (TOFU's and
+    # open-unlearning's exp(-mean loss); the arithmetic mean 0.25 would give 0.625), paraphrase 0.4 -> R = 0.5.
     # Example 2: one perturbed answer at 0.6, paraphrase 0.3 -> R = 2.
-    perturbed = [[math.log(0.1), math.log(0.3)], [math.log(0.6)]]
+    perturbed = [[math.log(0.1), math.log(0.4)], [math.log(0.6)]]
     paraphrased = [math.log(0.4), math.log(0.3)]
     ratios = metrics.truth_ratio(perturbed, paraphrased)
     np.testing.assert_allclose(ratios, [0.5, 2.0], rtol=1e-12)
@@ -507,3 +508,12 @@ def test_model_utility_is_none_when_a_part_is_missing(tiny):
 def test_eval_options_bad_input(kwargs, message):
     with pytest.raises(ValueError, match=message):
         metrics.EvalOptions(**kwargs)
+
+
+def test_eval_options_default_to_open_unlearning_and_refuse_a_bad_prompt_format():
+    from bs_unlearn.prompts import PromptFormat
+
+    options = metrics.EvalOptions()
+    assert options.max_new_tokens == 200 and options.prompt_format == PromptFormat()
+    with pytest.raises(TypeError, match="prompt_format"):
+        metrics.EvalOptions(prompt_format={"system_prompt": "x"})

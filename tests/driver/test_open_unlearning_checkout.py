@@ -19,13 +19,8 @@ unchanged.
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import os
-import site
 import subprocess
-import sys
-import venv
 from pathlib import Path
 
 import pytest
@@ -36,7 +31,9 @@ from open_unlearning_checkout import (
     TOFU_DIR,
     TOFU_DIR_VARIABLE,
     offline_cpu_overrides,
+    offline_environment,
 )
+from open_unlearning_checkout import open_unlearning_python as open_unlearning_interpreter
 
 pytestmark = [
     pytest.mark.open_unlearning,
@@ -50,63 +47,12 @@ pytestmark = [
     ),
 ]
 
-VENV = REPO / ".venv-ou"
-# Importable names of the [open-unlearning] extra that tell whether an interpreter already has it.
-EXTRA_MODULES = ("hydra", "omegaconf", "deepspeed", "lm_eval", "sklearn")
 FORGET_PROMPTS = 40  # rows of forget01.jsonl, all distinct questions
-
-
-def extra_requirements() -> list[str]:
-    import tomllib
-
-    project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
-    return project["optional-dependencies"]["open-unlearning"]
-
-
-def _has_extra_here() -> bool:
-    import transformers
-
-    return int(transformers.__version__.split(".")[0]) < 5 and all(
-        importlib.util.find_spec(name) is not None for name in EXTRA_MODULES
-    )
-
-
-def _venv_python() -> Path:
-    """``.venv-ou``'s interpreter with the extra installed; this interpreter's packages stay visible behind it."""
-    python = VENV / "bin" / "python"
-    stamp = VENV / "open-unlearning-requirements.json"
-    requirements = extra_requirements()
-    if python.is_file() and stamp.is_file() and json.loads(stamp.read_text()) == requirements:
-        return python
-    venv.EnvBuilder(with_pip=True, clear=True).create(VENV)
-    # What --system-site-packages does, for the interpreter running the tests (itself often a venv, whose packages
-    # --system-site-packages would not see): its site-packages, .pth files included, after the venv's own.
-    venv_site = subprocess.run(
-        [str(python), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
-        check=True,
-        capture_output=True,
-        text=True,
-    ).stdout.strip()
-    parent_sites = [path for path in site.getsitepackages() if Path(path).is_dir()]
-    (Path(venv_site) / "_bs_kernels_parent_site.pth").write_text(
-        "".join(f"import site; site.addsitedir({path!r})\n" for path in parent_sites)
-    )
-    install = subprocess.run(
-        [str(python), "-m", "pip", "install", "--quiet", "--disable-pip-version-check", *requirements],
-        capture_output=True,
-        text=True,
-    )
-    if install.returncode != 0:
-        raise RuntimeError(f"installing the [open-unlearning] extra into {VENV} failed:\n{install.stderr[-4000:]}")
-    stamp.write_text(json.dumps(requirements))
-    return python
 
 
 @pytest.fixture(scope="module")
 def open_unlearning_python() -> str:
-    if os.environ.get("BS_KERNELS_OU_PYTHON"):
-        return os.environ["BS_KERNELS_OU_PYTHON"]
-    return sys.executable if _has_extra_here() else str(_venv_python())
+    return open_unlearning_interpreter()
 
 
 def run_arguments(model_dir: Path, output_root: Path, trainer: str, task: str, *extra: str) -> list[str]:
@@ -159,16 +105,7 @@ def runs(open_unlearning_python, tmp_path_factory) -> Path:
         ],
     }
     (work / "plan.json").write_text(json.dumps(plan))
-    # Offline: nothing may come from the hub; the datasets cache in the work folder; this checkout's packages first.
-    python_path = os.pathsep.join([str(REPO), str(REPO / "python"), os.environ.get("PYTHONPATH", "")])
-    env = dict(
-        os.environ,
-        HF_HUB_OFFLINE="1",
-        HF_DATASETS_OFFLINE="1",
-        TRANSFORMERS_OFFLINE="1",
-        HF_DATASETS_CACHE=str(work / "datasets_cache"),
-        PYTHONPATH=python_path,
-    )
+    env = offline_environment(work)
     script = Path(__file__).with_name("open_unlearning_checkout.py")
     result = subprocess.run(
         [open_unlearning_python, str(script), "plan", str(work / "plan.json")],

@@ -167,3 +167,21 @@ def test_eval_cli_tofu_dir_sets_and_forget_quality(tiny, tofu_dir, tmp_path):
     # The same model as its own retain-only reference: identical truth ratios, KS p-value 1.
     assert cli_main(argv + ["--output", str(second), "--retain-model-metrics", str(first)]) == 0
     assert json.loads(second.read_text())["forget_quality"]["forget01"] == pytest.approx(1.0)
+
+
+def test_probe_records_fused_equal_materialised(tiny, demo_records):
+    """The probe scores without logits by default; its records equal the materialised path's within tolerance."""
+    from conftest import TOLERANCES
+
+    model, tokenizer = tiny
+    forget, retain = demo_records
+    band = collect_belief_band(model, tokenizer, forget, num_beams=2, max_new_tokens=4)
+    records = []
+    for fused in (True, False):
+        probe = SqueezeProbe(tokenizer, forget, band, retain_records=retain, top_k=4, fused_linear=fused)
+        records.append(probe.measure(model, 0))
+    fused_record, record = records
+    keys = ("target_lp", "belief_lp", "paraphrase_lp", "retain_lp", "target_p_label", "target_alt_mass")
+    tolerance = TOLERANCES[torch.float32]
+    for key in keys:
+        assert fused_record[key] == pytest.approx(record[key], abs=tolerance["atol"], rel=tolerance["rtol"]), key

@@ -11,7 +11,9 @@ pytest.importorskip("transformers")
 
 from bs_unlearn import metrics, scoring  # noqa: E402
 from bs_unlearn.data import pad_examples, tokenize_prompt, tokenize_qa  # noqa: E402
+from bs_unlearn.fused import fused_supported  # noqa: E402
 from bs_unlearn.tiny_model import build_tiny_model, build_tiny_tokenizer  # noqa: E402
+from conftest import TOLERANCES  # noqa: E402
 
 from bs_kernels import IGNORE_INDEX  # noqa: E402
 
@@ -195,3 +197,41 @@ def test_sample_answers_seeded_greedy_first_rng_restored(tiny):
     assert scoring.sample_answers(model, tokenizer, QUESTIONS, num_samples=0, max_new_tokens=6) == greedy
     with pytest.raises(ValueError, match="temperature"):
         scoring.sample_answers(model, tokenizer, QUESTIONS, num_samples=1, temperature=0.0)
+
+
+@pytest.mark.parametrize("top_k", [1, 3, 10_000])
+def test_fused_scoring_equals_materialised_logits(tiny, top_k):
+    """The default (fused) scoring pass gives the materialised path's mean log-probs, token view and argmax matches
+    within the float32 tolerance, for a top k of 1, a few, and more than the vocabulary."""
+    model, tokenizer = tiny
+    assert fused_supported(model)
+    encodings, _ = _constructed_encodings(model, tokenizer)
+    options = dict(batch_size=4, token_view_top_k=top_k, memorization=True)
+    fused = scoring.score_encodings(model, tokenizer, encodings, **options)
+    materialised = scoring.score_encodings(model, tokenizer, encodings, fused=False, **options)
+    tolerance = TOLERANCES[torch.float32]
+    for name in ("mean_logprob", "p_label", "alt_mass"):
+        torch.testing.assert_close(
+            torch.as_tensor(getattr(fused, name)), torch.as_tensor(getattr(materialised, name)), **tolerance, msg=name
+        )
+    assert fused.alt_mass.max() > 1e-3  # the alt mass is not trivially zero on both paths
+    assert np.array_equal(fused.num_tokens, materialised.num_tokens)
+    for got, expected in zip(fused.argmax_match, materialised.argmax_match):
+        assert got.tolist() == expected.tolist()
+
+
+def test_attention_mask_of_masks_every_pad_token_only_when_asked():
+    # pad id 3 is also a real token inside the first sequence (pad = eos: an end-of-turn token inside a prompt).
+    batch = pad_examples([{"input_ids": [5, 3, 6]}, {"input_ids": [7]}], 3)
+    assert scoring.attention_mask_of(batch, 3, False).tolist() == [[1, 1, 1], [1, 0, 0]]
+    # open-unlearning's collator: input_ids != pad_token_id.
+    assert scoring.attention_mask_of(batch, 3, True).tolist() == [[1, 0, 1], [1, 0, 0]]
+
+
+def test_clean_up_tokenization_is_transformers_4s():
+    # What open-unlearning's decoding does on transformers 4.x, for every tokenizer (5.x skips it for BPE ones).
+    text = "Basil ' s father , born in 1956 . Do n't you 've seen ? I 'm sure ! They 're here ' s it"
+    assert (
+        scoring.clean_up_tokenization(text)
+        == "Basil's father, born in 1956. Don't you've seen? I'm sure! They're here's it"
+    )

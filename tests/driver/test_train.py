@@ -177,3 +177,78 @@ def test_overwrite_replaces_a_previous_run(tiny_setup, tmp_path):  # noqa: F811
     assert not (output / "marker").exists() and (output / "run.json").is_file() and (output / "config.json").is_file()
     assert is_own_output(output)  # and so replaceable again
     assert sorted(p.name for p in tmp_path.iterdir()) == ["run"]
+
+
+class _GradientsBeforeTheStep(TrainerCallback):
+    """Keeps a copy of every gradient at the first optimizer step."""
+
+    def __init__(self) -> None:
+        self.grads: dict[str, torch.Tensor] = {}
+
+    def on_pre_optimizer_step(self, args, state, control, model=None, **kwargs):
+        if not self.grads:
+            self.grads = {name: p.grad.detach().clone() for name, p in model.named_parameters() if p.grad is not None}
+
+
+@pytest.mark.parametrize("kind", ["finetune", "unlearn"])
+def test_training_step_fused_by_default_equals_materialised(tiny_setup, kind):  # noqa: F811
+    """The fused lm_head loss is the default; one training step's loss and gradients equal the materialised path's
+    within the float32 tolerance; the step timer splits the step into its phases."""
+    from bs_unlearn.step_timing import PHASES, StepTimer
+    from conftest import TOLERANCES
+
+    runs = {}
+    for fused in (True, False):
+        model, tokenizer = _load(tiny_setup["model"])
+        common = dict(model=str(tiny_setup["model"]), max_steps=1, batch_size=4, lr=1e-3, progress=False)
+        if kind == "finetune":
+            config = FinetuneConfig(data=[str(tiny_setup["forget"])], **common)
+        else:
+            config = UnlearnConfig(
+                objective=ObjectiveConfig(method="graddiff"),
+                forget=str(tiny_setup["forget"]),
+                retain=str(tiny_setup["retain"]),
+                **common,
+            )
+        assert config.fused_linear  # the default
+        config.fused_linear = fused
+        gradients, timer = _GradientsBeforeTheStep(), StepTimer()
+        run = (finetune if kind == "finetune" else unlearn)(
+            config, model=model, tokenizer=tokenizer, callbacks=[timer, gradients]
+        )
+        assert run.summary["fused_linear"] is fused
+        loss = next(entry["loss"] for entry in run.log_history if "loss" in entry)
+        runs[fused] = (loss, gradients.grads, timer.to_dict())
+    (fused_loss, fused_grads, timing), (loss, grads, _) = runs[True], runs[False]
+    tolerance = TOLERANCES[torch.float32]
+    assert fused_loss == pytest.approx(loss, abs=tolerance["atol"], rel=tolerance["rtol"])
+    assert fused_grads.keys() == grads.keys() and grads
+    for name, grad in grads.items():
+        torch.testing.assert_close(fused_grads[name], grad, **tolerance, msg=name)
+    assert timing["steps"] == 1
+    assert all(timing["seconds"][phase] > 0 for phase in PHASES if phase != "probe")
+
+
+def test_release_training_state_frees_the_optimizer_and_reference(tiny_setup):  # noqa: F811
+    """What the pipeline keeps of a finished run is its model: the optimizer (with its state), the schedule and the
+    frozen reference model are gone once released, not when a garbage collection happens to run."""
+    import weakref
+
+    from bs_unlearn.trainer import release_training_state
+
+    config = UnlearnConfig(
+        objective=ObjectiveConfig(method="npo"),
+        forget=str(tiny_setup["forget"]),
+        retain=str(tiny_setup["retain"]),
+        model=str(tiny_setup["model"]),
+        max_steps=2,
+        batch_size=2,
+        progress=False,
+    )
+    result = unlearn(config)
+    trainer = result.trainer
+    held = [weakref.ref(obj) for obj in (trainer.optimizer, trainer.lr_scheduler, trainer.ref_model)]
+    del trainer
+    release_training_state(result)
+    assert result.trainer is None and all(ref() is None for ref in held)
+    assert isinstance(result.model, torch.nn.Module)

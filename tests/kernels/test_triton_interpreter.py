@@ -504,7 +504,7 @@ def test_interpreter_subprocess():
     if not TRITON_INSTALLED:
         pytest.skip(TRITON_REASON or "triton is not installed")
     targets = [str(TESTS_DIR / "test_triton_interpreter.py")]
-    for shared in ("test_bs_token_loss.py", "test_hardening.py", "test_hardening2.py", "test_fuzz.py"):
+    for shared in ("test_bs_token_loss.py", "test_hardening.py", "test_hardening_api.py", "test_fuzz.py"):
         if (TESTS_DIR / shared).is_file():
             targets.append(str(TESTS_DIR / shared))
     env = dict(os.environ, TRITON_INTERPRET="1", CUDA_VISIBLE_DEVICES="")

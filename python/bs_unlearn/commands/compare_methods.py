@@ -40,6 +40,14 @@ def add_comparison_arguments(parser: argparse.ArgumentParser, *, runs_default, r
         "--lr-grid", type=float, nargs="+", default=None, help="matched: learning rates to try (a run's lr_grid= wins)"
     )
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--no-fused-linear",
+        dest="fused_linear",
+        action="store_false",
+        help="train and run the squeezing probe through materialised [B, T, V] logits (default: from hidden states "
+        "and the lm_head weight in row chunks, wherever the model's architecture allows; the same numbers within "
+        "float tolerance)",
+    )
 
 
 def check_can_start(command: str) -> None:
@@ -50,10 +58,12 @@ def check_can_start(command: str) -> None:
 
 
 def settings_from_args(settings: ComparisonSettings, args: argparse.Namespace) -> ComparisonSettings:
-    """``settings`` with what the command line gives of --target-lp, --max-steps and --lr-grid."""
+    """``settings`` with what the command line gives of --target-lp, --max-steps, --lr-grid and --no-fused-linear."""
     overrides = {name: getattr(args, name) for name in ("target_lp", "max_steps") if getattr(args, name) is not None}
     if args.lr_grid is not None:
         overrides["lr_grid"] = tuple(args.lr_grid)
+    if not getattr(args, "fused_linear", True):
+        overrides["fused_linear"] = False
     return dataclasses.replace(settings, **overrides)
 
 
@@ -83,20 +93,29 @@ def compare_and_report(
     seed: int,
     tag: str,
     extras: dict | None = None,
+    prepare: Callable | None = None,
     say: Callable[[str], None] = print_progress,
     show: Callable[[str], None] = print,
 ) -> dict:
     """Everything after a command's data setup: load ``model``, run the comparison on ``data`` with ``specs``, write
-    results.json and table.md to ``output`` and show the table; returns the results."""
+    results.json and table.md to ``output`` and show the table and the stage profile; returns the results.
+
+    ``prepare(laps, say)``, where the command brings its models itself (TOFU's cached start and retain-only models),
+    returns (model spec, base model or None, tokenizer, more keywords of run_comparison) in place of the loading."""
     from ..experiment.comparison import run_comparison
-    from ..experiment.progress import Laps
+    from ..experiment.profile import Profile, show_profile
     from ..experiment.results import write_table
     from ..models import load_model_and_tokenizer
 
-    laps = Laps()
-    say(f"[{tag}] loading {model_name}")
-    base_model, tokenizer = load_model_and_tokenizer(model)
-    laps("load")
+    laps = Profile()
+    more: dict = {}
+    if prepare is None:
+        say(f"[{tag}] loading {model_name}")
+        base_model, tokenizer = load_model_and_tokenizer(model)
+        laps("load")
+    else:
+        model, base_model, tokenizer, more = prepare(laps, say)
+    more["extras"] = {**(extras or {}), **more.get("extras", {})}
     results = run_comparison(
         model,
         base_model,
@@ -111,10 +130,12 @@ def compare_and_report(
         say=say,
         tag=tag,
         laps=laps,
-        extras=extras,
+        **more,
     )
     write_table(results, settings, output, show=show)
     figures = ", ".join(path.name for path in sorted(output.glob("*.png")))
     show(f"[{tag}] wrote {figures}, results.json, table.md in {output}")
+    show(f"[{tag}] stage profile (also in results.json):")
+    show_profile(results["profile"], show)
     show(f"[{tag}] total {results['timings_seconds']['total']:.0f} s")
     return results

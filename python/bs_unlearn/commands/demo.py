@@ -6,7 +6,7 @@
 2. Collect the belief band: the fine-tuned model's beam-search answers to the forget questions other than the target.
 3. From that same start, unlearn the forget third (4 people) with each method. ``--protocol matched`` (default):
    every run stops when the forget answers' mean per-token log-prob reaches ``--target-lp`` (step cap
-   ``--max-steps``), each method at the lr of a small grid that gets there with the least retain damage.
+   ``--max-steps``), each method at the first lr of a small grid, smallest first, that gets there.
    ``--protocol steps``: every run takes the same steps at the same lr (the equal-steps view).
 4. Print one table (matched: steps, band, paraphrase, leak rate, retain, Mem / Util / Agg, forget quality; steps:
    the probe's changes over the run) and write the plots, the JSONs and a Markdown copy of the table.

@@ -2,7 +2,7 @@
 
     bs-unlearn eval --model out/unlearned --forget forget01.jsonl --retain retain_perturbed.jsonl \\
         --real-authors real_authors_perturbed.jsonl --world-facts world_facts_perturbed.jsonl --output metrics.json
-    bs-unlearn eval --model out/unlearned --tofu-dir ../shared/data/tofu --split forget01 --output metrics.json
+    bs-unlearn eval --model out/unlearned --tofu locuslab/TOFU --split forget01 --output metrics.json
     # forget quality: evaluate a retain-only model the same way first, then
     bs-unlearn eval ... --retain-model-metrics retain_only_metrics.json
 """
@@ -16,18 +16,23 @@ import pathlib
 from ..config import check_impl_available
 from ..models import check_model_path, model_input_path
 from ..outputs import check_output_file, check_readable_file, is_main_process, write_json_atomic
-from ..tofu_data import TOFU_SPLITS, tofu_eval_files
+from ..prompts import PromptFormat
+from ..tofu_data import TOFU_SPLITS, tofu_eval_splits
 from .base import positive_int, require_modules
 
+PROMPT_DEFAULTS = PromptFormat()
 
-def eval_set_files(args: argparse.Namespace) -> list[tuple[str, pathlib.Path, str]]:
-    """The (name, path, role) triples the arguments ask for, each path checked readable (nothing is loaded)."""
-    wanted: list[tuple[str, pathlib.Path, str]] = []
-    if args.tofu_dir is not None:
-        tofu = pathlib.Path(args.tofu_dir).expanduser()
-        if not tofu.is_dir():
-            raise FileNotFoundError(f"--tofu-dir is not a directory: {tofu}")
-        wanted += [(name, tofu / file, role) for name, file, role in tofu_eval_files(args.split)]
+
+def eval_set_files(args: argparse.Namespace) -> list[tuple[str, pathlib.Path | None, str]]:
+    """The (name, path, role) triples the arguments ask for, each path checked readable (nothing is loaded); a set
+    of the --tofu source has path None (read by bs_unlearn.tofu_source.load_split)."""
+    from ..tofu_source import is_hub_id
+
+    wanted: list[tuple[str, pathlib.Path | None, str]] = []
+    if args.tofu is not None:
+        if not is_hub_id(args.tofu) and not pathlib.Path(args.tofu).expanduser().is_dir():
+            raise FileNotFoundError(f"--tofu is neither a folder nor a Hugging Face dataset id: {args.tofu}")
+        wanted += [(name, None, role) for name, _, role in tofu_eval_splits(args.split)]
     for name, role in (
         ("forget", "forget"),
         ("retain", "retain"),
@@ -53,11 +58,10 @@ def eval_set_files(args: argparse.Namespace) -> list[tuple[str, pathlib.Path, st
             )
         wanted.append((name, pathlib.Path(path), role or "retain"))
     if not wanted:
-        raise ValueError(
-            "nothing to evaluate: give --forget/--retain/--real-authors/--world-facts, --set or --tofu-dir"
-        )
+        raise ValueError("nothing to evaluate: give --forget/--retain/--real-authors/--world-facts, --set or --tofu")
     for name, path, _ in wanted:
-        check_readable_file(path, name)
+        if path is not None:
+            check_readable_file(path, name)
     return wanted
 
 
@@ -65,9 +69,17 @@ def eval_sets_from_args(args: argparse.Namespace) -> list:
     """The sets the arguments ask for (:func:`eval_set_files`), loaded as metrics.EvalSet."""
     from ..data import read_qa_records
     from ..tofu_data import EvalSet
+    from ..tofu_source import load_split
 
+    splits = {name: split for name, split, _ in tofu_eval_splits(args.split)}
     return [
-        EvalSet(name, read_qa_records(path, max_examples=args.max_examples, seed=args.seed), role)
+        EvalSet(
+            name,
+            read_qa_records(path, max_examples=args.max_examples, seed=args.seed)
+            if path is not None
+            else load_split(args.tofu, splits[name], max_examples=args.max_examples, seed=args.seed),
+            role,
+        )
         for name, path, role in eval_set_files(args)
     ]
 
@@ -75,7 +87,7 @@ def eval_sets_from_args(args: argparse.Namespace) -> list:
 def handle(args: argparse.Namespace) -> int:
     # Every path and option is checked before the heavy imports (torch, transformers) and before any model loads.
     check_model_path(args.model)
-    inputs = [model_input_path(args.model), *(path for _, path, _ in eval_set_files(args))]
+    inputs = [model_input_path(args.model), *(path for _, path, _ in eval_set_files(args) if path is not None)]
     if args.retain_model_metrics is not None:
         inputs.append(check_readable_file(args.retain_model_metrics, "retain-model metrics"))
     output = check_output_file(args.output, overwrite=args.overwrite, inputs=inputs)
@@ -102,6 +114,7 @@ def handle(args: argparse.Namespace) -> int:
         tokenizer,
         sets,
         EvalOptions(
+            prompt_format=PromptFormat(system_prompt=args.system_prompt or None, date_string=args.date_string or None),
             batch_size=args.batch_size,
             max_new_tokens=args.max_new_tokens,
             generate=not args.no_generate,
@@ -126,7 +139,7 @@ def register(subparsers) -> None:
             "Evaluate a model on TOFU-format QA sets: answer probability (exp of the mean per-token log-prob), "
             "paraphrased-answer probability, ROUGE-L recall of greedy answers, truth ratio on perturbed answers, "
             "model utility over the non-forget sets, and forget quality (KS test) against a retain-only model's "
-            "metrics JSON."
+            "metrics JSON; as open-unlearning's TOFU evaluation computes them, fluency left out."
         ),
     )
     parser.add_argument("--model", default="default", help="HF model directory, .gguf file, or 'default' (SmolLM2)")
@@ -137,15 +150,35 @@ def register(subparsers) -> None:
     parser.add_argument("--real-authors", default=None, help="TOFU real_authors_perturbed.jsonl (role options)")
     parser.add_argument("--world-facts", default=None, help="TOFU world_facts_perturbed.jsonl (role options)")
     parser.add_argument("--set", action="append", help="extra set NAME=PATH[:forget|retain|options] (repeatable)")
-    parser.add_argument("--tofu-dir", default=None, help="TOFU folder: evaluate --split and the three utility sets")
-    parser.add_argument("--split", default="forget01", choices=sorted(TOFU_SPLITS), help="forget split with --tofu-dir")
+    parser.add_argument(
+        "--tofu",
+        "--tofu-dir",
+        dest="tofu",
+        default=None,
+        help="TOFU (a JSON Lines folder, a local dataset folder, or locuslab/TOFU from the HF cache): evaluate "
+        "--split and the three utility sets",
+    )
+    parser.add_argument("--split", default="forget01", choices=sorted(TOFU_SPLITS), help="forget split with --tofu")
     parser.add_argument(
         "--retain-model-metrics", default=None, help="eval JSON of a retain-only model (forget quality)"
     )
     parser.add_argument("--max-examples", type=positive_int, default=None, help="seeded random subset of each set")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--batch-size", type=positive_int, default=16)
-    parser.add_argument("--max-new-tokens", type=positive_int, default=64, help="greedy answer length for ROUGE-L")
+    parser.add_argument(
+        "--max-new-tokens", type=positive_int, default=200, help="most tokens of a greedy answer (ROUGE-L)"
+    )
+    parser.add_argument(
+        "--system-prompt",
+        default=PROMPT_DEFAULTS.system_prompt,
+        help="system turn of the chat template's prompts ('' for none; default: open-unlearning's)",
+    )
+    parser.add_argument(
+        "--date-string",
+        default=PROMPT_DEFAULTS.date_string,
+        help="date_string passed to the chat template ('' to pass none: a template that prints the date prints "
+        "the day's; default: open-unlearning's)",
+    )
     parser.add_argument("--no-generate", action="store_true", help="skip generation (no ROUGE-L, so no model utility)")
     parser.add_argument("--impl", default="auto", help="bs_kernels backend for the log-probs")
     parser.add_argument("--quiet", action="store_true", help="no progress lines")

@@ -6,7 +6,8 @@ import pathlib
 from collections.abc import Sequence
 
 from ..config import FinetuneConfig
-from ..trainer import ProgressLines, finetune
+from ..step_timing import StepTimer
+from ..trainer import ProgressLines, finetune, release_training_state
 from .progress import Say, quiet
 
 
@@ -20,9 +21,12 @@ def finetune_stage(
     seed: int,
     model=None,
     tokenizer=None,
+    fused_linear: bool = True,
+    step_timer: StepTimer | None = None,
     say: Say = quiet,
 ):
-    """Fine-tune on the QA files (answer NLL); returns the trained model."""
+    """Fine-tune on the QA files (answer NLL); returns the trained model. ``fused_linear``: the loss without the
+    [B, T, V] logits where the model supports it; ``step_timer``: times the steps' phases (the stage profile)."""
     config = FinetuneConfig(
         model=model_spec,
         data=[str(path) for path in data_paths],
@@ -30,8 +34,13 @@ def finetune_stage(
         lr=lr,
         batch_size=batch_size,
         seed=seed,
+        fused_linear=fused_linear,
         progress=False,
         logging_steps=10**6,  # the pipeline prints its own summary lines
     )
     callbacks = [ProgressLines(say, prefix="  fine-tune ")]
-    return finetune(config, model=model, tokenizer=tokenizer, callbacks=callbacks).model
+    if step_timer is not None:
+        callbacks.insert(0, step_timer)
+    result = finetune(config, model=model, tokenizer=tokenizer, callbacks=callbacks)
+    release_training_state(result)  # the optimizer's state is not needed past the run
+    return result.model

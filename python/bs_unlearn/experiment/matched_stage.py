@@ -36,8 +36,8 @@ def matched_stage(
     ``lr_search="all"`` tries every lr. ``"ascending"`` tries them from the smallest and stops at the first that
     reaches the target: the same choice whenever a larger lr costs more retain damage at the same forgetting, which
     held for every method in every recorded demo run where two rates reached it (docs/demo.md), at a fraction of the
-    time. Returns (the kept model, its record with ``attempts``: every lr tried, with steps, reached, final target
-    lp and retain damage).
+    time. Returns (the kept model, its record with ``attempts``: every lr tried, with steps, reached, the step it was
+    given up at (None: not given up), final target lp and retain damage).
     """
     if lr_search not in ("all", "ascending"):
         raise ValueError(f"lr_search must be 'all' or 'ascending', got {lr_search!r}")
@@ -56,6 +56,7 @@ def matched_stage(
                 "lr": lr,
                 "steps": run["steps"],
                 "reached": run["reached"],
+                "abandoned_step": run["abandoned_step"],
                 "target_lp": final_lp,
                 "retain_damage": retain_damage(run),
             }

@@ -7,6 +7,7 @@ import pathlib
 from collections.abc import Callable
 
 from ..outputs import write_json_atomic
+from .seed_tables import SEEDS_CAPTION, paired_table, seeds_table
 from .settings import ComparisonSettings
 from .tables import matched_table, steps_table
 
@@ -24,10 +25,27 @@ def write_table(
 ) -> pathlib.Path:
     """Write the protocol's table with its caption to ``output``/table.md and show it as plain text."""
     table = matched_table if results["protocol"] == "matched" else steps_table
+    tables = [table]
+    if len(results.get("seeds", ())) > 1 or results.get("seeds_table"):
+        tables += [seeds_table, paired_table]
+    text = table_caption(results, settings) + "\n\n" + table(results, markdown=True) + "\n"
+    if len(tables) > 1:
+        text += "\n" + SEEDS_CAPTION + "\n\n" + seeds_table(results, markdown=True) + "\n"
+        paired = paired_table(results, markdown=True)
+        text += (
+            f"\n{paired}\n"
+            if paired
+            else "\n(no paired differences: they need a GradDiff run and another method at the same seeds)\n"
+        )
     path = pathlib.Path(output) / TABLE_FILE
-    path.write_text(table_caption(results, settings) + "\n\n" + table(results, markdown=True) + "\n", encoding="utf-8")
-    show("")
-    show(table(results, markdown=False))
+    path.write_text(text, encoding="utf-8")
+    for warning in results.get("start_warnings", []):
+        show(f"warning: {warning}")
+    for render in tables:
+        shown = render(results, markdown=False)
+        if shown:
+            show("")
+            show(shown)
     show("")
     return path
 
@@ -50,11 +68,24 @@ def table_caption(results: dict, settings: ComparisonSettings) -> str:
         if settings.leak_samples
         else ""
     )
+    grid = f"{{{', '.join(f'{lr:g}' for lr in settings.lr_grid)}}} (or the run's own lr_grid)"
+    if settings.lr_search == "ascending":
+        chosen = f"at the first lr of {grid}, smallest first, that reaches it"
+    else:
+        chosen = f"at the lr of {grid} that reaches it with the least retain damage"
+    warnings = "".join(f" WARNING: {warning}." for warning in results.get("start_warnings", []))
+    sizes = results.get("eval_sizes")
+    sizes_text = (
+        " Evaluation sets: "
+        + ", ".join(f"{name} {n}" for name, n in sizes.items())
+        + (" (subsets asked for: not TOFU's full sets)." if results.get("eval_subsets") else " (TOFU's full sets).")
+        if sizes
+        else ""
+    )
     return (
         f"{common} Matched forgetting: each run stops at the first step whose forget target lp is <= "
-        f"{settings.target_lp:g} (cap {settings.max_steps} steps; values at that step), at the lr of "
-        f"{{{', '.join(f'{lr:g}' for lr in settings.lr_grid)}}} (or the run's own lr_grid) that reaches it with the "
-        f"least retain damage. {leak}Mem, Util, Agg: the paper's metrics as open-unlearning computes them; *Util and "
-        "Agg without fluency (no offline gibberish classifier). Forget quality: KS-test p-value of forget-set truth "
-        "ratios against the retain-only model."
+        f"{settings.target_lp:g} (cap {settings.max_steps} steps; values at that step), {chosen} (if none does, "
+        f"the run that came closest). {leak}Mem, Util, Agg: the paper's metrics as open-unlearning computes them; "
+        "*Util and Agg without fluency (no offline gibberish classifier). Forget quality: KS-test p-value of "
+        f"forget-set truth ratios against the retain-only model.{sizes_text}{warnings}"
     )

@@ -41,8 +41,10 @@ class ComparisonSettings:
     max_steps: int = 12  # the equal-steps demo's step count
     lr_grid: tuple[float, ...] = (1e-4, 3e-4)
     lr_search: str = "ascending"  # experiment.matched_stage: "all" tries every lr of the grid
-    give_up: bool = True  # probe.ForgettingTarget.give_up: stop at half the cap a run projected far short
+    give_up: bool = True  # probe.ForgettingTarget.give_up: stop a run projected far short of the target
     leak_samples: int = 2
+    # the losses and the probe's scoring from hidden states and the lm_head weight where the model supports it
+    fused_linear: bool = True
 
     def __post_init__(self) -> None:
         """The float settings finite and in range (``--target-lp nan`` or ``--lr-grid inf`` would otherwise run the

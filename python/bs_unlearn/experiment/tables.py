@@ -66,7 +66,7 @@ def steps_table(results: dict, *, markdown: bool) -> str:
 
 def matched_table(results: dict, *, markdown: bool) -> str:
     """The matched-forgetting table (every run at the step where it reached the target, or at its cap)."""
-    header = ["model", "lr", "steps", "target lp", "band Δlp", "paraphrase p", "leak rate", "retain p"]
+    header = ["model", "lr", "steps", "target lp", "band Δlp", "forget p", "paraphrase p", "leak rate", "retain p"]
     header += ["Mem", "Util*", "Agg*", "forget quality"]
 
     def metric_cells(metrics: dict) -> list[str]:
@@ -75,6 +75,7 @@ def matched_table(results: dict, *, markdown: bool) -> str:
         quality = paper.get("forget_quality")  # open-unlearning's: the KS test on the paper truth ratios
         retain = next((s for s in metrics["sets"].values() if s["role"] == "retain"), {})
         return [
+            format_cell(forget.get("prob")),
             format_cell(forget.get("paraphrase_prob")),
             format_cell(paper.get("leak_rate"), 2),
             format_cell(retain.get("prob")),
@@ -90,9 +91,11 @@ def matched_table(results: dict, *, markdown: bool) -> str:
     if results.get("retain_only_metrics"):
         rows.append(["retain-only (never saw the forget set)", "-", "-", "-", "-"])
         rows[-1] += metric_cells(results["retain_only_metrics"])
+    several_seeds = len(results.get("seeds", ())) > 1
     for run in results["runs"]:
         last = run["probe"]["records"][-1]
         steps = f"{run['steps']}" + ("" if run["reached"] else " (cap; not reached)")
-        rows.append([run["label"], f"{run['lr']:g}", steps, format_cell(last["target_lp"], 2)])
+        label = run["label"] + (f" (seed {run['seed']})" if several_seeds else "")
+        rows.append([label, f"{run['lr']:g}", steps, format_cell(last["target_lp"], 2)])
         rows[-1] += [signed_cell(probe_change(run, "belief_lp")), *metric_cells(run["metrics"])]
     return render_table(header, rows, markdown=markdown)

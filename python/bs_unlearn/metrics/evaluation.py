@@ -1,7 +1,7 @@
 """The evaluation of a model over QA sets: TOFU's metrics per set, model utility, forget quality and, per forget set,
 the paper's block (docs/math.md, "Evaluation protocol").
 
-    options = EvalOptions(max_new_tokens=24, leak_samples=2)
+    options = EvalOptions(leak_samples=2)
     results = evaluate(model, tokenizer, eval_sets, options, retain_model_metrics=...)
 """
 
@@ -14,6 +14,7 @@ from collections.abc import Callable, Sequence
 import numpy as np
 import torch
 
+from ..prompts import PromptFormat
 from ..scoring import generate_answers, score_answers, score_qa
 from ..tofu_data import EvalSet
 from .leak import measure_leak
@@ -43,11 +44,17 @@ Progress = Callable[[str], None]
 
 @dataclasses.dataclass(frozen=True)
 class EvalOptions:
-    """How an evaluation runs: batch size, generation, backend, the leak rate's sampling, the ES convention.
+    """How an evaluation runs: the prompts, batch size, generation, backend, the leak rate's sampling, the ES
+    convention. The defaults are open-unlearning's TOFU evaluation (docs/math.md, "Evaluation protocol").
 
     Args:
-        batch_size: questions per scoring / generation call.
-        max_new_tokens: length of the greedy answers (ROUGE-L) and, by default, of the leak rate's answers.
+        prompt_format: how questions become prompts (:class:`prompts.PromptFormat`: open-unlearning's template
+            arguments, system prompt "You are a helpful assistant." and date_string "10 Apr 2025" by default). Every
+            answer is scored and generated the way open-unlearning does it (``prompts.encode_qa``; no token equal to
+            the pad id is attended to).
+        batch_size: questions per scoring / generation call (the numbers do not depend on it beyond float noise).
+        max_new_tokens: the greedy answers (ROUGE-L) stop at the end of their turn or after this many tokens
+            (open-unlearning's 200); by default also the length of the leak rate's answers.
         generate: greedy answers and ROUGE-L; without them model utility lacks its ROUGE-L parts and is None.
         impl: the bs_kernels backend of the log-probs.
         leak_samples: > 0 asks for the leak rate on forget sets whose records all carry ``keys``: per question the
@@ -58,8 +65,9 @@ class EvalOptions:
             answer of which no suffix is reproduced (1/T or 0; see :func:`metrics.paper.extraction_strength`).
     """
 
+    prompt_format: PromptFormat = PromptFormat()
     batch_size: int = 16
-    max_new_tokens: int = 48
+    max_new_tokens: int = 200
     generate: bool = True
     impl: str = "auto"
     leak_samples: int = 0
@@ -69,6 +77,8 @@ class EvalOptions:
     es_convention: str = "open-unlearning"
 
     def __post_init__(self) -> None:
+        if not isinstance(self.prompt_format, PromptFormat):
+            raise TypeError(f"prompt_format must be a PromptFormat, got {type(self.prompt_format).__name__}")
         for name in ("batch_size", "max_new_tokens"):
             if not _is_int(getattr(self, name)) or getattr(self, name) < 1:
                 raise ValueError(f"{name} must be an int >= 1, got {getattr(self, name)!r}")
@@ -122,7 +132,13 @@ def _score_perturbed(model, tokenizer, questions, perturbed, options: EvalOption
     flat_questions = [q for q, answers in zip(questions, perturbed) for _ in answers]
     flat_answers = [a for answers in perturbed for a in answers]
     flat_lp = score_answers(
-        model, tokenizer, flat_questions, flat_answers, batch_size=options.batch_size, impl=options.impl
+        model,
+        tokenizer,
+        flat_questions,
+        flat_answers,
+        batch_size=options.batch_size,
+        impl=options.impl,
+        prompt_format=options.prompt_format,
     )
     rows, offset = [], 0
     for answers in perturbed:
@@ -163,6 +179,7 @@ def _paper_block(model, tokenizer, eval_set, answer_scores, per_example: dict, o
                 max_new_tokens=options.leak_max_new_tokens or options.max_new_tokens,
                 batch_size=options.batch_size,
                 seed=options.seed,
+                prompt_format=options.prompt_format,
                 # The greedy answers are reused when they were generated at the leak rate's length.
                 greedy=per_example.get("generation") if not options.leak_max_new_tokens else None,
             )
@@ -193,7 +210,7 @@ def evaluate_set(
     answers = [r["answer"] for r in records]
     forget = eval_set.role == "forget"
     say = progress or _quiet
-    batch = dict(batch_size=options.batch_size, impl=options.impl)
+    batch = dict(batch_size=options.batch_size, impl=options.impl, prompt_format=options.prompt_format)
     say(f"{eval_set.name}: scoring {len(records)} answers")
     # One pass gives the log-probs and (forget sets) the teacher-forced argmax matches of EM / ES.
     answer_scores = score_qa(model, tokenizer, questions, answers, memorization=forget, **batch)
@@ -230,7 +247,12 @@ def evaluate_set(
     if options.generate:
         say(f"{eval_set.name}: greedy generation for {len(records)} questions")
         generated = generate_answers(
-            model, tokenizer, questions, max_new_tokens=options.max_new_tokens, batch_size=options.batch_size
+            model,
+            tokenizer,
+            questions,
+            max_new_tokens=options.max_new_tokens,
+            batch_size=options.batch_size,
+            prompt_format=options.prompt_format,
         )
         generations = [texts[0] for texts in generated]
         rouge = [rouge_l_recall(g, a) for g, a in zip(generations, answers)]

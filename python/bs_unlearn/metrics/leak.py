@@ -9,6 +9,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from ..prompts import PromptFormat
 from ..scoring import sample_answers, temperature_samples
 
 
@@ -77,10 +78,12 @@ def measure_leak(
     max_new_tokens: int,
     batch_size: int,
     seed: int,
+    prompt_format: PromptFormat | None = None,
     greedy: list[str] | None = None,
 ) -> tuple[dict, dict]:
     """Leak rate of a set whose records carry keys: summary values and per-example answers / rates.
 
+    ``prompt_format``: the prompts of the answers (:func:`scoring.generate_answers`; the evaluation's).
     ``greedy``: the greedy answers to the original questions when they were just generated at the same length (they
     are reused instead of generated again; the samples are the same either way, seeded separately).
     """
@@ -98,6 +101,7 @@ def measure_leak(
             max_new_tokens=max_new_tokens,
             seed=seed + offset,
             batch_size=batch_size,
+            prompt_format=prompt_format,
         )
         if name == "original" and greedy is not None:
             samples = temperature_samples(model, tokenizer, questions, **sampling)

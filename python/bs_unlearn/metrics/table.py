@@ -28,7 +28,8 @@ def format_table(results: dict) -> str:
     if results.get("model_utility") is not None:
         parts = results.get("model_utility_parts")
         lines.append(
-            f"model utility (harmonic mean of {parts} parts over retain/utility sets): {results['model_utility']:.4f}"
+            f"model utility (harmonic mean of {parts} parts over retain/utility sets; no fluency part: "
+            f"open-unlearning's gibberish classifier cannot be had offline): {results['model_utility']:.4f}"
         )
     elif results.get("model_utility_missing"):
         missing = ", ".join(results["model_utility_missing"])

@@ -4,10 +4,10 @@ option-normalised probability and model utility, as pure functions on numbers an
 - Answer probability = exp(mean per-token log p(answer | question)), i.e. p^(1/len).
 - ROUGE-L recall of the greedy answer against the gold answer with the ``rouge-score`` package,
   ``RougeScorer(["rouge1", "rougeL"], use_stemmer=True)``, as TOFU and open-unlearning compute it.
-- Truth ratio R = mean_j p(perturbed_j)^(1/len_j) / p(paraphrased)^(1/len) (the TOFU paper's formula: an arithmetic
-  mean of length-normalised probabilities; the TOFU and open-unlearning code take a geometric mean instead, which the
-  paper block's truth ratio follows, :func:`bs_unlearn.metrics.paper.paper_truth_ratio`). Reported as
-  mean(min(R, 1/R)) on forget sets and mean(max(0, 1 - R)) on the others, as TOFU does.
+- Truth ratio R = (prod_j p(perturbed_j)^(1/len_j))^(1/m) / p(paraphrased)^(1/len): the geometric mean over the m
+  perturbed answers of their length-normalised probabilities, i.e. exp of minus the mean of their per-token losses,
+  as the TOFU and open-unlearning code compute it (the TOFU paper writes an arithmetic mean, which no published number
+  uses). Reported as mean(min(R, 1/R)) on forget sets and mean(max(0, 1 - R)) on the others, as TOFU does.
 - Real-authors / world-facts probability = p(answer)^(1/len) / (p(answer)^(1/len) + sum_j p(option_j)^(1/len_j)).
 - Model utility = harmonic mean of probability, ROUGE-L and truth score on each utility set; all of them or none.
 """
@@ -67,7 +67,9 @@ def per_example_rows(values: Sequence[Sequence[float]], name: str) -> list[np.nd
 def truth_ratio(
     perturbed_mean_logprobs: Sequence[Sequence[float]], paraphrased_mean_logprobs: Sequence[float]
 ) -> np.ndarray:
-    """Raw truth ratio per example, R = mean_j p(perturbed_j)^(1/len_j) / p(paraphrased)^(1/len).
+    """Raw truth ratio per example, R = exp(mean_j log p(perturbed_j)^(1/len_j)) / p(paraphrased)^(1/len): the
+    geometric mean of the perturbed answers' length-normalised probabilities over the reference's (open-unlearning's
+    ``truth_ratio``: exp(-mean of the perturbed answers' mean losses) / exp(-the reference's mean loss)).
 
     Args:
         perturbed_mean_logprobs: per example, the mean per-token log-prob of each perturbed answer (lists may differ
@@ -81,9 +83,7 @@ def truth_ratio(
         raise ValueError(
             f"paraphrased_mean_logprobs must have one value per example ({len(rows)}), got shape {paraphrased.shape}"
         )
-    # mean_j exp(a_j) / exp(b) computed as exp(logmeanexp(a) - b) so that very negative log-probs do not underflow.
-    log_mean = np.array([np.logaddexp.reduce(row) - math.log(row.size) for row in rows])
-    return np.exp(log_mean - paraphrased)
+    return np.exp(np.array([row.mean() for row in rows]) - paraphrased)
 
 
 def forget_truth_score(ratios: np.ndarray) -> float:

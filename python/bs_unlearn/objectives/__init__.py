@@ -48,10 +48,11 @@ class UnlearnObjective:
 
     ``model`` may be wrapped (DDP etc.): it is only called. ``ref_model`` is the frozen reference (NPO, KL).
     ``impl`` is the bs_kernels backend; ``fused_linear`` computes the per-token terms from the last hidden state and
-    the lm_head weight in row chunks (no [B, T, V] logits; the KL retain term still needs both full distributions).
+    the lm_head weight in row chunks (no [B, T, V] logits; the KL retain term still needs both full distributions),
+    where ``bs_kernels.patch_causal_lm`` supports the model (else the materialised logits, with the same values).
     """
 
-    def __init__(self, config: ObjectiveConfig, *, impl: str = "auto", fused_linear: bool = False) -> None:
+    def __init__(self, config: ObjectiveConfig, *, impl: str = "auto", fused_linear: bool = True) -> None:
         # The options are checked once, by config.validate() before a run (UnlearnConfig) or by bs_kernels at the
         # first loss, with the same messages.
         self.config = config

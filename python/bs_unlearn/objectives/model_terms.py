@@ -23,28 +23,13 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import weakref
 
 import torch
 
 import bs_kernels
 from bs_kernels.hf import patch_causal_lm
 
-# Models whose architecture patch_causal_lm refused (weakly held): they take the materialised-logits path.
-_refused: weakref.WeakSet = weakref.WeakSet()
-
-
-def _fused_model(model, fused: bool = True) -> bool:
-    """Patch the causal LM inside ``model`` once; False when asked not to fuse or when its architecture needs the
-    materialised-logits path."""
-    if not fused or model in _refused:
-        return False
-    try:
-        patch_causal_lm(model)
-    except (ValueError, TypeError):
-        _refused.add(model)
-        return False
-    return True
+from ..fused import fused_model
 
 
 def _model_inputs(batch: dict) -> dict:
@@ -94,7 +79,7 @@ def bs_t_forget_loss(
         impl=impl,
         return_stats=return_stats,
     )
-    if _fused_model(model, fused):
+    if fused_model(model, fused):
         output = model(**inputs, use_cache=False, bs_loss=options)
         return (output.loss, output.bs_stats) if return_stats else output.loss
     return bs_kernels.bs_token_loss(logits_of(model, inputs), inputs["labels"], **options)
@@ -103,7 +88,7 @@ def bs_t_forget_loss(
 def answer_token_logprobs(model, batch: dict, *, impl: str = "auto", fused: bool = True) -> torch.Tensor:
     """Per-token log p(label) [B, T - 1] (0 where the shifted label is ignored), differentiable."""
     inputs = _model_inputs(batch)
-    if _fused_model(model, fused):
+    if fused_model(model, fused):
         # lam = 0 makes the BS-T value the plain log p(label); top_k = 1 keeps the unused top-k selection cheap.
         output = model(**inputs, use_cache=False, bs_loss=dict(lam=0.0, top_k=1, reduction="none", impl=impl))
         return output.loss
@@ -118,7 +103,7 @@ def answer_logprob_loss(
     This is gradient ascent's forget term as open-unlearning writes it (``-model(**forget).loss``).
     """
     inputs = _model_inputs(batch)
-    if _fused_model(model, fused):
+    if fused_model(model, fused):
         output = model(**inputs, use_cache=False, bs_loss=dict(lam=0.0, top_k=1, reduction=reduction, impl=impl))
         return output.loss
     return bs_kernels.bs_token_loss(
