@@ -13,7 +13,9 @@ error of the loss and of the gradient against float64 (impl="torch" on the upcas
 token-mean cross entropy).
 Also: the card's copy bandwidth (device-to-device copy of the logits, bytes read + written), forget_logprobs forward
 alone against it, the two-pass floor (2 reads + 1 write of the logits at copy bandwidth), the targets with
-PASS/FAIL, and a sweep of the Triton block sizes (forward and backward launchers called directly).
+PASS/FAIL, and a sweep of the Triton block sizes (forward and backward launchers called directly), including the
+forward on 256 to 2048 rows (the fused lm_head's chunks): the launcher's choice beside the per-lane and the
+split-vocabulary forwards forced.
 Logits are random normal * 3 (never zeros); the shape (2 GiB of bf16 at the default) is far beyond L2, so one
 buffer is reused.
 
@@ -110,7 +112,8 @@ def main(argv=None) -> int:
         f"shape: N = {rows} positions ({args.batch} x {args.length}), V = {vocab}, {args.dtype}, k = {args.top_k}, "
         f"lam = {args.lam}, shift=False, reduction=sequence_mean; logits {logits_bytes / MIB:.0f} MiB; "
         f"median of {args.repeat} after {args.warmup} warm-up",
-        f"triton forward at this shape: {triton_backend.forward_config(vocab, args.top_k, rows)!r}",
+        f"triton forward at this shape: "
+        f"{triton_backend.forward_config(vocab, args.top_k, rows, DTYPES[args.dtype].itemsize)!r}",
     ]
     liger_missing = unavailable("liger", device) if "liger" in args.providers else None
     if liger_missing is not None:
@@ -285,6 +288,8 @@ def _sweep(triton_backend, base, labels, logits_bytes, args, results: list[dict]
             logits_bytes,
         )
 
+    _few_rows_sweep(triton_backend, rows, row_labels, top_k, args, timed)
+
     raw = triton_backend.forward(rows, row_labels, top_k)
     grad_rows = torch.where(row_labels >= 0, 1.0 / max(1, int((row_labels >= 0).sum())), 0.0).to(torch.float32)
     belief_weights = torch.full((rows.shape[0], top_k), args.lam / top_k, dtype=torch.float32, device=rows.device)
@@ -310,6 +315,28 @@ def _sweep(triton_backend, base, labels, logits_bytes, args, results: list[dict]
             )
 
         timed("backward", config, launch, 2 * logits_bytes)  # one read + one write of the logits
+
+
+def _few_rows_sweep(triton_backend, rows, row_labels, top_k: int, args, timed) -> None:
+    """The forward on the first N rows, N as in the fused lm_head's chunks (256 to 2048), at k and at k = 0: the
+    launcher's choice (its config in the row), then each path forced: the per-lane kernel with 4 and 8 groups and
+    the split-vocabulary forward with 2 to 4 slices of 8-group blocks."""
+    deep = triton_backend.LANES_DEEP
+    forced = [triton_backend.LANES_DEFAULT, deep] + [triton_backend.SplitForwardConfig(deep, s) for s in (2, 3, 4)]
+    counts = (8, 16) if args.dry_run else (256, 512, 1024, 2048)
+    for count in counts:
+        subset, subset_labels = rows[:count], row_labels[:count]
+        for k in dict.fromkeys((top_k, 0)):
+            chosen = triton_backend.forward_config(subset.shape[1], k, count, subset.element_size())
+            for label, config in [("launcher", None), *(("forced", config) for config in forced)]:
+                if args.dry_run and label == "forced" and config not in forced[1:3]:
+                    continue
+
+                def launch(config=config, k=k, subset=subset, subset_labels=subset_labels):
+                    return triton_backend.forward(subset, subset_labels, k, config=config)
+
+                shown = chosen if config is None else config
+                timed(f"forward N={count} k={k} ({label})", shown, launch, tensor_bytes(subset))
 
 
 def _targets(by_name: dict, extra: dict) -> list[str]:

@@ -3,7 +3,9 @@
 #   1. the CUDA tests of tests/kernels/test_triton_interpreter.py (tiny shapes plus N = 8192, V = 128256 in bf16 and fp32),
 #   2. benchmarks/bench_loss_gpu.py: triton, triton:inplace, liger (Liger-Kernel's cross entropy), torch, reference
 #      and compile (in that order: the slowest last) side by side in one process at N = 8192, V = 128256, bf16,
-#      k = 20, lam = 0.2, plus copy bandwidth, forget_logprobs alone and a sweep of both Triton forward kernels,
+#      k = 20, lam = 0.2, plus copy bandwidth, forget_logprobs alone and a sweep of the Triton forward kernels
+#      (bucket, per-lane, and on 256-2048 rows at k = 20 and k = 0 the launcher's choice beside the per-lane and the
+#      split-vocabulary forwards forced),
 #   3. benchmarks/bench_linear_gpu.py: bs_linear_loss vs Liger's fused linear cross entropy (N = 8192, H = 4096).
 # Both scripts use benchmarks/harness.py and benchmarks/providers.py (provider names as there).
 # Results: benchmarks/results/<gpu name>/ (bench.md, bench.json and the logs), or $OUT itself when that is set, so
@@ -13,7 +15,7 @@
 # no wheel, a loud "!!! LIGER-KERNEL IS MISSING" line opens the output and bench.md, and everything else still runs.
 # Extra arguments go to bench_loss_gpu.py (e.g. --repeat 20, --providers triton,liger, --no-sweep).
 #   bash benchmarks/gpu_check.sh --dry-run   # CPU: the same steps at tiny shapes under the Triton interpreter, the
-#                                            # sm_90 compile test instead of the CUDA tests (checks the script only)
+#                                            # launcher-choice test instead of the CUDA tests (checks the script only)
 set -uo pipefail
 cd "$(dirname "$0")/.."
 export PYTHONPATH="$PWD:$PWD/python${PYTHONPATH:+:$PYTHONPATH}"
@@ -47,20 +49,22 @@ fi
 
 if [ -n "$dry_run" ]; then
   gpu="dry-run-cpu"
-  tests=(-k "compile_for_hopper")
+  test_files=(tests/kernels/test_triton_sass.py)
+  tests=(-k "launcher_choice or listed")
 else
   gpu=$("$PYTHON" -c "import re, torch; print(re.sub(r'[^A-Za-z0-9._-]+', '-', torch.cuda.get_device_name()).strip('-'))")
+  test_files=(tests/kernels/test_triton_interpreter.py)
   tests=(-k "not subprocess")
 fi
 results="${OUT:-benchmarks/results/$gpu}"
 mkdir -p "$results"
 echo "== results go to $results"
 
-echo "== CUDA tests (tests/kernels/test_triton_interpreter.py)"
+echo "== tests (${test_files[*]})"
 # Kernel variants compile for seconds each: spread the tests over 4 workers when pytest-xdist is there.
 parallel=()
 "$PYTHON" -c "import xdist" 2>/dev/null && parallel=(-n 4)
-timeout 120 "$PYTHON" -m pytest tests/kernels/test_triton_interpreter.py -q -rs -p no:cacheprovider "${tests[@]}" \
+timeout 120 "$PYTHON" -m pytest "${test_files[@]}" -q -rs -p no:cacheprovider "${tests[@]}" \
   "${parallel[@]}" 2>&1 | tee "$results/tests.log"
 tests_status=${PIPESTATUS[0]}
 

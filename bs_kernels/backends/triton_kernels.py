@@ -1,6 +1,6 @@
 # The Triton kernels of impl="triton" (launchers, validation and block sizes live in triton_launch.py).
 #
-# Forward, buckets (bs_rows_forward_kernel; the launcher's choice for few rows or k > 64), one program per row,
+# Forward, buckets (bs_rows_forward_kernel; the launcher's choice for k > 128), one program per row,
 # streaming the vocabulary in blocks of BLOCK_V logits (upcast to float32, or float64 for float64 input):
 #   1. online log-sum-exp: m = running max, s = sum exp(z - m); per block one max reduction, one exp per element
 #      and one exp to rescale s. A row that has seen only -inf so far uses 0 as the shift, so -inf - -inf never forms.
@@ -32,25 +32,36 @@
 #   Compiled for sm_90 (bf16, k = 20, BLOCK_V = 4096, 16 warps, the default): 86 registers with Triton 3.9, 112 with
 #   3.6, no spills (benchmarks/RESULTS.md).
 #
-# Forward, per lane (bs_rows_forward_lanes_kernel; the launcher's choice for many rows and k <= 64): one program of
-# one warp (or a few) per row; each of its LANES lanes streams GROUPS 16-byte vectors of VEC logits per step.
+# Forward, per lane (bs_rows_forward_lanes_kernel; the launcher's choice for k <= 64 when the rows alone keep HBM
+# busy): one program of one warp (or a few) per row; each of its LANES lanes streams GROUPS 16-byte vectors of VEC
+# logits per step.
 #   1. log-sum-exp: every lane keeps its own running max and sum, in base 2 (exp2((z - m) * log2 e) is an FADD, an
 #      FMUL and one MUFU, where exp is a MUFU plus range fix-ups; z - m first, since z * log2 e - m * log2 e would
 #      round both products at the ulp of z: 5e-4 at |z| = 1e4); the lanes' partials are combined once per row.
 #      No cross-lane work per step, so no barrier and no shuffle in the loop.
 #   2. top-k: the same keys as above, kept UNSORTED in K slots (distinct placeholders below every real key until
-#      filled); the k-th best is their minimum. A lane whose block max has a value field below the k-th best's holds
-#      no candidate (_value_field: a key above the k-th best has a field >= its field). The others are visited best
-#      first: the lane's PER_LANE logits are re-read (L1 hits) as keys spread over the warp, and offered best first
-#      while they beat the k-th best, each replacing it. A streaming top-k is exact whatever the order of offers, as
-#      long as every logit that could still enter is offered: those never offered were below the k-th best when
-#      their lane was tested, and the k-th best only rises. Cost per offer: a few warp reductions (REDUX on sm_90).
+#      filled); the k-th best is their minimum. A lane whose block max is below the k-th best's value holds no
+#      candidate. The others are visited roughly best first (32-bit tickets: a lane's max, truncated, and its id):
+#      the lane's PER_LANE logits are re-read (L1 hits) as keys spread over the warp, and offered best first while
+#      they beat the k-th best, each replacing it. A streaming top-k is exact whatever the order of offers, as long
+#      as every logit that could still enter is offered: those never offered were below the k-th best when their
+#      lane was tested, and the k-th best only rises. Cost per offer: a few warp reductions.
+#      Warm start (k <= LANES): in the first whole block, the k-th largest of the lanes' maxima bounds the offers
+#      from below (k distinct logits are at least that large), so the empty top is not filled with ~k ln(BLOCK_V / k)
+#      keys that are evicted within the block.
 #      The top is sorted once per row at the end (bitonic, K_PAD keys).
-#   Compiled for sm_90 (bf16, k = 20, 4 groups x 32 lanes x 8 = 1024 logits per step, 1 warp): 59 registers, no
-#   spills, no BAR in the loop; ~7 lane-instructions per logit per block plus ~40 per lane visited and ~23 per key
-#   accepted, ~9-11 per logit in all on random rows (benchmarks/triton_cost.py, benchmarks/RESULTS.md; measured
-#   before step 1 subtracted m first, which adds one FADD per logit).
-#   Limits as above; one warp per row needs many rows to fill a GPU (the launcher keeps the bucket kernel for few).
+#   Compiled for sm_90 (bf16, k = 20, 4 groups x 32 lanes x 8 = 1024 logits per step, 1 warp): ~64 registers, no
+#   spills, no BAR in the loop; ~7-8 lane-instructions per logit per block plus ~40 per lane visited and ~24 per
+#   key accepted (benchmarks/triton_cost.py, benchmarks/RESULTS.md).
+#
+# Forward, split vocabulary (bs_rows_forward_split_kernel + bs_rows_merge_kernel; the launcher's choice for k <= 64
+# when rows are few): grid (row, slice), each program runs the per-lane loop above over one slice of whole blocks and
+# writes its partials: the slice's max m_s and sum of exp(z - m_s), and its k best keys (global column ids) unsorted.
+# The merge (one program per row) combines the (max, sum) pairs as the lanes' are combined, takes the k best of the
+# S * k keys (bitonic top-k; a logit of the row's top k is in its slice's top k), and stores the row as the other
+# forwards do (z_y and the belief values re-read from the logits). Extra traffic: S * (8 + 8 k) bytes per row,
+# written and read once.
+#   Limits as above.
 #
 # Backward, grid (row, column block), two launches:
 #   dense: grad = exp(z - m) * (-grad_row * exp(-log_sum)) for every logit (= -grad_row * pi; the second factor once
@@ -94,6 +105,7 @@ except ImportError:  # a Triton without these private names: same results, slowe
 
 MIN_KEY = tl.constexpr(-(2**63))
 MAX_KEY = tl.constexpr(2**63 - 1)
+MIN_TICKET = tl.constexpr(-(2**31))
 LOG2E = tl.constexpr(1.4426950408889634)
 FP64_INDEX_MASK = tl.constexpr(0xFFFFF)
 FP64_VALUE_MASK = tl.constexpr(-(1 << 20))
@@ -304,20 +316,19 @@ def bs_rows_forward_kernel(
 
 
 @triton.jit
-def _value_field(key, IS_FP64: tl.constexpr):
-    """The value bits of a key (its order-preserving value integer, as _pack_keys stores it): a key k0 exceeds k1
-    only if its field is >= k1's, and a logit's own order-preserving integer is >= its key's field."""
+def _clear_index(key, IS_FP64: tl.constexpr):
+    """The smallest key with the value field of ``key`` (its index bits cleared)."""
     if IS_FP64:
         return key & FP64_VALUE_MASK
     else:
-        return (key >> 32).to(tl.int32)
+        return (key >> 32) << 32
 
 
 @triton.jit
 def _lanes_block(
     row_ptr,
     start,
-    vocab_size,
+    end,
     block_cols,
     lane_ids,
     lane_offsets,
@@ -325,22 +336,30 @@ def _lanes_block(
     lane_sum,
     top_keys,
     kth_key,
-    kth_field,
     MASKED: tl.constexpr,
+    WARM: tl.constexpr,
     K: tl.constexpr,
-    LANES: tl.constexpr,
+    LOG_K_PAD: tl.constexpr,
+    LOG_LANES: tl.constexpr,
     VEC: tl.constexpr,
     IS_FP64: tl.constexpr,
 ):
-    """One block of bs_rows_forward_lanes_kernel's loop; MASKED: the row's partial last block (bounds-checked)."""
+    """One block of the per-lane loop over columns [start, start + BLOCK_V) of a row (MASKED: the partial last block
+    of [.., end), bounds-checked). Only keys above ``bound``, the k-th best key kept so far, are offered. WARM (the
+    first full block of a row or slice, K <= LANES): the bound starts just below the k-th largest lane maximum: K
+    distinct logits of the block are at least that large, so no logit below it can be in the top k (and after the
+    block the k-th best kept is above it: the bound is the k-th best again)."""
     compute_dtype = tl.float64 if IS_FP64 else tl.float32
-    cols = start + block_cols
+    LANES: tl.constexpr = 1 << LOG_LANES
+    # The block's base pointer once, then constant offsets (immediates in the loads)
+    block_ptrs = (row_ptr + start) + block_cols
     if MASKED:
-        z = tl.load(row_ptr + cols, mask=cols < vocab_size, other=float("-inf")).to(compute_dtype)
+        z = tl.load(block_ptrs, mask=start + block_cols < end, other=float("-inf")).to(compute_dtype)
     else:
-        z = tl.load(row_ptr + cols).to(compute_dtype)
+        z = tl.load(block_ptrs).to(compute_dtype)
 
-    # 1. per-lane online log-sum-exp in base 2: one FFMA and one exp2 per logit, no cross-lane work
+    # 1. per-lane online log-sum-exp in base 2: z - m first (exact), then one FMUL and one exp2 per logit, no
+    # cross-lane work
     block_lane_max = tl.reduce(tl.reduce(z, 2, _max_combine), 0, _max_combine)
     new_max = tl.maximum(lane_max, block_lane_max)
     # A lane that has seen only -inf shifts by 0, so -inf - -inf never forms.
@@ -351,29 +370,164 @@ def _lanes_block(
     )
     lane_max = new_max
 
-    # 2. top-k: a lane whose max's value field is below the k-th best key's holds no candidate. The others are
-    # visited best lane first; each re-reads its PER_LANE logits as keys and offers them, best first, to the
-    # unsorted top (a key above the k-th best replaces it). Any order of offers yields the exact top k.
+    # 2. top-k: a lane whose max is below the bound's value holds no candidate. The others are visited best
+    # lane first; each re-reads its PER_LANE logits as keys and offers them, best first, to the unsorted top (a key
+    # above the bound replaces the k-th best). Any order of offers yields the exact top k.
     if K > 0:
         lane_keys = _pack_keys(block_lane_max, lane_ids, IS_FP64)
-        pending = tl.where(_value_field(lane_keys, IS_FP64) >= kth_field, lane_keys, MIN_KEY)
-        next_lane = tl.reduce(pending, 0, _max_combine)
-        while (next_lane != MIN_KEY) & (_value_field(next_lane, IS_FP64) >= kth_field):
-            pending = tl.where(pending == next_lane, MIN_KEY, pending)
-            lane = (next_lane & (LANES - 1)).to(tl.int32)
+        if WARM:
+            # The k-th largest lane maximum, its index bits cleared, minus one: below every key of its value.
+            lane_top = _top_keys(lane_keys, LOG_LANES, LOG_K_PAD, 1)
+            lane_kth = tl.reduce(tl.where(tl.arange(0, 1 << LOG_K_PAD) == K - 1, lane_top, MIN_KEY), 0, _max_combine)
+            floor = _clear_index(lane_kth, IS_FP64) - 1
+        else:
+            floor = MIN_KEY  # a constant: the maxima below fold away
+        bound = tl.maximum(kth_key, floor)
+        # Lanes are picked by 32-bit tickets (an int32 max is one warp instruction on sm_80+, an int64 one five
+        # shuffle rounds): the top 32 bits of the lane max's key (the value field for 16/32-bit input) with the low
+        # LOG_LANES bits replaced by the lane. Tickets order lanes roughly (any order of offers is exact); the test
+        # that a lane may hold a key above the bound rounds its ticket up, so it never skips one.
+        bound_high = (bound >> 32).to(tl.int32)
+        lane_high = (lane_keys >> 32).to(tl.int32)
+        pending = tl.where(lane_high >= bound_high, (lane_high & -LANES) | lane_ids, MIN_TICKET)
+        ticket = tl.reduce(pending, 0, _max_combine)
+        while (ticket != MIN_TICKET) & ((ticket | (LANES - 1)) >= bound_high):
+            lane = ticket & (LANES - 1)
+            pending = tl.where(lane_ids == lane, MIN_TICKET, pending)
             lane_cols = start + lane * VEC + lane_offsets
-            in_row = lane_cols < vocab_size
+            in_row = lane_cols < end
             lane_z = tl.load(row_ptr + lane_cols, mask=in_row, other=0.0).to(compute_dtype)
             offers = tl.where(in_row, _pack_keys(lane_z, lane_cols, IS_FP64), MIN_KEY)
             offer = tl.reduce(offers, 0, _max_combine)
-            while offer > kth_key:
+            while offer > bound:
                 top_keys = tl.where(top_keys == kth_key, offer, top_keys)
                 kth_key = tl.reduce(top_keys, 0, _min_combine)
+                bound = tl.maximum(kth_key, floor)
                 offers = tl.where(offers == offer, MIN_KEY, offers)
                 offer = tl.reduce(offers, 0, _max_combine)
-            kth_field = _value_field(kth_key, IS_FP64)
-            next_lane = tl.reduce(pending, 0, _max_combine)
-    return lane_max, lane_sum, top_keys, kth_key, kth_field
+            bound_high = (bound >> 32).to(tl.int32)
+            ticket = tl.reduce(pending, 0, _max_combine)
+    return lane_max, lane_sum, top_keys, kth_key
+
+
+@triton.jit
+def _lanes_slice(
+    row_ptr,
+    start,
+    end,
+    K: tl.constexpr,
+    LOG_K_PAD: tl.constexpr,
+    LOG_GROUPS: tl.constexpr,
+    LOG_LANES: tl.constexpr,
+    LOG_VEC: tl.constexpr,
+    IS_FP64: tl.constexpr,
+):
+    """Columns [start, end) of a row through the per-lane loop (start a multiple of 16 elements, for 16-byte loads):
+    the lanes' running max and sum (sum of exp(z - max)), and K keys in the unsorted top's first K slots (the k best
+    of the slice, or distinct placeholders below every real key where the slice holds fewer than k logits)."""
+    GROUPS: tl.constexpr = 1 << LOG_GROUPS
+    LANES: tl.constexpr = 1 << LOG_LANES
+    VEC: tl.constexpr = 1 << LOG_VEC
+    PER_LANE: tl.constexpr = GROUPS * VEC
+    BLOCK_V: tl.constexpr = GROUPS * LANES * VEC
+    K_PAD: tl.constexpr = 1 << LOG_K_PAD
+    compute_dtype = tl.float64 if IS_FP64 else tl.float32
+    lane_ids = tl.arange(0, LANES)
+    # [GROUPS, LANES, VEC]: lane l holds GROUPS vectors of VEC contiguous logits, one 16-byte load each.
+    block_cols = (
+        tl.arange(0, GROUPS)[:, None, None] * (LANES * VEC)
+        + lane_ids[None, :, None] * VEC
+        + tl.arange(0, VEC)[None, None, :]
+    )
+    # One lane's logits as a [PER_LANE] vector spread over the lanes (re-read, from L1, when the lane has candidates).
+    lane_elements = tl.arange(0, PER_LANE)
+    lane_offsets = (lane_elements // VEC) * (LANES * VEC) + lane_elements % VEC
+
+    lane_max = tl.full([LANES], float("-inf"), compute_dtype)
+    lane_sum = tl.zeros([LANES], compute_dtype)
+    slots = tl.arange(0, K_PAD)
+    # Unsorted top: distinct placeholders below every real key in the K slots (so that the slot of the minimum is
+    # unique), MAX_KEY in the padding (never the minimum).
+    top_keys = tl.where(slots < K, MIN_KEY + 1 + slots.to(tl.int64), MAX_KEY)
+    kth_key = tl.reduce(top_keys, 0, _min_combine)
+
+    # The first whole block (with the warm start where k <= the lane count), the other whole blocks without bounds
+    # checks, then the partial block, if any, with them.
+    # (first_end is start + BLOCK_V or start written as a product, so that Triton still sees a multiple of 16.)
+    full_blocks_end = end - (end - start) % BLOCK_V
+    has_full_block = full_blocks_end > start
+    first_end = start + has_full_block.to(tl.int32) * BLOCK_V
+    if has_full_block:
+        lane_max, lane_sum, top_keys, kth_key = _lanes_block(
+            row_ptr,
+            start,
+            end,
+            block_cols,
+            lane_ids,
+            lane_offsets,
+            lane_max,
+            lane_sum,
+            top_keys,
+            kth_key,
+            False,
+            K <= LANES,
+            K,
+            LOG_K_PAD,
+            LOG_LANES,
+            VEC,
+            IS_FP64,
+        )
+    for block_start in range(first_end, full_blocks_end, BLOCK_V):
+        lane_max, lane_sum, top_keys, kth_key = _lanes_block(
+            row_ptr,
+            block_start,
+            end,
+            block_cols,
+            lane_ids,
+            lane_offsets,
+            lane_max,
+            lane_sum,
+            top_keys,
+            kth_key,
+            False,
+            False,
+            K,
+            LOG_K_PAD,
+            LOG_LANES,
+            VEC,
+            IS_FP64,
+        )
+    if full_blocks_end < end:
+        lane_max, lane_sum, top_keys, kth_key = _lanes_block(
+            row_ptr,
+            full_blocks_end,
+            end,
+            block_cols,
+            lane_ids,
+            lane_offsets,
+            lane_max,
+            lane_sum,
+            top_keys,
+            kth_key,
+            True,
+            False,
+            K,
+            LOG_K_PAD,
+            LOG_LANES,
+            VEC,
+            IS_FP64,
+        )
+    return lane_max, lane_sum, top_keys
+
+
+@triton.jit
+def _combine_lanes(lane_max, lane_sum, IS_FP64: tl.constexpr):
+    """The max and the sum of exp(z - max) of the logits behind several (max, sum) partials (lanes or slices); a
+    set of only -inf gives (-inf, 0)."""
+    compute_dtype = tl.float64 if IS_FP64 else tl.float32
+    row_max = tl.reduce(lane_max, 0, _max_combine)
+    row_shift = tl.where(row_max == float("-inf"), 0.0, row_max).to(compute_dtype)
+    return row_max, tl.reduce(lane_sum * tl.exp2((lane_max - row_shift) * LOG2E), 0, _sum_combine)
 
 
 @triton.jit
@@ -394,86 +548,109 @@ def bs_rows_forward_lanes_kernel(
     LOG_VEC: tl.constexpr,  # contiguous logits per lane per vector (16 bytes)
     IS_FP64: tl.constexpr,
 ):
-    GROUPS: tl.constexpr = 1 << LOG_GROUPS
-    LANES: tl.constexpr = 1 << LOG_LANES
-    VEC: tl.constexpr = 1 << LOG_VEC
-    PER_LANE: tl.constexpr = GROUPS * VEC
-    BLOCK_V: tl.constexpr = GROUPS * LANES * VEC
-    K_PAD: tl.constexpr = 1 << LOG_K_PAD
     row = tl.program_id(0).to(tl.int64)
     row_ptr = logits_ptr + row * logits_row_stride
-    compute_dtype = tl.float64 if IS_FP64 else tl.float32
-    lane_ids = tl.arange(0, LANES)
-    # [GROUPS, LANES, VEC]: lane l holds GROUPS vectors of VEC contiguous logits, one 16-byte load each.
-    block_cols = (
-        tl.arange(0, GROUPS)[:, None, None] * (LANES * VEC)
-        + lane_ids[None, :, None] * VEC
-        + tl.arange(0, VEC)[None, None, :]
+    lane_max, lane_sum, top_keys = _lanes_slice(
+        row_ptr, 0, vocab_size, K, LOG_K_PAD, LOG_GROUPS, LOG_LANES, LOG_VEC, IS_FP64
     )
-    # One lane's logits as a [PER_LANE] vector spread over the lanes (re-read, from L1, when the lane has candidates).
-    lane_elements = tl.arange(0, PER_LANE)
-    lane_offsets = (lane_elements // VEC) * (LANES * VEC) + lane_elements % VEC
-
-    lane_max = tl.full([LANES], float("-inf"), compute_dtype)
-    lane_sum = tl.zeros([LANES], compute_dtype)
-    slots = tl.arange(0, K_PAD)
-    # Unsorted top: distinct placeholders below every real key in the K slots (so that the slot of the minimum is
-    # unique), MAX_KEY in the padding (never the minimum).
-    top_keys = tl.where(slots < K, MIN_KEY + 1 + slots.to(tl.int64), MAX_KEY)
-    kth_key = tl.reduce(top_keys, 0, _min_combine)
-    kth_field = _value_field(kth_key, IS_FP64)
-
-    # Whole blocks without bounds checks, then the partial block, if any, with them.
-    full_blocks_end = vocab_size - vocab_size % BLOCK_V
-    for start in range(0, full_blocks_end, BLOCK_V):
-        lane_max, lane_sum, top_keys, kth_key, kth_field = _lanes_block(
-            row_ptr,
-            start,
-            vocab_size,
-            block_cols,
-            lane_ids,
-            lane_offsets,
-            lane_max,
-            lane_sum,
-            top_keys,
-            kth_key,
-            kth_field,
-            False,
-            K,
-            LANES,
-            VEC,
-            IS_FP64,
-        )
-    if full_blocks_end < vocab_size:
-        lane_max, lane_sum, top_keys, kth_key, kth_field = _lanes_block(
-            row_ptr,
-            full_blocks_end,
-            vocab_size,
-            block_cols,
-            lane_ids,
-            lane_offsets,
-            lane_max,
-            lane_sum,
-            top_keys,
-            kth_key,
-            kth_field,
-            True,
-            K,
-            LANES,
-            VEC,
-            IS_FP64,
-        )
-
     # The lanes' partials, combined once per row. A row of only -inf has row_sum = 0: log_sum = log(0) = -inf.
-    row_max = tl.reduce(lane_max, 0, _max_combine)
-    row_shift = tl.where(row_max == float("-inf"), 0.0, row_max).to(compute_dtype)
-    row_sum = tl.reduce(lane_sum * tl.exp2((lane_max - row_shift) * LOG2E), 0, _sum_combine)
+    row_max, row_sum = _combine_lanes(lane_max, lane_sum, IS_FP64)
     # 3. beliefs: the unsorted top sorted descending once per row (padding slots last)
     if K > 0:
+        slots = tl.arange(0, 1 << LOG_K_PAD)
         top_keys = _top_keys(tl.where(slots < K, top_keys, MIN_KEY), LOG_K_PAD, LOG_K_PAD, 1)
     _store_row(
         row,
         row_ptr,
+        row_max,
+        tl.log(row_sum),
+        top_keys,
+        labels_ptr,
+        row_max_ptr,
+        log_sum_ptr,
+        label_logits_ptr,
+        belief_logits_ptr,
+        belief_ids_ptr,
+        K,
+        LOG_K_PAD,
+        IS_FP64,
+    )
+
+
+@triton.jit
+def bs_rows_forward_split_kernel(
+    logits_ptr,  # [N, V] any float dtype, unit stride along V
+    partial_max_ptr,  # [N, S] out, compute dtype: the slice's max
+    partial_sum_ptr,  # [N, S] out, compute dtype: the slice's sum of exp(z - max)
+    partial_keys_ptr,  # [N, S, K] out, int64: the slice's k best keys (global column ids), unsorted
+    vocab_size,
+    logits_row_stride,
+    slice_len,  # columns per slice, a multiple of BLOCK_V; slice s is [s * slice_len, (s + 1) * slice_len) & [0, V)
+    K: tl.constexpr,
+    LOG_K_PAD: tl.constexpr,
+    LOG_GROUPS: tl.constexpr,
+    LOG_LANES: tl.constexpr,
+    LOG_VEC: tl.constexpr,
+    IS_FP64: tl.constexpr,
+):
+    """The split-vocabulary forward, grid (row, slice): the per-lane loop over one slice of a row; the partials go
+    to bs_rows_merge_kernel."""
+    row = tl.program_id(0).to(tl.int64)
+    part = tl.program_id(1)
+    slices = tl.num_programs(1)
+    start = part * slice_len
+    end = tl.minimum(start + slice_len, vocab_size)
+    lane_max, lane_sum, top_keys = _lanes_slice(
+        logits_ptr + row * logits_row_stride, start, end, K, LOG_K_PAD, LOG_GROUPS, LOG_LANES, LOG_VEC, IS_FP64
+    )
+    slice_max, slice_sum = _combine_lanes(lane_max, lane_sum, IS_FP64)
+    partial = row * slices + part
+    tl.store(partial_max_ptr + partial, slice_max)
+    tl.store(partial_sum_ptr + partial, slice_sum)
+    if K > 0:
+        slots = tl.arange(0, 1 << LOG_K_PAD)
+        tl.store(partial_keys_ptr + partial * K + slots, top_keys, mask=slots < K)
+
+
+@triton.jit
+def bs_rows_merge_kernel(
+    logits_ptr,  # [N, V] any float dtype, unit stride along V (z_y and the belief values are re-read from it)
+    labels_ptr,  # [N] int64, -1 = ignored
+    partial_max_ptr,  # [N, S] from bs_rows_forward_split_kernel
+    partial_sum_ptr,  # [N, S]
+    partial_keys_ptr,  # [N, S, K]
+    row_max_ptr,  # [N] out, compute dtype
+    log_sum_ptr,  # [N] out, compute dtype
+    label_logits_ptr,  # [N] out, compute dtype
+    belief_logits_ptr,  # [N, K] out, compute dtype, contiguous
+    belief_ids_ptr,  # [N, K] out, int64, contiguous
+    logits_row_stride,
+    slices,  # S
+    K: tl.constexpr,
+    LOG_K_PAD: tl.constexpr,
+    LOG_SLICES_PAD: tl.constexpr,  # 2^LOG_SLICES_PAD >= S
+    IS_FP64: tl.constexpr,
+):
+    """One program per row: the slices' (max, sum) partials combined as the lanes' are, and the k best of the
+    S * k candidate keys (each slice's k best hold the row's: a logit of the row's top k is in its slice's top k)."""
+    row = tl.program_id(0).to(tl.int64)
+    compute_dtype = tl.float64 if IS_FP64 else tl.float32
+    parts = tl.arange(0, 1 << LOG_SLICES_PAD)
+    in_row = parts < slices
+    partial_max = tl.load(partial_max_ptr + row * slices + parts, mask=in_row, other=float("-inf"))
+    partial_sum = tl.load(partial_sum_ptr + row * slices + parts, mask=in_row, other=0.0)
+    row_max, row_sum = _combine_lanes(partial_max.to(compute_dtype), partial_sum.to(compute_dtype), IS_FP64)
+    top_keys = tl.zeros([1 << LOG_K_PAD], tl.int64)
+    if K > 0:
+        slots = tl.arange(0, 1 << LOG_K_PAD)
+        offsets = (row * slices + parts[:, None]) * K + slots[None, :]
+        keys = tl.load(partial_keys_ptr + offsets, mask=in_row[:, None] & (slots[None, :] < K), other=MIN_KEY)
+        top_keys = _top_keys(
+            tl.reshape(keys, [1 << (LOG_SLICES_PAD + LOG_K_PAD)]), LOG_SLICES_PAD + LOG_K_PAD, LOG_K_PAD, 1
+        )
+    _store_row(
+        row,
+        logits_ptr + row * logits_row_stride,
         row_max,
         tl.log(row_sum),
         top_keys,

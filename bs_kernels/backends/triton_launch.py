@@ -1,7 +1,9 @@
 """impl="triton": launchers for the one-pass forward and the (row, column-block) backward in triton_kernels.py.
 
-Two forward kernels: the per-lane kernel (one warp per row, no block barrier; for many rows and k <= 64) and the
-bucket kernel (a row over up to 16 warps; for few rows, where one warp per row would leave the GPU idle, and large k).
+Three forward paths (forward_config picks one from the rows, V and k; the model behind the choice is stated there):
+the per-lane kernel (one warp per row, no block barrier; k <= 128), the split-vocabulary forward (the per-lane loop
+over S slices of each row in S programs, then a merge kernel; k <= 64 when rows are too few to keep HBM busy), and
+the bucket kernel (a row over up to 16 warps; k > 128, up to 1024, a range whose cost has not been modelled).
 
 Runs on CUDA tensors. On the CPU it runs only under the Triton interpreter (``TRITON_INTERPRET=1`` in the
 environment before the kernels module is first imported; slow, meant for tests). Triton reads that variable when a
@@ -60,16 +62,92 @@ class LaneForwardConfig:
 
 
 _ELEMENT_SIZE = {torch.float16: 2, torch.bfloat16: 2, torch.float32: 4, torch.float64: 8}
-# The per-lane forward for k up to LANES_MAX_TOP_K when a launch has at least LANES_MIN_ROWS rows; otherwise the
-# bucket forward, which spreads a row over up to 16 warps. Why 2048 rows: a warp keeps one 2 KiB block of logits in
-# flight (the loop is not software-pipelined), and covering ~0.7 us of HBM latency at 4.8 TB/s (H200) takes ~3.4 MB
-# in flight, i.e. ~1700 warps; at N = 8192 the SMs hold 32 one-warp programs each (8 MiB in flight). Above k = 64 each
-# accepted key costs a reduction over K_PAD / 32 keys per lane (and there are ~k ln(V / k) of them); that range has
-# not been costed, so the bucket kernel keeps it.
-# From benchmarks/triton_cost.py (static SASS counts, benchmarks/RESULTS.md), not yet from a GPU timing.
-LANES_MAX_TOP_K = 64
-LANES_MIN_ROWS = 2048
+
+
+@dataclass(frozen=True)
+class SplitForwardConfig:
+    """The split-vocabulary forward: each row's columns cut into ``slices`` slices of whole per-lane blocks, one
+    program per (row, slice) running the per-lane loop over its slice (bs_rows_forward_split_kernel), then one
+    program per row merging the slices' partials (bs_rows_merge_kernel)."""
+
+    lanes: LaneForwardConfig
+    slices: int  # >= 1; fewer run when V holds fewer blocks
+
+    def slice_len(self, vocab_size: int, dtype: torch.dtype) -> int:
+        block_v = self.lanes.block_v(dtype)
+        return _cdiv(_cdiv(vocab_size, self.slices), block_v) * block_v
+
+
+# Which forward, from two models (benchmarks/triton_cost.py; benchmarks/RESULTS.md has the table of every path):
+# - issue: lane-instructions per logit from the SASS with its paths replayed on random and on real logits; the
+#   H200 issues 13.9 per logit in the time HBM delivers one bf16 logit. The per-lane kernel is under that at any N
+#   at k <= 64 (8-11 at k = 20, 6 at k = 0) and 5-10x cheaper than the bucket kernel at k = 100 (20-38 against
+#   190-240, both issue-bound there); above k = 128 neither has been costed and the bucket kernel, exact up to
+#   k = 1024, keeps that range. A split row costs more: every slice fills its own top k from scratch (the warm
+#   start of its first block, k <= 32, saves part of that), and each slice runs its program's code outside the
+#   loop once, so a slice keeps at least SLICE_MIN_LOGITS logits (at V = 49 152, 2 slices: 14.8 per logit at k = 20
+#   on random rows, 12.9 on SmolLM2's, 7.7 at k = 0; since z - m is formed before the exp2 (issue 26) the
+#   block costs one FADD per logit more, which put the random-row k = 20 case over the budget), and rows are split
+#   only at k <= 64.
+# - bytes in flight (Little's law): HBM delivers its bandwidth only with bandwidth x latency bytes requested and not
+#   yet returned: 4.8 TB/s x 600-800 ns = 2.9-3.8 MB on an H200; IN_FLIGHT_BYTES asks for 3 MiB. A one-warp program
+#   has one block of loads in flight (issued together; the loop is not software-pipelined): groups x 32 lanes x
+#   16 bytes, 2 KiB at 4 groups, 4 KiB at 8. Programs resident at once: per SM, the fewest of 32 CTAs, 64 warps and
+#   65 536 registers / (registers per thread, rounded up to 8, x 32 lanes); registers per config as compiled for
+#   sm_90 (tests/kernels/test_triton_sass.py checks the compiled count against LANES_REGISTERS).
+# The launcher takes the first of: the 4-group per-lane kernel, the 8-group one, that one split into the fewest
+# slices that reach IN_FLIGHT_BYTES, within the slice limits (SLICE_MIN_LOGITS, MAX_SLICES, and the merge's
+# traffic, S x (8 + 8 k) bytes per row written and read again, at most MERGE_TRAFFIC of the logits' bytes). Below
+# the slice limits it runs with fewer bytes in flight than asked (e.g. N = 256 rows of V = 49 152 at k = 20: 2
+# slices, 2 MiB).
+LANES_MAX_TOP_K = 128
+SPLIT_MAX_TOP_K = 64
 LANES_DEFAULT = LaneForwardConfig(groups=4, num_warps=1)
+LANES_DEEP = LaneForwardConfig(groups=8, num_warps=1)
+LANES_REGISTERS = {LANES_DEFAULT: 64, LANES_DEEP: 96}  # upper bounds, sm_90, k <= 128, 16/32-bit logits
+# float64 logits take the 4-group kernel for the deep one too: 8 groups of float64 keys need a 16-byte stack frame
+# on sm_90 (tests/kernels/test_triton_sass.py).
+H200_SMS = 132
+IN_FLIGHT_BYTES = 3 << 20
+SLICE_MIN_LOGITS = 24_576
+MAX_SLICES = 16
+MERGE_TRAFFIC = 0.02
+
+
+def deep_lanes(element_size: int) -> LaneForwardConfig:
+    """The per-lane config with the most bytes in flight per program for this element size."""
+    return LANES_DEEP if element_size < 8 else LANES_DEFAULT
+
+
+def program_bytes_in_flight(config: LaneForwardConfig) -> int:
+    """Bytes one program of the per-lane loop has requested at once: one block of 16-byte vectors."""
+    return config.groups * 32 * config.num_warps * 16
+
+
+def resident_programs(config: LaneForwardConfig) -> int:
+    """Programs of LANES_DEFAULT or LANES_DEEP an H200 holds at once (CTA, warp and register limits per SM)."""
+    registers = -(-LANES_REGISTERS[config] // 8) * 8 * 32 * config.num_warps
+    return H200_SMS * min(32, 64 // config.num_warps, 65_536 // registers)
+
+
+def bytes_in_flight(config: LaneForwardConfig | SplitForwardConfig, num_rows: int) -> int:
+    """The launcher's Little's-law model: bytes requested from HBM at once by a launch over num_rows rows."""
+    lanes, slices = (config.lanes, config.slices) if isinstance(config, SplitForwardConfig) else (config, 1)
+    return min(num_rows * slices, resident_programs(lanes)) * program_bytes_in_flight(lanes)
+
+
+def max_slices(vocab_size: int, top_k: int, element_size: int) -> int:
+    """The most slices a row of this V and k is split into (the limits above)."""
+    stats_bytes = 8 if element_size == 8 else 4
+    merge_bytes_per_slice = 2 * (2 * stats_bytes + 8 * top_k)  # written by the split kernel, read by the merge
+    by_merge = int(MERGE_TRAFFIC * vocab_size * element_size // merge_bytes_per_slice)
+    by_cost = vocab_size // SLICE_MIN_LOGITS
+    return max(1, min(MAX_SLICES, by_merge, by_cost))
+
+
+# Tests set this (a ForwardConfig, LaneForwardConfig or SplitForwardConfig) to route every launch, the public API's
+# included, through one path at sizes the interpreter can run; None: forward_config decides.
+_FORWARD_OVERRIDE: ForwardConfig | LaneForwardConfig | SplitForwardConfig | None = None
 
 
 @dataclass(frozen=True)
@@ -133,11 +211,22 @@ def _log2(power_of_two: int) -> int:
     return power_of_two.bit_length() - 1
 
 
-def forward_config(vocab_size: int, top_k: int, num_rows: int = 0) -> ForwardConfig | LaneForwardConfig:
-    """The forward's kernel and block sizes: the per-lane kernel for many rows and small k; else the bucket kernel,
+def forward_config(
+    vocab_size: int, top_k: int, num_rows: int = 0, element_size: int = 2
+) -> ForwardConfig | LaneForwardConfig | SplitForwardConfig:
+    """The forward's kernel and block sizes (the choice is explained above LANES_MAX_TOP_K): for k <= 128 the
+    per-lane kernel, split along V (k <= 64) when the rows alone keep too few bytes in flight; else the bucket kernel,
     whole small rows in one block, 4096 logits per step for large vocabularies."""
-    if num_rows >= LANES_MIN_ROWS and top_k <= LANES_MAX_TOP_K:
-        return LANES_DEFAULT
+    if top_k <= LANES_MAX_TOP_K:
+        deep = deep_lanes(element_size)
+        for lanes in (LANES_DEFAULT, deep):
+            if bytes_in_flight(lanes, num_rows) >= IN_FLIGHT_BYTES:
+                return lanes
+        if top_k > SPLIT_MAX_TOP_K:
+            return deep
+        wanted = _cdiv(IN_FLIGHT_BYTES, max(num_rows, 1) * program_bytes_in_flight(deep))
+        slices = min(wanted, max_slices(vocab_size, top_k, element_size))
+        return deep if slices <= 1 else SplitForwardConfig(deep, slices)
     padded_k = next_power_of_two(max(top_k, 1))
     block_v = max(min(next_power_of_two(vocab_size), MAX_BLOCK_V), padded_k, 16)
     # About 16 logits per bucket: two candidates rarely share one once the k-th best has settled.
@@ -200,10 +289,14 @@ def forward(
         return RawRowStats(row_max, log_sum, label_logits, belief_logits, belief_ids)
 
     padded_k = next_power_of_two(max(top_k, 1))
-    config = config or forward_config(vocab_size, top_k, num_rows)
-    if isinstance(config, LaneForwardConfig):
-        _lanes_forward(logits, labels, top_k, config, (row_max, log_sum, label_logits, belief_logits, belief_ids))
-        return RawRowStats(row_max, log_sum, label_logits, belief_logits, belief_ids)
+    config = config or _FORWARD_OVERRIDE or forward_config(vocab_size, top_k, num_rows, logits.element_size())
+    outputs = (row_max, log_sum, label_logits, belief_logits, belief_ids)
+    if isinstance(config, (LaneForwardConfig, SplitForwardConfig)):
+        if isinstance(config, SplitForwardConfig):
+            _split_forward(logits, labels, top_k, config, outputs)
+        else:
+            _lanes_forward(logits, labels, top_k, config, outputs)
+        return RawRowStats(*outputs)
     _check_block(config.block_v, "config.block_v")
     _check_block(config.buckets, "config.buckets")
     if not (padded_k <= config.buckets <= config.block_v):
@@ -252,6 +345,56 @@ def _lanes_forward(logits, labels, top_k: int, config: LaneForwardConfig, output
         _load_kernels().bs_rows_forward_lanes_kernel[(logits.shape[0],)](
             logits, labels, *outputs, logits.shape[1], logits.stride(0), **constants, num_warps=config.num_warps
         )
+
+
+def _split_forward(logits, labels, top_k: int, config: SplitForwardConfig, outputs) -> None:
+    if not isinstance(config.slices, int) or isinstance(config.slices, bool) or config.slices < 1:
+        raise ValueError(f"config.slices must be a positive int, got {config.slices!r}")
+    for name in ("groups", "num_warps"):
+        _check_block(getattr(config.lanes, name), f"config.lanes.{name}")
+    _check_block(config.lanes.vector(logits.dtype), "config.lanes.vec")
+    num_rows, vocab_size = logits.shape
+    slice_len = config.slice_len(vocab_size, logits.dtype)
+    slices = _cdiv(vocab_size, slice_len)
+    stats_dtype = compute_dtype(logits.dtype)
+    partial_max = torch.empty(num_rows, slices, dtype=stats_dtype, device=logits.device)
+    partial_sum = torch.empty(num_rows, slices, dtype=stats_dtype, device=logits.device)
+    partial_keys = torch.empty(num_rows, slices, top_k, dtype=torch.int64, device=logits.device)
+    kernels = _load_kernels()
+    with _on_device(logits):
+        kernels.bs_rows_forward_split_kernel[(num_rows, slices)](
+            logits,
+            partial_max,
+            partial_sum,
+            partial_keys,
+            vocab_size,
+            logits.stride(0),
+            slice_len,
+            **lanes_constants(config.lanes, logits.dtype, top_k),
+            num_warps=config.lanes.num_warps,
+        )
+        kernels.bs_rows_merge_kernel[(num_rows,)](
+            logits,
+            labels,
+            partial_max,
+            partial_sum,
+            partial_keys,
+            *outputs,
+            logits.stride(0),
+            slices,
+            **merge_constants(slices, logits.dtype, top_k),
+            num_warps=1,
+        )
+
+
+def merge_constants(slices: int, dtype: torch.dtype, top_k: int) -> dict:
+    """The compile-time arguments of bs_rows_merge_kernel (also used to compile it offline)."""
+    return dict(
+        K=top_k,
+        LOG_K_PAD=_log2(next_power_of_two(max(top_k, 1))),
+        LOG_SLICES_PAD=_log2(next_power_of_two(slices)),
+        IS_FP64=dtype == torch.float64,
+    )
 
 
 def _check_block(size: int, name: str) -> None:
