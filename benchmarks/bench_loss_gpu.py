@@ -40,6 +40,7 @@ from harness import MIB, Bench, cell, gbps, markdown_table, measure_peak, tensor
 from providers import logits_bench, logits_inputs, logits_provider, provider_list, unavailable
 
 import bs_kernels
+from bs_kernels.backends import triton_plan as plan
 
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
 PROVIDERS = ("triton", "triton:inplace", "liger", "torch", "reference", "compile")
@@ -321,8 +322,8 @@ def _few_rows_sweep(triton_backend, rows, row_labels, top_k: int, args, timed) -
     """The forward on the first N rows, N as in the fused lm_head's chunks (256 to 2048), at k and at k = 0: the
     launcher's choice (its config in the row), then each path forced: the per-lane kernel with 4 and 8 groups and
     the split-vocabulary forward with 2 to 4 slices of 8-group blocks."""
-    deep = triton_backend.LANES_DEEP
-    forced = [triton_backend.LANES_DEFAULT, deep] + [triton_backend.SplitForwardConfig(deep, s) for s in (2, 3, 4)]
+    deep = plan.LANES_DEEP
+    forced = [plan.LANES_DEFAULT, deep] + [triton_backend.SplitForwardConfig(deep, s) for s in (2, 3, 4)]
     counts = (8, 16) if args.dry_run else (256, 512, 1024, 2048)
     for count in counts:
         subset, subset_labels = rows[:count], row_labels[:count]

@@ -44,6 +44,8 @@ from collections.abc import Callable
 import numpy as np
 import torch
 
+from bs_kernels.backends import triton_plan as plan
+
 # H200 SXM: 132 SMs, 4 schedulers per SM each issuing one warp instruction per clock, 1.98 GHz boost, 4.8 TB/s HBM3e.
 H200 = {"sms": 132, "schedulers": 4, "clock_hz": 1.98e9, "hbm_bytes_per_s": 4.8e12}
 ROWS_AT = 8192  # N of the benchmark shape
@@ -440,14 +442,14 @@ def launcher_launches() -> list[Launch]:
     out: list[Launch] = []
     for dtype in ("bf16", "fp32", "fp64"):
         for top_k in (0, 1, 20, 64, 128) if dtype == "bf16" else (20,):
-            deep = launcher.deep_lanes(_TYPES[dtype].itemsize)
-            for lanes in dict.fromkeys((launcher.LANES_DEFAULT, deep)):
+            deep = plan.deep_lanes(_TYPES[dtype].itemsize)
+            for lanes in dict.fromkeys((plan.LANES_DEFAULT, deep)):
                 out += config_launches(lanes, top_k, 128_256, dtype)
-            if top_k <= launcher.SPLIT_MAX_TOP_K:
+            if top_k <= plan.SPLIT_MAX_TOP_K:
                 for slices in (2, 16):
                     split = launcher.SplitForwardConfig(deep, slices)
                     out += config_launches(split, top_k, slices * 16_384, dtype)
-    for top_k in (launcher.LANES_MAX_TOP_K + 1, 1024):
+    for top_k in (plan.LANES_MAX_TOP_K + 1, 1024):
         out += config_launches(launcher.forward_config(128_256, top_k, 8192), top_k, 128_256)
     for top_k in (20, 1024):
         out += backward_launches(128_256, top_k)
@@ -684,14 +686,14 @@ def table_configs(vocabs: tuple[int, ...]) -> dict[tuple[int, int, int], dict[st
     for vocab in vocabs:
         for top_k in TOP_KS:
             # The bucket kernel as the launcher configures it (its block sizes depend on k only above k = 256).
-            bucket = launcher.forward_config(vocab, max(top_k, launcher.LANES_MAX_TOP_K + 1), 0)
+            bucket = launcher.forward_config(vocab, max(top_k, plan.LANES_MAX_TOP_K + 1), 0)
             for rows in ROWS:
                 chosen = launcher.forward_config(vocab, top_k, rows)
-                wanted = -(-launcher.IN_FLIGHT_BYTES // (rows * launcher.program_bytes_in_flight(launcher.LANES_DEEP)))
-                slices = min(wanted, launcher.max_slices(vocab, top_k, 2))
-                configs = {"bucket": bucket, "per-lane 4": launcher.LANES_DEFAULT, "per-lane 8": launcher.LANES_DEEP}
-                if top_k <= launcher.SPLIT_MAX_TOP_K and slices > 1:
-                    configs["split-V"] = launcher.SplitForwardConfig(launcher.LANES_DEEP, slices)
+                wanted = -(-plan.IN_FLIGHT_BYTES // (rows * plan.program_bytes_in_flight(plan.LANES_DEEP)))
+                slices = min(wanted, plan.max_slices(vocab, top_k, 2))
+                configs = {"bucket": bucket, "per-lane 4": plan.LANES_DEFAULT, "per-lane 8": plan.LANES_DEEP}
+                if top_k <= plan.SPLIT_MAX_TOP_K and slices > 1:
+                    configs["split-V"] = launcher.SplitForwardConfig(plan.LANES_DEEP, slices)
                 out[vocab, top_k, rows] = {"chosen": chosen, **configs}
     return out
 
@@ -832,7 +834,7 @@ def in_flight(config, rows: int, compiled: Compiled) -> int:
 
     if isinstance(config, launcher.ForwardConfig):
         return bucket_in_flight(compiled, config, rows)
-    return launcher.bytes_in_flight(config, rows)
+    return plan.bytes_in_flight(config, rows)
 
 
 def merge_traffic(config, vocab: int, top_k: int) -> float:

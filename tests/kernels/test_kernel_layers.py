@@ -14,7 +14,8 @@ PACKAGE = ROOT / "bs_kernels"
 # bs_kernels' layers, lowest first; a module may import from its own layer and the ones before it.
 LAYERS = [
     {"_options", "_dtypes"},
-    {"_rows", "backends.contract", "backends.native_build"},  # native_build: the C++ kernel's build and cache
+    # native_build: the C++ kernel's build and cache; triton_plan: which Triton kernel a launch takes
+    {"_rows", "backends.contract", "backends.native_build", "backends.triton_plan"},
     {"backends.torch_chunked", "backends.native", "backends.triton_kernels", "backends.triton_launch"},
     {"backends"},  # the registry: imports the backends above by name, lazily
     {"epilogue"},

@@ -99,7 +99,7 @@ def test_per_lane_loops_on_sm90(launch):
     under 8 lane-instructions per logit at bf16; the H200's memory speed allows ~14), and registers within the
     launcher's bytes-in-flight model (LANES_REGISTERS). (float64 keys branch more: their loop has more than the
     cost model's 4096 paths to enumerate; they are checked for spills and 16-byte loads above.)"""
-    from bs_kernels.backends import triton_launch as launcher
+    from bs_kernels.backends import triton_plan as launcher
 
     cost = _cost_model()
     compiled = cost.compile_launch(launch, 90)
@@ -118,7 +118,7 @@ def test_per_lane_loops_on_sm90(launch):
 def test_launcher_choice_by_the_models():
     """The launcher's choice from its two models at the shapes of issue 25: at least 3 MB in flight from 512 rows
     for k <= 64, the merge's traffic within 2 % of the logits, the bucket kernel only above k = 128."""
-    from bs_kernels.backends import triton_launch as launcher
+    from bs_kernels.backends import triton_plan as launcher
 
     for vocab in (49_152, 128_256):
         for top_k in (0, 20, 64):
