@@ -10,9 +10,17 @@ fused form) may be plain tensors or replicated DTensors. DTensor's Shard splits 
 per rank, the last ranks shorter or empty. The work is done on the local shards by bs_kernels/vocab_parallel.py
 (its docstring states the algorithm and the communication); ``to_local`` carries the gradient back, so the
 DTensor inputs receive their sharded gradients. Results are plain tensors, the same on every rank.
+
+The entry points (loss.py, linear.py) dispatch a DTensor here before checking anything and hand over their own
+checks (options, flags, the labels' type, the sequence_mean rule) as ``checked_options``: it runs first in this
+rank's local check, before the call record's exchange (vocab_parallel.agree), so a rank whose arguments fail it
+makes every rank raise at once instead of raising alone while the others wait in the exchange. The error messages
+are those of a plain tensor.
 """
 
 from __future__ import annotations
+
+from collections.abc import Callable
 
 import torch
 
@@ -63,12 +71,20 @@ def replicated_local(value, name: str):
 
 
 def dtensor_token_loss(
-    logits, labels, options: BSOptions, *, impl: str, shift: bool, return_stats: bool, inplace_backward: bool
+    logits,
+    labels,
+    checked_options: Callable[[], BSOptions],
+    *,
+    impl: str,
+    shift: bool,
+    return_stats: bool,
+    inplace_backward: bool,
 ):
-    """bs_token_loss (or forget_logprobs, with its options) on logits sharded Shard(-1)."""
+    """bs_token_loss (or forget_logprobs, with its option checks) on logits sharded Shard(-1)."""
     layout = vocab_placement(logits, -1, "logits")
 
     def check() -> CheckedCall:
+        options = checked_options()
         local = vocab_sharded_local(logits, -1, "logits", layout)
         return check_token_call(
             local,
@@ -81,13 +97,24 @@ def dtensor_token_loss(
         )
 
     checked, shards = agree(check, logits.to_local(), layout.group)
-    return sharded_token_loss(checked, shards, options, return_stats=return_stats, inplace_backward=inplace_backward)
+    return sharded_token_loss(
+        checked, shards, checked.record.options, return_stats=return_stats, inplace_backward=inplace_backward
+    )
 
 
 def dtensor_linear_loss(
-    hidden, weight, bias, labels, options: BSOptions, *, impl: str, shift: bool, return_stats: bool
+    hidden,
+    weight,
+    bias,
+    labels,
+    checked_options: Callable[[], BSOptions],
+    *,
+    impl: str,
+    shift: bool,
+    return_stats: bool,
 ):
-    """bs_linear_loss (or linear_forget_logprobs) with the lm_head weight (and bias) sharded Shard(0)."""
+    """bs_linear_loss (or linear_forget_logprobs, with its option checks) with the lm_head weight (and bias) sharded
+    Shard(0)."""
     layout = vocab_placement(weight, 0, "weight")
     if bias is not None and (not is_dtensor(bias) or vocab_placement(bias, 0, "bias") != layout):
         raise ValueError("bias must be a DTensor sharded over the vocabulary like the weight (Shard(0), same mesh)")
@@ -97,6 +124,7 @@ def dtensor_linear_loss(
 
     def check() -> CheckedCall:
         nonlocal local_hidden
+        options = checked_options()
         vocab_sharded_local(weight, 0, "weight", layout)
         if bias is not None:
             vocab_sharded_local(bias, 0, "bias", layout)
@@ -115,5 +143,5 @@ def dtensor_linear_loss(
 
     checked, shards = agree(check, local_weight, layout.group)
     return sharded_linear_loss(
-        local_hidden, local_weight, local_bias, checked, shards, options, return_stats=return_stats
+        local_hidden, local_weight, local_bias, checked, shards, checked.record.options, return_stats=return_stats
     )

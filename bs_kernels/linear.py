@@ -368,25 +368,32 @@ def bs_linear_loss(
         The reduced loss (float32; float64 for float64 inputs), per position for reduction="none", and a
         BSTokenStats when ``return_stats``.
     """
-    options = opts.loss_options(
-        lam=lam,
-        top_k=top_k,
-        belief_temperature=belief_temperature,
-        detach_belief=detach_belief,
-        ignore_index=ignore_index,
-        reduction=reduction,
-        impl=impl,
-    )
-    opts.check_flags(shift=shift, return_stats=return_stats, accumulate_in_fp32=accumulate_in_fp32)
-    if not isinstance(labels, torch.Tensor):
-        raise TypeError(f"labels must be a torch.Tensor, got {type(labels).__name__}")
-    check_sequence_reduction(labels, shift=shift, reduction=reduction)
-    if is_dtensor(weight):  # an lm_head sharded over the vocabulary (tensor parallelism): bs_kernels/dtensor.py
+
+    def checked_options() -> BSOptions:
+        options = opts.loss_options(
+            lam=lam,
+            top_k=top_k,
+            belief_temperature=belief_temperature,
+            detach_belief=detach_belief,
+            ignore_index=ignore_index,
+            reduction=reduction,
+            impl=impl,
+        )
+        opts.check_flags(shift=shift, return_stats=return_stats, accumulate_in_fp32=accumulate_in_fp32)
+        if not isinstance(labels, torch.Tensor):
+            raise TypeError(f"labels must be a torch.Tensor, got {type(labels).__name__}")
+        check_sequence_reduction(labels, shift=shift, reduction=reduction)
+        return options
+
+    # An lm_head sharded over the vocabulary (tensor parallelism): bs_kernels/dtensor.py, before any check, which it
+    # runs on every rank at once (a rank failing here alone would leave the others waiting in the first collective).
+    if is_dtensor(weight):
         from .dtensor import dtensor_linear_loss
 
         return dtensor_linear_loss(
-            hidden, weight, bias, labels, options, impl=impl, shift=shift, return_stats=return_stats
+            hidden, weight, bias, labels, checked_options, impl=impl, shift=shift, return_stats=return_stats
         )
+    options = checked_options()
     if impl == "reference" or torch.compiler.is_compiling():
         _check_linear_inputs(hidden, weight, bias, labels, shift, ignore_index)
         return bs_token_loss(
@@ -424,12 +431,19 @@ def linear_forget_logprobs(
     and bias (the backward recomputes each logits chunk, so any downstream use of the values works: GA, NPO, ...).
     Under torch.compile the logits are formed, as for :func:`bs_linear_loss`.
     """
-    options = opts.forget_options(ignore_index=ignore_index, impl=impl)
-    opts.check_flags(shift=shift)
-    if is_dtensor(weight):  # sharded over the vocabulary: bs_kernels/dtensor.py
+
+    def checked_options() -> BSOptions:
+        options = opts.forget_options(ignore_index=ignore_index, impl=impl)
+        opts.check_flags(shift=shift)
+        return options
+
+    if is_dtensor(weight):  # sharded over the vocabulary: bs_kernels/dtensor.py (it runs the checks, as above)
         from .dtensor import dtensor_linear_loss
 
-        return dtensor_linear_loss(hidden, weight, bias, labels, options, impl=impl, shift=shift, return_stats=False)
+        return dtensor_linear_loss(
+            hidden, weight, bias, labels, checked_options, impl=impl, shift=shift, return_stats=False
+        )
+    options = checked_options()
     if impl == "reference" or torch.compiler.is_compiling():
         _check_linear_inputs(hidden, weight, bias, labels, shift, ignore_index)
         return forget_logprobs(

@@ -72,28 +72,35 @@ def bs_token_loss(
     Returns:
         The reduced loss (float32, float64 for float64 logits), and the stats when ``return_stats``.
     """
-    options = opts.loss_options(
-        lam=lam,
-        top_k=top_k,
-        belief_temperature=belief_temperature,
-        detach_belief=detach_belief,
-        ignore_index=ignore_index,
-        reduction=reduction,
-        impl=impl,
-    )
-    opts.check_flags(shift=shift, return_stats=return_stats, inplace_backward=inplace_backward)
-    if is_dtensor(logits):  # sharded over the vocabulary (tensor parallelism): bs_kernels/dtensor.py
+
+    def checked_options() -> BSOptions:
+        options = opts.loss_options(
+            lam=lam,
+            top_k=top_k,
+            belief_temperature=belief_temperature,
+            detach_belief=detach_belief,
+            ignore_index=ignore_index,
+            reduction=reduction,
+            impl=impl,
+        )
+        opts.check_flags(shift=shift, return_stats=return_stats, inplace_backward=inplace_backward)
+        return options
+
+    # Sharded over the vocabulary (tensor parallelism): bs_kernels/dtensor.py, before any check, which it runs on
+    # every rank at once (a rank failing here alone would leave the others waiting in the first collective).
+    if is_dtensor(logits):
         from .dtensor import dtensor_token_loss
 
         return dtensor_token_loss(
             logits,
             labels,
-            options,
+            checked_options,
             impl=impl,
             shift=shift,
             return_stats=return_stats,
             inplace_backward=inplace_backward,
         )
+    options = checked_options()
     check_sequence_reduction(labels, shift=shift, reduction=reduction)
     rows, rows_labels, layout = logits_rows(logits, labels, shift=shift, ignore_index=options.ignore_index)
     if one_pass.applies(rows, impl, options, inplace_backward):  # a scalar loss under autograd on CPU
@@ -118,14 +125,19 @@ def forget_logprobs(
 
     Shape: that of the (shifted) labels. The building block of GA, NPO and the evaluation metrics.
     """
-    options = opts.forget_options(ignore_index=ignore_index, impl=impl)
-    opts.check_flags(shift=shift)
-    if is_dtensor(logits):  # sharded over the vocabulary: bs_kernels/dtensor.py
+
+    def checked_options() -> BSOptions:
+        options = opts.forget_options(ignore_index=ignore_index, impl=impl)
+        opts.check_flags(shift=shift)
+        return options
+
+    if is_dtensor(logits):  # sharded over the vocabulary: bs_kernels/dtensor.py (it runs the checks, as above)
         from .dtensor import dtensor_token_loss
 
         return dtensor_token_loss(
-            logits, labels, options, impl=impl, shift=shift, return_stats=False, inplace_backward=False
+            logits, labels, checked_options, impl=impl, shift=shift, return_stats=False, inplace_backward=False
         )
+    options = checked_options()
     rows, rows_labels, layout = logits_rows(logits, labels, shift=shift, ignore_index=options.ignore_index)
     return layout.unflatten(_compute_rows(rows, rows_labels, impl, options).row_loss)
 

@@ -51,11 +51,12 @@ other ranks raise a ValueError quoting it, so none waits for it. The one check t
 runs after the exchange, with the same verdict on every rank.
 What can still make ranks wait for each other until the process group's timeout (30 minutes by default; set it in
 init_process_group): a rank that never makes the call, or makes another collective call on the group first; a rank
-that fails after the exchange (out of memory, a kernel error) or skips the fused form's backward (its all_reduce); and
-on the DTensor entry (bs_token_loss, forget_logprobs, bs_linear_loss given a sharded tensor), a check the shared entry
-point makes before it dispatches here (its options, inplace_backward, and for bs_linear_loss the labels' type and the
-sequence_mean rule), which raises on the failing rank alone. Not compared: the logits' or hidden states' values (the
-fused form needs the same hidden states on every rank), impl (any backend may run each shard) and return_stats.
+that fails after the exchange (out of memory, a kernel error) or skips the fused form's backward (its all_reduce).
+The DTensor entry (bs_token_loss, forget_logprobs, bs_linear_loss given a sharded tensor) dispatches before the shared
+entry point checks anything and runs those checks (its options and flags, and for bs_linear_loss the labels' type and
+the sequence_mean rule) inside its local check (dtensor.py), so they too fail on every rank.
+Not compared: the logits' or hidden states' values (the fused form needs the same hidden states on every rank), impl
+(any backend may run each shard) and return_stats.
 impl="reference" is refused (it needs the full row); compare with bs_token_loss on the gathered logits instead.
 Limits: the logits form gathers the statistics of ignored rows too (N counts every position; the fused form drops
 them first). The fused form always recomputes each logits chunk in backward (4 GEMMs per chunk, like linear.py's

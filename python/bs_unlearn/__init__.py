@@ -8,7 +8,7 @@ Layers (each imports only from the ones above it; tests/driver/test_layers.py ke
     data, models, outputs, tiny_model, tofu_data   QA files and tokenisation, model loading, output folders, the
                                                     tiny test model, TOFU-format splits and evaluation sets
     config                                     one dataclass per concept (the CLI is generated from them)
-    scoring, metrics                           log-probs / generations of a model; TOFU's and the paper's metrics
+    scoring, generation, metrics               log-probs / generations of a model; TOFU's and the paper's metrics
     objectives (terms, model_terms)            loss terms; the method's loss on a batch
     beliefs, trainer, probe, plotting          BS-S sampling, the Trainer subclasses, the squeezing probe, figures
     experiment                                 the pipeline: run specs, stages, the comparison, tables, results

@@ -19,7 +19,7 @@ from transformers import TrainerCallback
 from bs_kernels import IGNORE_INDEX
 
 from .data import end_of_turn_ids
-from .scoring import generate_continuations
+from .generation import generate_continuations
 
 
 def prompt_ids_of(example: dict[str, list[int]]) -> list[int]:

@@ -41,9 +41,10 @@ import torch
 from transformers import TrainerCallback
 
 from .data import tokenize_qa
+from .generation import generate_answers, temperature_samples
 from .metrics.tofu import rouge_tokens
 from .outputs import write_json_atomic
-from .scoring import generate_answers, score_encodings, temperature_samples
+from .scoring import score_encodings
 
 
 @dataclass(frozen=True)

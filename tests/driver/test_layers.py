@@ -17,7 +17,7 @@ LAYERS = [
     {"prompts"},
     {"data", "loss_guard", "models", "outputs", "tiny_model", "tofu_data", "tofu_source"},
     {"config"},
-    {"scoring", "fused", "step_timing"},
+    {"scoring", "generation", "fused", "step_timing"},
     {"metrics.tofu", "metrics.intervals"},
     {"metrics.paper", "metrics.leak"},
     {"metrics.evaluation", "metrics.table"},

@@ -10,7 +10,7 @@ import torch
 
 pytest.importorskip("transformers")
 
-from bs_unlearn import metrics, scoring  # noqa: E402
+from bs_unlearn import generation, metrics, scoring  # noqa: E402
 from bs_unlearn.data import tokenize_qa  # noqa: E402
 from bs_unlearn.tiny_model import build_tiny_model, build_tiny_tokenizer  # noqa: E402
 
@@ -371,7 +371,7 @@ def test_evaluate_outputs_every_metric(tiny):
 def test_evaluate_paper_block_and_leak_rate(tiny):
     model, tokenizer = tiny
     # Make the first record's key something the model does say: its own greedy answer to the question.
-    greedy = scoring.generate_answers(model, tokenizer, [RECORDS[0]["question"]], max_new_tokens=4)[0][0]
+    greedy = generation.generate_answers(model, tokenizer, [RECORDS[0]["question"]], max_new_tokens=4)[0][0]
     assert greedy.strip()
     records = [dict(RECORDS[0], keys=[greedy]), RECORDS[1]]
     sets = [metrics.EvalSet("forget", records, "forget"), metrics.EvalSet("retain", RECORDS, "retain")]

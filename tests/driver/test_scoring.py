@@ -9,7 +9,7 @@ import torch
 
 pytest.importorskip("transformers")
 
-from bs_unlearn import metrics, scoring  # noqa: E402
+from bs_unlearn import generation, metrics, scoring  # noqa: E402
 from bs_unlearn.data import pad_examples, tokenize_prompt, tokenize_qa  # noqa: E402
 from bs_unlearn.fused import fused_supported  # noqa: E402
 from bs_unlearn.tiny_model import build_tiny_model, build_tiny_tokenizer  # noqa: E402
@@ -41,7 +41,7 @@ def _constructed_encodings(model, tokenizer) -> tuple[list[dict], list[int]]:
         for m in range(4):
             prompts.append(tokenize_prompt(tokenizer, question))
             prefixes.append(words[:m])
-    continuations = scoring.generate_continuations(
+    continuations = generation.generate_continuations(
         model,
         [p + w for p, w in zip(prompts, prefixes)],
         pad_id=scoring.pad_token_id(tokenizer),
@@ -110,7 +110,7 @@ def test_extraction_strength_fast_path_equals_explicit_greedy_generation(tiny):
         prompt, answer = _scored_answer(encoding, stops)
         cases.append(answer)
         queries += [(len(cases) - 1, k, prompt + answer[:k]) for k in range(len(answer))]
-    generated = scoring.generate_continuations(
+    generated = generation.generate_continuations(
         model,
         [q[2] for q in queries],
         pad_id=scoring.pad_token_id(tokenizer),
@@ -140,7 +140,7 @@ def test_generate_continuations_batches_left_pads_and_cuts_at_stop(tiny):
     pad = scoring.pad_token_id(tokenizer)
     prompts = [tokenize_prompt(tokenizer, q) for q in QUESTIONS] + [tokenize_prompt(tokenizer, "Ada?")]
     model.train()
-    batched = scoring.generate_continuations(
+    batched = generation.generate_continuations(
         model,
         prompts,
         pad_id=pad,
@@ -153,7 +153,7 @@ def test_generate_continuations_batches_left_pads_and_cuts_at_stop(tiny):
     assert model.training  # the mode is restored
     assert len(batched) == len(prompts) and all(len(per_prompt) == 2 for per_prompt in batched)
     for prompt, per_prompt in zip(prompts, batched):
-        alone = scoring.generate_continuations(
+        alone = generation.generate_continuations(
             model,
             [prompt],
             pad_id=pad,
@@ -170,8 +170,8 @@ def test_generate_continuations_batches_left_pads_and_cuts_at_stop(tiny):
 
 def test_generate_answers_decodes_generate_continuations(tiny):
     model, tokenizer = tiny
-    texts = scoring.generate_answers(model, tokenizer, QUESTIONS, max_new_tokens=6, batch_size=2)
-    tokens = scoring.generate_continuations(
+    texts = generation.generate_answers(model, tokenizer, QUESTIONS, max_new_tokens=6, batch_size=2)
+    tokens = generation.generate_continuations(
         model,
         [tokenize_prompt(tokenizer, q) for q in QUESTIONS],
         pad_id=scoring.pad_token_id(tokenizer),
@@ -186,17 +186,17 @@ def test_sample_answers_seeded_greedy_first_rng_restored(tiny):
     model, tokenizer = tiny
     torch.manual_seed(123)
     state = torch.random.get_rng_state()
-    first = scoring.sample_answers(model, tokenizer, QUESTIONS, num_samples=3, max_new_tokens=6, seed=5)
+    first = generation.sample_answers(model, tokenizer, QUESTIONS, num_samples=3, max_new_tokens=6, seed=5)
     assert torch.equal(torch.random.get_rng_state(), state)
-    again = scoring.sample_answers(model, tokenizer, QUESTIONS, num_samples=3, max_new_tokens=6, seed=5)
-    other = scoring.sample_answers(model, tokenizer, QUESTIONS, num_samples=3, max_new_tokens=6, seed=6)
-    greedy = scoring.generate_answers(model, tokenizer, QUESTIONS, max_new_tokens=6)
+    again = generation.sample_answers(model, tokenizer, QUESTIONS, num_samples=3, max_new_tokens=6, seed=5)
+    other = generation.sample_answers(model, tokenizer, QUESTIONS, num_samples=3, max_new_tokens=6, seed=6)
+    greedy = generation.generate_answers(model, tokenizer, QUESTIONS, max_new_tokens=6)
     assert first == again and first != other
     assert all(len(answers) == 4 for answers in first)
     assert [answers[:1] for answers in first] == greedy
-    assert scoring.sample_answers(model, tokenizer, QUESTIONS, num_samples=0, max_new_tokens=6) == greedy
+    assert generation.sample_answers(model, tokenizer, QUESTIONS, num_samples=0, max_new_tokens=6) == greedy
     with pytest.raises(ValueError, match="temperature"):
-        scoring.sample_answers(model, tokenizer, QUESTIONS, num_samples=1, temperature=0.0)
+        generation.sample_answers(model, tokenizer, QUESTIONS, num_samples=1, temperature=0.0)
 
 
 @pytest.mark.parametrize("top_k", [1, 3, 10_000])
@@ -232,6 +232,6 @@ def test_clean_up_tokenization_is_transformers_4s():
     # What open-unlearning's decoding does on transformers 4.x, for every tokenizer (5.x skips it for BPE ones).
     text = "Basil ' s father , born in 1956 . Do n't you 've seen ? I 'm sure ! They 're here ' s it"
     assert (
-        scoring.clean_up_tokenization(text)
+        generation.clean_up_tokenization(text)
         == "Basil's father, born in 1956. Don't you've seen? I'm sure! They're here's it"
     )

@@ -20,7 +20,7 @@ import torch
 import torch.distributed as dist
 
 import bs_kernels
-from bs_kernels import bs_linear_loss, bs_token_loss, forget_logprobs
+from bs_kernels import bs_linear_loss, bs_token_loss, forget_logprobs, linear_forget_logprobs
 from bs_kernels._vocab_call import RECORD_LENGTH
 from bs_kernels.vocab_parallel import (
     vocab_parallel_bs_token_loss,
@@ -487,6 +487,23 @@ def case_ranks_that_disagree(ctx: Context) -> None:
     )
 
 
+def assert_the_failing_rank_is_quoted(ctx: Context, calls) -> None:
+    """Per (needle, call): the last rank's call raises its own error naming ``needle``; every other rank raises the
+    same ValueError quoting it (and naming that rank), within seconds rather than at the process group's timeout."""
+    odd = ctx.rank == ctx.world - 1
+    for needle, call in calls:
+        started = time.perf_counter()
+        error = raised(call)
+        seconds = time.perf_counter() - started
+        errors = [None] * ctx.world
+        dist.all_gather_object(errors, repr(error))
+        assert error is not None and needle in str(error), f"rank {ctx.rank}: {error!r} does not name {needle!r}"
+        if not odd:
+            assert isinstance(error, ValueError) and f"rank {ctx.world - 1} " in str(error), error
+        assert len(set(errors[:-1])) == 1, f"the ranks that passed raised different errors: {errors}"
+        assert seconds < 20, f"{needle}: took {seconds:.1f} s (a rank waited in a collective)"
+
+
 def case_one_rank_rejects_its_arguments(ctx: Context) -> None:
     """A rank whose arguments fail a local check (a bad label, lam=2.0, a float label tensor, a bad vocab_start)
     raises its own error; every other rank raises a ValueError quoting it at once, instead of waiting in an
@@ -544,17 +561,7 @@ def case_one_rank_rejects_its_arguments(ctx: Context) -> None:
             ),
         ),
     ]
-    for needle, call in calls:
-        started = time.perf_counter()
-        error = raised(call)
-        seconds = time.perf_counter() - started
-        errors = [None] * ctx.world
-        dist.all_gather_object(errors, repr(error))
-        assert error is not None and needle in str(error), f"rank {ctx.rank}: {error!r} does not name {needle!r}"
-        if not odd:
-            assert isinstance(error, ValueError) and f"rank {ctx.world - 1} " in str(error), error
-        assert len(set(errors[:-1])) == 1, f"the ranks that passed raised different errors: {errors}"
-        assert seconds < 20, f"{needle}: took {seconds:.1f} s (a rank waited in a collective)"
+    assert_the_failing_rank_is_quoted(ctx, calls)
     # A label >= V on one rank cannot be seen before V is known: the labels' checksum differs instead, and every
     # rank raises the same error.
     out_of_range = labels.clone()
@@ -572,6 +579,63 @@ def case_one_rank_rejects_its_arguments(ctx: Context) -> None:
         f"labels contains {VOCAB + 3}",
         "a label >= V on every rank",
     )
+
+
+def case_one_dtensor_rank_rejects_its_options(ctx: Context) -> None:
+    """The DTensor entry (bs_token_loss, forget_logprobs, bs_linear_loss, linear_forget_logprobs given a sharded
+    tensor): a rank whose options, flags, labels' type or sequence_mean rule fail the entry point's own checks still
+    makes every rank raise at once (those checks run inside the agreed local check), instead of raising alone while
+    the others wait in the call record's all_gather until the process group's timeout (issue 26, item 10)."""
+    from torch.distributed.tensor import DTensor, Shard
+
+    impl = ctx.impls[0]
+    odd = ctx.rank == ctx.world - 1
+    columns = ctx.even_range(VOCAB)
+    logits, labels = make_case(torch.float32)
+    sharded = DTensor.from_local(
+        logits[..., columns], ctx.mesh, [Shard(-1)], run_check=False, shape=logits.shape, stride=logits.stride()
+    )
+    hidden, weight, _, linear_labels = linear_case(torch.float32)
+    sharded_weight = ctx.weight_dtensor(weight[columns], weight)
+    flat_hidden, flat_labels = hidden.flatten(0, 1), linear_labels.flatten()
+    calls = [
+        ("lam must be in [0, 1]", lambda: bs_token_loss(sharded, labels, lam=2.0 if odd else 0.2, impl=impl)),
+        ("impl must be one of", lambda: bs_token_loss(sharded, labels, impl="fast" if odd else impl)),
+        (
+            "inplace_backward must be a bool",
+            lambda: bs_token_loss(sharded, labels, inplace_backward=1 if odd else False, impl=impl),
+        ),
+        ("ignore_index must be an int", lambda: forget_logprobs(sharded, labels, ignore_index=0.5 if odd else -100)),
+        (
+            "lam must be in [0, 1]",
+            lambda: bs_linear_loss(hidden, sharded_weight, linear_labels, lam=2.0 if odd else 0.2, impl=impl),
+        ),
+        (
+            "accumulate_in_fp32 must be a bool",
+            lambda: bs_linear_loss(
+                hidden, sharded_weight, linear_labels, accumulate_in_fp32="no" if odd else True, impl=impl
+            ),
+        ),
+        (
+            "labels must be a torch.Tensor",
+            lambda: bs_linear_loss(hidden, sharded_weight, linear_labels.tolist() if odd else linear_labels, impl=impl),
+        ),
+        (
+            'reduction="sequence_mean" needs labels with a sequence dimension',
+            lambda: bs_linear_loss(
+                flat_hidden if odd else hidden,
+                sharded_weight,
+                flat_labels if odd else linear_labels,
+                shift=False,
+                impl=impl,
+            ),
+        ),
+        (
+            "shift must be a bool",
+            lambda: linear_forget_logprobs(hidden, sharded_weight, linear_labels, shift="yes" if odd else True),
+        ),
+    ]
+    assert_the_failing_rank_is_quoted(ctx, calls)
 
 
 def case_empty_batch(ctx: Context) -> None:

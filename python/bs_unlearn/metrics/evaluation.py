@@ -14,8 +14,9 @@ from collections.abc import Callable, Sequence
 import numpy as np
 import torch
 
+from ..generation import generate_answers
 from ..prompts import PromptFormat
-from ..scoring import generate_answers, score_answers, score_qa
+from ..scoring import score_answers, score_qa
 from ..tofu_data import EvalSet
 from .leak import measure_leak
 from .paper import (

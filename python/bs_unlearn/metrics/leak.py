@@ -9,8 +9,8 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from ..generation import sample_answers, temperature_samples
 from ..prompts import PromptFormat
-from ..scoring import sample_answers, temperature_samples
 
 
 @functools.lru_cache(maxsize=4096)
@@ -60,7 +60,7 @@ def leak_rate(answers: Sequence[Sequence[str]], keys: Sequence[Sequence[str]]) -
     """The leak rate: the fraction of all answers, pooled over questions, that still contain a key of their question.
 
     Args:
-        answers: per question, the model's answers (e.g. greedy plus samples, :func:`scoring.sample_answers`).
+        answers: per question, the model's answers (e.g. greedy plus samples, :func:`generation.sample_answers`).
         keys: per question, the key strings that are the fact (the invented place, date, name).
     """
     _checked_leak_inputs(answers, keys)
@@ -83,7 +83,7 @@ def measure_leak(
 ) -> tuple[dict, dict]:
     """Leak rate of a set whose records carry keys: summary values and per-example answers / rates.
 
-    ``prompt_format``: the prompts of the answers (:func:`scoring.generate_answers`; the evaluation's).
+    ``prompt_format``: the prompts of the answers (:func:`generation.generate_answers`; the evaluation's).
     ``greedy``: the greedy answers to the original questions when they were just generated at the same length (they
     are reused instead of generated again; the samples are the same either way, seeded separately).
     """
