@@ -420,7 +420,8 @@ def test_invalid_arguments():
             torch.ones(4, device=DEVICE),
             logits,
             labels,
-            torch.zeros(4, device=DEVICE),
+            torch.zeros(4, device=DEVICE),  # row max
+            torch.zeros(4, device=DEVICE),  # log-sum
             torch.zeros(4, 3, dtype=torch.int64, device=DEVICE),
             torch.zeros(4, 2, device=DEVICE),
             0.8,
