@@ -771,6 +771,29 @@ def compile_launch(kernel_launch: Launch, capability: int = 90) -> Compiled:
     return _COMPILED[key]
 
 
+def _compile_pair(pair: tuple[Launch, int]) -> Compiled:
+    return compile_launch(*pair)
+
+
+def compile_launches(pairs: list[tuple[Launch, int]], workers: int) -> None:
+    """Fills compile_launch's cache for every (launch, capability) of ``pairs``, ``workers`` compiles at a time.
+
+    Each compile is one core's work (Triton's passes and ptxas), and the CI test compiles some two hundred: worker
+    processes (spawned, so no torch or OpenMP state is forked) do them side by side and send back what was read."""
+    todo = [pair for pair in dict.fromkeys(pairs) if pair not in _COMPILED]
+    if workers <= 1 or len(todo) <= 1:
+        for pair in todo:
+            _compile_pair(pair)
+        return
+    import concurrent.futures
+    import multiprocessing
+
+    context = multiprocessing.get_context("spawn")
+    with concurrent.futures.ProcessPoolExecutor(max_workers=workers, mp_context=context) as pool:
+        for pair, compiled in zip(todo, pool.map(_compile_pair, todo)):
+            _COMPILED[pair] = compiled
+
+
 @dataclasses.dataclass
 class LoopCost:
     variant: Variant

@@ -138,10 +138,11 @@ def test_stopping_rule_reports_not_reached(tiny_start):
     assert [a["reached"] for a in run["attempts"]] == [False, False]
     # Neither lr reached it: the one that got closest (the larger lr forgets faster) is kept.
     assert run["lr"] == 3e-3
-    assert "not reached" in matched_table(
-        {"runs": [dict(run, metrics=_fake_metrics())], "start_metrics": _fake_metrics(), "forget_set": "forget"},
-        markdown=True,
-    )
+    table = {"runs": [dict(run, metrics=_fake_metrics())], "start_metrics": _fake_metrics(), "forget_set": "forget"}
+    assert "2 (cap; not reached)" in matched_table(table, markdown=True)
+    # A run the projection rule gave up on before the cap says so, not "cap".
+    table["runs"][0].update(steps=1, abandoned_step=1)
+    assert "1 (given up; not reached)" in matched_table(table, markdown=True)
 
 
 def test_a_run_spec_lr_grid_replaces_the_comparison_grid(tiny_start):

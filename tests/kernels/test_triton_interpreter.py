@@ -499,24 +499,66 @@ def test_full_size_few_rows_split_forward(top_k):
 # ------------------------------------------------------------------------------------ the interpreter subprocess
 
 
+def _interpreted_pytest(*arguments: str) -> list[str]:
+    return [sys.executable, "-m", "pytest", *arguments, "-p", "no:cacheprovider"]
+
+
+def _interpreter_env() -> dict:
+    # One thread per shard: the shards run side by side, one per core.
+    return dict(os.environ, TRITON_INTERPRET="1", CUDA_VISIBLE_DEVICES="", OMP_NUM_THREADS="1")
+
+
+INTERPRETER_SHARDS = 2
+
+
 @pytest.mark.skipif(INTERPRETING, reason="already running under the interpreter")
 def test_interpreter_subprocess():
-    """Runs this module's direct tests and the shared parametrisation for impl="triton" with TRITON_INTERPRET=1."""
+    """Runs this module's direct tests and the shared parametrisation for impl="triton" with TRITON_INTERPRET=1.
+
+    ~190 interpreted tests, each single-threaded Python: collected once, dealt round-robin (neighbouring
+    parametrisations cost alike) to INTERPRETER_SHARDS pytest processes that run side by side."""
     if not TRITON_INSTALLED:
         pytest.skip(TRITON_REASON or "triton is not installed")
     targets = [str(TESTS_DIR / "test_triton_interpreter.py")]
     for shared in ("test_bs_token_loss.py", "test_hardening.py", "test_hardening_api.py", "test_fuzz.py"):
         if (TESTS_DIR / shared).is_file():
             targets.append(str(TESTS_DIR / shared))
-    env = dict(os.environ, TRITON_INTERPRET="1", CUDA_VISIBLE_DEVICES="")
-    command = [sys.executable, "-m", "pytest", *targets, "-k", "triton", "-q", "-rs", "-p", "no:cacheprovider"]
-    # ~190 interpreted tests: a few minutes on an idle machine, more than 15 on a shared 2-core one.
-    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=1800, cwd=TESTS_DIR.parents[1])
-    tail = (result.stdout + result.stderr)[-6000:]
-    assert result.returncode == 0, tail
-    passed = re.search(r"(\d+) passed", result.stdout)
-    assert passed is not None and int(passed.group(1)) >= 20, tail
-    # Under the interpreter only the CUDA-only tests (and this one) may skip.
-    allowed = ("full-size checks need a CUDA GPU", "already running under the interpreter", "cannot be compiled")
-    skips = [line for line in result.stdout.splitlines() if line.startswith("SKIPPED")]
-    assert all(any(reason in line for reason in allowed) for line in skips), tail
+    root = TESTS_DIR.parents[1]
+    collected = subprocess.run(
+        _interpreted_pytest(*targets, "-k", "triton", "--collect-only", "-q"),
+        env=_interpreter_env(),
+        capture_output=True,
+        text=True,
+        timeout=600,
+        cwd=root,
+    )
+    assert collected.returncode == 0, (collected.stdout + collected.stderr)[-6000:]
+    node_ids = [line for line in collected.stdout.splitlines() if "::" in line and not line.startswith(" ")]
+    assert len(node_ids) >= 20, collected.stdout[-6000:]
+    shards = [
+        subprocess.Popen(
+            _interpreted_pytest(*node_ids[shard::INTERPRETER_SHARDS], "-q", "-rs"),
+            env=_interpreter_env(),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            cwd=root,
+        )
+        for shard in range(INTERPRETER_SHARDS)
+    ]
+    try:
+        # ~100 interpreted tests per shard: a few minutes on an idle machine, more than 10 on a shared 2-core one.
+        outputs = [shard.communicate(timeout=1800)[0] for shard in shards]
+    finally:
+        for shard in shards:
+            shard.kill()
+    ran = 0
+    for shard, output in zip(shards, outputs):
+        tail = output[-6000:]
+        assert shard.returncode == 0, tail
+        ran += sum(int(count) for count in re.findall(r"(\d+) (?:passed|skipped)", output.splitlines()[-1]))
+        # Under the interpreter only the CUDA-only tests (and this one) may skip.
+        allowed = ("full-size checks need a CUDA GPU", "already running under the interpreter", "cannot be compiled")
+        skips = [line for line in output.splitlines() if line.startswith("SKIPPED")]
+        assert all(any(reason in line for reason in allowed) for line in skips), tail
+    assert ran == len(node_ids), f"the shards ran {ran} of the {len(node_ids)} collected tests"

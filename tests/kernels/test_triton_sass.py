@@ -58,6 +58,14 @@ def _launch_id(launch) -> str:
 LAUNCHES = _launches()
 
 
+@pytest.fixture(scope="module", autouse=True)
+def _compiled_side_by_side():
+    """Every launch for sm_80 and sm_90 compiled up front, one process per core (the tests then read the cache)."""
+    if LAUNCHES:
+        pairs = [(launch, capability) for capability in (80, 90) for launch in LAUNCHES]
+        _cost_model().compile_launches(pairs, workers=min(len(os.sched_getaffinity(0)), 4))
+
+
 @needs_tools
 def test_every_launcher_path_is_listed():
     """The list covers each kernel the launcher starts (a new kernel must be added to launcher_launches)."""

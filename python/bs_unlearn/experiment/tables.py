@@ -64,6 +64,13 @@ def steps_table(results: dict, *, markdown: bool) -> str:
     return render_table(header, rows, markdown=markdown, wrap_last=60)
 
 
+def _not_reached_note(run: dict) -> str:
+    """How a run that missed the target ended: at the step cap, or given up there by the projection rule."""
+    if run["reached"]:
+        return ""
+    return " (given up; not reached)" if run.get("abandoned_step") is not None else " (cap; not reached)"
+
+
 def matched_table(results: dict, *, markdown: bool) -> str:
     """The matched-forgetting table (every run at the step where it reached the target, or at its cap)."""
     header = ["model", "lr", "steps", "target lp", "band Δlp", "forget p", "paraphrase p", "leak rate", "retain p"]
@@ -94,7 +101,7 @@ def matched_table(results: dict, *, markdown: bool) -> str:
     several_seeds = len(results.get("seeds", ())) > 1
     for run in results["runs"]:
         last = run["probe"]["records"][-1]
-        steps = f"{run['steps']}" + ("" if run["reached"] else " (cap; not reached)")
+        steps = f"{run['steps']}" + _not_reached_note(run)
         label = run["label"] + (f" (seed {run['seed']})" if several_seeds else "")
         rows.append([label, f"{run['lr']:g}", steps, format_cell(last["target_lp"], 2)])
         rows[-1] += [signed_cell(probe_change(run, "belief_lp")), *metric_cells(run["metrics"])]
