@@ -63,6 +63,38 @@ def _load_gguf(gguf_path: pathlib.Path, dtype):
     return model, tokenizer
 
 
+def add_transformers4_keys(folder: str | os.PathLike) -> None:
+    """Make a model folder written by transformers 5 read as the same model by transformers 4.x (open-unlearning
+    pins 4.x), and by 5 as before.
+
+    transformers 5 writes the RoPE settings only as ``rope_parameters`` and names the tokenizer class
+    ``TokenizersBackend``. transformers 4 reads ``rope_theta`` / ``rope_scaling`` / ``partial_rotary_factor`` at the
+    top of config.json, so without them it silently takes rope_theta = 10 000 (SmolLM2's is 100 000: another model),
+    and it refuses the unknown tokenizer class, which transformers 5 still reads as ``PreTrainedTokenizerFast`` (the
+    same class there). This adds the 4.x keys with the same values; transformers 5 reads them back into the same
+    ``rope_parameters``. A folder without ``rope_parameters`` (written by 4.x) or with per-layer-type RoPE settings
+    is left as it is."""
+    folder = pathlib.Path(folder)
+    config_path = folder / "config.json"
+    if config_path.is_file():
+        config = json.loads(config_path.read_text(encoding="utf-8"))
+        rope = config.get("rope_parameters")
+        if isinstance(rope, dict) and isinstance(rope.get("rope_theta"), (int, float)) and "rope_theta" not in config:
+            config["rope_theta"] = rope["rope_theta"]
+            if "partial_rotary_factor" in rope:
+                config.setdefault("partial_rotary_factor", rope["partial_rotary_factor"])
+            if rope.get("rope_type", "default") != "default":
+                legacy = ("rope_theta", "partial_rotary_factor")
+                config["rope_scaling"] = {key: value for key, value in rope.items() if key not in legacy}
+            config_path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+    tokenizer_path = folder / "tokenizer_config.json"
+    if tokenizer_path.is_file():
+        tokenizer_config = json.loads(tokenizer_path.read_text(encoding="utf-8"))
+        if tokenizer_config.get("tokenizer_class") == "TokenizersBackend":
+            tokenizer_config["tokenizer_class"] = "PreTrainedTokenizerFast"
+            tokenizer_path.write_text(json.dumps(tokenizer_config, indent=2) + "\n", encoding="utf-8")
+
+
 def convert_gguf(gguf_path: str | os.PathLike, target_dir: str | os.PathLike) -> pathlib.Path:
     """Write a plain safetensors copy of a GGUF model (dequantised to float32) and its tokenizer to ``target_dir``.
 
@@ -92,6 +124,7 @@ def convert_gguf(gguf_path: str | os.PathLike, target_dir: str | os.PathLike) ->
     try:
         plain.save_pretrained(partial)
         tokenizer.save_pretrained(partial)
+        add_transformers4_keys(partial)
         if target_dir.exists():  # another process finished the same conversion first
             shutil.rmtree(partial)
         else:

@@ -32,7 +32,7 @@ from .config import FinetuneConfig, TrainConfig, UnlearnConfig, run_inputs
 from .data import ForgetRetainCollator, ForgetRetainDataset, QACollator, QADataset, read_qa_records, tokenize_dataset
 from .fused import fused_supported
 from .loss_guard import StopOnNonFiniteLoss
-from .models import load_model_and_tokenizer
+from .models import add_transformers4_keys, load_model_and_tokenizer
 from .objectives import UnlearnObjective, answer_mask, answer_token_logprobs, nll_loss
 from .outputs import atomic_output_dir, is_main_process, scratch_dir
 from .step_timing import StepTimer
@@ -214,6 +214,7 @@ def _run(kind: str, config: TrainConfig, build, callbacks) -> RunResult:
             if staging is not None:
                 trainer.save_model(str(staging))
                 if main:
+                    add_transformers4_keys(staging)
                     record = {
                         "command": kind,
                         "config": dataclasses.asdict(config),

@@ -234,7 +234,7 @@ class _Builder:
 
         from ..data import write_qa_records
         from ..experiment.finetune_stage import finetune_stage
-        from ..models import load_model_and_tokenizer
+        from ..models import add_transformers4_keys, load_model_and_tokenizer
 
         if self.base is None:
             self.base = load_model_and_tokenizer(self.model)
@@ -247,6 +247,7 @@ class _Builder:
         path.unlink()
         trained.save_pretrained(staging)
         tokenizer.save_pretrained(staging)
+        add_transformers4_keys(staging)
 
 
 def _previous_results(output: pathlib.Path, fingerprint: dict) -> dict:
