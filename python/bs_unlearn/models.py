@@ -95,6 +95,15 @@ def add_transformers4_keys(folder: str | os.PathLike) -> None:
             tokenizer_path.write_text(json.dumps(tokenizer_config, indent=2) + "\n", encoding="utf-8")
 
 
+def save_model_folder(model, tokenizer, folder: str | os.PathLike) -> None:
+    """``save_pretrained`` of the model and its tokenizer into ``folder``, readable by transformers 4.x too
+    (:func:`add_transformers4_keys`): every model folder bs-unlearn writes itself goes through here (the Trainer's own
+    ``save_model`` adds the keys after it, in ``trainer``)."""
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    add_transformers4_keys(folder)
+
+
 def convert_gguf(gguf_path: str | os.PathLike, target_dir: str | os.PathLike) -> pathlib.Path:
     """Write a plain safetensors copy of a GGUF model (dequantised to float32) and its tokenizer to ``target_dir``.
 
@@ -122,9 +131,7 @@ def convert_gguf(gguf_path: str | os.PathLike, target_dir: str | os.PathLike) ->
     target_dir.parent.mkdir(parents=True, exist_ok=True)
     partial = pathlib.Path(tempfile.mkdtemp(prefix=f".{target_dir.name}.", dir=target_dir.parent))
     try:
-        plain.save_pretrained(partial)
-        tokenizer.save_pretrained(partial)
-        add_transformers4_keys(partial)
+        save_model_folder(plain, tokenizer, partial)
         if target_dir.exists():  # another process finished the same conversion first
             shutil.rmtree(partial)
         else:

@@ -79,9 +79,7 @@ def build_quick_model(directory, records) -> str:
         texts += list(record.get("perturbed_answer") or [])
     tokenizer = build_tiny_tokenizer(texts)
     model = build_tiny_model(tokenizer, hidden_size=32)
-    from .models import add_transformers4_keys
+    from .models import save_model_folder
 
-    model.save_pretrained(directory)
-    tokenizer.save_pretrained(directory)
-    add_transformers4_keys(directory)
+    save_model_folder(model, tokenizer, directory)
     return str(directory)

@@ -552,13 +552,13 @@ def test_interpreter_subprocess():
     finally:
         for shard in shards:
             shard.kill()
+    # Under the interpreter only the CUDA-only tests (and this one) may skip.
+    allowed = ("full-size checks need a CUDA GPU", "already running under the interpreter", "cannot be compiled")
     ran = 0
     for shard, output in zip(shards, outputs):
         tail = output[-6000:]
         assert shard.returncode == 0, tail
         ran += sum(int(count) for count in re.findall(r"(\d+) (?:passed|skipped)", output.splitlines()[-1]))
-        # Under the interpreter only the CUDA-only tests (and this one) may skip.
-        allowed = ("full-size checks need a CUDA GPU", "already running under the interpreter", "cannot be compiled")
         skips = [line for line in output.splitlines() if line.startswith("SKIPPED")]
         assert all(any(reason in line for reason in allowed) for line in skips), tail
     assert ran == len(node_ids), f"the shards ran {ran} of the {len(node_ids)} collected tests"

@@ -234,7 +234,7 @@ class _Builder:
 
         from ..data import write_qa_records
         from ..experiment.finetune_stage import finetune_stage
-        from ..models import add_transformers4_keys, load_model_and_tokenizer
+        from ..models import load_model_and_tokenizer, save_model_folder
 
         if self.base is None:
             self.base = load_model_and_tokenizer(self.model)
@@ -245,9 +245,7 @@ class _Builder:
             self.model, [path], model=copy.deepcopy(base_model), tokenizer=tokenizer, say=self.say, **self.recipe
         )
         path.unlink()
-        trained.save_pretrained(staging)
-        tokenizer.save_pretrained(staging)
-        add_transformers4_keys(staging)
+        save_model_folder(trained, tokenizer, staging)
 
 
 def _previous_results(output: pathlib.Path, fingerprint: dict) -> dict:
