@@ -185,23 +185,3 @@ def test_unlearn_options_are_generated_from_the_configs():
     assert config.objective == ObjectiveConfig(method="bs-s", bs_s_base="bs_t", lam=0.7, retain_loss=None)
     assert config.beliefs == BeliefConfig(num_beliefs=5, on_policy=True)
     assert (config.forget, config.output, config.progress, config.lr) == ("f.jsonl", "o", False, UnlearnConfig.lr)
-
-
-def test_eval_autocast_option_reaches_the_evaluation(tiny_setup, tmp_path, capsys, monkeypatch):  # noqa: F811
-    """--autocast bf16 is handed to the evaluation (off by default); a mode that does not exist is a usage error."""
-    from bs_unlearn import metrics
-
-    seen = []
-    evaluate = metrics.evaluate
-
-    def recording_evaluate(model, tokenizer, sets, options, **kwargs):
-        seen.append(options.autocast)
-        return evaluate(model, tokenizer, sets, options, **kwargs)
-
-    monkeypatch.setattr(metrics, "evaluate", recording_evaluate)
-    argv = ["eval", "--model", str(tiny_setup["model"]), "--forget", str(tiny_setup["forget"]), "--no-generate"]
-    for extra, name in (([], "off.json"), (["--autocast", "bf16"], "bf16.json")):
-        assert cli.main([*argv, *extra, "--quiet", "--output", str(tmp_path / name)]) == 0
-    assert seen == ["off", "bf16"]
-    status, lines = run_cli(capsys, [*argv, "--autocast", "fp16", "--output", str(tmp_path / "x.json")])
-    assert status == 2 and "--autocast" in lines[-1] and not (tmp_path / "x.json").exists()

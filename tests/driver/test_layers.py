@@ -15,7 +15,7 @@ KERNELS = ROOT / "bs_kernels"
 # modules are layered too ("metrics.tofu"): a package name alone ("objectives") stands for all of its modules.
 LAYERS = [
     {"prompts"},
-    {"data", "loss_guard", "models", "outputs", "precision", "tiny_model", "tofu_data", "tofu_source"},
+    {"data", "loss_guard", "models", "outputs", "tiny_model", "tofu_data", "tofu_source"},
     {"config"},
     {"scoring", "generation", "fused", "step_timing"},
     {"metrics.tofu", "metrics.intervals"},

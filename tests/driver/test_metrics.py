@@ -503,8 +503,6 @@ def test_model_utility_is_none_when_a_part_is_missing(tiny):
         (dict(leak_temperature=0.0), "leak_temperature"),
         (dict(leak_max_new_tokens=0), "leak_max_new_tokens"),
         (dict(es_convention="paper"), "es_convention"),
-        (dict(autocast="fp16"), "autocast"),
-        (dict(autocast=True), "autocast"),
     ],
 )
 def test_eval_options_bad_input(kwargs, message):
@@ -519,33 +517,3 @@ def test_eval_options_default_to_open_unlearning_and_refuse_a_bad_prompt_format(
     assert options.max_new_tokens == 200 and options.prompt_format == PromptFormat()
     with pytest.raises(TypeError, match="prompt_format"):
         metrics.EvalOptions(prompt_format={"system_prompt": "x"})
-
-
-def test_evaluate_autocast_bf16_runs_the_matmuls_in_bf16_and_leaves_the_model_as_it_was(tiny):
-    """autocast="bf16": every Linear of the model computes in bfloat16 during the evaluation (and only then), the
-    weights stay float32 and unchanged, and the numbers stay near float32's (bf16 rounding, not another metric)."""
-    model, tokenizer = tiny
-    sets = [metrics.EvalSet("forget", RECORDS, "forget"), metrics.EvalSet("retain", RECORDS, "retain")]
-    weights = {name: p.detach().clone() for name, p in model.named_parameters()}
-    seen: dict[str, set] = {"off": set(), "bf16": set()}
-    mode = ["off"]
-    hooks = [
-        module.register_forward_hook(lambda m, i, out: seen[mode[0]].add(out.dtype))
-        for module in model.modules()
-        if isinstance(module, torch.nn.Linear)
-    ]
-    results = {}
-    try:
-        for mode[0] in ("off", "bf16"):
-            options = metrics.EvalOptions(max_new_tokens=4, batch_size=4, autocast=mode[0])
-            results[mode[0]] = metrics.evaluate(model, tokenizer, sets, options)
-    finally:
-        for hook in hooks:
-            hook.remove()
-    assert seen == {"off": {torch.float32}, "bf16": {torch.bfloat16}}
-    assert not torch.is_autocast_enabled("cpu")  # the region ended with the evaluation
-    for name, p in model.named_parameters():
-        assert p.dtype == torch.float32 and torch.equal(p, weights[name]), name
-    fp32, bf16 = (results[m]["sets"]["forget"]["per_example"]["answer_mean_logprob"] for m in ("off", "bf16"))
-    assert fp32 != bf16  # bf16 did round something
-    np.testing.assert_allclose(bf16, fp32, atol=0.05)

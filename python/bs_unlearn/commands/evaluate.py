@@ -16,7 +16,6 @@ import pathlib
 from ..config import check_impl_available
 from ..models import check_model_path, model_input_path
 from ..outputs import check_output_file, check_readable_file, is_main_process, write_json_atomic
-from ..precision import AUTOCAST_MODES
 from ..prompts import PromptFormat
 from ..tofu_data import TOFU_SPLITS, tofu_eval_splits
 from .base import positive_int, require_modules
@@ -120,7 +119,6 @@ def handle(args: argparse.Namespace) -> int:
             max_new_tokens=args.max_new_tokens,
             generate=not args.no_generate,
             impl=args.impl,
-            autocast=args.autocast,
         ),
         retain_model_metrics=retain_metrics,
         progress=(lambda message: print(f"[eval] {message}", flush=True)) if not args.quiet else None,
@@ -183,12 +181,5 @@ def register(subparsers) -> None:
     )
     parser.add_argument("--no-generate", action="store_true", help="skip generation (no ROUGE-L, so no model utility)")
     parser.add_argument("--impl", default="auto", help="bs_kernels backend for the log-probs")
-    parser.add_argument(
-        "--autocast",
-        default="off",
-        choices=AUTOCAST_MODES,
-        help="bf16: the model's matmuls in bfloat16 under torch.autocast (about 2x faster on a CPU with AMX; moves "
-        "probabilities by ~1e-3 and flips some greedy answers: docs/driver.md, 'bf16 autocast'); off: float32",
-    )
     parser.add_argument("--quiet", action="store_true", help="no progress lines")
     parser.set_defaults(handler=handle)

@@ -15,9 +15,8 @@ import numpy as np
 import torch
 
 from ..generation import generate_answers
-from ..precision import autocast_context, check_autocast
 from ..prompts import PromptFormat
-from ..scoring import model_device, score_answers, score_qa
+from ..scoring import score_answers, score_qa
 from ..tofu_data import EvalSet
 from .leak import measure_leak
 from .paper import (
@@ -54,8 +53,6 @@ class EvalOptions:
             arguments, system prompt "You are a helpful assistant." and date_string "10 Apr 2025" by default). Every
             answer is scored and generated the way open-unlearning does it (``prompts.encode_qa``; no token equal to
             the pad id is attended to).
-        autocast: "off" (float32, the default) or "bf16": the model's matmuls under torch.autocast in bfloat16
-            (``precision.autocast_context``; what it changes in the numbers: docs/driver.md, "bf16 autocast").
         batch_size: questions per scoring / generation call (the numbers do not depend on it beyond float noise).
         max_new_tokens: the greedy answers (ROUGE-L) stop at the end of their turn or after this many tokens
             (open-unlearning's 200); by default also the length of the leak rate's answers.
@@ -70,7 +67,6 @@ class EvalOptions:
     """
 
     prompt_format: PromptFormat = PromptFormat()
-    autocast: str = "off"
     batch_size: int = 16
     max_new_tokens: int = 200
     generate: bool = True
@@ -84,7 +80,6 @@ class EvalOptions:
     def __post_init__(self) -> None:
         if not isinstance(self.prompt_format, PromptFormat):
             raise TypeError(f"prompt_format must be a PromptFormat, got {type(self.prompt_format).__name__}")
-        check_autocast(self.autocast)
         for name in ("batch_size", "max_new_tokens"):
             if not _is_int(getattr(self, name)) or getattr(self, name) < 1:
                 raise ValueError(f"{name} must be an int >= 1, got {getattr(self, name)!r}")
@@ -312,8 +307,7 @@ def evaluate(
     names = [s.name for s in eval_sets]
     if len(set(names)) != len(names):
         raise ValueError(f"evaluation set names must be unique, got {names}")
-    with autocast_context(options.autocast, model_device(model).type):
-        sets = {s.name: evaluate_set(model, tokenizer, s, options, progress=progress) for s in eval_sets}
+    sets = {s.name: evaluate_set(model, tokenizer, s, options, progress=progress) for s in eval_sets}
     utility, missing = model_utility(sets)
     utility_sets = sum(metrics["role"] != "forget" for metrics in sets.values())
     output: dict = {
