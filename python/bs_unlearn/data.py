@@ -24,7 +24,7 @@ import torch
 
 from bs_kernels import IGNORE_INDEX
 
-from .prompts import PromptFormat, prompt_messages
+from .prompts import PromptFormat, encode_qa, prompt_messages
 
 # The chat prompts' system turn and date_string: the evaluation's defaults (open-unlearning's template arguments).
 TRAINING_PROMPT_FORMAT = PromptFormat()
@@ -197,18 +197,6 @@ def prompt_text(tokenizer, question: str) -> str:
     return f"Question: {question}\nAnswer:"
 
 
-def _answer_text(tokenizer, question: str, answer: str, prompt: str) -> str:
-    if getattr(tokenizer, "chat_template", None):
-        fmt = TRAINING_PROMPT_FORMAT
-        full = tokenizer.apply_chat_template(
-            prompt_messages(question, answer, fmt), tokenize=False, **fmt.template_kwargs()
-        )
-        if not full.startswith(prompt):
-            raise ValueError("the tokenizer's chat template renders the prompt differently inside a full conversation")
-        return full[len(prompt) :]
-    return " " + answer + (tokenizer.eos_token or "")
-
-
 def tokenize_prompt(tokenizer, question: str) -> list[int]:
     """Prompt token ids (with the tokenizer's special prefix tokens, e.g. bos, when it adds them)."""
     text = prompt_text(tokenizer, question)
@@ -218,22 +206,28 @@ def tokenize_prompt(tokenizer, question: str) -> list[int]:
 
 
 def tokenize_qa(tokenizer, question: str, answer: str, *, max_length: int = 256) -> dict[str, list[int]]:
-    """One example: ``input_ids`` = prompt + answer (cut after the first end-of-turn token), ``labels`` = -100 on
-    the prompt. Truncated to ``max_length`` tokens from the answer's end (the prompt is kept whole)."""
-    prompt_ids = tokenize_prompt(tokenizer, question)
-    answer_text = _answer_text(tokenizer, question, answer, prompt_text(tokenizer, question))
-    answer_ids = list(tokenizer(answer_text, add_special_tokens=False)["input_ids"])
-    stops = set(end_of_turn_ids(tokenizer))
-    for position, token in enumerate(answer_ids):
-        if token in stops:  # drop what the template writes after the end of the turn (e.g. a newline)
-            answer_ids = answer_ids[: position + 1]
-            break
-    answer_ids = answer_ids[: max(max_length - len(prompt_ids), 0)]
-    if not answer_ids:
-        raise ValueError(
-            f"max_length={max_length} leaves no room for the answer after a {len(prompt_ids)}-token prompt"
-        )
-    return {"input_ids": prompt_ids + answer_ids, "labels": [IGNORE_INDEX] * len(prompt_ids) + answer_ids}
+    """One example: ``input_ids`` = prompt + answer, ``labels`` = -100 on the prompt. Truncated to ``max_length``
+    tokens from the answer's end (the prompt is kept whole).
+
+    With a chat template it is open-unlearning's training sequence (``prompts.encode_qa`` with
+    TRAINING_PROMPT_FORMAT): the answer is everything the template writes after the prompt (the answer, the turn's
+    end token and what follows it, e.g. ChatML's newline) plus eos where the conversation does not end with one, so a
+    fine-tuned model learns every token the evaluation scores. Without one: "Question: ...\nAnswer:", a space, the
+    answer and eos.
+    """
+    if getattr(tokenizer, "chat_template", None):
+        example = encode_qa(tokenizer, question, answer, TRAINING_PROMPT_FORMAT, max_length=max_length)
+        input_ids, labels = example["input_ids"], example["labels"]
+        prompt_length = next(i for i, label in enumerate(labels) if label != IGNORE_INDEX)
+    else:
+        prompt_ids = tokenize_prompt(tokenizer, question)
+        answer_ids = list(tokenizer(" " + answer + (tokenizer.eos_token or ""), add_special_tokens=False)["input_ids"])
+        input_ids = prompt_ids + answer_ids
+        labels = [IGNORE_INDEX] * len(prompt_ids) + answer_ids
+        prompt_length = len(prompt_ids)
+    if max_length <= prompt_length:
+        raise ValueError(f"max_length={max_length} leaves no room for the answer after a {prompt_length}-token prompt")
+    return {"input_ids": input_ids[:max_length], "labels": labels[:max_length]}
 
 
 def tokenize_dataset(dataset, tokenizer, *, max_length: int = 256) -> list[dict[str, list[int]]]:
@@ -244,8 +238,11 @@ def tokenize_dataset(dataset, tokenizer, *, max_length: int = 256) -> list[dict[
 def pad_examples(examples: Sequence[dict], pad_token_id: int, *, side: str = "right") -> dict[str, torch.Tensor]:
     """Pad examples with ``input_ids``/``labels`` lists into ``input_ids``, ``attention_mask``, ``labels`` [B, T].
 
-    Padding gets label -100 and attention 0 whatever the pad id is (the pad token may equal eos, which is a real
-    label at the end of an answer).
+    Padding gets label -100 whatever the pad id is (the pad token may equal eos, which is a real label at the end of
+    an answer). Attention is 0 on the padding and on every token equal to ``pad_token_id``, as open-unlearning's
+    collator builds it (``input_ids != pad_token_id``) for training, scoring and generation alike: with pad = eos
+    (SmolLM2; open-unlearning's choice for Llama 3) the end-of-turn tokens inside every sequence are not attended to,
+    its numbers depend on it, and a model is trained the way it is evaluated (docs/math.md, "Evaluation protocol").
     """
     if not examples:
         raise ValueError("cannot pad an empty list of examples")
@@ -262,6 +259,7 @@ def pad_examples(examples: Sequence[dict], pad_token_id: int, *, side: str = "ri
         attention_mask[row, span] = 1
         if "labels" in example:
             labels[row, span] = torch.tensor(example["labels"], dtype=torch.long)
+    attention_mask *= (input_ids != pad_token_id).long()
     return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
 
 

@@ -16,7 +16,7 @@ import torch
 
 from .data import pad_examples, tokenize_prompt
 from .prompts import PromptFormat, encode_prompt
-from .scoring import attention_mask_of, model_device, pad_token_id, stop_token_ids
+from .scoring import model_device, pad_token_id, stop_token_ids
 
 __all__ = [
     "clean_up_tokenization",
@@ -51,7 +51,6 @@ def generate_continuations(
     batch_size: int,
     num_return_sequences: int = 1,
     max_new_tokens: int,
-    mask_pad_tokens: bool = False,
     **generate_kwargs,
 ) -> list[list[list[int]]]:
     """Per prompt, its ``num_return_sequences`` continuations (token ids after the prompt), batched, left-padded.
@@ -63,8 +62,8 @@ def generate_continuations(
     beam search with ``num_beams``) whatever the model's generation config says; sampling callers pass
     ``do_sample=True`` (and ``top_k=0`` for pure temperature sampling: generate's default is top-50).
 
-    ``mask_pad_tokens``: the prompts attend to no token equal to ``pad_id`` (:func:`attention_mask_of`), as in
-    open-unlearning's generation (``generate`` then counts positions over the attended tokens only).
+    The prompts attend to no token equal to ``pad_id`` (``data.pad_examples``), as in open-unlearning's generation
+    (``generate`` then counts positions over the attended tokens only).
 
     Each continuation is cut after its first stop id (the stop id is kept), so no padding is returned.
     The model is used as given (unwrap DDP / accelerate wrappers before calling).
@@ -91,7 +90,7 @@ def generate_continuations(
             input_ids = batch["input_ids"].to(device)
             output = model.generate(
                 input_ids=input_ids,
-                attention_mask=attention_mask_of(batch, pad_id, mask_pad_tokens).to(device),
+                attention_mask=batch["attention_mask"].to(device),
                 max_new_tokens=max_new_tokens,
                 num_return_sequences=num_return_sequences,
                 pad_token_id=pad_id,
@@ -127,7 +126,7 @@ def generate_answers(
     Returns a list (one per question) of ``num_return_sequences`` strings, decoded as open-unlearning decodes them:
     special tokens removed, :func:`clean_up_tokenization`, stripped.
     Prompts are ``data.tokenize_prompt`` (the trainer's) or, with ``prompt_format``, the evaluation's,
-    open-unlearning's (``prompts.encode_prompt``, attending to no token equal to the pad id); generation is
+    open-unlearning's (``prompts.encode_prompt``); generation is
     :func:`generate_continuations` with the tokenizer's pad id and :func:`stop_token_ids`.
     """
     if prompt_format is None:
@@ -142,7 +141,6 @@ def generate_answers(
         batch_size=batch_size,
         num_return_sequences=num_return_sequences,
         max_new_tokens=max_new_tokens,
-        mask_pad_tokens=prompt_format is not None,
         **generate_kwargs,
     )
     return [

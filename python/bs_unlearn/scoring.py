@@ -32,7 +32,6 @@ __all__ = [
     "SequenceScores",
     "alt_mass_view",
     "argmax_matches",
-    "attention_mask_of",
     "mean_token_logprobs",
     "model_device",
     "pad_token_id",
@@ -71,15 +70,6 @@ def stop_token_ids(tokenizer, model: torch.nn.Module) -> list[int]:
     elif config_eos:
         ids.update(int(i) for i in config_eos)
     return sorted(ids)
-
-
-def attention_mask_of(batch: dict, pad_id: int, mask_pad_tokens: bool) -> torch.Tensor:
-    """The attention mask of a padded batch (``data.pad_examples``); with ``mask_pad_tokens`` also 0 on every token
-    equal to ``pad_id``, as open-unlearning's collator builds it (``input_ids != pad_token_id``): with pad = eos, as it
-    sets for a tokenizer without a pad token (Llama-3), the end-of-turn tokens inside every prompt are masked too, and
-    its numbers depend on it (docs/math.md, "Evaluation protocol")."""
-    mask = batch["attention_mask"]
-    return mask * (batch["input_ids"] != pad_id).to(mask.dtype) if mask_pad_tokens else mask
 
 
 def mean_token_logprobs(token_logprobs: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
@@ -167,7 +157,6 @@ def score_encodings(
     token_view_top_k: int | None = None,
     memorization: bool = False,
     impl: str = "auto",
-    mask_pad_tokens: bool = False,
     fused: bool = True,
 ) -> SequenceScores:
     """Mean per-token log p(answer | prompt) per sequence, by default without the [B, T, V] logits.
@@ -182,7 +171,6 @@ def score_encodings(
             argmax is its label (:func:`argmax_matches`, the same forward pass). As open-unlearning does ("ignore eos
             prediction"), the answer's last position is left out when its label is a stop token
             (:func:`stop_token_ids`): an answer of T content tokens plus end-of-turn gives T values.
-        mask_pad_tokens: attend to no token equal to the pad id (:func:`attention_mask_of`), as open-unlearning does.
         fused: one ``bs_linear_loss`` pass from the last hidden state and the lm_head weight (:func:`_fused_views`)
             wherever ``bs_kernels.patch_causal_lm`` supports the model; False (or an unsupported model): the
             materialised logits with ``forget_logprobs`` (:func:`_materialised_views`). The same values either way.
@@ -206,7 +194,6 @@ def score_encodings(
         for start in range(0, len(order), batch_size):
             index = order[start : start + batch_size]
             batch = pad_examples([encodings[i] for i in index], pad_token_id(tokenizer))
-            batch["attention_mask"] = attention_mask_of(batch, pad_token_id(tokenizer), mask_pad_tokens)
             input_ids, attention_mask, labels = (
                 batch[key].to(device) for key in ("input_ids", "attention_mask", "labels")
             )
@@ -323,7 +310,8 @@ def score_qa(
     """:func:`score_encodings` of (question_i, answer_i) pairs.
 
     Without ``prompt_format`` they are tokenised as the trainer sees them (``data.tokenize_qa``); with one, the
-    evaluation's way, open-unlearning's (``prompts.encode_qa``, and no token equal to the pad id is attended to).
+    evaluation's way, open-unlearning's (``prompts.encode_qa``). No token equal to the pad id is attended to, either
+    way (``data.pad_examples``).
     """
     if len(questions) != len(answers):
         raise ValueError(f"questions ({len(questions)}) and answers ({len(answers)}) must have the same length")
@@ -340,5 +328,4 @@ def score_qa(
         batch_size=batch_size,
         memorization=memorization,
         impl=impl,
-        mask_pad_tokens=prompt_format is not None,
     )

@@ -7,6 +7,7 @@ import json
 import pytest
 import torch
 from bs_unlearn import data
+from bs_unlearn.prompts import encode_qa
 from driver_fixtures import build_tokenizer, qa_rows, write_jsonl
 
 
@@ -83,10 +84,24 @@ def test_chat_template_format_reads_end_of_turn_from_template():
     assert data.end_of_turn_ids(tokenizer) == sorted({tokenizer.eos_token_id, end})
     example = data.tokenize_qa(tokenizer, "what is it ?", "it is red .")
     answer_ids = [t for t in example["labels"] if t != data.IGNORE_INDEX]
-    # The answer stops at the turn's end: the template's trailing "item0" is not trained on.
-    assert tokenizer.decode(answer_ids) == "it is red . [END]"
+    # Trained on to its end as open-unlearning trains and scores it: the turn's end, what the template writes after
+    # it ("item0") and eos.
+    assert tokenizer.decode(answer_ids) == "it is red . [END] item0 [EOS]"
+    assert example == encode_qa(tokenizer, "what is it ?", "it is red .", data.TRAINING_PROMPT_FORMAT)
     # After the system turn of the evaluation's prompt format (this template writes it as an assistant turn).
-    assert tokenizer.decode(example["input_ids"]).endswith("item0 [USER] what is it ? [END] [BOT] it is red . [END]")
+    assert tokenizer.decode(example["input_ids"]).endswith(
+        "item0 [USER] what is it ? [END] [BOT] it is red . [END] item0 [EOS]"
+    )
+
+
+def test_chat_truncation_keeps_prompt_and_refuses_no_room():
+    tokenizer = _chat_tokenizer()
+    full = data.tokenize_qa(tokenizer, "what is it ?", "it is red .")
+    n_prompt = full["labels"].count(data.IGNORE_INDEX)
+    cut = data.tokenize_qa(tokenizer, "what is it ?", "it is red .", max_length=n_prompt + 2)
+    assert cut == {key: value[: n_prompt + 2] for key, value in full.items()}
+    with pytest.raises(ValueError, match="max_length"):
+        data.tokenize_qa(tokenizer, "what is it ?", "it is red .", max_length=n_prompt)
 
 
 def test_truncation_keeps_prompt_and_refuses_no_room():
@@ -107,9 +122,14 @@ def test_padding_labels_and_masks():
     left = data.pad_examples(examples, pad_token_id=0, side="left")
     assert left["input_ids"].tolist() == [[5, 6, 7], [0, 0, 8]]
     assert left["attention_mask"].tolist() == [[1, 1, 1], [0, 0, 1]]
-    # A pad id that is also a real label (pad == eos) is still labelled where it is a real token.
-    same = data.pad_examples([{"input_ids": [3, 3], "labels": [-100, 3]}, {"input_ids": [4], "labels": [4]}], 3)
-    assert same["labels"].tolist() == [[-100, 3], [4, -100]]
+    # A pad id that is also a real label (pad == eos) is still labelled where it is a real token, and, as
+    # open-unlearning's collator builds the mask (input_ids != pad_token_id), never attended to.
+    examples = [{"input_ids": [5, 3, 3], "labels": [-100, -100, 3]}, {"input_ids": [4], "labels": [4]}]
+    same = data.pad_examples(examples, 3)
+    assert same["labels"].tolist() == [[-100, -100, 3], [4, -100, -100]]
+    assert same["attention_mask"].tolist() == [[1, 0, 0], [1, 0, 0]]
+    left = data.pad_examples([{"input_ids": [5, 3, 6]}, {"input_ids": [7]}], 3, side="left")
+    assert left["attention_mask"].tolist() == [[1, 0, 1], [0, 0, 1]]
 
 
 def test_forget_retain_pairing_is_seeded_per_epoch_and_collates():

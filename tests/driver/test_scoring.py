@@ -220,14 +220,6 @@ def test_fused_scoring_equals_materialised_logits(tiny, top_k):
         assert got.tolist() == expected.tolist()
 
 
-def test_attention_mask_of_masks_every_pad_token_only_when_asked():
-    # pad id 3 is also a real token inside the first sequence (pad = eos: an end-of-turn token inside a prompt).
-    batch = pad_examples([{"input_ids": [5, 3, 6]}, {"input_ids": [7]}], 3)
-    assert scoring.attention_mask_of(batch, 3, False).tolist() == [[1, 1, 1], [1, 0, 0]]
-    # open-unlearning's collator: input_ids != pad_token_id.
-    assert scoring.attention_mask_of(batch, 3, True).tolist() == [[1, 0, 1], [1, 0, 0]]
-
-
 def test_clean_up_tokenization_is_transformers_4s():
     # What open-unlearning's decoding does on transformers 4.x, for every tokenizer (5.x skips it for BPE ones).
     text = "Basil ' s father , born in 1956 . Do n't you 've seen ? I 'm sure ! They 're here ' s it"

@@ -25,9 +25,11 @@ def test_smollm2_chat_format(smollm2, tofu_dir):
     row = load_qa_jsonl(tofu_dir / "forget01.jsonl")[0]
     example = tokenize_qa(tokenizer, row["question"], row["answer"])
     answer_ids = [t for t in example["labels"] if t != -100]
-    # The answer ends with the chat template's end-of-turn token, read from the template.
-    assert answer_ids[-1] in end_of_turn_ids(tokenizer)
-    assert tokenizer.decode(answer_ids[:-1]).strip() == row["answer"]
+    # The answer, the chat template's end-of-turn token (read from the template), the newline ChatML writes after it
+    # and eos: open-unlearning's training sequence, every token its evaluation scores.
+    turn_end = next(i for i, t in enumerate(answer_ids) if t in end_of_turn_ids(tokenizer))
+    assert tokenizer.decode(answer_ids[:turn_end]).strip() == row["answer"]
+    assert tokenizer.decode(answer_ids[turn_end:]) == "<|im_end|>\n<|im_end|>"
 
 
 def test_smollm2_two_bs_t_steps(smollm2, tofu_dir, tmp_path):
