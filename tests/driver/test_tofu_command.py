@@ -111,6 +111,11 @@ def test_tofu_command_seeds_cache_and_resume(tiny_tofu, tofu_dir, tmp_path, caps
     resumed = tmp_path / "resumed"
     assert cli_main([*argv, "--output", str(resumed), "--seeds", "0,1"]) == 130  # the CLI's status for Ctrl-C
     assert counts["finetune"] == 0 and len(json.loads((resumed / "results.json").read_text())["runs"]) == 1
+    # ... killed again in the first run it makes: the run finished before is still in results.json ...
+    counts.update(runs=0, fail_at=1)
+    assert cli_main([*argv, "--output", str(resumed), "--seeds", "0,1"]) == 130
+    kept = json.loads((resumed / "results.json").read_text())["runs"]
+    assert [(run["label"], run["seed"]) for run in kept] == [("GA (+retain NLL)", 0)]
     # ... and continued: the finished run is not made again, and the results are the straight run's.
     counts.update(runs=0, fail_at=None)
     assert cli_main([*argv, "--output", str(resumed), "--seeds", "0,1"]) == 0

@@ -113,7 +113,8 @@ def run_comparison(
     else:
         context.evaluate_start(start_model, results)
     band = results["belief_band"] = resume.get("belief_band") or context.belief_band(start_model, results)
-    save_results(results, output)  # a comparison killed in its first run keeps the start's metrics and band
+    # A comparison killed in its first run keeps the start's metrics, the band and the runs an earlier call finished.
+    save_results({**results, "runs": list(resume.get("runs", []))}, output)
     context.unlearn_each(start_model, band, specs, results, resume.get("runs", []))
     _plot(results, settings, output, data.name)
     laps("plot")
@@ -307,7 +308,10 @@ class _Context:
             suffix = f"_seed{seed}" if len(seeds) > 1 else ""
             write_probe_json(run["probe"], self.output / f"probe_{spec.slug}{suffix}.json")
             results["runs"].append(run)
-            save_results(results, self.output)  # after every run: a long comparison can be cut short
+            # After every run (a long comparison can be cut short), with the finished runs not listed again yet.
+            listed = {(run["label"], run.get("seed", self.seed)) for run in results["runs"]}
+            kept = [run for key, run in done.items() if key not in listed]
+            save_results({**results, "runs": results["runs"] + kept}, self.output)
             start, end = results["start"], run["end"]
             say(
                 f"[{tag}]   forget p {start['forget_prob']:.3f} -> {end['forget_prob']:.3f}, retain p "
