@@ -23,7 +23,7 @@ from ..outputs import atomic_output_dir, is_own_output, write_json_atomic
 
 # Raise when the fine-tuning recipe's code (finetune_stage, trainer.finetune) changes what a key's model would be.
 # 2: chat prompts carry the evaluation's system prompt and date_string (data.TRAINING_PROMPT_FORMAT).
-# 3: chat answers are trained on to their end as open-unlearning's (the turn's end, what follows it, eos).
+# 3: as open-unlearning trains: chat answers to their end (turn end, what follows, eos), no attention to pad ids.
 RECIPE_VERSION = 3
 MODEL_INFO = "bs-unlearn-model.json"
 
