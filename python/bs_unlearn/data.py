@@ -24,7 +24,7 @@ import torch
 
 from bs_kernels import IGNORE_INDEX
 
-from .prompts import PromptFormat, encode_qa, prompt_messages
+from .prompts import PromptFormat, encode_prompt, encode_qa
 
 # The chat prompts' system turn and date_string: the evaluation's defaults (open-unlearning's template arguments).
 TRAINING_PROMPT_FORMAT = PromptFormat()
@@ -187,22 +187,13 @@ def end_of_turn_ids(tokenizer) -> list[int]:
     return sorted(set(ids))
 
 
-def prompt_text(tokenizer, question: str) -> str:
-    """The prompt string for a question (ends where the answer begins)."""
-    if getattr(tokenizer, "chat_template", None):
-        fmt = TRAINING_PROMPT_FORMAT
-        return tokenizer.apply_chat_template(
-            prompt_messages(question, None, fmt), tokenize=False, add_generation_prompt=True, **fmt.template_kwargs()
-        )
-    return f"Question: {question}\nAnswer:"
-
-
 def tokenize_prompt(tokenizer, question: str) -> list[int]:
-    """Prompt token ids (with the tokenizer's special prefix tokens, e.g. bos, when it adds them)."""
-    text = prompt_text(tokenizer, question)
-    # A chat template already writes its own special tokens into the text.
-    add_special = not getattr(tokenizer, "chat_template", None)
-    return list(tokenizer(text, add_special_tokens=add_special)["input_ids"])
+    """The trainer's prompt token ids, where :func:`tokenize_qa`'s answers begin: with a chat template
+    ``prompts.encode_prompt`` with TRAINING_PROMPT_FORMAT; without one "Question: ...\nAnswer:" with the tokenizer's
+    special prefix tokens (e.g. bos) when it adds them."""
+    if getattr(tokenizer, "chat_template", None):
+        return encode_prompt(tokenizer, question, TRAINING_PROMPT_FORMAT)
+    return list(tokenizer(f"Question: {question}\nAnswer:", add_special_tokens=True)["input_ids"])
 
 
 def tokenize_qa(tokenizer, question: str, answer: str, *, max_length: int = 256) -> dict[str, list[int]]:

@@ -309,17 +309,20 @@ class _Context:
             write_probe_json(run["probe"], self.output / f"probe_{spec.slug}{suffix}.json")
             results["runs"].append(run)
             # After every run (a long comparison can be cut short), with the finished runs not listed again yet.
-            listed = {(run["label"], run.get("seed", self.seed)) for run in results["runs"]}
-            kept = [run for key, run in done.items() if key not in listed]
-            save_results({**results, "runs": results["runs"] + kept}, self.output)
+            save_results({**results, "runs": self._with_unlisted(results["runs"], done)}, self.output)
             start, end = results["start"], run["end"]
             say(
                 f"[{tag}]   forget p {start['forget_prob']:.3f} -> {end['forget_prob']:.3f}, retain p "
                 f"{end['retain_prob']:.3f} ({unlearn_seconds + self.laps(f'evaluate {name}'):.0f} s)"
             )
         # Finished runs this call did not ask for stay in results.json (a narrower --runs / --seeds loses nothing).
-        asked = {(spec.label, seed) for seed in seeds for spec in specs}
-        results["runs"] += [run for key, run in done.items() if key not in asked]
+        results["runs"] = self._with_unlisted(results["runs"], done)
+
+    def _with_unlisted(self, runs: list[dict], done: dict) -> list[dict]:
+        """``runs`` and after them every run of ``done`` (finished by an earlier call, by (label, seed)) not among
+        them."""
+        listed = {(run["label"], run.get("seed", self.seed)) for run in runs}
+        return runs + [run for key, run in done.items() if key not in listed]
 
 
 def _plot(results: dict, settings: ComparisonSettings, output: pathlib.Path, data_name: str) -> None:
