@@ -320,17 +320,18 @@ def _sweep(triton_backend, base, labels, logits_bytes, args, results: list[dict]
 
 def _few_rows_sweep(triton_backend, rows, row_labels, top_k: int, args, timed) -> None:
     """The forward on the first N rows, N as in the fused lm_head's chunks (256 to 2048), at k and at k = 0: the
-    launcher's choice (its config in the row), then each path forced: the per-lane kernel with 4 and 8 groups and
-    the split-vocabulary forward with 2 to 4 slices of 8-group blocks."""
+    launcher's choice (its config in the row), then each path forced: the per-lane kernel with 4, 8 and 16 groups
+    and the split-vocabulary forward with 2 to 4 slices of 8-group blocks."""
     deep = plan.LANES_DEEP
-    forced = [plan.LANES_DEFAULT, deep] + [triton_backend.SplitForwardConfig(deep, s) for s in (2, 3, 4)]
+    forced = [plan.LANES_DEFAULT, deep, plan.LANES_DEEPER]
+    forced += [triton_backend.SplitForwardConfig(deep, s) for s in (2, 3, 4)]
     counts = (8, 16) if args.dry_run else (256, 512, 1024, 2048)
     for count in counts:
         subset, subset_labels = rows[:count], row_labels[:count]
         for k in dict.fromkeys((top_k, 0)):
             chosen = triton_backend.forward_config(subset.shape[1], k, count, subset.element_size())
             for label, config in [("launcher", None), *(("forced", config) for config in forced)]:
-                if args.dry_run and label == "forced" and config not in forced[1:3]:
+                if args.dry_run and label == "forced" and config not in (deep, forced[3]):  # 8 groups, 2 slices
                     continue
 
                 def launch(config=config, k=k, subset=subset, subset_labels=subset_labels):

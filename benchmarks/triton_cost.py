@@ -435,15 +435,17 @@ def backward_launches(vocab_size: int, top_k: int, dtype: str = "bf16") -> list[
 
 def launcher_launches() -> list[Launch]:
     """Every kernel the launcher can pick, by representative: the per-lane forward at k = 0, 1, 20, 64, 128 (K_PAD 1
-    to 128), the split forward and its merge (2 and 16 slices) at k <= 64, the bucket forward at k = 129 and 1024
-    (K_PAD 256 to the largest), the backward; bf16, and fp32 / fp64 (other loads and key packing) at k = 20."""
+    to 128; 4 and 8 groups, 16 groups at k <= 64), the split forward and its merge (2 and 16 slices) at k <= 64, the
+    bucket forward at k = 129 and 1024 (K_PAD 256 to the largest), the backward; bf16, and fp32 / fp64 (other loads
+    and key packing) at k = 20."""
     from bs_kernels.backends import triton_launch as launcher
 
     out: list[Launch] = []
     for dtype in ("bf16", "fp32", "fp64"):
         for top_k in (0, 1, 20, 64, 128) if dtype == "bf16" else (20,):
             deep = plan.deep_lanes(_TYPES[dtype].itemsize)
-            for lanes in dict.fromkeys((plan.LANES_DEFAULT, deep)):
+            deeper = plan.deeper_lanes(_TYPES[dtype].itemsize) if top_k <= plan.SPLIT_MAX_TOP_K else deep
+            for lanes in dict.fromkeys((plan.LANES_DEFAULT, deep, deeper)):
                 out += config_launches(lanes, top_k, 128_256, dtype)
             if top_k <= plan.SPLIT_MAX_TOP_K:
                 for slices in (2, 16):
@@ -691,7 +693,12 @@ def table_configs(vocabs: tuple[int, ...]) -> dict[tuple[int, int, int], dict[st
                 chosen = launcher.forward_config(vocab, top_k, rows)
                 wanted = -(-plan.IN_FLIGHT_BYTES // (rows * plan.program_bytes_in_flight(plan.LANES_DEEP)))
                 slices = min(wanted, plan.max_slices(vocab, top_k, 2))
-                configs = {"bucket": bucket, "per-lane 4": plan.LANES_DEFAULT, "per-lane 8": plan.LANES_DEEP}
+                configs = {
+                    "bucket": bucket,
+                    "per-lane 4": plan.LANES_DEFAULT,
+                    "per-lane 8": plan.LANES_DEEP,
+                    "per-lane 16": plan.LANES_DEEPER,
+                }
                 if top_k <= plan.SPLIT_MAX_TOP_K and slices > 1:
                     configs["split-V"] = launcher.SplitForwardConfig(plan.LANES_DEEP, slices)
                 out[vocab, top_k, rows] = {"chosen": chosen, **configs}
@@ -893,15 +900,15 @@ def launcher_table(configs: dict, costs: dict, results: dict, data: list[tuple[s
     the launcher's choice in bold with its bytes in flight, merge traffic, issue and HBM times, and the backward."""
     budget = issue_budget_per_logit()
     lines = [
-        "| V | k | N | bucket | per-lane 4 groups | per-lane 8 groups | split-V | chosen | in flight (MB) | merge "
-        "traffic | chosen: issue / HBM us | backward per logit (budget 2x) |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| V | k | N | bucket | per-lane 4 groups | per-lane 8 groups | per-lane 16 groups | split-V | chosen | in "
+        "flight (MB) | merge traffic | chosen: issue / HBM us | backward per logit (budget 2x) |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for (vocab, top_k, rows), entry in configs.items():
         names = {kind: _config_name(config, top_k) for kind, config in entry.items()}
         datas = [name for name, v in data if v == vocab]
         cells = []
-        for kind in ("bucket", "per-lane 4", "per-lane 8", "split-V"):
+        for kind in ("bucket", "per-lane 4", "per-lane 8", "per-lane 16", "split-V"):
             if kind not in entry:
                 cells.append("-")
                 continue

@@ -58,31 +58,35 @@ class SplitForwardConfig:
 # Which forward, from two models (benchmarks/triton_cost.py; benchmarks/RESULTS.md has the table of every path):
 # - issue: lane-instructions per logit from the SASS with its paths replayed on random and on real logits; the
 #   H200 issues 13.9 per logit in the time HBM delivers one bf16 logit. The per-lane kernel is under that at any N
-#   at k <= 64 (8-11 at k = 20, 6 at k = 0) and 5-10x cheaper than the bucket kernel at k = 100 (20-38 against
-#   190-240, both issue-bound there); above k = 128 neither has been costed and the bucket kernel, exact up to
-#   k = 1024, keeps that range. A split row costs more: every slice fills its own top k from scratch (the warm
-#   start of its first block, k <= 32, saves part of that), and each slice runs its program's code outside the
-#   loop once, so a slice keeps at least SLICE_MIN_LOGITS logits (at V = 49 152, 2 slices: 14.8 per logit at k = 20
-#   on random rows, 12.9 on SmolLM2's, 7.7 at k = 0; since z - m is formed before the exp2 (issue 26) the
-#   block costs one FADD per logit more, which put the random-row k = 20 case over the budget), and rows are split
-#   only at k <= 64.
+#   at k <= 64 (8-13 at k = 20 with 4 to 16 groups, 7-8 at k = 0) and 5-10x cheaper than the bucket kernel at
+#   k = 100 (20-46 against 190-240, both issue-bound there); above k = 128 neither has been costed and the bucket
+#   kernel, exact up to k = 1024, keeps that range. A split row costs more: every slice fills its own top k from
+#   scratch (the warm start of its first block, k <= 32, saves part of that), and each slice runs its program's
+#   code outside the loop once, so a slice keeps at least SLICE_MIN_LOGITS logits (at V = 49 152, 2 slices of
+#   8-group blocks: 14.8 per logit at k = 20 on random rows, over the budget, against 12.9 unsplit with 16 groups),
+#   and rows are split only at k <= 64.
 # - bytes in flight (Little's law): HBM delivers its bandwidth only with bandwidth x latency bytes requested and not
 #   yet returned: 4.8 TB/s x 600-800 ns = 2.9-3.8 MB on an H200; IN_FLIGHT_BYTES asks for 3 MiB. A one-warp program
 #   has one block of loads in flight (issued together; the loop is not software-pipelined): groups x 32 lanes x
-#   16 bytes, 2 KiB at 4 groups, 4 KiB at 8. Programs resident at once: per SM, the fewest of 32 CTAs, 64 warps and
-#   65 536 registers / (registers per thread, rounded up to 8, x 32 lanes); registers per config as compiled for
-#   sm_90 (tests/kernels/test_triton_sass.py checks the compiled count against LANES_REGISTERS).
-# The launcher takes the first of: the 4-group per-lane kernel, the 8-group one, that one split into the fewest
-# slices that reach IN_FLIGHT_BYTES, within the slice limits (SLICE_MIN_LOGITS, MAX_SLICES, and the merge's
-# traffic, S x (8 + 8 k) bytes per row written and read again, at most MERGE_TRAFFIC of the logits' bytes). Below
-# the slice limits it runs with fewer bytes in flight than asked (e.g. N = 256 rows of V = 49 152 at k = 20: 2
-# slices, 2 MiB).
+#   16 bytes, 2 KiB at 4 groups, 4 KiB at 8, 8 KiB at 16. Programs resident at once: per SM, the fewest of 32 CTAs,
+#   64 warps and 65 536 registers / (registers per thread, rounded up to 8, x 32 lanes); registers per config as
+#   compiled for sm_90 (tests/kernels/test_triton_sass.py checks the compiled count against LANES_REGISTERS).
+# The launcher takes the first of the 4-group and the 8-group per-lane kernels that reaches IN_FLIGHT_BYTES; at
+# k > 64 (issue-bound: more bytes in flight buy nothing) the 8-group one. At k <= 64, the 16-group kernel if it
+# reaches IN_FLIGHT_BYTES (it costs ~1 more per logit than 8 groups at k = 20: more lanes' worth of logits per visit),
+# else the 8-group kernel split into the fewest slices that reach it, within the slice limits (SLICE_MIN_LOGITS,
+# MAX_SLICES, and the merge's traffic, S x (8 + 8 k) bytes per row written and read again, at most MERGE_TRAFFIC of
+# the logits' bytes), when that split keeps more bytes in flight than the 16-group kernel, else the 16-group kernel
+# with fewer bytes in flight than asked (e.g. N = 256 rows of V = 49 152: 2 MiB either way; the 16-group kernel is
+# the cheaper).
 LANES_MAX_TOP_K = 128
 SPLIT_MAX_TOP_K = 64
 LANES_DEFAULT = LaneForwardConfig(groups=4, num_warps=1)
 LANES_DEEP = LaneForwardConfig(groups=8, num_warps=1)
-LANES_REGISTERS = {LANES_DEFAULT: 64, LANES_DEEP: 96}  # upper bounds, sm_90, k <= 128, 16/32-bit logits
-# float64 logits take the 4-group kernel for the deep one too: 8 groups of float64 keys need a 16-byte stack frame
+LANES_DEEPER = LaneForwardConfig(groups=16, num_warps=1)  # k <= SPLIT_MAX_TOP_K only
+# Upper bounds, sm_90, 16/32-bit logits: k <= 128 (4 and 8 groups), k <= 64 (16 groups).
+LANES_REGISTERS = {LANES_DEFAULT: 64, LANES_DEEP: 96, LANES_DEEPER: 200}
+# float64 logits take the 4-group kernel for the deep ones too: 8 groups of float64 keys need a 16-byte stack frame
 # on sm_90 (tests/kernels/test_triton_sass.py).
 H200_SMS = 132
 IN_FLIGHT_BYTES = 3 << 20
@@ -92,8 +96,13 @@ MERGE_TRAFFIC = 0.02
 
 
 def deep_lanes(element_size: int) -> LaneForwardConfig:
-    """The per-lane config with the most bytes in flight per program for this element size."""
+    """The 8-group per-lane config for this element size (float64: the 4-group one)."""
     return LANES_DEEP if element_size < 8 else LANES_DEFAULT
+
+
+def deeper_lanes(element_size: int) -> LaneForwardConfig:
+    """The per-lane config with the most bytes in flight per program for this element size (k <= 64)."""
+    return LANES_DEEPER if element_size < 8 else LANES_DEFAULT
 
 
 def program_bytes_in_flight(config: LaneForwardConfig) -> int:
@@ -102,7 +111,7 @@ def program_bytes_in_flight(config: LaneForwardConfig) -> int:
 
 
 def resident_programs(config: LaneForwardConfig) -> int:
-    """Programs of LANES_DEFAULT or LANES_DEEP an H200 holds at once (CTA, warp and register limits per SM)."""
+    """Programs of a LANES_REGISTERS config an H200 holds at once (CTA, warp and register limits per SM)."""
     registers = -(-LANES_REGISTERS[config] // 8) * 8 * 32 * config.num_warps
     return H200_SMS * min(32, 64 // config.num_warps, 65_536 // registers)
 
@@ -136,8 +145,9 @@ def forward_config(
     vocab_size: int, top_k: int, num_rows: int = 0, element_size: int = 2
 ) -> ForwardConfig | LaneForwardConfig | SplitForwardConfig:
     """The forward's kernel and block sizes (the choice is explained above LANES_MAX_TOP_K): for k <= 128 the
-    per-lane kernel, split along V (k <= 64) when the rows alone keep too few bytes in flight; else the bucket kernel,
-    whole small rows in one block, 4096 logits per step for large vocabularies."""
+    per-lane kernel with 4, 8 or (k <= 64) 16 groups, or split along V (k <= 64) when the rows alone keep too few
+    bytes in flight; else the bucket kernel, whole small rows in one block, 4096 logits per step for large
+    vocabularies."""
     if top_k <= LANES_MAX_TOP_K:
         deep = deep_lanes(element_size)
         for lanes in (LANES_DEFAULT, deep):
@@ -145,9 +155,13 @@ def forward_config(
                 return lanes
         if top_k > SPLIT_MAX_TOP_K:
             return deep
+        deeper = deeper_lanes(element_size)
+        if bytes_in_flight(deeper, num_rows) >= IN_FLIGHT_BYTES:
+            return deeper
         wanted = cdiv(IN_FLIGHT_BYTES, max(num_rows, 1) * program_bytes_in_flight(deep))
         slices = min(wanted, max_slices(vocab_size, top_k, element_size))
-        return deep if slices <= 1 else SplitForwardConfig(deep, slices)
+        split = SplitForwardConfig(deep, slices)
+        return split if slices > 1 and bytes_in_flight(split, num_rows) > bytes_in_flight(deeper, num_rows) else deeper
     padded_k = next_power_of_two(max(top_k, 1))
     block_v = max(min(next_power_of_two(vocab_size), MAX_BLOCK_V), padded_k, 16)
     # About 16 logits per bucket: two candidates rarely share one once the k-th best has settled.

@@ -24,7 +24,7 @@ from conftest import TOLERANCES
 import bs_kernels
 from bs_kernels import bs_token_loss, forget_logprobs
 from bs_kernels._options import BSOptions
-from bs_kernels.backends import torch_chunked
+from bs_kernels.backends import torch_chunked, triton_plan
 from bs_kernels.backends import triton_launch as triton_backend
 from bs_kernels.epilogue import finish_rows
 
@@ -308,6 +308,19 @@ def test_lanes_forward_large_k(top_k):
     logits = _logits(2, 1100)
     labels = _labels(2, 1100)
     raw = triton_backend.forward(logits, labels, top_k, config=triton_backend.LaneForwardConfig(groups=4, num_warps=1))
+    _assert_forward_matches(raw, torch_chunked.forward(logits, labels, top_k), logits, top_k)
+
+
+@needs_triton
+@pytest.mark.parametrize("top_k", [0, 20])
+@pytest.mark.parametrize("config", [triton_plan.LANES_DEEP, triton_plan.LANES_DEEPER], ids=["8_groups", "16"])
+def test_launcher_lanes_configs_exact(config, top_k):
+    """The per-lane configs the launcher picks for few rows, as compiled for a GPU (16-byte vectors: 1024 / 2048
+    float32 logits per block), over two whole blocks and a partial one."""
+    vocab = 2 * config.block_v(torch.float32) + 300
+    logits = _logits(3, vocab)
+    labels = _labels(3, vocab)
+    raw = triton_backend.forward(logits, labels, top_k, config=config)
     _assert_forward_matches(raw, torch_chunked.forward(logits, labels, top_k), logits, top_k)
 
 

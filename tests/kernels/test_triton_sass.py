@@ -140,8 +140,15 @@ def test_launcher_choice_by_the_models():
                     assert 2 * slices * (8 + 8 * top_k) <= 0.02 * vocab * 2
         assert isinstance(launcher.forward_config(vocab, 100, 256), launcher.LaneForwardConfig)
         assert isinstance(launcher.forward_config(vocab, 129, 8192), launcher.ForwardConfig)
-    # Many rows: the 4-group per-lane kernel alone keeps enough in flight; few rows of a large vocabulary: split.
+    # Many rows: the 4-group per-lane kernel alone keeps enough in flight; fewer: 8, then 16 groups; the fewest rows
+    # of a large vocabulary: split, unless 16 groups keep as much in flight (2 slices of V = 49 152 at 256 rows).
     assert launcher.forward_config(128_256, 20, 8192) == launcher.LANES_DEFAULT
     assert launcher.forward_config(128_256, 20, 1024) == launcher.LANES_DEEP
+    assert launcher.forward_config(128_256, 20, 512) == launcher.LANES_DEEPER
     assert launcher.forward_config(128_256, 20, 256) == launcher.SplitForwardConfig(launcher.LANES_DEEP, 3)
-    assert launcher.forward_config(49_152, 20, 512) == launcher.SplitForwardConfig(launcher.LANES_DEEP, 2)
+    assert launcher.forward_config(49_152, 20, 512) == launcher.LANES_DEEPER
+    assert launcher.forward_config(49_152, 20, 256) == launcher.LANES_DEEPER
+    assert launcher.forward_config(49_152, 100, 256) == launcher.LANES_DEEP  # issue-bound: the fewest instructions
+    assert launcher.forward_config(49_152, 20, 256, element_size=8) == launcher.SplitForwardConfig(
+        launcher.LANES_DEFAULT, 2
+    )
