@@ -2,7 +2,9 @@
 
 For every forget prompt x (the tokens before the first counted label) sample N continuations by temperature sampling
 (batched, left-padded, under no_grad and eval mode, stopping at the tokenizer's eos / chat end-of-turn token). Each
-belief becomes a training example ``input_ids = x + continuation``, ``labels = -100 on x``. Off-policy: sampled once
+belief becomes a training example ``input_ids = x + continuation``, ``labels = -100 on x``; a continuation that
+stopped is followed by what the forget answers carry after their end-of-turn token (open-unlearning's chat format:
+the template's newline and an appended eos), so beliefs end as the answers they stand beside. Off-policy: sampled once
 from the initial model; on-policy: ``BeliefRefreshCallback`` resamples the whole forget set every R epochs.
 
 In a distributed run each process samples a strided shard of the prompts and the shards are exchanged, so every
@@ -74,6 +76,7 @@ def sample_beliefs(
     max_new_tokens: int = 200,
     batch_size: int = 8,
     stop_ids: list[int] | None = None,
+    answer_labels=None,
 ) -> list[list[dict[str, list[int]]]]:
     """Sample ``num_samples`` continuations per prompt; returns, per prompt, that many belief examples.
 
@@ -82,7 +85,9 @@ def sample_beliefs(
             restored to its previous mode afterwards.
         prompts: token ids per prompt (no padding).
         stop_ids: ids that end a continuation (default: ``end_of_turn_ids(tokenizer)``); the stop token is kept as
-            the belief's last label, as the forget answers keep theirs.
+            a label, as the forget answers keep theirs.
+        answer_labels: the labels of one forget example (list or tensor); the counted labels after its first stop
+            id (:func:`answer_tail`) follow every continuation that stopped. None: nothing follows.
     """
     if num_samples < 1:
         raise ValueError(f"num_samples must be >= 1, got {num_samples}")
@@ -97,6 +102,7 @@ def sample_beliefs(
     stop_ids = list(stop_ids) if stop_ids is not None else end_of_turn_ids(tokenizer)
     if not stop_ids:
         raise ValueError("the tokenizer has no eos / end-of-turn token to stop generation at; pass stop_ids")
+    tail = answer_tail(answer_labels, stop_ids) if answer_labels is not None else []
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else stop_ids[0]
     rank, world = _distributed()
     my_indices = list(range(rank, len(prompts), world))
@@ -113,10 +119,10 @@ def sample_beliefs(
         top_k=0,  # pure temperature sampling over the whole vocabulary (generate's default is top-50)
         top_p=1.0,
     )
+    stops = set(stop_ids)
     mine = {
         index: [
-            {"input_ids": prompts[index] + tokens, "labels": [IGNORE_INDEX] * len(prompts[index]) + tokens}
-            for tokens in samples
+            _belief(prompts[index], tokens + tail if tokens and tokens[-1] in stops else tokens) for tokens in samples
         ]
         for index, samples in zip(my_indices, continuations)
     }
@@ -126,6 +132,21 @@ def sample_beliefs(
         for shard in shards:
             mine.update(shard)
     return [mine[i] for i in range(len(prompts))]
+
+
+def _belief(prompt: list[int], answer: list[int]) -> dict[str, list[int]]:
+    return {"input_ids": prompt + answer, "labels": [IGNORE_INDEX] * len(prompt) + answer}
+
+
+def answer_tail(labels, stop_ids) -> list[int]:
+    """The counted labels (not -100) after the first stop id among them: what a forget answer carries after its
+    end-of-turn token ([] when nothing follows it or no stop id is counted)."""
+    counted = [int(token) for token in _as_list(labels) if token != IGNORE_INDEX]
+    stops = set(int(token) for token in stop_ids)
+    for position, token in enumerate(counted):
+        if token in stops:
+            return counted[position + 1 :]
+    return []
 
 
 class BeliefRefreshCallback(TrainerCallback):

@@ -299,7 +299,11 @@ def unlearn(config: UnlearnConfig, *, callbacks: list[TrainerCallback] | None = 
             sample_kwargs = config.beliefs.sample_kwargs()
 
             def resample(current_model) -> None:
-                dataset.set_beliefs(sample_beliefs(current_model, tokenizer, prompts, **sample_kwargs))
+                dataset.set_beliefs(
+                    sample_beliefs(
+                        current_model, tokenizer, prompts, answer_labels=forget[0]["labels"], **sample_kwargs
+                    )
+                )
 
             resample(model)
             if config.beliefs.on_policy:

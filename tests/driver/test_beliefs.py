@@ -59,6 +59,38 @@ def test_stops_at_end_of_turn_token():
     assert any(len(b["input_ids"]) < len(p) + 30 for p, s in zip(prompts, result) for b in s)
 
 
+def test_beliefs_that_stop_end_as_the_forget_answers_do():
+    """answer_labels: what a forget answer carries after its end-of-turn token (open-unlearning's chat format: the
+    template's newline and an eos) follows every continuation that stopped, and none that ran to the limit."""
+    tokenizer = build_tokenizer()
+    model = build_model(tokenizer)
+    stop_id, newline_id, eos_id = tokenizer.convert_tokens_to_ids("and"), 7, tokenizer.eos_token_id
+    with torch.no_grad():
+        model.model.norm.weight.zero_()  # uniform sampling: some beliefs stop, some run to the limit
+    prompts = _prompts(tokenizer)
+    answer = [-100, -100, 11, 12, stop_id, newline_id, eos_id, -100]  # right padding after the answer
+    assert beliefs.answer_tail(answer, [stop_id, eos_id]) == [newline_id, eos_id]
+    assert beliefs.answer_tail(torch.tensor(answer), [eos_id]) == []  # the eos is the last counted label
+    assert beliefs.answer_tail([-100, 11, 12], [stop_id]) == []
+    torch.manual_seed(0)
+    result = beliefs.sample_beliefs(
+        model, tokenizer, prompts, num_samples=8, max_new_tokens=30, stop_ids=[stop_id, eos_id], answer_labels=answer
+    )
+    ended, cut = 0, 0
+    for prompt, samples in zip(prompts, result):
+        for belief in samples:
+            continuation = belief["labels"][len(prompt) :]
+            assert continuation == belief["input_ids"][len(prompt) :]
+            stops = [j for j, t in enumerate(continuation) if t in (stop_id, eos_id)]
+            if stops and stops[0] < 30:
+                assert continuation[stops[0] :] == [continuation[stops[0]], newline_id, eos_id]
+                ended += 1
+            else:
+                assert len(continuation) == 30 and not stops
+                cut += 1
+    assert ended and cut
+
+
 def test_temperature_controls_spread():
     tokenizer = build_tokenizer()
     model = build_model(tokenizer)

@@ -154,6 +154,31 @@ def test_bss_samples_the_whole_forget_set_and_mixes_the_loss(tmp_path):
     assert_same_grads(parameter_grads(reference_model), parameter_grads(model))
 
 
+def test_bss_passes_a_forget_answer_to_end_beliefs_like(tmp_path, monkeypatch):
+    """The belief set and on-demand beliefs are sampled with a forget example's labels as answer_labels (the driver
+    does the same; tests/driver/test_beliefs.py checks what sample_beliefs makes of them)."""
+    from bs_unlearn.integrations import open_unlearning
+
+    calls = []
+    real = open_unlearning.sample_beliefs
+
+    def recording(*args, answer_labels=None, **kwargs):
+        calls.append(list(torch.as_tensor(answer_labels).tolist()))
+        return real(*args, answer_labels=answer_labels, **kwargs)
+
+    monkeypatch.setattr(open_unlearning, "sample_beliefs", recording)
+    model, tokenizer = tiny_model_and_tokenizer()
+    dataset = make_dataset(tokenizer, num_forget=2)
+    arguments = dict(n_samples=1, max_new_tokens=3, model=model, args=training_arguments(tmp_path))
+    trainer = BSS(train_dataset=dataset, processing_class=tokenizer, **arguments)
+    trainer.refresh_beliefs_for_epoch(0, model)
+    assert calls == [list(dataset.forget[0]["labels"])]
+    on_demand = BSS(processing_class=tokenizer, **arguments)
+    batch = make_batch(tokenizer)["forget"]
+    on_demand.belief_batch(model, batch)
+    assert calls[1] == batch["labels"][0].tolist()
+
+
 def test_bss_with_bst_base_and_on_demand_beliefs(tmp_path):
     """bss_base="BST": both terms are BS-T; a prompt outside the data set is sampled on first use."""
     model, tokenizer = tiny_model_and_tokenizer()

@@ -77,6 +77,36 @@ def test_each_method_lowers_forget_logprobs(tiny_setup, method, extra):  # noqa:
     assert steps[0]["forget_logprob"] == pytest.approx(before, abs=0.05)
 
 
+def test_bs_s_samples_beliefs_that_end_like_a_forget_answer(tiny_setup, monkeypatch):  # noqa: F811
+    """The driver hands sample_beliefs a forget example's labels (answer_labels), so beliefs that stop carry what the
+    answers carry after their end-of-turn token (tests/driver/test_beliefs.py checks that part)."""
+    from bs_unlearn import trainer
+    from bs_unlearn.beliefs import prompt_ids_of
+
+    seen = []
+    real = trainer.sample_beliefs
+
+    def recording(model, tokenizer, prompts, *, answer_labels=None, **kwargs):
+        seen.append((prompts[0], list(answer_labels)))
+        return real(model, tokenizer, prompts, answer_labels=answer_labels, **kwargs)
+
+    monkeypatch.setattr(trainer, "sample_beliefs", recording)
+    config = UnlearnConfig(
+        objective=ObjectiveConfig(method="bs-s"),
+        beliefs=BeliefConfig(max_new_tokens=3),
+        forget=str(tiny_setup["forget"]),
+        retain=str(tiny_setup["retain"]),
+        model=str(tiny_setup["model"]),
+        max_steps=1,
+        batch_size=2,
+        progress=False,
+    )
+    unlearn(config)
+    _, tokenizer = _load(tiny_setup["model"])
+    first = tokenize_dataset(load_qa_jsonl(tiny_setup["forget"]), tokenizer)[0]
+    assert seen == [(prompt_ids_of(first), first["labels"])]  # sampled once (off-policy), the first forget example
+
+
 def test_finetune_raises_answer_logprob_and_saves(tiny_setup, tmp_path):  # noqa: F811
     output = tmp_path / "target"
     model, tokenizer = _load(tiny_setup["model"])

@@ -310,11 +310,14 @@ class BSS(BST):
             raise ValueError("BSS samples beliefs with the tokenizer: pass processing_class= (or tokenizer=)")
         return tokenizer
 
-    def _sample(self, model, prompts: list[tuple[int, ...]], *, on_demand: bool) -> None:
+    def _sample(self, model, prompts: list[tuple[int, ...]], answer_labels, *, on_demand: bool) -> None:
+        """Beliefs for ``prompts``; ``answer_labels``: one forget example's labels (what follows its end-of-turn
+        token follows every belief that stopped, as in the driver)."""
         sampled = sample_beliefs(
             model,
             self._tokenizer,
             [list(prompt) for prompt in prompts],
+            answer_labels=answer_labels,
             num_samples=self.n_samples,
             temperature=self.temperature,
             max_new_tokens=self.max_new_tokens,
@@ -333,12 +336,13 @@ class BSS(BST):
         # In the Trainer's log history (trainer_state.json) too, so a run shows when its belief set was sampled.
         self.log({"bss_sampled_prompts": float(len(prompts)), "bss_sampled_on_demand": float(on_demand)})
 
-    def forget_prompts(self) -> list[tuple[int, ...]]:
-        """The distinct prompts of the training set's forget examples (open-unlearning's ``ForgetRetainDataset``
-        exposes them as ``.forget``; any dataset whose items have a ``"forget"`` example works)."""
+    def forget_prompts(self) -> dict[tuple[int, ...], object]:
+        """The distinct prompts of the training set's forget examples, each with the labels of its first example
+        (open-unlearning's ``ForgetRetainDataset`` exposes them as ``.forget``; any dataset whose items have a
+        ``"forget"`` example works)."""
         dataset = self.train_dataset
         if dataset is None:
-            return []
+            return {}
         forget = getattr(dataset, "forget", None)
         if forget is None:
             examples = (dataset[index]["forget"] for index in range(len(dataset)))
@@ -346,15 +350,18 @@ class BSS(BST):
             examples = (forget[index] for index in range(len(forget)))
         prompts = {}
         for example in examples:
-            prompts[prompt_of(example["input_ids"], example["labels"], example.get("attention_mask"))] = None
-        return list(prompts)
+            prompt = prompt_of(example["input_ids"], example["labels"], example.get("attention_mask"))
+            prompts.setdefault(prompt, example["labels"])
+        return prompts
 
     def _resample_all(self, model) -> bool:
         prompts = self.forget_prompts()
         if not prompts:
             return False
         self.beliefs = {}
-        self._sample(model if model is not None else self.model, prompts, on_demand=False)
+        self._sample(
+            model if model is not None else self.model, list(prompts), next(iter(prompts.values())), on_demand=False
+        )
         return True
 
     def refresh_beliefs_for_epoch(self, epoch: int, model) -> None:
@@ -376,7 +383,7 @@ class BSS(BST):
                     f"{len(missing)} forget prompt(s) of this batch have no beliefs; in a distributed run the belief "
                     "set must be sampled before training (train_dataset must expose the forget examples)"
                 )
-            self._sample(model, missing, on_demand=True)
+            self._sample(model, missing, forget_inputs["labels"][0], on_demand=True)
         tokenizer = self._tokenizer
         pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else end_of_turn_ids(tokenizer)[0]
         batch = pad_examples([belief for prompt in prompts for belief in self.beliefs[prompt]], pad_id)
