@@ -6,13 +6,18 @@
     python benchmarks/bench_loss_cpu.py --shapes tiny --rounds 2 # a check that it runs
     python benchmarks/bench_loss_cpu.py --providers native,native:two-pass --rounds 3 --no-forward-table
                                                                  # the one-pass gradient against the two passes
+    python benchmarks/bench_loss_cpu.py --providers native,native:no-pool,native:two-pass --no-forward-table
+                                                                 # the gradient pool against fresh memory
 
 Tables, per shape (providers.LOGITS_SHAPES, float32, k = 20, lam = 0.2):
   1. fwd+bwd (loss.backward() on a fresh gradient) per provider: best and median wall time and the median CPU time
      of all threads (harness.time_bench), speed-ups of the best times, and the peak memory above the inputs
      (harness.peak_memory: a fresh process per provider). native:avx2 / native:sse2 cap the kernel's instruction
      set (see providers.py); their allocations are native's. native:two-pass is native with the gradient formed in
-     backward (a second read of the logits) instead of in forward (bs_kernels/one_pass.py).
+     backward (a second read of the logits) instead of in forward (bs_kernels/one_pass.py). native:no-pool is native
+     with every gradient in fresh memory (the kernels' gradient pool off); native keeps the last freed gradient's
+     block between calls, released before the peak is measured (harness.measure_peak), so the peak counts the
+     call's gradient.
      The floor, measured in the same process over the same bytes: one read + one write of the logits (the best
      time of a copy into a preallocated buffer), and one read (the best time of a sum); every provider's best time
      is given relative to the first (the one-pass floor) and to read + copy (the two-pass floor).
@@ -45,7 +50,7 @@ import bs_kernels
 from bs_kernels.backends import native
 
 SHAPES = {**LOGITS_SHAPES, **TINY_LOGITS_SHAPES}
-PROVIDERS = ("reference", "torch", "native", "native:two-pass", "native:avx2", "native:sse2")
+PROVIDERS = ("reference", "torch", "native", "native:no-pool", "native:two-pass", "native:avx2", "native:sse2")
 ISA_VARIANTS = ("native:avx2", "native:sse2")  # same allocations as native
 CPU = torch.device("cpu")
 

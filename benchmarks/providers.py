@@ -14,6 +14,8 @@ Logits case, a loss of logits [B, T, V] and labels [B, T] (``bs_token_loss``):
   native:sse2      native capped to the SSE2 baseline (BS_KERNELS_NATIVE_ISA=default)
   native:two-pass  native without the one-pass gradient (BS_KERNELS_NATIVE_TWO_PASS=1, bs_kernels/one_pass.py):
                    forward reads the logits, backward reads them again and writes the gradient
+  native:no-pool   native with every gradient in fresh memory (BS_KERNELS_NATIVE_GRAD_POOL=0): what it cost before
+                   the kernels kept the last freed gradient's block for the next (csrc/bs_token_native.cpp)
   triton:inplace   triton with inplace_backward=True: the gradient overwrites the logits
   liger            Liger-Kernel's hard-label cross entropy (CUDA; it writes the gradient into the logits during its
                    forward). lam = 0 makes BS-T that work plus a top-k, so it is the cost floor.
@@ -49,6 +51,7 @@ LOGITS_PROVIDERS = (
     "torch",
     "native",
     "native:two-pass",
+    "native:no-pool",
     "native:avx2",
     "native:sse2",
     "triton",
@@ -70,6 +73,7 @@ LINEAR_PROVIDERS = (
 )
 OPTIONS = {"lam": 0.2, "top_k": 20}
 NATIVE_ISA = {"avx2": "avx2", "sse2": "default"}  # variant -> BS_KERNELS_NATIVE_ISA
+NO_POOL = {"BS_KERNELS_NATIVE_GRAD_POOL": "0"}
 
 # (batch, length, vocab): SmolLM2's and Llama-3's vocabularies; 1 024 positions at V = 128 256 keep the reference's
 # ~7 GB of float32 temporaries within a 24 GiB machine.
@@ -136,6 +140,8 @@ def logits_provider(name: str, options: dict | None = None) -> Provider:
     if name == "native:two-pass":
         loss = functools.partial(bs_kernels.bs_token_loss, impl="native", **options)
         return Provider(name, loss, environ={TWO_PASS_ENV: "1"})
+    if name == "native:no-pool":
+        return Provider(name, functools.partial(bs_kernels.bs_token_loss, impl="native", **options), environ=NO_POOL)
     if name == "triton:inplace":
         loss = functools.partial(bs_kernels.bs_token_loss, impl="triton", inplace_backward=True, **options)
         return Provider(name, loss, overwrites_input=True)

@@ -10,6 +10,8 @@
 //   native_forward_grad_(logits mutated, labels, top_k, grad_rows) -> the forward's five outputs; grad over logits
 //   native_sparse_grad_(grad mutated, grad_rows, labels, row_max, log_sum, label_logits, belief_logits, belief_ids,
 //                       belief_weights, label_weight) -> ()   the k + 1 sparse terms of each row
+//   native_release_gradient_pool() -> ()   frees the block the gradient pool holds (see GradientPool)
+//   native_gradient_pool_bytes() -> int    the bytes it holds
 // Statistics are float32 (float64 for float64 logits); the gradient has the logits' dtype.
 //
 // Forward, per row, in chunks of kChunk elements that stay in L1 (one read of the row from memory):
@@ -43,7 +45,8 @@
 // caps the choice (tests, benchmarks).
 // float64 runs a scalar path with std::exp (it is the precision path, not the fast one).
 // Cost: forward reads the logits once, writes O(N k); backward reads them once and writes one [N, V] gradient
-// (allocated with a transparent-huge-page hint, see advise_huge_pages). Limits: bf16/fp16 are widened with c10's
+// (allocated with a transparent-huge-page hint, see advise_huge_pages, from a one-slot pool that keeps the last freed
+// gradient's memory for the next, see GradientPool). Limits: bf16/fp16 are widened with c10's
 // scalar conversions (fp16's is software, so its backward is ~4x slower than bf16's); float64 is scalar.
 // Rows are split over threads with at::parallel_for (tasks of ~2^18 elements taken from a shared counter).
 
@@ -51,6 +54,7 @@
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
+#include <ATen/ops/from_blob.h>
 #include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>
 #include <torch/library.h>
@@ -62,6 +66,7 @@
 #include <cstdlib>
 #include <cstring>
 #include <limits>
+#include <mutex>
 #include <string>
 #include <tuple>
 #include <type_traits>
@@ -782,6 +787,91 @@ void advise_huge_pages(void* data, size_t bytes) {
 #endif
 }
 
+// The [N, V] gradients. A training loop asks for one every step and frees it before the next; memory of that size
+// comes from mmap, so every step faults its pages in and the kernel zeroes them, which costs about two copies of the
+// buffer's bytes on top of the kernel's own write, whatever the page size (benchmarks/RESULTS.md, "On a quiet
+// machine"). So the memory of a freed gradient is kept and the next gradient that fits is placed in it, its pages
+// already resident: a one-slot pool. It holds at most one block (when a second is freed, the larger is kept), so a
+// process holds at most one gradient's memory more than before between steps; nothing changes while a gradient is
+// alive (a block is reused only once every tensor on it is gone: the storage's deleter returns it). Gradients under
+// 32 MiB are left to malloc.
+// BS_KERNELS_NATIVE_GRAD_POOL=0 turns the pool off (read on every call); native_release_gradient_pool() frees the
+// block it holds.
+class GradientPool {
+ public:
+  at::Tensor empty(at::IntArrayRef sizes, const at::TensorOptions& options) {
+    const size_t bytes = static_cast<size_t>(c10::multiply_integers(sizes)) * options.dtype().itemsize();
+    const char* setting = std::getenv("BS_KERNELS_NATIVE_GRAD_POOL");
+    if (bytes < kPoolMinBytes || (setting != nullptr && std::string(setting) == "0")) {
+      at::Tensor plain = at::empty(sizes, options);
+      advise_huge_pages(plain.data_ptr(), plain.nbytes());
+      return plain;
+    }
+    void* block = nullptr;
+    size_t capacity = 0;
+    {
+      std::lock_guard<std::mutex> guard(mutex_);
+      if (block_ != nullptr && capacity_ >= bytes) {
+        block = block_;
+        capacity = capacity_;
+      } else {
+        std::free(block_);  // too small for this request: a larger block replaces it
+      }
+      block_ = nullptr;
+      capacity_ = 0;
+    }
+    if (block == nullptr) {
+      capacity = (bytes + kHugePage - 1) / kHugePage * kHugePage;
+      block = std::aligned_alloc(kHugePage, capacity);
+      TORCH_CHECK(block != nullptr, "bs_kernels native: could not allocate a ", bytes, "-byte gradient");
+      advise_huge_pages(block, capacity);
+    }
+    return at::from_blob(
+        block, sizes, [this, capacity](void* data) { give_back(data, capacity); }, options);
+  }
+
+  void release() {
+    std::lock_guard<std::mutex> guard(mutex_);
+    std::free(block_);
+    block_ = nullptr;
+    capacity_ = 0;
+  }
+
+  size_t held_bytes() {
+    std::lock_guard<std::mutex> guard(mutex_);
+    return capacity_;
+  }
+
+ private:
+  static constexpr size_t kHugePage = size_t{2} << 20;
+  // Smaller blocks come from malloc's heap, which reuses freed memory itself (glibc maps a block of its own only
+  // from its largest mmap threshold, 32 MiB, up).
+  static constexpr size_t kPoolMinBytes = size_t{32} << 20;
+
+  void give_back(void* block, size_t capacity) {
+    std::lock_guard<std::mutex> guard(mutex_);
+    if (capacity >= capacity_) {
+      std::swap(block, block_);
+      capacity_ = capacity;
+    }
+    std::free(block);  // the smaller of the two (or nothing)
+  }
+
+  std::mutex mutex_;
+  void* block_ = nullptr;
+  size_t capacity_ = 0;
+};
+
+// Never destroyed: a gradient freed while the process exits still returns its block to a live pool.
+GradientPool& gradient_pool() {
+  static GradientPool* pool = new GradientPool();
+  return *pool;
+}
+
+void native_release_gradient_pool() { gradient_pool().release(); }
+
+int64_t native_gradient_pool_bytes() { return static_cast<int64_t>(gradient_pool().held_bytes()); }
+
 using ForwardOutputs = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
 
 // The forward over unit-stride rows; with grad defined, also the dense part of the gradient scaled by grad_rows
@@ -840,8 +930,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
     const at::Tensor& logits_in, const at::Tensor& labels, int64_t top_k, const at::Tensor& grad_rows) {
   check_logits(logits_in, "logits");
   const at::Tensor logits = unit_stride_rows(logits_in);
-  at::Tensor grad = at::empty(logits.sizes(), logits.options());  // contiguous
-  advise_huge_pages(grad.data_ptr(), grad.nbytes());
+  at::Tensor grad = gradient_pool().empty(logits.sizes(), logits.options());  // contiguous
   auto [row_max, log_sum, label_logits, belief_logits, belief_ids] =
       forward_into(logits, labels, top_k, grad_rows, grad);
   return {row_max, log_sum, label_logits, belief_logits, belief_ids, grad};
@@ -908,8 +997,7 @@ at::Tensor native_backward(const at::Tensor& grad_rows, const at::Tensor& logits
                            const at::Tensor& belief_weights, double label_weight) {
   check_logits(logits_in, "logits");
   const at::Tensor logits = unit_stride_rows(logits_in);
-  at::Tensor grad = at::empty(logits.sizes(), logits.options());  // contiguous
-  advise_huge_pages(grad.data_ptr(), grad.nbytes());
+  at::Tensor grad = gradient_pool().empty(logits.sizes(), logits.options());  // contiguous
   backward_into(grad_rows, logits, labels, row_max, log_sum, belief_ids, belief_weights, label_weight, grad);
   return grad;
 }
@@ -1015,6 +1103,8 @@ TORCH_LIBRARY_FRAGMENT(bs_kernels, m) {
       "native_sparse_grad_(Tensor(a!) grad, Tensor grad_rows, Tensor labels, Tensor row_max, Tensor log_sum, "
       "Tensor label_logits, Tensor belief_logits, Tensor belief_ids, Tensor belief_weights, float label_weight) -> ()");
   m.def("native_isa() -> str", &bs_kernels_native::native_isa);
+  m.def("native_release_gradient_pool() -> ()", &bs_kernels_native::native_release_gradient_pool);
+  m.def("native_gradient_pool_bytes() -> int", &bs_kernels_native::native_gradient_pool_bytes);
 }
 
 TORCH_LIBRARY_IMPL(bs_kernels, CPU, m) {

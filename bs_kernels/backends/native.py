@@ -20,6 +20,8 @@ Operators (torch.ops.bs_kernels.*; fake implementations below so opcheck / torch
     native_forward_grad_(same arguments) -> (the five forward outputs)  that dense part written into logits
     native_sparse_grad_(grad, grad_rows, labels, row_max, log_sum, label_logits, belief_logits, belief_ids,
         belief_weights, label_weight) -> ()  then the k + 1 sparse terms of each row, in place (sparse_grad_ below)
+    native_release_gradient_pool() -> (), native_gradient_pool_bytes() -> int: the one-slot pool that keeps the
+        last freed [N, V] gradient's memory for the next (release_gradient_pool below)
 """
 
 from __future__ import annotations
@@ -89,6 +91,22 @@ def isa() -> str:
     """The instruction set the kernels run with on this CPU ("avx512", "avx2" or "default")."""
     _require_built()
     return torch.ops.bs_kernels.native_isa()
+
+
+def release_gradient_pool() -> None:
+    """Free the memory of the last freed [N, V] gradient that the native kernels keep for the next one.
+
+    Fresh memory of that size is faulted in and zeroed by the kernel at every step (about two copies of its bytes);
+    the kernels therefore keep one freed gradient's block and place the next gradient that fits in it
+    (csrc/bs_token_native.cpp, GradientPool). Call this to return it to the system, e.g. after training; setting
+    BS_KERNELS_NATIVE_GRAD_POOL=0 keeps no block at all. A no-op where the library is not built."""
+    if _ensure_built() is None:
+        torch.ops.bs_kernels.native_release_gradient_pool()
+
+
+def gradient_pool_bytes() -> int:
+    """Bytes the gradient pool holds now (0 where the library is not built)."""
+    return 0 if _ensure_built() is not None else int(torch.ops.bs_kernels.native_gradient_pool_bytes())
 
 
 def _require_built() -> None:
