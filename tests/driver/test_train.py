@@ -32,6 +32,19 @@ def _load(path):
     return AutoModelForCausalLM.from_pretrained(path), AutoTokenizer.from_pretrained(path)
 
 
+def _tiny_unlearn_config(setup, method: str, **fields) -> UnlearnConfig:
+    """An unlearning run of ``method`` on the tiny setup's files, batches of 2, no progress bar."""
+    fields = {"batch_size": 2, **fields}
+    return UnlearnConfig(
+        objective=ObjectiveConfig(method=method),
+        forget=str(setup["forget"]),
+        retain=str(setup["retain"]),
+        model=str(setup["model"]),
+        progress=False,
+        **fields,
+    )
+
+
 @pytest.mark.parametrize(
     "method, extra",
     [
@@ -91,17 +104,7 @@ def test_bs_s_samples_beliefs_that_end_like_a_forget_answer(tiny_setup, monkeypa
         return real(model, tokenizer, prompts, answer_labels=answer_labels, **kwargs)
 
     monkeypatch.setattr(trainer, "sample_beliefs", recording)
-    config = UnlearnConfig(
-        objective=ObjectiveConfig(method="bs-s"),
-        beliefs=BeliefConfig(max_new_tokens=3),
-        forget=str(tiny_setup["forget"]),
-        retain=str(tiny_setup["retain"]),
-        model=str(tiny_setup["model"]),
-        max_steps=1,
-        batch_size=2,
-        progress=False,
-    )
-    unlearn(config)
+    unlearn(_tiny_unlearn_config(tiny_setup, "bs-s", beliefs=BeliefConfig(max_new_tokens=3), max_steps=1))
     _, tokenizer = _load(tiny_setup["model"])
     first = tokenize_dataset(load_qa_jsonl(tiny_setup["forget"]), tokenizer)[0]
     assert seen == [(prompt_ids_of(first), first["labels"])]  # sampled once (off-policy), the first forget example
@@ -266,16 +269,7 @@ def test_release_training_state_frees_the_optimizer_and_reference(tiny_setup):  
 
     from bs_unlearn.trainer import release_training_state
 
-    config = UnlearnConfig(
-        objective=ObjectiveConfig(method="npo"),
-        forget=str(tiny_setup["forget"]),
-        retain=str(tiny_setup["retain"]),
-        model=str(tiny_setup["model"]),
-        max_steps=2,
-        batch_size=2,
-        progress=False,
-    )
-    result = unlearn(config)
+    result = unlearn(_tiny_unlearn_config(tiny_setup, "npo", max_steps=2))
     trainer = result.trainer
     held = [weakref.ref(obj) for obj in (trainer.optimizer, trainer.lr_scheduler, trainer.ref_model)]
     del trainer
