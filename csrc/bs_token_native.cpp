@@ -127,6 +127,34 @@ BS_ALWAYS_INLINE void store_vec(const typename Simd<W>::Floats& value, float* de
   std::memcpy(destination, &value, sizeof(value));
 }
 
+// A whole-vector store that bypasses the caches (destination aligned to the vector). A plain store to a line that is
+// not in cache first reads the line (read for ownership): writing a gradient that way reads its bytes once more. Used
+// for gradients of at least kStreamMinBytes, written once here and read by the next operator only after they have
+// left the caches anyway. Written as asm: GCC has no portable non-temporal store builtin, and the intrinsics'
+// target attributes do not inline into these ISA-generic templates. Streamed stores are weakly ordered: a thread
+// ends its streamed writes with store_fence before anything else reads them.
+template <int W>
+BS_ALWAYS_INLINE void stream_vec(const typename Simd<W>::Floats& value, float* destination) {
+#if BS_X86_DISPATCH
+  auto* line = reinterpret_cast<typename Simd<W>::Floats*>(destination);
+  if constexpr (W == 4) {
+    asm volatile("movntps %1, %0" : "=m"(*line) : "x"(value));
+  } else {
+    asm volatile("vmovntps %1, %0" : "=m"(*line) : "v"(value));
+  }
+#else
+  store_vec<W>(value, destination);
+#endif
+}
+
+BS_ALWAYS_INLINE void store_fence() {
+#if BS_X86_DISPATCH
+  asm volatile("sfence" ::: "memory");
+#endif
+}
+
+constexpr int64_t kStreamMinBytes = int64_t{32} << 20;
+
 // The last, partial vector of a chunk, padded with -inf: it adds nothing to a max or to a sum of exps.
 template <int W>
 BS_ALWAYS_INLINE void load_tail(const float* source, int64_t count, typename Simd<W>::Floats& out) {
@@ -263,8 +291,9 @@ BS_ALWAYS_INLINE float chunk_sum_exp(const float* x, int64_t count, float shift)
   return horizontal_sum<W>(sum_even + sum_odd);
 }
 
-// out_i = scale * exp(x_i - shift); out may be x itself.
-template <int W>
+// out_i = scale * exp(x_i - shift); out may be x itself. kStream: whole vectors with stream_vec (out aligned to the
+// vector).
+template <int W, bool kStream = false>
 BS_ALWAYS_INLINE void chunk_scaled_exp(const float* x, int64_t count, float shift, float scale, float* out) {
   using Floats = typename Simd<W>::Floats;
   const Floats shift_vec = Floats{} + shift;
@@ -274,7 +303,11 @@ BS_ALWAYS_INLINE void chunk_scaled_exp(const float* x, int64_t count, float shif
   for (; i + W <= count; i += W) {
     load_vec<W>(x + i, value);
     exp_vec<W>(value - shift_vec, exps);
-    store_vec<W>(exps * scale, out + i);
+    if constexpr (kStream) {
+      stream_vec<W>(exps * scale, out + i);
+    } else {
+      store_vec<W>(exps * scale, out + i);
+    }
   }
   if (i < count) {
     load_tail<W>(x + i, count - i, value);
@@ -306,7 +339,7 @@ BS_ALWAYS_INLINE double chunk_sum_exp(const double* x, int64_t count, double shi
   return sum;
 }
 
-template <int W>
+template <int W, bool kStream = false>
 BS_ALWAYS_INLINE void chunk_scaled_exp(const double* x, int64_t count, double shift, double scale, double* out) {
   for (int64_t i = 0; i < count; ++i) {
     out[i] = scale * std::exp(x[i] - shift);
@@ -459,17 +492,34 @@ struct ForwardArgs {
   const acc_type<scalar_t>* grad_rows;
   scalar_t* grad;  // may equal logits (native_forward_grad_)
   int64_t grad_row_stride;
+  bool stream_grad;  // write grad with stream_vec (see stream_grads)
 };
 
 // out = -g * pi = (-g * exp(-log_sum)) * exp(z - m) over a row, chunk by chunk, the first factor formed once in
 // double; exp(-log_sum) <= 1, so it cannot overflow. out may be z itself (each chunk is read before it is written).
+// stream (float32, out not z): the elements before out's first vector-aligned one with plain stores, the rest with
+// stream_vec; the same values either way.
 template <typename scalar_t, int W>
 BS_ALWAYS_INLINE void write_scaled_exp_row(const scalar_t* z, scalar_t* out, int64_t vocab_size,
                                            acc_type<scalar_t> row_max, acc_type<scalar_t> log_sum,
-                                           acc_type<scalar_t> grad_row, acc_type<scalar_t>* buffer) {
+                                           acc_type<scalar_t> grad_row, acc_type<scalar_t>* buffer, bool stream) {
   using acc_t = acc_type<scalar_t>;
   const acc_t dense_scale =
       static_cast<acc_t>(-static_cast<double>(grad_row) * std::exp(-static_cast<double>(log_sum)));
+  if constexpr (std::is_same<scalar_t, float>::value) {
+    if (stream) {
+      constexpr uintptr_t kVectorBytes = W * sizeof(float);
+      const uintptr_t misaligned = reinterpret_cast<uintptr_t>(out) % kVectorBytes;
+      const int64_t head =
+          std::min<int64_t>(vocab_size, static_cast<int64_t>((kVectorBytes - misaligned) % kVectorBytes / 4));
+      chunk_scaled_exp<W>(z, head, row_max, dense_scale, out);
+      for (int64_t start = head; start < vocab_size; start += kChunk) {
+        const int64_t count = std::min(kChunk, vocab_size - start);
+        chunk_scaled_exp<W, true>(z + start, count, row_max, dense_scale, out + start);
+      }
+      return;
+    }
+  }
   for (int64_t start = 0; start < vocab_size; start += kChunk) {
     const int64_t count = std::min(kChunk, vocab_size - start);
     const acc_t* x = widen_chunk<scalar_t>(z + start, count, buffer);
@@ -488,14 +538,14 @@ BS_ALWAYS_INLINE void write_scaled_exp_row(const scalar_t* z, scalar_t* out, int
 template <typename scalar_t, int W>
 BS_ALWAYS_INLINE void write_dense_grad_row(const scalar_t* z, scalar_t* out, int64_t vocab_size, int64_t label,
                                            acc_type<scalar_t> row_max, acc_type<scalar_t> log_sum,
-                                           acc_type<scalar_t> grad_row, acc_type<scalar_t>* buffer) {
+                                           acc_type<scalar_t> grad_row, acc_type<scalar_t>* buffer, bool stream) {
   using acc_t = acc_type<scalar_t>;
   if (label >= 0 && !(std::isfinite(row_max) && std::isfinite(log_sum))) {
     std::fill(out, out + vocab_size, static_cast<scalar_t>(std::numeric_limits<acc_t>::quiet_NaN()));
   } else if (grad_row == acc_t(0)) {
     std::memset(static_cast<void*>(out), 0, sizeof(scalar_t) * vocab_size);
   } else {
-    write_scaled_exp_row<scalar_t, W>(z, out, vocab_size, row_max, log_sum, grad_row, buffer);
+    write_scaled_exp_row<scalar_t, W>(z, out, vocab_size, row_max, log_sum, grad_row, buffer, stream);
   }
 }
 
@@ -533,8 +583,11 @@ BS_ALWAYS_INLINE void forward_rows_impl(const ForwardArgs<scalar_t>& args, int64
     args.label_logits[row] = label >= 0 ? static_cast<acc_t>(z[label]) : acc_t(0);
     if (args.grad != nullptr) {  // after every read of the row from memory: z[label] must be read before this
       write_dense_grad_row<scalar_t, W>(z, args.grad + row * args.grad_row_stride, args.vocab_size, label, running_max,
-                                        log_sum, args.grad_rows[row], buffer);
+                                        log_sum, args.grad_rows[row], buffer, args.stream_grad);
     }
+  }
+  if (args.stream_grad) {
+    store_fence();  // this task's streamed rows are in memory before the launcher returns
   }
 }
 
@@ -578,6 +631,7 @@ struct BackwardArgs {
   const acc_type<scalar_t>* belief_weights;  // [N, top_k]
   int64_t top_k;
   double label_weight;
+  bool stream_grad;  // write grad with stream_vec (see stream_grads)
 };
 
 template <typename scalar_t, int W>
@@ -606,7 +660,10 @@ BS_ALWAYS_INLINE void backward_rows_impl(const BackwardArgs<scalar_t>& args, int
     const acc_t label_logit = label >= 0 ? static_cast<acc_t>(z[label]) : acc_t(0);
 
     // 1. out = -g * pi everywhere.
-    write_scaled_exp_row<scalar_t, W>(z, out, args.vocab_size, row_max, log_sum, grad_row, buffer);
+    write_scaled_exp_row<scalar_t, W>(z, out, args.vocab_size, row_max, log_sum, grad_row, buffer, args.stream_grad);
+    if (args.stream_grad) {
+      store_fence();  // the streamed dense part is in memory before the sparse terms overwrite some of it
+    }
     // 2. The sparse terms.
     write_sparse_terms<scalar_t>(out, sparse_logits.data(), ids, weights, args.top_k, label, label_logit, row_max,
                                  log_sum, grad_row, args.label_weight);
@@ -872,6 +929,12 @@ void native_release_gradient_pool() { gradient_pool().release(); }
 
 int64_t native_gradient_pool_bytes() { return static_cast<int64_t>(gradient_pool().held_bytes()); }
 
+// Whether a gradient is written with stream_vec: float32, into its own memory (not over the logits, whose lines the
+// kernel has just read), and at least kStreamMinBytes (smaller ones may still be in cache when they are read next).
+bool stream_grads(const at::Tensor& grad, const at::Tensor& logits) {
+  return grad.scalar_type() == at::kFloat && !grad.is_same(logits) && grad.nbytes() >= kStreamMinBytes;
+}
+
 using ForwardOutputs = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
 
 // The forward over unit-stride rows; with grad defined, also the dense part of the gradient scaled by grad_rows
@@ -914,7 +977,8 @@ ForwardOutputs forward_into(const at::Tensor& logits, const at::Tensor& labels_i
                                      belief_ids.mutable_data_ptr<int64_t>(),
                                      grad.defined() ? grad_rows.const_data_ptr<acc_t>() : nullptr,
                                      grad.defined() ? grad.data_ptr<scalar_t>() : nullptr,
-                                     grad.defined() ? grad.stride(0) : 0};
+                                     grad.defined() ? grad.stride(0) : 0,
+                                     grad.defined() && stream_grads(grad, logits)};
     const auto rows = forward_rows_for<scalar_t>(isa);
     parallel_over_rows(num_rows, vocab_size, [&](int64_t begin, int64_t end) { rows(args, begin, end); });
   });
@@ -986,7 +1050,8 @@ void backward_into(const at::Tensor& grad_rows_in, const at::Tensor& logits, con
                                       belief_ids.const_data_ptr<int64_t>(),
                                       belief_weights.const_data_ptr<acc_t>(),
                                       top_k,
-                                      label_weight};
+                                      label_weight,
+                                      stream_grads(grad, logits)};
     const auto rows = backward_rows_for<scalar_t>(isa);
     parallel_over_rows(num_rows, vocab_size, [&](int64_t begin, int64_t end) { rows(args, begin, end); });
   });

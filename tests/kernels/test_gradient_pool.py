@@ -94,3 +94,20 @@ def test_forget_logprobs_gradients_use_it_too():
     address = first.data_ptr()
     del first
     assert _step(logits, labels, forget_logprobs).data_ptr() == address
+
+
+@pytest.mark.parametrize("path", ["one-pass", "two-pass"])
+@pytest.mark.parametrize("vocab", [4096, 4100], ids=["aligned_rows", "misaligned_rows"])
+def test_streamed_gradients_equal_the_in_place_ones(monkeypatch, path, vocab):
+    """Gradients of 32 MiB or more in their own memory are written with non-temporal stores (rows starting anywhere
+    in a vector: V = 4100 moves each row's first aligned element); the values are those of the in-place path, which
+    writes over the logits with plain stores, bit for bit."""
+    if path == "two-pass":
+        monkeypatch.setenv(one_pass.TWO_PASS_ENV, "1")
+    logits, labels = _inputs((2, 1024, vocab))
+    streamed = _step(logits, labels)
+    assert streamed.nbytes >= 32 << 20
+    in_place = logits.detach().clone().requires_grad_(True)
+    value = bs_token_loss(in_place.clone(), labels, impl="native", top_k=20, inplace_backward=True)
+    (expected,) = torch.autograd.grad(value, in_place)
+    assert torch.equal(streamed, expected)
