@@ -829,9 +829,10 @@ at::Tensor unit_stride_rows(const at::Tensor& logits) {
 // costs one page fault per 4 KiB, which on this class of machine takes longer than computing the gradient (0.35 s
 // for 400 MB, against 0.05 s with 2 MiB pages). So ask for transparent huge pages on its aligned interior before
 // the first write; it is only a hint (ignored where THP is off or the memory was already touched).
+constexpr size_t kHugePage = size_t{2} << 20;
+
 void advise_huge_pages(void* data, size_t bytes) {
 #if defined(__linux__) && defined(MADV_HUGEPAGE)
-  constexpr uintptr_t kHugePage = uintptr_t{2} << 20;
   const uintptr_t start = reinterpret_cast<uintptr_t>(data);
   const uintptr_t begin = (start + kHugePage - 1) & ~(kHugePage - 1);
   const uintptr_t end = (start + bytes) & ~(kHugePage - 1);
@@ -900,7 +901,6 @@ class GradientPool {
   }
 
  private:
-  static constexpr size_t kHugePage = size_t{2} << 20;
   // Smaller blocks come from malloc's heap, which reuses freed memory itself (glibc maps a block of its own only
   // from its largest mmap threshold, 32 MiB, up).
   static constexpr size_t kPoolMinBytes = size_t{32} << 20;

@@ -43,6 +43,7 @@ import copy
 import logging
 import numbers
 import warnings
+from collections.abc import Iterator
 
 import torch
 import torch.nn.functional as F
@@ -336,32 +337,31 @@ class BSS(BST):
         # In the Trainer's log history (trainer_state.json) too, so a run shows when its belief set was sampled.
         self.log({"bss_sampled_prompts": float(len(prompts)), "bss_sampled_on_demand": float(on_demand)})
 
-    def forget_prompts(self) -> dict[tuple[int, ...], object]:
-        """The distinct prompts of the training set's forget examples, each with the labels of its first example
-        (open-unlearning's ``ForgetRetainDataset`` exposes them as ``.forget``; any dataset whose items have a
-        ``"forget"`` example works)."""
+    def _forget_examples(self) -> Iterator[dict]:
+        """The training set's forget examples (open-unlearning's ``ForgetRetainDataset`` exposes them as
+        ``.forget``; any dataset whose items have a ``"forget"`` example works); none without a training set."""
         dataset = self.train_dataset
         if dataset is None:
-            return {}
+            return iter(())
         forget = getattr(dataset, "forget", None)
         if forget is None:
-            examples = (dataset[index]["forget"] for index in range(len(dataset)))
-        else:
-            examples = (forget[index] for index in range(len(forget)))
+            return (dataset[index]["forget"] for index in range(len(dataset)))
+        return (forget[index] for index in range(len(forget)))
+
+    def forget_prompts(self) -> list[tuple[int, ...]]:
+        """The distinct prompts of the training set's forget examples."""
         prompts = {}
-        for example in examples:
-            prompt = prompt_of(example["input_ids"], example["labels"], example.get("attention_mask"))
-            prompts.setdefault(prompt, example["labels"])
-        return prompts
+        for example in self._forget_examples():
+            prompts[prompt_of(example["input_ids"], example["labels"], example.get("attention_mask"))] = None
+        return list(prompts)
 
     def _resample_all(self, model) -> bool:
         prompts = self.forget_prompts()
         if not prompts:
             return False
         self.beliefs = {}
-        self._sample(
-            model if model is not None else self.model, list(prompts), next(iter(prompts.values())), on_demand=False
-        )
+        answer_labels = next(self._forget_examples())["labels"]
+        self._sample(model if model is not None else self.model, prompts, answer_labels, on_demand=False)
         return True
 
     def refresh_beliefs_for_epoch(self, epoch: int, model) -> None:
