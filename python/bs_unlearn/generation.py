@@ -4,12 +4,16 @@ Beside ``scoring`` (whose helpers it shares: the device, the pad and stop ids, t
 
 - :func:`generate_continuations`: the one left-padded batched ``generate`` loop (greedy answers, beam search, the
   leak-rate samples and BS-S belief sampling all go through it); :func:`generate_answers` decodes its output.
+  Plain greedy decoding takes :func:`greedy_continuations` instead: the same tokens, with each row leaving the batch
+  when it stops (an evaluation's answers mostly stop long before the 200-token cap; ``generate`` computes the
+  finished rows until the batch's longest answer ends).
 - :func:`temperature_samples`: seeded pure temperature samples per question, leaving every other random stream alone.
 - :func:`sample_answers`: greedy plus seeded temperature samples per question (the leak rate's answers).
 """
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Sequence
 
 import torch
@@ -22,6 +26,7 @@ __all__ = [
     "clean_up_tokenization",
     "generate_answers",
     "generate_continuations",
+    "greedy_continuations",
     "sample_answers",
     "temperature_samples",
 ]
@@ -66,7 +71,9 @@ def generate_continuations(
     (``generate`` then counts positions over the attended tokens only).
 
     Each continuation is cut after its first stop id (the stop id is kept), so no padding is returned.
-    The model is used as given (unwrap DDP / accelerate wrappers before calling).
+    The model is used as given (unwrap DDP / accelerate wrappers before calling). Plain greedy decoding (no sampling,
+    one beam, one sequence, no logits processor in the model's generation config, a model whose forward takes a
+    cache and ``logits_to_keep``) runs :func:`greedy_continuations` in place of ``generate``: the same tokens.
     """
     if batch_size < 1 or max_new_tokens < 1 or num_return_sequences < 1:
         raise ValueError(
@@ -81,6 +88,8 @@ def generate_continuations(
     was_training = model.training
     model.eval()
     device = model_device(model)
+    plain = num_return_sequences == 1 and _plain_greedy(model, generate_kwargs)
+    cache_key = _greedy_cache_key(model) if plain else None
     results: list[list[list[int]]] = []
     try:
         for start in range(0, len(prompts), batch_size):
@@ -88,6 +97,17 @@ def generate_continuations(
                 [{"input_ids": list(prompt)} for prompt in prompts[start : start + batch_size]], pad_id, side="left"
             )
             input_ids = batch["input_ids"].to(device)
+            if cache_key is not None:
+                rows = greedy_continuations(
+                    model,
+                    input_ids,
+                    batch["attention_mask"].to(device),
+                    max_new_tokens=max_new_tokens,
+                    stop_ids=stop_ids,
+                    cache_key=cache_key,
+                )
+                results += [[tokens] for tokens in rows]
+                continue
             output = model.generate(
                 input_ids=input_ids,
                 attention_mask=batch["attention_mask"].to(device),
@@ -107,6 +127,103 @@ def generate_continuations(
                 results.append(continuations)
     finally:
         model.train(was_training)
+    return results
+
+
+# Generation-config fields with which greedy decoding is more than the argmax of the logits (transformers' logits
+# processors that act without sampling). Away from their defaults, generation goes through ``generate``.
+_GREEDY_PROCESSORS = (
+    "bad_words_ids",
+    "begin_suppress_tokens",
+    "encoder_no_repeat_ngram_size",
+    "encoder_repetition_penalty",
+    "exponential_decay_length_penalty",
+    "forced_bos_token_id",
+    "forced_decoder_ids",
+    "forced_eos_token_id",
+    "guidance_scale",
+    "min_length",
+    "min_new_tokens",
+    "no_repeat_ngram_size",
+    "num_beams",
+    "repetition_penalty",
+    "sequence_bias",
+    "suppress_tokens",
+    "watermarking_config",
+)
+
+
+def _plain_greedy(model: torch.nn.Module, generate_kwargs: dict) -> bool:
+    """Whether ``generate`` with these kwargs would pick each token as the argmax of the last logits and nothing
+    else."""
+    if generate_kwargs != {"do_sample": False}:
+        return False
+    config = getattr(model, "generation_config", None)
+    if config is None or getattr(getattr(model, "config", None), "is_encoder_decoder", False):
+        return False
+    from transformers import GenerationConfig
+
+    defaults = GenerationConfig()
+    return all(getattr(config, name, None) == getattr(defaults, name, None) for name in _GREEDY_PROCESSORS)
+
+
+def _greedy_cache_key(model: torch.nn.Module) -> str | None:
+    """The name under which the model's forward takes its key/value cache (``cache`` from transformers 5,
+    ``past_key_values`` before), or None when it does not take one with ``logits_to_keep``."""
+    parameters = inspect.signature(model.forward).parameters
+    if "logits_to_keep" not in parameters or "position_ids" not in parameters:
+        return None
+    return next((key for key in ("cache", "past_key_values") if key in parameters), None)
+
+
+@torch.no_grad()
+def greedy_continuations(
+    model: torch.nn.Module,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    *,
+    max_new_tokens: int,
+    stop_ids: Sequence[int],
+    cache_key: str = "cache",
+) -> list[list[int]]:
+    """Greedy continuations of a left-padded batch, each cut after its first stop id: the tokens ``generate``
+    returns for plain greedy decoding, computed as ``generate`` computes them (position ids from the attention mask,
+    logits of the last position only, argmax of them in float32) except that a row leaves the batch, its cache rows
+    dropped, once it emits a stop id.
+
+    ``cache_key``: the forward's keyword for the key/value cache (``cache``; ``past_key_values`` before
+    transformers 5). The model must be in eval mode; no gradients are kept.
+    """
+    stops = torch.tensor(sorted({int(i) for i in stop_ids}), device=input_ids.device)
+    results: list[list[int]] = [[] for _ in range(input_ids.shape[0])]
+    rows = list(range(input_ids.shape[0]))  # the batch's rows still generating, in results' order
+    mask = attention_mask.long()
+    positions = (mask.cumsum(-1) - 1).masked_fill_(mask == 0, 1)
+    step_ids, cache = input_ids, None
+    for step in range(max_new_tokens):
+        output = model(
+            input_ids=step_ids,
+            attention_mask=mask,
+            position_ids=positions,
+            use_cache=True,
+            logits_to_keep=1,
+            **{cache_key: cache},
+        )
+        cache = getattr(output, cache_key)
+        tokens = output.logits[:, -1].float().argmax(-1)
+        for row, token in zip(rows, tokens.tolist()):
+            results[row].append(token)
+        going = ~torch.isin(tokens, stops)
+        if step == max_new_tokens - 1 or not going.any():
+            break
+        if not going.all():
+            keep = going.nonzero().squeeze(1)
+            cache.batch_select_indices(keep)
+            tokens, mask = tokens[keep], mask[keep]
+            rows = [rows[i] for i in keep.tolist()]
+        mask = torch.cat([mask, mask.new_ones(mask.shape[0], 1)], dim=1)
+        positions = mask.cumsum(-1)[:, -1:] - 1
+        step_ids = tokens[:, None]
     return results
 
 

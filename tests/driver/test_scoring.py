@@ -3,6 +3,8 @@ left-padded generation helper and the seeded leak-rate samples."""
 
 from __future__ import annotations
 
+import copy
+
 import numpy as np
 import pytest
 import torch
@@ -166,6 +168,75 @@ def test_generate_continuations_batches_left_pads_and_cuts_at_stop(tiny):
         assert per_prompt == alone[0]  # left padding does not change what a prompt gets
         for tokens in per_prompt:
             assert all(t not in stops for t in tokens[:-1])  # cut after the first stop id, which is kept
+
+
+def _greedy_both_ways(model, prompts, pad, stops, *, batch_size, max_new_tokens, monkeypatch):
+    """generate_continuations' greedy tokens by greedy_continuations (``generate`` made to fail) and by ``generate``
+    (an extra kwarg that changes nothing, use_cache=True, sends it there)."""
+    with monkeypatch.context() as patch:
+        patch.setattr(model, "generate", lambda *a, **k: pytest.fail("plain greedy decoding called generate"))
+        fast = generation.generate_continuations(
+            model, prompts, pad_id=pad, stop_ids=stops, batch_size=batch_size, max_new_tokens=max_new_tokens
+        )
+    slow = generation.generate_continuations(
+        model,
+        prompts,
+        pad_id=pad,
+        stop_ids=stops,
+        batch_size=batch_size,
+        max_new_tokens=max_new_tokens,
+        use_cache=True,
+    )
+    return fast, slow
+
+
+@pytest.fixture(scope="module")
+def lively(tiny):
+    """The tiny model with seeded weights large enough that its greedy answers vary (the initialised one repeats a
+    token)."""
+    model, tokenizer = tiny
+    model = copy.deepcopy(model)
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for weight in (p for p in model.parameters() if p.dim() > 1):
+            weight.copy_(torch.randn(weight.shape, generator=generator) * 0.3)
+    return model, tokenizer
+
+
+def test_greedy_rows_leave_the_batch_and_get_generates_tokens(lively, monkeypatch):
+    model, tokenizer = lively
+    pad = scoring.pad_token_id(tokenizer)
+    # Prompts of different lengths, some holding the pad id (not attended, as in open-unlearning), so left padding,
+    # the attention mask and the position ids all matter.
+    prompts = [tokenize_prompt(tokenizer, q) for q in QUESTIONS + ["Ada?", "Bo paints red boats; who is Cy?"]]
+    prompts[1] = prompts[1][:2] + [pad] + prompts[1][2:]
+    free = generation.generate_continuations(model, prompts, pad_id=pad, stop_ids=[], batch_size=5, max_new_tokens=12)
+    # Stops the rows emit at different steps (the first new token of one row, a later one of another), so rows leave
+    # the batch one by one and some never stop.
+    stops = sorted({free[3][0][1], free[0][0][9]})
+    fast, slow = _greedy_both_ways(model, prompts, pad, stops, batch_size=5, max_new_tokens=12, monkeypatch=monkeypatch)
+    assert fast == slow
+    lengths = sorted(len(c[0]) for c in fast)
+    assert lengths[0] < lengths[-2] and lengths[-1] == 12  # rows stopped at different steps; one ran to the cap
+    # Batches smaller than the prompts, and a cap of one token.
+    for batch_size, cap in ((2, 12), (5, 1)):
+        fast, slow = _greedy_both_ways(
+            model, prompts, pad, stops, batch_size=batch_size, max_new_tokens=cap, monkeypatch=monkeypatch
+        )
+        assert fast == slow
+
+
+def test_greedy_with_a_logits_processor_goes_through_generate(tiny, monkeypatch):
+    model, tokenizer = tiny
+    prompts = [tokenize_prompt(tokenizer, q) for q in QUESTIONS]
+    calls = []
+    real = model.generate
+    monkeypatch.setattr(model, "generate", lambda *a, **k: calls.append(1) or real(*a, **k))
+    monkeypatch.setattr(model.generation_config, "repetition_penalty", 1.3)
+    stops = scoring.stop_token_ids(tokenizer, model)
+    pad = scoring.pad_token_id(tokenizer)
+    generation.generate_continuations(model, prompts, pad_id=pad, stop_ids=stops, batch_size=3, max_new_tokens=4)
+    assert calls == [1]  # the penalty is generate's to apply
 
 
 def test_generate_answers_decodes_generate_continuations(tiny):

@@ -116,6 +116,7 @@ def handle(args: argparse.Namespace) -> int:
         EvalOptions(
             prompt_format=PromptFormat(system_prompt=args.system_prompt or None, date_string=args.date_string or None),
             batch_size=args.batch_size,
+            generation_batch_size=args.generation_batch_size,
             max_new_tokens=args.max_new_tokens,
             generate=not args.no_generate,
             impl=args.impl,
@@ -164,7 +165,10 @@ def register(subparsers) -> None:
     )
     parser.add_argument("--max-examples", type=positive_int, default=None, help="seeded random subset of each set")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--batch-size", type=positive_int, default=16)
+    parser.add_argument("--batch-size", type=positive_int, default=16, help="questions per scoring call")
+    parser.add_argument(
+        "--generation-batch-size", type=positive_int, default=64, help="questions per greedy-answer call"
+    )
     parser.add_argument(
         "--max-new-tokens", type=positive_int, default=200, help="most tokens of a greedy answer (ROUGE-L)"
     )

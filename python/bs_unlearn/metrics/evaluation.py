@@ -53,7 +53,12 @@ class EvalOptions:
             arguments, system prompt "You are a helpful assistant." and date_string "10 Apr 2025" by default). Every
             answer is scored and generated the way open-unlearning does it (``prompts.encode_qa``; no token equal to
             the pad id is attended to).
-        batch_size: questions per scoring / generation call (the numbers do not depend on it beyond float noise).
+        batch_size: questions per scoring call and per call of the leak rate's sampling (the numbers do not depend
+            on it beyond float noise; the samples do, through the random stream).
+        generation_batch_size: questions per greedy-answer call. Each answer leaves its batch when it stops
+            (:func:`generation.greedy_continuations`), so a larger batch costs little where answers are short and
+            reads the weights once per step for more rows where they run long: 64 generates TOFU's sets about twice
+            as fast as 16 on a CPU (docs/tofu.md), the same tokens.
         max_new_tokens: the greedy answers (ROUGE-L) stop at the end of their turn or after this many tokens
             (open-unlearning's 200); by default also the length of the leak rate's answers.
         generate: greedy answers and ROUGE-L; without them model utility lacks its ROUGE-L parts and is None.
@@ -68,6 +73,7 @@ class EvalOptions:
 
     prompt_format: PromptFormat = PromptFormat()
     batch_size: int = 16
+    generation_batch_size: int = 64
     max_new_tokens: int = 200
     generate: bool = True
     impl: str = "auto"
@@ -80,7 +86,7 @@ class EvalOptions:
     def __post_init__(self) -> None:
         if not isinstance(self.prompt_format, PromptFormat):
             raise TypeError(f"prompt_format must be a PromptFormat, got {type(self.prompt_format).__name__}")
-        for name in ("batch_size", "max_new_tokens"):
+        for name in ("batch_size", "generation_batch_size", "max_new_tokens"):
             if not _is_int(getattr(self, name)) or getattr(self, name) < 1:
                 raise ValueError(f"{name} must be an int >= 1, got {getattr(self, name)!r}")
         if not _is_int(self.leak_samples) or self.leak_samples < 0:
@@ -252,7 +258,7 @@ def evaluate_set(
             tokenizer,
             questions,
             max_new_tokens=options.max_new_tokens,
-            batch_size=options.batch_size,
+            batch_size=options.generation_batch_size,
             prompt_format=options.prompt_format,
         )
         generations = [texts[0] for texts in generated]
