@@ -96,12 +96,12 @@ def generate_continuations(
             batch = pad_examples(
                 [{"input_ids": list(prompt)} for prompt in prompts[start : start + batch_size]], pad_id, side="left"
             )
-            input_ids = batch["input_ids"].to(device)
+            input_ids, attention_mask = batch["input_ids"].to(device), batch["attention_mask"].to(device)
             if cache_key is not None:
                 rows = greedy_continuations(
                     model,
                     input_ids,
-                    batch["attention_mask"].to(device),
+                    attention_mask,
                     max_new_tokens=max_new_tokens,
                     stop_ids=stop_ids,
                     cache_key=cache_key,
@@ -110,7 +110,7 @@ def generate_continuations(
                 continue
             output = model.generate(
                 input_ids=input_ids,
-                attention_mask=batch["attention_mask"].to(device),
+                attention_mask=attention_mask,
                 max_new_tokens=max_new_tokens,
                 num_return_sequences=num_return_sequences,
                 pad_token_id=pad_id,
@@ -131,7 +131,7 @@ def generate_continuations(
 
 
 # Generation-config fields with which greedy decoding is more than the argmax of the logits (transformers' logits
-# processors that act without sampling). Away from their defaults, generation goes through ``generate``.
+# processors that act without sampling, and num_beams). Away from their defaults, generation goes through ``generate``.
 _GREEDY_PROCESSORS = (
     "bad_words_ids",
     "begin_suppress_tokens",

@@ -58,7 +58,7 @@ class EvalOptions:
         generation_batch_size: questions per greedy-answer call. Each answer leaves its batch when it stops
             (:func:`generation.greedy_continuations`), so a larger batch costs little where answers are short and
             reads the weights once per step for more rows where they run long: 64 generates TOFU's sets about twice
-            as fast as 16 on a CPU (docs/tofu.md), the same tokens.
+            as fast as 16 on a CPU (docs/driver.md), the same tokens.
         max_new_tokens: the greedy answers (ROUGE-L) stop at the end of their turn or after this many tokens
             (open-unlearning's 200); by default also the length of the leak rate's answers.
         generate: greedy answers and ROUGE-L; without them model utility lacks its ROUGE-L parts and is None.
