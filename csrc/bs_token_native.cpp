@@ -14,16 +14,18 @@
 //   native_gradient_pool_bytes() -> int    the bytes it holds
 // Statistics are float32 (float64 for float64 logits); the gradient has the logits' dtype.
 //
-// Forward, per row, in chunks of kChunk elements that stay in L1 (one read of the row from memory):
-//   1. chunk max c (vector max; bf16/fp16 chunks are first widened to float into a small buffer)
-//   2. top-k: a min-heap of (value, id) of size k, kept in the output row. Once it is full, a chunk can only
-//      contribute when c > heap minimum; a chunk that can is tested 4 vectors at a time, then vector by vector,
-//      and only a vector holding an element above the minimum is scanned element-wise. On random rows ~k ln(V/k)
-//      elements ever enter the heap, so at k = 20 the top-k costs about as much as the exps; on rows sorted in
-//      ascending order (every element enters) it costs ~20 ns per element.
-//   3. online log-sum-exp: m = max(m, c) (rescaling the running sum by exp(m_old - m) when m grows), then
-//      sum += sum_i exp(x_i - m). One exp per element, all arguments <= 0, so nothing overflows.
-//   4. row_max = m and log_sum = log(sum), kept apart (lse = m + log_sum would round to the ulp of m: at |z| = 1e4
+// Forward, per row (forward_rows_impl), in one sweep over chunks of kChunk elements that stay in L1:
+//   0. before the sweep: the row's chunk maxima, gathered during the previous row's sweep (each of its chunk steps
+//      also takes the max of the same chunk of the next row, reading that row from memory while this one is
+//      computed from L2; a task's first row is read once on its own for them). They give m, the row max, and a
+//      floor for the top-k: the k-th largest chunk max, a lower bound of the row's k-th largest value.
+//   1. top-k: a min-heap of (value, id) of size k, kept in the output row. A chunk whose max is below the floor (or,
+//      once the heap is full, not above its minimum) is skipped; in one that is not, a vector is scanned element-wise
+//      only if one of its elements passes (one vector compare). Only ~k elements of a random row pass the floor; rows
+//      with fewer chunks than k (k > V / 1024) have no floor and offer every chunk whose max beats the minimum, where
+//      ~k ln(V/k) elements enter the heap; on rows sorted in ascending order it costs ~20 ns per element.
+//   2. sum += sum_i exp(x_i - m): one exp per element, all arguments <= 0, so nothing overflows.
+//   3. row_max = m and log_sum = log(sum), kept apart (lse = m + log_sum would round to the ulp of m: at |z| = 1e4
 //      that is 5e-4 in every log-probability), label logit = z[y] (one load).
 // Backward, per row (the contract in bs_kernels/backends/contract.py):
 //   grad = g * (-pi + label_weight * e_y + sum_j w_j * e_{id_j}),  pi = exp((z - m) - log_sum)
@@ -31,12 +33,14 @@
 //   the k + 1 sparse terms are then rewritten as single values g * (coef - exp((z_p - m) - log_sum)) from the
 //   logits gathered before the row was overwritten (inplace), so every element is rounded to the output dtype once.
 // Forward with the gradient (native_forward_grad, for a scalar loss whose row weights grad_rows are known before
-// the pass): right after a row's statistics, while the row (192 KiB at V = 49 152 float32) is still in L2, its
-// dense part -g * pi is written as in backward step 1 (zeros on rows with g = 0, NaN on counted rows whose m or
-// log_sum is not finite, as backward_rows makes them). The row is read from memory once and the gradient written
-// once; the k + 1 sparse terms depend on the epilogue's coefficients and are rewritten afterwards by
-// native_sparse_grad_ from the statistics (bs_kernels/one_pass.py), at O(N k) cost, with backward's own code
-// (write_sparse_terms).
+// the pass): step 2 also keeps exp(z - m) in a per-thread row of scratch, and the row's dense part -g * pi =
+// (-g * exp(-log_sum)) * exp(z - m) is written from it, a multiply rather than a second exp, during the next row's
+// sweep (interleaved with that row's exps, so the gradient's stores overlap computation as the logits' loads do).
+// The values are backward step 1's bit for bit (same exp of the same z - m, same factor); rows with g = 0 get zeros,
+// counted rows whose m or log_sum is not finite NaN (as backward_rows makes them). The logits are read from memory
+// once and the gradient written once; the k + 1 sparse terms depend on the epilogue's coefficients and are rewritten
+// afterwards by native_sparse_grad_ from the statistics (bs_kernels/one_pass.py), at O(N k) cost, with backward's
+// own code (write_sparse_terms).
 // The exp: Cody-Waite range reduction x = n ln2 + r, |r| <= ln2 / 2, a degree-6 polynomial (the Cephes expf
 // coefficients, relative error ~1e-7) and 2^n assembled in the exponent bits. Arguments below -88 give exactly 0
 // (so -inf logits never make a NaN). It is written with GCC vector extensions and compiled three times, at the
@@ -48,7 +52,7 @@
 // (allocated with a transparent-huge-page hint, see advise_huge_pages, from a one-slot pool that keeps the last freed
 // gradient's memory for the next, see GradientPool). Limits: bf16/fp16 are widened with c10's
 // scalar conversions (fp16's is software, so its backward is ~4x slower than bf16's); float64 is scalar.
-// Rows are split over threads with at::parallel_for (tasks of ~2^18 elements taken from a shared counter).
+// Rows are split over threads with at::parallel_for (tasks of ~2^20 elements taken from a shared counter).
 
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
@@ -65,6 +69,7 @@
 #include <cstdint>
 #include <cstdlib>
 #include <cstring>
+#include <functional>
 #include <limits>
 #include <mutex>
 #include <string>
@@ -212,15 +217,18 @@ BS_ALWAYS_INLINE float horizontal_sum(const typename Simd<W>::Floats& value) {
   return result;
 }
 
-// exp of W floats (see the header). Valid for x <= 88; x < -88 (including -inf) gives +0.
-template <int W>
+// exp of W floats (see the header). Valid for x <= 88; x < -88 (including -inf) gives +0. kNonPositive: the caller
+// guarantees x <= 0 (z - m with m the row max, in forward), so the clamp at 88 is skipped; the values are the same.
+template <int W, bool kNonPositive = false>
 BS_ALWAYS_INLINE void exp_vec(const typename Simd<W>::Floats& x, typename Simd<W>::Floats& out) {
   using Floats = typename Simd<W>::Floats;
   using Ints = typename Simd<W>::Ints;
   const Floats lowest = Floats{} - 88.0f;
   const Floats highest = Floats{} + 88.0f;
   Floats clamped = x < lowest ? lowest : x;
-  clamped = clamped > highest ? highest : clamped;
+  if constexpr (!kNonPositive) {
+    clamped = clamped > highest ? highest : clamped;
+  }
   // Round x / ln2 to the nearest integer n: adding 1.5 * 2^23 pushes the fraction out of the mantissa, so the low
   // mantissa bits of the sum are n (offset by the constant's bits).
   const float round_magic = 12582912.0f;  // 1.5 * 2^23, bits 0x4B400000
@@ -272,23 +280,145 @@ BS_ALWAYS_INLINE float chunk_sum_exp(const float* x, int64_t count, float shift)
   int64_t i = 0;
   for (; i + 2 * W <= count; i += 2 * W) {
     load_vec<W>(x + i, value);
-    exp_vec<W>(value - shift_vec, exps);
+    exp_vec<W, true>(value - shift_vec, exps);
     sum_even += exps;
     load_vec<W>(x + i + W, value);
-    exp_vec<W>(value - shift_vec, exps);
+    exp_vec<W, true>(value - shift_vec, exps);
     sum_odd += exps;
   }
   for (; i + W <= count; i += W) {
     load_vec<W>(x + i, value);
-    exp_vec<W>(value - shift_vec, exps);
+    exp_vec<W, true>(value - shift_vec, exps);
     sum_even += exps;
   }
   if (i < count) {
     load_tail<W>(x + i, count - i, value);
-    exp_vec<W>(value - shift_vec, exps);
+    exp_vec<W, true>(value - shift_vec, exps);
     sum_odd += exps;
   }
   return horizontal_sum<W>(sum_even + sum_odd);
+}
+
+// chunk_sum_exp that also stores each exp(x_i - shift) in exps[i] (the same values the sum adds).
+template <int W>
+BS_ALWAYS_INLINE float chunk_sum_exp_store(const float* x, int64_t count, float shift, float* exps_out) {
+  using Floats = typename Simd<W>::Floats;
+  const Floats shift_vec = Floats{} + shift;
+  Floats sum_even{};
+  Floats sum_odd{};
+  Floats value;
+  Floats exps;
+  int64_t i = 0;
+  for (; i + 2 * W <= count; i += 2 * W) {
+    load_vec<W>(x + i, value);
+    exp_vec<W, true>(value - shift_vec, exps);
+    sum_even += exps;
+    store_vec<W>(exps, exps_out + i);
+    load_vec<W>(x + i + W, value);
+    exp_vec<W, true>(value - shift_vec, exps);
+    sum_odd += exps;
+    store_vec<W>(exps, exps_out + i + W);
+  }
+  for (; i + W <= count; i += W) {
+    load_vec<W>(x + i, value);
+    exp_vec<W, true>(value - shift_vec, exps);
+    sum_even += exps;
+    store_vec<W>(exps, exps_out + i);
+  }
+  if (i < count) {
+    load_tail<W>(x + i, count - i, value);
+    exp_vec<W, true>(value - shift_vec, exps);
+    sum_odd += exps;
+    for (int64_t lane = 0; lane < count - i; ++lane) {
+      exps_out[i + lane] = exps[lane];
+    }
+  }
+  return horizontal_sum<W>(sum_even + sum_odd);
+}
+
+// chunk_sum_exp_store over exps that still hold the previous row's: each vector of those is first written out as
+// out_i = scale * exps_i (chunk_scale's values), so the gradient's stores are spread over the exps' computation rather
+// than issued in bursts, which stall once the write-combining buffers are full. kStream: out aligned to the vector.
+template <int W, bool kStream>
+BS_ALWAYS_INLINE void swap_vec(const typename Simd<W>::Floats& value, const typename Simd<W>::Floats& shift,
+                               float scale, float* exps_io, float* out, typename Simd<W>::Floats& exps) {
+  typename Simd<W>::Floats previous;
+  load_vec<W>(exps_io, previous);
+  if constexpr (kStream) {
+    stream_vec<W>(previous * scale, out);
+  } else {
+    store_vec<W>(previous * scale, out);
+  }
+  exp_vec<W, true>(value - shift, exps);
+  store_vec<W>(exps, exps_io);
+}
+
+// The same sum, in the same order, as chunk_sum_exp (so a row's log_sum does not depend on whether the previous row
+// had a gradient to write).
+template <int W, bool kStream>
+BS_ALWAYS_INLINE float chunk_sum_exp_swap(const float* x, int64_t count, float shift, float* exps_io, float scale,
+                                          float* out) {
+  using Floats = typename Simd<W>::Floats;
+  const Floats shift_vec = Floats{} + shift;
+  Floats sum_even{};
+  Floats sum_odd{};
+  Floats value;
+  Floats exps;
+  int64_t i = 0;
+  for (; i + 2 * W <= count; i += 2 * W) {
+    load_vec<W>(x + i, value);
+    swap_vec<W, kStream>(value, shift_vec, scale, exps_io + i, out + i, exps);
+    sum_even += exps;
+    load_vec<W>(x + i + W, value);
+    swap_vec<W, kStream>(value, shift_vec, scale, exps_io + i + W, out + i + W, exps);
+    sum_odd += exps;
+  }
+  for (; i + W <= count; i += W) {
+    load_vec<W>(x + i, value);
+    swap_vec<W, kStream>(value, shift_vec, scale, exps_io + i, out + i, exps);
+    sum_even += exps;
+  }
+  if (i < count) {
+    for (int64_t lane = i; lane < count; ++lane) {
+      out[lane] = exps_io[lane] * scale;
+    }
+    load_tail<W>(x + i, count - i, value);
+    exp_vec<W, true>(value - shift_vec, exps);
+    sum_odd += exps;
+    for (int64_t lane = 0; lane < count - i; ++lane) {
+      exps_io[i + lane] = exps[lane];
+    }
+  }
+  return horizontal_sum<W>(sum_even + sum_odd);
+}
+
+// out_i = scale * exps_i over a chunk of stored exps (chunk_sum_exp_store): the same values as chunk_scaled_exp on
+// the logits they came from. kStream as for chunk_scaled_exp, except that out need not be aligned: the elements
+// before its first aligned vector take plain stores.
+template <int W>
+BS_ALWAYS_INLINE void chunk_scale(const float* exps, int64_t count, float scale, float* out, bool stream) {
+  using Floats = typename Simd<W>::Floats;
+  Floats value;
+  int64_t i = 0;
+  if (stream) {
+    constexpr uintptr_t kVectorBytes = W * sizeof(float);
+    const uintptr_t misaligned = reinterpret_cast<uintptr_t>(out) % kVectorBytes;
+    const int64_t head = std::min<int64_t>(count, static_cast<int64_t>((kVectorBytes - misaligned) % kVectorBytes / 4));
+    for (; i < head; ++i) {
+      out[i] = exps[i] * scale;
+    }
+    for (; i + W <= count; i += W) {
+      load_vec<W>(exps + i, value);
+      stream_vec<W>(value * scale, out + i);
+    }
+  }
+  for (; i + W <= count; i += W) {
+    load_vec<W>(exps + i, value);
+    store_vec<W>(value * scale, out + i);
+  }
+  for (; i < count; ++i) {
+    out[i] = exps[i] * scale;
+  }
 }
 
 // out_i = scale * exp(x_i - shift); out may be x itself. kStream: whole vectors with stream_vec (out aligned to the
@@ -337,6 +467,24 @@ BS_ALWAYS_INLINE double chunk_sum_exp(const double* x, int64_t count, double shi
     sum += std::exp(x[i] - shift);
   }
   return sum;
+}
+
+template <int W>
+BS_ALWAYS_INLINE double chunk_sum_exp_store(const double* x, int64_t count, double shift, double* exps_out) {
+  double sum = 0.0;
+  for (int64_t i = 0; i < count; ++i) {
+    exps_out[i] = std::exp(x[i] - shift);
+    sum += exps_out[i];
+  }
+  return sum;
+}
+
+template <int W>
+BS_ALWAYS_INLINE void chunk_scale(const double* exps, int64_t count, double scale, double* out, bool stream) {
+  (void)stream;
+  for (int64_t i = 0; i < count; ++i) {
+    out[i] = scale * exps[i];
+  }
 }
 
 template <int W, bool kStream = false>
@@ -420,6 +568,21 @@ struct TopKHeap {
     ids[parent] = id;
   }
 
+  // Offer x[i] for i in [begin, end), admitting while the heap fills only elements >= floor, a lower bound of the
+  // row's k-th largest value (row_topk_floor): no element of the top k is turned away, and the heap fills with
+  // elements that are likely to stay rather than with the first k of the row.
+  void offer_above(const acc_t* x, int64_t begin, int64_t end, int64_t first_id, acc_t floor) {
+    for (int64_t i = begin; i < end; ++i) {
+      if (!full()) {
+        if (x[i] >= floor) {
+          push(x[i], first_id + i);
+        }
+      } else if (x[i] > values[0]) {
+        replace_minimum(x[i], first_id + i);
+      }
+    }
+  }
+
   // Offer x[i] (vocabulary id first_id + i) for i in [begin, end).
   void offer(const acc_t* x, int64_t begin, int64_t end, int64_t first_id) {
     int64_t i = begin;
@@ -473,6 +636,61 @@ BS_ALWAYS_INLINE void offer_chunk(TopKHeap<double>& heap, const double* x, int64
   heap.offer(x, 0, count, first_id);
 }
 
+// Bit i set where x[i] >= threshold, for the vector test of offer_chunk_above: one compare and one move to a
+// general register (x86; a lane loop elsewhere), where a horizontal max costs a chain of log2(W) shuffles. Written as
+// asm for the reason stream_vec is. Its only use is to skip vectors, so the baseline's "not less than" (which is also
+// true for NaN lanes) is as good as >=: the elements of a vector that passes are tested one by one.
+template <int W>
+BS_ALWAYS_INLINE uint32_t ge_mask(const typename Simd<W>::Floats& x, const typename Simd<W>::Floats& threshold) {
+  uint32_t mask = 0;
+#if BS_X86_DISPATCH
+  if constexpr (W == 16) {
+    asm("vcmpps $0x1d, %2, %1, %%k1\n\tkmovw %%k1, %0" : "=r"(mask) : "v"(x), "v"(threshold) : "k1");
+  } else if constexpr (W == 8) {
+    typename Simd<W>::Floats compared;
+    asm("vcmpps $0x1d, %3, %2, %1\n\tvmovmskps %1, %0" : "=r"(mask), "=&x"(compared) : "x"(x), "x"(threshold));
+  } else {
+    typename Simd<W>::Floats compared = x;
+    asm("cmpps $5, %2, %1\n\tmovmskps %1, %0" : "=r"(mask), "+x"(compared) : "x"(threshold));
+  }
+#else
+  for (int lane = 0; lane < W; ++lane) {
+    mask |= static_cast<uint32_t>(!(x[lane] < threshold[lane])) << lane;
+  }
+#endif
+  return mask;
+}
+
+// offer_chunk with a floor (TopKHeap::offer_above), vector by vector: a vector is scanned element-wise only if one
+// of its elements passes the heap's current test (>= floor while it fills, > its minimum once full, i.e. >= the next
+// float up). With the floor from the chunk maxima only about k elements of a row pass, so about k vectors are
+// scanned and the heap is not churned by the first elements of the row.
+template <int W>
+BS_ALWAYS_INLINE void offer_chunk_above(TopKHeap<float>& heap, const float* x, int64_t count, int64_t first_id,
+                                        float floor) {
+  using Floats = typename Simd<W>::Floats;
+  const auto threshold = [&heap, floor]() {  // a float, not a vector: returning vectors changes the ABI (-Wpsabi)
+    return heap.full() ? std::nextafter(heap.minimum(), std::numeric_limits<float>::infinity()) : floor;
+  };
+  Floats passes = Floats{} + threshold();
+  Floats value;
+  int64_t i = 0;
+  for (; i + W <= count; i += W) {
+    load_vec<W>(x + i, value);
+    if (ge_mask<W>(value, passes) != 0) {
+      heap.offer_above(x, i, i + W, first_id, floor);
+      passes = Floats{} + threshold();
+    }
+  }
+  heap.offer_above(x, i, count, first_id, floor);
+}
+
+template <int W>
+BS_ALWAYS_INLINE void offer_chunk_above(TopKHeap<double>& heap, const double* x, int64_t count, int64_t first_id,
+                                        double floor) {
+  heap.offer_above(x, 0, count, first_id, floor);
+}
+
 // ---- the row kernels -------------------------------------------------------------------------------------
 
 template <typename scalar_t>
@@ -495,6 +713,13 @@ struct ForwardArgs {
   bool stream_grad;  // write grad with stream_vec (see stream_grads)
 };
 
+// -g * exp(-log_sum), the factor of exp(z - m) in a row's dense gradient -g * pi, formed in double and rounded once;
+// exp(-log_sum) <= 1, so it cannot overflow.
+template <typename acc_t>
+BS_ALWAYS_INLINE acc_t dense_grad_scale(acc_t grad_row, acc_t log_sum) {
+  return static_cast<acc_t>(-static_cast<double>(grad_row) * std::exp(-static_cast<double>(log_sum)));
+}
+
 // out = -g * pi = (-g * exp(-log_sum)) * exp(z - m) over a row, chunk by chunk, the first factor formed once in
 // double; exp(-log_sum) <= 1, so it cannot overflow. out may be z itself (each chunk is read before it is written).
 // stream (float32, out not z): the elements before out's first vector-aligned one with plain stores, the rest with
@@ -504,8 +729,7 @@ BS_ALWAYS_INLINE void write_scaled_exp_row(const scalar_t* z, scalar_t* out, int
                                            acc_type<scalar_t> row_max, acc_type<scalar_t> log_sum,
                                            acc_type<scalar_t> grad_row, acc_type<scalar_t>* buffer, bool stream) {
   using acc_t = acc_type<scalar_t>;
-  const acc_t dense_scale =
-      static_cast<acc_t>(-static_cast<double>(grad_row) * std::exp(-static_cast<double>(log_sum)));
+  const acc_t dense_scale = dense_grad_scale(grad_row, log_sum);
   if constexpr (std::is_same<scalar_t, float>::value) {
     if (stream) {
       constexpr uintptr_t kVectorBytes = W * sizeof(float);
@@ -532,6 +756,27 @@ BS_ALWAYS_INLINE void write_scaled_exp_row(const scalar_t* z, scalar_t* out, int
   }
 }
 
+// A gradient row of zeros (a row with g = 0: an ignored one). stream (float32, out not the logits): with stream_vec
+// from out's first aligned vector on, as the other rows are written; memset's plain stores would first read each line.
+template <typename scalar_t, int W>
+BS_ALWAYS_INLINE void zero_row(scalar_t* out, int64_t vocab_size, bool stream) {
+  if constexpr (std::is_same<scalar_t, float>::value) {
+    if (stream) {
+      const typename Simd<W>::Floats zeros{};
+      constexpr uintptr_t kVectorBytes = W * sizeof(float);
+      const uintptr_t misaligned = reinterpret_cast<uintptr_t>(out) % kVectorBytes;
+      int64_t i = std::min<int64_t>(vocab_size, static_cast<int64_t>((kVectorBytes - misaligned) % kVectorBytes / 4));
+      std::fill(out, out + i, 0.0f);
+      for (; i + W <= vocab_size; i += W) {
+        stream_vec<W>(zeros, out + i);
+      }
+      std::fill(out + i, out + vocab_size, 0.0f);
+      return;
+    }
+  }
+  std::memset(static_cast<void*>(out), 0, sizeof(scalar_t) * vocab_size);
+}
+
 // The dense part of one row's gradient once its m and log_sum are known: -g * pi, zeros where g = 0 (ignored rows),
 // NaN on a counted row without a distribution (m or log_sum not finite). The same values as native_backward's step 1
 // with the grad_rows and row_max that bs_kernels.epilogue.backward_rows derives from the same statistics.
@@ -543,47 +788,178 @@ BS_ALWAYS_INLINE void write_dense_grad_row(const scalar_t* z, scalar_t* out, int
   if (label >= 0 && !(std::isfinite(row_max) && std::isfinite(log_sum))) {
     std::fill(out, out + vocab_size, static_cast<scalar_t>(std::numeric_limits<acc_t>::quiet_NaN()));
   } else if (grad_row == acc_t(0)) {
-    std::memset(static_cast<void*>(out), 0, sizeof(scalar_t) * vocab_size);
+    zero_row<scalar_t, W>(out, vocab_size, stream);
   } else {
     write_scaled_exp_row<scalar_t, W>(z, out, vocab_size, row_max, log_sum, grad_row, buffer, stream);
   }
 }
 
+// The memory of forward_rows_impl that outlives a row, per thread and kept across tasks and calls (no allocation
+// per task: the exps of a row are 192-512 KiB, which malloc would map and fault in afresh every time).
+template <typename acc_t>
+struct ForwardScratch {
+  std::vector<acc_t> exps;        // [V]: exp(z - m) of the row whose dense gradient is still to be written
+  std::vector<acc_t> maxes;       // [chunks]: the chunk maxima of the current row
+  std::vector<acc_t> next_maxes;  // [chunks]: those of the next row, gathered during the current row's sweep
+  std::vector<acc_t> ranked;      // [chunks]: maxes reordered by row_topk_floor
+};
+
+template <typename acc_t>
+ForwardScratch<acc_t>& forward_scratch() {
+  thread_local ForwardScratch<acc_t> scratch;
+  return scratch;
+}
+
+// maxes[c] = the max of chunk c of row z (-inf for a chunk of -inf; NaN never wins a comparison, so it is ignored).
+template <typename scalar_t, int W>
+BS_ALWAYS_INLINE void row_chunk_maxima(const scalar_t* z, int64_t vocab_size, acc_type<scalar_t>* maxes,
+                                       acc_type<scalar_t>* buffer) {
+  for (int64_t start = 0, chunk = 0; start < vocab_size; start += kChunk, ++chunk) {
+    const int64_t count = std::min(kChunk, vocab_size - start);
+    maxes[chunk] = chunk_max<W>(widen_chunk<scalar_t>(z + start, count, buffer), count);
+  }
+}
+
+// A lower bound of a row's k-th largest value, from its chunk maxima: the k largest maxima are k distinct elements of
+// the row, so the k-th largest of them is at most the row's k-th largest. -inf where it bounds nothing (fewer chunks
+// than k, or fewer than k chunks with a finite max): the top-k then runs without a floor.
+template <typename acc_t>
+acc_t row_topk_floor(const std::vector<acc_t>& maxes, int64_t top_k, std::vector<acc_t>& ranked) {
+  const int64_t num_chunks = static_cast<int64_t>(maxes.size());
+  if (top_k == 0 || top_k > num_chunks) {
+    return -std::numeric_limits<acc_t>::infinity();
+  }
+  ranked.assign(maxes.begin(), maxes.end());
+  std::nth_element(ranked.begin(), ranked.begin() + (top_k - 1), ranked.end(), std::greater<acc_t>());
+  return ranked[top_k - 1];
+}
+
+// out[0, V) = scale * exps[0, V), the dense gradient of a row whose exps were kept (chunk by chunk, as the sweep
+// that writes it during the next row does).
+template <typename scalar_t, int W>
+BS_ALWAYS_INLINE void write_kept_chunk(const acc_type<scalar_t>* exps, int64_t count, acc_type<scalar_t> scale,
+                                       scalar_t* out, acc_type<scalar_t>* buffer, bool stream) {
+  if constexpr (std::is_same<scalar_t, acc_type<scalar_t>>::value) {
+    (void)buffer;
+    chunk_scale<W>(exps, count, scale, out, stream);
+  } else {
+    chunk_scale<W>(exps, count, scale, buffer, false);
+    narrow_chunk<scalar_t>(buffer, count, out);
+  }
+}
+
+// Per row, in one sweep over its chunks (kChunk elements, in L1): the top-k, sum exp(z - m) with m the row max, and
+// (native_forward_grad) exp(z - m) kept in ForwardScratch::exps. What the sweep needs before it starts, m and the
+// top-k floor, comes from the row's chunk maxima, which the previous row's sweep gathered: each of its chunk steps
+// also takes the max of the same chunk of the next row, reading that row from memory while the exps of this one are
+// computed from L2 (a row is 192 KiB at V = 49 152 float32, 501 KiB at 128 256; L2 holds both rows and the exps).
+// Only a task's first row is read on its own, for its maxima.
+// The dense gradient of a row, -g * pi = (-g * exp(-log_sum)) * exp(z - m), needs log_sum, known only at the end of
+// the sweep; it is written from the kept exps (a multiply, not a second exp) during the next row's sweep, chunk by
+// chunk before that chunk's exps are overwritten, so the gradient's writes also overlap computation. The values are
+// those of write_dense_grad_row (and of native_backward) bit for bit: the same exp of the same z - m times the same
+// factor. Rows with g = 0 or without a distribution take write_dense_grad_row itself.
 template <typename scalar_t, int W>
 BS_ALWAYS_INLINE void forward_rows_impl(const ForwardArgs<scalar_t>& args, int64_t row_begin, int64_t row_end) {
   using acc_t = acc_type<scalar_t>;
+  if (row_begin >= row_end) {
+    return;  // no rows (N = 0): not even a first row to read
+  }
   alignas(64) acc_t buffer[kChunk];
+  alignas(64) acc_t next_buffer[kChunk];
+  alignas(64) acc_t out_buffer[kChunk];
   const acc_t negative_infinity = -std::numeric_limits<acc_t>::infinity();
+  const int64_t vocab_size = args.vocab_size;
+  ForwardScratch<acc_t>& scratch = forward_scratch<acc_t>();
+  const int64_t num_chunks = (vocab_size + kChunk - 1) / kChunk;
+  scratch.maxes.resize(static_cast<size_t>(num_chunks));
+  scratch.next_maxes.resize(static_cast<size_t>(num_chunks));
+  if (args.grad != nullptr) {
+    scratch.exps.resize(static_cast<size_t>(vocab_size));
+  }
+  acc_t* exps = scratch.exps.data();
+  scalar_t* pending_out = nullptr;  // the gradient row whose dense part waits in exps, and its factor
+  acc_t pending_scale = 0;
+  row_chunk_maxima<scalar_t, W>(args.logits + row_begin * args.row_stride, vocab_size, scratch.maxes.data(), buffer);
   for (int64_t row = row_begin; row < row_end; ++row) {
     const scalar_t* z = args.logits + row * args.row_stride;
-    TopKHeap<acc_t> heap{args.belief_logits + row * args.top_k, args.belief_ids + row * args.top_k, args.top_k, 0};
-    acc_t running_max = negative_infinity;
-    double running_sum = 0.0;  // sum of exp(z - running_max) over the chunks so far
-    for (int64_t start = 0; start < args.vocab_size; start += kChunk) {
-      const int64_t count = std::min(kChunk, args.vocab_size - start);
-      const acc_t* x = widen_chunk<scalar_t>(z + start, count, buffer);
-      const acc_t block_max = chunk_max<W>(x, count);
-      if (args.top_k > 0 && (!heap.full() || block_max > heap.minimum())) {
-        offer_chunk<W>(heap, x, count, start);
-      }
-      if (!(block_max > negative_infinity)) {
-        continue;  // a chunk of -inf adds nothing (and x - (-inf) would be NaN)
-      }
-      if (block_max > running_max) {
-        running_sum *= std::exp(static_cast<double>(running_max) - static_cast<double>(block_max));
-        running_max = block_max;
-      }
-      running_sum += chunk_sum_exp<W>(x, count, running_max);
+    const scalar_t* z_next = row + 1 < row_end ? z + args.row_stride : nullptr;
+    const acc_t* maxes = scratch.maxes.data();
+    acc_t* next_maxes = scratch.next_maxes.data();
+    acc_t row_max = negative_infinity;
+    for (int64_t chunk = 0; chunk < num_chunks; ++chunk) {
+      row_max = maxes[chunk] > row_max ? maxes[chunk] : row_max;
     }
+    const acc_t grad_row = args.grad != nullptr ? args.grad_rows[row] : acc_t(0);
+    const bool keep_exps = args.grad != nullptr && grad_row != acc_t(0) && std::isfinite(row_max);
+    TopKHeap<acc_t> heap{args.belief_logits + row * args.top_k, args.belief_ids + row * args.top_k, args.top_k, 0};
+    const acc_t floor = row_topk_floor(scratch.maxes, args.top_k, scratch.ranked);
+    const bool has_floor = floor > negative_infinity;
+    double sum = 0.0;  // sum of exp(z - row_max), chunk by chunk
+    // Streamed stores need the pending row aligned to the vector (every chunk then is: kChunk is whole vectors).
+    const bool fused_aligned =
+        !args.stream_grad || reinterpret_cast<uintptr_t>(pending_out) % (W * sizeof(float)) == 0;
+    for (int64_t start = 0, chunk = 0; start < vocab_size; start += kChunk, ++chunk) {
+      const int64_t count = std::min(kChunk, vocab_size - start);
+      const acc_t* x = widen_chunk<scalar_t>(z + start, count, buffer);
+      const acc_t block_max = maxes[chunk];
+      // The previous row's gradient from its exps, before this row's overwrite them: inside the exp loop where it
+      // can (float32, this row keeps exps too), else on its own.
+      bool summed = false;
+      if constexpr (std::is_same<scalar_t, float>::value) {
+        if (pending_out != nullptr && keep_exps && block_max > negative_infinity && fused_aligned) {
+          float* out = pending_out + start;
+          sum += args.stream_grad ? chunk_sum_exp_swap<W, true>(x, count, row_max, exps + start, pending_scale, out)
+                                  : chunk_sum_exp_swap<W, false>(x, count, row_max, exps + start, pending_scale, out);
+          summed = true;
+        }
+      }
+      if (!summed && pending_out != nullptr) {
+        write_kept_chunk<scalar_t, W>(exps + start, count, pending_scale, pending_out + start, out_buffer,
+                                      args.stream_grad);
+      }
+      if (args.top_k > 0) {
+        if (has_floor) {
+          if (block_max >= floor && (!heap.full() || block_max > heap.minimum())) {
+            offer_chunk_above<W>(heap, x, count, start, floor);
+          }
+        } else if (!heap.full() || block_max > heap.minimum()) {
+          offer_chunk<W>(heap, x, count, start);
+        }
+      }
+      if (!summed && block_max > negative_infinity) {  // a chunk of -inf adds nothing (x - (-inf) would be NaN)
+        sum += keep_exps ? chunk_sum_exp_store<W>(x, count, row_max, exps + start)
+                         : chunk_sum_exp<W>(x, count, row_max);
+      } else if (!summed && keep_exps) {
+        std::fill(exps + start, exps + start + count, acc_t(0));  // exp(-inf - m)
+      }
+      if (z_next != nullptr) {
+        next_maxes[chunk] = chunk_max<W>(widen_chunk<scalar_t>(z_next + start, count, next_buffer), count);
+      }
+    }
+    pending_out = nullptr;
     // All -inf: m = -inf and log(0) = -inf (the epilogue treats a non-finite m or log_sum as an empty row).
-    const acc_t log_sum = static_cast<acc_t>(std::log(running_sum));
-    args.row_max[row] = running_max;
+    const acc_t log_sum = static_cast<acc_t>(std::log(sum));
+    args.row_max[row] = row_max;
     args.log_sum[row] = log_sum;
     const int64_t label = args.labels[row];
     args.label_logits[row] = label >= 0 ? static_cast<acc_t>(z[label]) : acc_t(0);
-    if (args.grad != nullptr) {  // after every read of the row from memory: z[label] must be read before this
-      write_dense_grad_row<scalar_t, W>(z, args.grad + row * args.grad_row_stride, args.vocab_size, label, running_max,
-                                        log_sum, args.grad_rows[row], buffer, args.stream_grad);
+    if (args.grad != nullptr) {  // after every read of the row: with grad over the logits, z[label] is read first
+      scalar_t* out = args.grad + row * args.grad_row_stride;
+      if (keep_exps && std::isfinite(log_sum)) {
+        pending_out = out;
+        pending_scale = dense_grad_scale(grad_row, log_sum);
+      } else {
+        write_dense_grad_row<scalar_t, W>(z, out, vocab_size, label, row_max, log_sum, grad_row, buffer,
+                                          args.stream_grad);
+      }
+    }
+    std::swap(scratch.maxes, scratch.next_maxes);
+  }
+  if (pending_out != nullptr) {  // the task's last row
+    for (int64_t start = 0; start < vocab_size; start += kChunk) {
+      write_kept_chunk<scalar_t, W>(exps + start, std::min(kChunk, vocab_size - start), pending_scale,
+                                    pending_out + start, out_buffer, args.stream_grad);
     }
   }
   if (args.stream_grad) {
@@ -645,7 +1021,7 @@ BS_ALWAYS_INLINE void backward_rows_impl(const BackwardArgs<scalar_t>& args, int
     scalar_t* out = args.grad + row * args.grad_row_stride;
     const acc_t grad_row = args.grad_rows[row];
     if (grad_row == acc_t(0)) {
-      std::memset(static_cast<void*>(out), 0, sizeof(scalar_t) * args.vocab_size);  // ignored rows
+      zero_row<scalar_t, W>(out, args.vocab_size, args.stream_grad);  // ignored rows
       continue;
     }
     const int64_t label = args.labels[row];
@@ -667,6 +1043,9 @@ BS_ALWAYS_INLINE void backward_rows_impl(const BackwardArgs<scalar_t>& args, int
     // 2. The sparse terms.
     write_sparse_terms<scalar_t>(out, sparse_logits.data(), ids, weights, args.top_k, label, label_logit, row_max,
                                  log_sum, grad_row, args.label_weight);
+  }
+  if (args.stream_grad) {
+    store_fence();  // the streamed zeros of a last ignored row are in memory before the launcher returns
   }
 }
 
@@ -777,12 +1156,14 @@ RowsFunction<BackwardArgs<scalar_t>> backward_rows_for(Isa isa) {
   return &backward_rows_default<scalar_t>;
 }
 
-// Runs rows(begin, end) over [0, num_rows) on at::parallel_for's threads, in tasks of about 2^18 elements handed
+// Runs rows(begin, end) over [0, num_rows) on at::parallel_for's threads, in tasks of about 2^20 elements handed
 // out by an atomic counter rather than one static share per thread: on a machine shared with other jobs a thread
-// that is descheduled for a while then costs only its current task, not half of the rows.
+// that is descheduled for a while then costs only its current task, not half of the rows. 2^20 elements (21 rows at
+// V = 49 152, 8 at 128 256): the forward reads a task's first row on its own (for its chunk maxima), the others
+// while computing the row before.
 template <typename RowsFn>
 void parallel_over_rows(int64_t num_rows, int64_t vocab_size, const RowsFn& rows) {
-  const int64_t rows_per_task = std::max<int64_t>(1, (int64_t{1} << 18) / std::max<int64_t>(1, vocab_size));
+  const int64_t rows_per_task = std::max<int64_t>(1, (int64_t{1} << 20) / std::max<int64_t>(1, vocab_size));
   const int64_t num_tasks = (num_rows + rows_per_task - 1) / rows_per_task;
   const int64_t num_workers = std::min<int64_t>(num_tasks, at::get_num_threads());
   if (num_workers <= 1) {

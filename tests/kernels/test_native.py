@@ -16,7 +16,7 @@ import torch
 import bs_kernels
 from bs_kernels._options import BSOptions
 from bs_kernels.backends import native, native_build, resolve_impl, torch_chunked
-from bs_kernels.epilogue import finish_rows
+from bs_kernels.epilogue import backward_rows, finish_rows
 
 NATIVE_REASON = native.unavailable_reason(torch.device("cpu"))
 needs_native = pytest.mark.skipif(NATIVE_REASON is not None, reason=str(NATIVE_REASON))
@@ -105,6 +105,78 @@ def test_kernels_match_torch(monkeypatch, isa, dtype, num_rows, vocab, row_strid
     assert grad.dtype == logits.dtype and grad.shape == logits.shape
     torch.testing.assert_close(grad, expected_grad, **grad_tolerance(dtype))
     assert torch.all(grad[~valid] == 0)
+
+
+FLOOR_VOCAB = 70_001  # 69 chunks of 1024 (the last one partial); the kernel's tasks are 2^20 // V = 14 rows
+
+
+def floor_case(dtype):
+    """30 rows of V = 70 001 on which a top-k floor taken from the chunk maxima could go wrong; returns (logits,
+    labels, the rows whose top k is tie-free in float32)."""
+    generator = torch.Generator().manual_seed(3)
+    logits = torch.randn(30, FLOOR_VOCAB, generator=generator, dtype=torch.float64) * 3
+    logits[1, 3072:3084] = 20 + torch.arange(12)  # the 12 largest in one chunk: the floor is far below them
+    logits[2] = logits[2].clamp(max=1.5)
+    logits[2, ::1024] = 2.0  # every chunk's max is the same value: k of the 69 tied maxima, floor = the k-th value
+    for chunk in range(0, 69, 2):
+        logits[3, chunk * 1024 : (chunk + 1) * 1024] = float("-inf")  # chunks of -inf between finite ones
+    logits[4] = torch.linspace(-5, 5, FLOOR_VOCAB)  # ascending: every element beats the previous ones
+    logits[14, -300:-290] = 30 + torch.arange(10)  # a task's first row, its largest in the partial last chunk
+    logits[15] = float("-inf")
+    logits[15, 100:105] = 1.0 + torch.arange(5)  # fewer finite logits than most k: no floor
+    labels = torch.randint(0, FLOOR_VOCAB, (30,), generator=generator)
+    labels[[5, 16]] = -1
+    return logits.to(dtype), labels, [row for row in range(30) if row not in (2, 4, 15)]  # 15: k > 5 ties -inf
+
+
+@needs_native
+@pytest.mark.parametrize("isa", ISAS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+def test_topk_floor_and_kept_exps(monkeypatch, isa, dtype):
+    """Rows with more chunks than k take a top-k floor from their chunk maxima (gathered during the previous row's
+    sweep, or read on their own by a task's first row) and keep their exps for the gradient, written during the next
+    row's sweep: the statistics match impl="torch" (k below, equal to and above the 69 chunks), the one-pass gradient
+    equals native_backward's bit for bit, in its own memory and over the logits."""
+    monkeypatch.setenv("BS_KERNELS_NATIVE_ISA", isa)
+    logits, labels, tie_free = floor_case(dtype)
+    for top_k in (1, 8, 69, 70):
+        stats = native.forward(logits, labels, top_k)
+        expected = torch_chunked.forward(logits, labels, top_k)
+        torch.testing.assert_close(_lse(stats), _lse(expected), **stats_tolerance(dtype))
+        valid = labels >= 0
+        torch.testing.assert_close(stats.label_logits[valid], expected.label_logits[valid], **stats_tolerance(dtype))
+        values = stats.belief_logits.sort(-1).values
+        torch.testing.assert_close(values, expected.belief_logits.sort(-1).values, **stats_tolerance(dtype))
+        ids = stats.belief_ids
+        assert torch.all(ids.sort(-1).values.diff(dim=-1) > 0) if top_k > 1 else True
+        finite = stats.belief_logits > float("-inf")
+        gathered = logits.gather(-1, ids).to(stats.belief_logits.dtype)
+        assert torch.equal(gathered[finite], stats.belief_logits[finite])
+        if dtype in (torch.float32, torch.float64):
+            torch.testing.assert_close(ids[tie_free].sort(-1).values, expected.belief_ids[tie_free].sort(-1).values)
+
+    rows = finish_rows(stats, labels, BSOptions(lam=0.2, top_k=70))
+    grad_rows = torch.linspace(0.5, 1.5, 30, dtype=rows.log_sum.dtype)
+    grad_rows, row_max = backward_rows(grad_rows, labels, rows.row_max)
+    coefficients = (row_max, rows.log_sum)
+    two_pass = native.backward(grad_rows, logits, labels, *coefficients, rows.belief_ids, rows.belief_weights, 0.8,
+                               inplace=False)  # fmt: skip
+    for inplace in (False, True):
+        source = logits.clone()
+        raw, grad = native.forward_grad(source, labels, 70, grad_rows, inplace=inplace)
+        native.sparse_grad_(grad, grad_rows, labels, *coefficients, raw, rows.belief_ids, rows.belief_weights, 0.8)
+        assert torch.equal(grad, two_pass), f"inplace={inplace}"
+
+
+@needs_native
+@pytest.mark.parametrize("inplace", [False, True], ids=["own_memory", "over_logits"])
+def test_no_rows(inplace):
+    """N = 0 (a vocabulary shard of an empty batch): empty statistics and gradient, nothing read."""
+    logits, labels = torch.empty(0, 5000), torch.empty(0, dtype=torch.long)
+    stats = native.forward(logits, labels, 3)
+    assert stats.belief_ids.shape == (0, 3) and stats.log_sum.shape == (0,)
+    raw, grad = native.forward_grad(logits, labels, 3, torch.empty(0), inplace=inplace)
+    assert grad.shape == (0, 5000) and raw.belief_logits.shape == (0, 3)
 
 
 @needs_native
