@@ -375,6 +375,22 @@ def load_probe_json(path: str | os.PathLike) -> dict:
     return run
 
 
+def value_at_target(run: dict, target_lp: float, key: str = "retain_lp") -> float | None:
+    """``key`` where the run's target log-prob crossed ``target_lp``: linear in the target log-prob between the last
+    record above it and the first at or below it (records are every ``every`` steps and at the stop, so this spans
+    up to that many steps). None when no two records cross it or they lack ``key``.
+
+    A run stops at the first step at or below the target, which a large step overshoots (BS-T's land 0.3-0.7 nats
+    past -3, GradDiff's 0.16): the value at the target itself compares runs at exactly the same forgetting.
+    """
+    records = [r for r in run["records"] if key in r and "target_lp" in r]
+    for before, after in zip(records, records[1:]):
+        if before["target_lp"] > target_lp >= after["target_lp"]:
+            share = (before["target_lp"] - target_lp) / (before["target_lp"] - after["target_lp"])
+            return before[key] + share * (after[key] - before[key])
+    return None
+
+
 def band_change(run: dict, key: str = "belief_lp") -> float | None:
     """Last minus first recorded value of ``key`` (e.g. the belief band's log-prob change over the run)."""
     values = [r[key] for r in run["records"] if key in r]

@@ -187,6 +187,19 @@ def _fake_metrics() -> dict:
     }
 
 
+def test_matched_table_shows_the_probe_retain_lp_at_the_stop_and_at_the_target():
+    records = [
+        {"step": 0, "target_lp": -0.1, "retain_lp": -0.1},
+        {"step": 5, "target_lp": -2.0, "retain_lp": -0.8},
+        {"step": 8, "target_lp": -4.0, "retain_lp": -1.0},  # stopped 1 nat past a target of -3
+    ]
+    run = {"label": "GA", "lr": 1e-4, "steps": 8, "reached": True, "probe": {"records": records}}
+    table = {"runs": [dict(run, metrics=_fake_metrics())], "start_metrics": _fake_metrics(), "forget_set": "forget"}
+    assert "| -1.00 / - |" in matched_table(table, markdown=True)  # no target recorded: nothing to interpolate to
+    table["target_lp"] = -3.0
+    assert "| -1.00 / -0.90 |" in matched_table(table, markdown=True)
+
+
 def test_forgetting_target_and_run_specs_bad_input():
     with pytest.raises(ValueError, match="target_lp"):
         ForgettingTarget(0.5)

@@ -12,7 +12,13 @@ pytest.importorskip("matplotlib")
 
 from bs_unlearn.cli import main as cli_main  # noqa: E402
 from bs_unlearn.data import demo_data_path, read_qa_records  # noqa: E402
-from bs_unlearn.probe import SqueezeProbe, band_change, collect_belief_band, load_probe_json  # noqa: E402
+from bs_unlearn.probe import (  # noqa: E402
+    SqueezeProbe,
+    band_change,
+    collect_belief_band,
+    load_probe_json,
+    value_at_target,
+)
 from bs_unlearn.tiny_model import build_tiny_model, build_tiny_tokenizer  # noqa: E402
 from transformers import TrainerControl, TrainerState, TrainingArguments  # noqa: E402
 
@@ -119,6 +125,22 @@ def test_probe_callback_records_json_and_png(tiny, demo_records, tmp_path):
     assert cli_main(["compare", str(tmp_path / "probe.json"), str(tmp_path / "second.json"), "--output", str(out)]) == 0
     assert out.stat().st_size > 10_000
     assert cli_main(["compare", str(tmp_path / "probe.json"), "--output", str(out)]) == 2
+
+
+def test_value_at_target_interpolates_where_the_target_is_crossed():
+    """Linear in the target log-prob between the last record above the target and the first at or below it."""
+    records = [
+        {"step": 0, "target_lp": -0.1, "retain_lp": -0.1},
+        {"step": 5, "target_lp": -2.0, "retain_lp": -0.8},
+        {"step": 8, "target_lp": -4.0, "retain_lp": -1.0},  # crossed -3 between steps 5 and 8, half-way
+        {"step": 9, "target_lp": -2.5, "retain_lp": -3.0},  # back above: only the first crossing counts
+    ]
+    run = {"records": records}
+    assert value_at_target(run, -3.0) == pytest.approx(-0.9)
+    assert value_at_target(run, -4.0) == pytest.approx(-1.0)  # reached exactly at a record
+    assert value_at_target(run, -2.0, key="step") == pytest.approx(5.0)  # any key
+    assert value_at_target(run, -5.0) is None  # never reached
+    assert value_at_target({"records": [{"target_lp": -4.0}]}, -3.0) is None  # no retain_lp, one record
 
 
 def test_probe_bad_input(tiny, demo_records):

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from ..probe import band_change
+from ..probe import band_change, value_at_target
 
 
 def format_cell(value, digits: int = 3) -> str:
@@ -72,9 +72,19 @@ def _not_reached_note(run: dict) -> str:
 
 
 def matched_table(results: dict, *, markdown: bool) -> str:
-    """The matched-forgetting table (every run at the step where it reached the target, or at its cap)."""
+    """The matched-forgetting table (every run at the step where it reached the target, or at its cap).
+
+    "probe retain lp" is the squeezing probe's retain log-prob at the stop and, interpolated, where the run crossed
+    the target exactly (probe.value_at_target): how much of a run's retain damage its overshoot accounts for.
+    """
     header = ["model", "lr", "steps", "target lp", "band Δlp", "forget p", "paraphrase p", "leak rate", "retain p"]
-    header += ["Mem", "Util*", "Agg*", "forget quality"]
+    header += ["Mem", "Util*", "Agg*", "forget quality", "probe retain lp: stop / at target"]
+    target_lp = results.get("target_lp")
+
+    def retain_cell(probe: dict) -> str:
+        stop = format_cell(probe["records"][-1].get("retain_lp"), 2)
+        crossed = None if target_lp is None else value_at_target(probe, target_lp)
+        return f"{stop} / {format_cell(crossed, 2)}"
 
     def metric_cells(metrics: dict) -> list[str]:
         forget = metrics["sets"][results["forget_set"]]
@@ -94,15 +104,19 @@ def matched_table(results: dict, *, markdown: bool) -> str:
 
     first = results["runs"][0]["probe"]["records"][0] if results["runs"] else {}
     rows = [["fine-tuned (start)", "-", "0", format_cell(first.get("target_lp"), 2), "0"]]
-    rows[0] += metric_cells(results["start_metrics"])
+    rows[0] += [*metric_cells(results["start_metrics"]), format_cell(first.get("retain_lp"), 2)]
     if results.get("retain_only_metrics"):
         rows.append(["retain-only (never saw the forget set)", "-", "-", "-", "-"])
-        rows[-1] += metric_cells(results["retain_only_metrics"])
+        rows[-1] += [*metric_cells(results["retain_only_metrics"]), "-"]
     several_seeds = len(results.get("seeds", ())) > 1
     for run in results["runs"]:
         last = run["probe"]["records"][-1]
         steps = f"{run['steps']}" + _not_reached_note(run)
         label = run["label"] + (f" (seed {run['seed']})" if several_seeds else "")
         rows.append([label, f"{run['lr']:g}", steps, format_cell(last["target_lp"], 2)])
-        rows[-1] += [signed_cell(probe_change(run, "belief_lp")), *metric_cells(run["metrics"])]
+        rows[-1] += [
+            signed_cell(probe_change(run, "belief_lp")),
+            *metric_cells(run["metrics"]),
+            retain_cell(run["probe"]),
+        ]
     return render_table(header, rows, markdown=markdown)
