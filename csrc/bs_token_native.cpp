@@ -268,96 +268,43 @@ BS_ALWAYS_INLINE float chunk_max(const float* x, int64_t count) {
   return horizontal_max<W>(running);
 }
 
-// sum_i exp(x_i - shift); every x_i <= shift. Two accumulators so consecutive vectors do not wait on each other.
-template <int W>
-BS_ALWAYS_INLINE float chunk_sum_exp(const float* x, int64_t count, float shift) {
-  using Floats = typename Simd<W>::Floats;
-  const Floats shift_vec = Floats{} + shift;
-  Floats sum_even{};
-  Floats sum_odd{};
-  Floats value;
-  Floats exps;
-  int64_t i = 0;
-  for (; i + 2 * W <= count; i += 2 * W) {
-    load_vec<W>(x + i, value);
-    exp_vec<W, true>(value - shift_vec, exps);
-    sum_even += exps;
-    load_vec<W>(x + i + W, value);
-    exp_vec<W, true>(value - shift_vec, exps);
-    sum_odd += exps;
-  }
-  for (; i + W <= count; i += W) {
-    load_vec<W>(x + i, value);
-    exp_vec<W, true>(value - shift_vec, exps);
-    sum_even += exps;
-  }
-  if (i < count) {
-    load_tail<W>(x + i, count - i, value);
-    exp_vec<W, true>(value - shift_vec, exps);
-    sum_odd += exps;
-  }
-  return horizontal_sum<W>(sum_even + sum_odd);
-}
+// What chunk_sum_exp does with the exps besides summing them.
+enum class Exps {
+  kSum,         // nothing
+  kKeep,        // store them in exps_io
+  kSwap,        // store them in exps_io, first writing out_i = scale * exps_io_i (the previous row's, see below)
+  kSwapStream,  // kSwap with stream_vec (out aligned to the vector)
+};
 
-// chunk_sum_exp that also stores each exp(x_i - shift) in exps[i] (the same values the sum adds).
-template <int W>
-BS_ALWAYS_INLINE float chunk_sum_exp_store(const float* x, int64_t count, float shift, float* exps_out) {
-  using Floats = typename Simd<W>::Floats;
-  const Floats shift_vec = Floats{} + shift;
-  Floats sum_even{};
-  Floats sum_odd{};
-  Floats value;
-  Floats exps;
-  int64_t i = 0;
-  for (; i + 2 * W <= count; i += 2 * W) {
-    load_vec<W>(x + i, value);
-    exp_vec<W, true>(value - shift_vec, exps);
-    sum_even += exps;
-    store_vec<W>(exps, exps_out + i);
-    load_vec<W>(x + i + W, value);
-    exp_vec<W, true>(value - shift_vec, exps);
-    sum_odd += exps;
-    store_vec<W>(exps, exps_out + i + W);
-  }
-  for (; i + W <= count; i += W) {
-    load_vec<W>(x + i, value);
-    exp_vec<W, true>(value - shift_vec, exps);
-    sum_even += exps;
-    store_vec<W>(exps, exps_out + i);
-  }
-  if (i < count) {
-    load_tail<W>(x + i, count - i, value);
-    exp_vec<W, true>(value - shift_vec, exps);
-    sum_odd += exps;
-    for (int64_t lane = 0; lane < count - i; ++lane) {
-      exps_out[i + lane] = exps[lane];
+// One vector of chunk_sum_exp at offset i: exps = exp(value - shift), plus what kMode asks for.
+template <int W, Exps kMode>
+BS_ALWAYS_INLINE void exps_at(int64_t i, const typename Simd<W>::Floats& value,
+                              const typename Simd<W>::Floats& shift, float* exps_io, float scale, float* out,
+                              typename Simd<W>::Floats& exps) {
+  if constexpr (kMode == Exps::kSwap || kMode == Exps::kSwapStream) {
+    typename Simd<W>::Floats previous;
+    load_vec<W>(exps_io + i, previous);
+    if constexpr (kMode == Exps::kSwapStream) {
+      stream_vec<W>(previous * scale, out + i);
+    } else {
+      store_vec<W>(previous * scale, out + i);
     }
-  }
-  return horizontal_sum<W>(sum_even + sum_odd);
-}
-
-// chunk_sum_exp_store over exps that still hold the previous row's: each vector of those is first written out as
-// out_i = scale * exps_i (chunk_scale's values), so the gradient's stores are spread over the exps' computation rather
-// than issued in bursts, which stall once the write-combining buffers are full. kStream: out aligned to the vector.
-template <int W, bool kStream>
-BS_ALWAYS_INLINE void swap_vec(const typename Simd<W>::Floats& value, const typename Simd<W>::Floats& shift,
-                               float scale, float* exps_io, float* out, typename Simd<W>::Floats& exps) {
-  typename Simd<W>::Floats previous;
-  load_vec<W>(exps_io, previous);
-  if constexpr (kStream) {
-    stream_vec<W>(previous * scale, out);
-  } else {
-    store_vec<W>(previous * scale, out);
   }
   exp_vec<W, true>(value - shift, exps);
-  store_vec<W>(exps, exps_io);
+  if constexpr (kMode != Exps::kSum) {
+    store_vec<W>(exps, exps_io + i);
+  }
 }
 
-// The same sum, in the same order, as chunk_sum_exp (so a row's log_sum does not depend on whether the previous row
-// had a gradient to write).
-template <int W, bool kStream>
-BS_ALWAYS_INLINE float chunk_sum_exp_swap(const float* x, int64_t count, float shift, float* exps_io, float scale,
-                                          float* out) {
+// sum_i exp(x_i - shift); every x_i <= shift. Two accumulators so consecutive vectors do not wait on each other;
+// the same order in every mode, so a row's log_sum does not depend on what else was done with its exps.
+// kKeep also stores each exp(x_i - shift) in exps_io[i] (the values the sum adds). kSwap / kSwapStream do so over
+// exps_io that still hold the previous row's, first writing each vector of those out as out_i = scale * exps_io_i
+// (chunk_scale's values): the gradient's stores are then spread over the exps' computation rather than issued in
+// bursts, which stall once the write-combining buffers are full.
+template <int W, Exps kMode = Exps::kSum>
+BS_ALWAYS_INLINE float chunk_sum_exp(const float* x, int64_t count, float shift, float* exps_io = nullptr,
+                                     float scale = 0.0f, float* out = nullptr) {
   using Floats = typename Simd<W>::Floats;
   const Floats shift_vec = Floats{} + shift;
   Floats sum_even{};
@@ -367,32 +314,36 @@ BS_ALWAYS_INLINE float chunk_sum_exp_swap(const float* x, int64_t count, float s
   int64_t i = 0;
   for (; i + 2 * W <= count; i += 2 * W) {
     load_vec<W>(x + i, value);
-    swap_vec<W, kStream>(value, shift_vec, scale, exps_io + i, out + i, exps);
+    exps_at<W, kMode>(i, value, shift_vec, exps_io, scale, out, exps);
     sum_even += exps;
     load_vec<W>(x + i + W, value);
-    swap_vec<W, kStream>(value, shift_vec, scale, exps_io + i + W, out + i + W, exps);
+    exps_at<W, kMode>(i + W, value, shift_vec, exps_io, scale, out, exps);
     sum_odd += exps;
   }
   for (; i + W <= count; i += W) {
     load_vec<W>(x + i, value);
-    swap_vec<W, kStream>(value, shift_vec, scale, exps_io + i, out + i, exps);
+    exps_at<W, kMode>(i, value, shift_vec, exps_io, scale, out, exps);
     sum_even += exps;
   }
   if (i < count) {
-    for (int64_t lane = i; lane < count; ++lane) {
-      out[lane] = exps_io[lane] * scale;
+    if constexpr (kMode == Exps::kSwap || kMode == Exps::kSwapStream) {
+      for (int64_t lane = i; lane < count; ++lane) {
+        out[lane] = exps_io[lane] * scale;
+      }
     }
     load_tail<W>(x + i, count - i, value);
     exp_vec<W, true>(value - shift_vec, exps);
     sum_odd += exps;
-    for (int64_t lane = 0; lane < count - i; ++lane) {
-      exps_io[i + lane] = exps[lane];
+    if constexpr (kMode != Exps::kSum) {
+      for (int64_t lane = 0; lane < count - i; ++lane) {
+        exps_io[i + lane] = exps[lane];
+      }
     }
   }
   return horizontal_sum<W>(sum_even + sum_odd);
 }
 
-// out_i = scale * exps_i over a chunk of stored exps (chunk_sum_exp_store): the same values as chunk_scaled_exp on
+// out_i = scale * exps_i over a chunk of stored exps (chunk_sum_exp's kKeep): the same values as chunk_scaled_exp on
 // the logits they came from. kStream as for chunk_scaled_exp, except that out need not be aligned: the elements
 // before its first aligned vector take plain stores.
 template <int W>
@@ -460,21 +411,16 @@ BS_ALWAYS_INLINE double chunk_max(const double* x, int64_t count) {
   return result;
 }
 
-template <int W>
-BS_ALWAYS_INLINE double chunk_sum_exp(const double* x, int64_t count, double shift) {
+template <int W, Exps kMode = Exps::kSum>
+BS_ALWAYS_INLINE double chunk_sum_exp(const double* x, int64_t count, double shift, double* exps_io = nullptr) {
+  static_assert(kMode == Exps::kSum || kMode == Exps::kKeep, "float64 rows keep their exps, never swap them");
   double sum = 0.0;
   for (int64_t i = 0; i < count; ++i) {
-    sum += std::exp(x[i] - shift);
-  }
-  return sum;
-}
-
-template <int W>
-BS_ALWAYS_INLINE double chunk_sum_exp_store(const double* x, int64_t count, double shift, double* exps_out) {
-  double sum = 0.0;
-  for (int64_t i = 0; i < count; ++i) {
-    exps_out[i] = std::exp(x[i] - shift);
-    sum += exps_out[i];
+    const double value = std::exp(x[i] - shift);
+    if constexpr (kMode == Exps::kKeep) {
+      exps_io[i] = value;
+    }
+    sum += value;
   }
   return sum;
 }
@@ -909,8 +855,9 @@ BS_ALWAYS_INLINE void forward_rows_impl(const ForwardArgs<scalar_t>& args, int64
       if constexpr (std::is_same<scalar_t, float>::value) {
         if (pending_out != nullptr && keep_exps && block_max > negative_infinity && fused_aligned) {
           float* out = pending_out + start;
-          sum += args.stream_grad ? chunk_sum_exp_swap<W, true>(x, count, row_max, exps + start, pending_scale, out)
-                                  : chunk_sum_exp_swap<W, false>(x, count, row_max, exps + start, pending_scale, out);
+          sum += args.stream_grad
+                     ? chunk_sum_exp<W, Exps::kSwapStream>(x, count, row_max, exps + start, pending_scale, out)
+                     : chunk_sum_exp<W, Exps::kSwap>(x, count, row_max, exps + start, pending_scale, out);
           summed = true;
         }
       }
@@ -928,7 +875,7 @@ BS_ALWAYS_INLINE void forward_rows_impl(const ForwardArgs<scalar_t>& args, int64
         }
       }
       if (!summed && block_max > negative_infinity) {  // a chunk of -inf adds nothing (x - (-inf) would be NaN)
-        sum += keep_exps ? chunk_sum_exp_store<W>(x, count, row_max, exps + start)
+        sum += keep_exps ? chunk_sum_exp<W, Exps::kKeep>(x, count, row_max, exps + start)
                          : chunk_sum_exp<W>(x, count, row_max);
       } else if (!summed && keep_exps) {
         std::fill(exps + start, exps + start + count, acc_t(0));  // exp(-inf - m)
