@@ -741,7 +741,8 @@ BS_ALWAYS_INLINE void write_dense_grad_row(const scalar_t* z, scalar_t* out, int
 }
 
 // The memory of forward_rows_impl that outlives a row, per thread and kept across tasks and calls (no allocation
-// per task: the exps of a row are 192-512 KiB, which malloc would map and fault in afresh every time).
+// per task: the exps of a row are 192-512 KiB, which malloc would map and fault in afresh every time). It holds at
+// most one row of exps and two of chunk maxima per thread, for the widest V seen, until the thread exits.
 template <typename acc_t>
 struct ForwardScratch {
   std::vector<acc_t> exps;        // [V]: exp(z - m) of the row whose dense gradient is still to be written
