@@ -152,6 +152,15 @@ BS_ALWAYS_INLINE void stream_vec(const typename Simd<W>::Floats& value, float* d
 #endif
 }
 
+// How many elements of out, at most count, come before its first vector-aligned one: a row written with stream_vec
+// takes plain stores there (its own start need not be aligned, e.g. rows of odd V).
+template <int W>
+BS_ALWAYS_INLINE int64_t stream_head(const float* out, int64_t count) {
+  constexpr uintptr_t kVectorBytes = W * sizeof(float);
+  const uintptr_t misaligned = reinterpret_cast<uintptr_t>(out) % kVectorBytes;
+  return std::min<int64_t>(count, static_cast<int64_t>((kVectorBytes - misaligned) % kVectorBytes / sizeof(float)));
+}
+
 BS_ALWAYS_INLINE void store_fence() {
 #if BS_X86_DISPATCH
   asm volatile("sfence" ::: "memory");
@@ -352,10 +361,7 @@ BS_ALWAYS_INLINE void chunk_scale(const float* exps, int64_t count, float scale,
   Floats value;
   int64_t i = 0;
   if (stream) {
-    constexpr uintptr_t kVectorBytes = W * sizeof(float);
-    const uintptr_t misaligned = reinterpret_cast<uintptr_t>(out) % kVectorBytes;
-    const int64_t head = std::min<int64_t>(count, static_cast<int64_t>((kVectorBytes - misaligned) % kVectorBytes / 4));
-    for (; i < head; ++i) {
+    for (const int64_t head = stream_head<W>(out, count); i < head; ++i) {
       out[i] = exps[i] * scale;
     }
     for (; i + W <= count; i += W) {
@@ -678,10 +684,7 @@ BS_ALWAYS_INLINE void write_scaled_exp_row(const scalar_t* z, scalar_t* out, int
   const acc_t dense_scale = dense_grad_scale(grad_row, log_sum);
   if constexpr (std::is_same<scalar_t, float>::value) {
     if (stream) {
-      constexpr uintptr_t kVectorBytes = W * sizeof(float);
-      const uintptr_t misaligned = reinterpret_cast<uintptr_t>(out) % kVectorBytes;
-      const int64_t head =
-          std::min<int64_t>(vocab_size, static_cast<int64_t>((kVectorBytes - misaligned) % kVectorBytes / 4));
+      const int64_t head = stream_head<W>(out, vocab_size);
       chunk_scaled_exp<W>(z, head, row_max, dense_scale, out);
       for (int64_t start = head; start < vocab_size; start += kChunk) {
         const int64_t count = std::min(kChunk, vocab_size - start);
@@ -709,9 +712,7 @@ BS_ALWAYS_INLINE void zero_row(scalar_t* out, int64_t vocab_size, bool stream) {
   if constexpr (std::is_same<scalar_t, float>::value) {
     if (stream) {
       const typename Simd<W>::Floats zeros{};
-      constexpr uintptr_t kVectorBytes = W * sizeof(float);
-      const uintptr_t misaligned = reinterpret_cast<uintptr_t>(out) % kVectorBytes;
-      int64_t i = std::min<int64_t>(vocab_size, static_cast<int64_t>((kVectorBytes - misaligned) % kVectorBytes / 4));
+      int64_t i = stream_head<W>(out, vocab_size);
       std::fill(out, out + i, 0.0f);
       for (; i + W <= vocab_size; i += W) {
         stream_vec<W>(zeros, out + i);
